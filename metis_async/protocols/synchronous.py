@@ -1,0 +1,291 @@
+"""Synchronous rounds with a deadline (FedAvg and friends).
+
+Each round selects learners, sends them the current version, and waits for their updates. A round
+closes when the goal count of updates has arrived, when no selected learner is left working, or at
+the deadline, whichever comes first; it commits if at least a minimum number of updates arrived and
+is abandoned otherwise. A dead or slow learner therefore never stalls the federation (MetisFL's
+synchronous barrier waits forever). Over-selection (Bonawitz et al. 2019) selects more learners
+than the goal and cancels the slowest once the goal is met.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metis_async.protocols.base import (
+    AcceptUpdate,
+    AssignTask,
+    CancelTask,
+    CommitVersion,
+    Decision,
+    DiscardAggregate,
+    EvaluationArrived,
+    Event,
+    Finish,
+    LearnerJoined,
+    LearnerLost,
+    Policy,
+    RejectUpdate,
+    Task,
+    TaskFailed,
+    TaskKind,
+    Tick,
+    TrainSettings,
+    UpdateArrived,
+)
+
+Weighting = Literal["examples", "uniform"]
+
+
+@dataclass(frozen=True)
+class SynchronousSettings:
+    """Settings of `SynchronousPolicy`.
+
+    Attributes:
+        rounds: versions to commit before finishing; 0 runs until stopped.
+        min_learners: connected learners needed before a round starts.
+        learners_per_round: goal count of updates per round; 0 means every connected learner.
+        over_selection: select ceil(goal x this) learners (1.3 = 130 %), cancel the rest at the goal.
+        round_deadline_seconds: a round closes this long after it starts, whatever arrived.
+        min_update_fraction: a round commits only with at least ceil(goal x this) updates (min 1).
+        weighting: weight updates by reported examples or uniformly.
+        evaluate_every: send evaluation tasks for every n-th version (0 = never).
+        seed: seed of the learner sampler.
+    """
+
+    rounds: int = 0
+    min_learners: int = 1
+    learners_per_round: int = 0
+    over_selection: float = 1.0
+    round_deadline_seconds: float = 60.0
+    min_update_fraction: float = 0.5
+    weighting: Weighting = "examples"
+    evaluate_every: int = 0
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.min_learners < 1:
+            raise ValueError(f"min_learners must be >= 1, got {self.min_learners}")
+        if self.learners_per_round < 0:
+            raise ValueError(f"learners_per_round must be >= 0, got {self.learners_per_round}")
+        if self.over_selection < 1.0:
+            raise ValueError(f"over_selection must be >= 1.0, got {self.over_selection}")
+        if not self.round_deadline_seconds > 0:
+            raise ValueError(
+                f"round_deadline_seconds must be > 0, got {self.round_deadline_seconds}"
+            )
+        if not 0.0 <= self.min_update_fraction <= 1.0:
+            raise ValueError(
+                f"min_update_fraction must be in [0, 1], got {self.min_update_fraction}"
+            )
+        if self.weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+
+
+@dataclass
+class _Round:
+    number: int
+    goal: int
+    deadline: float
+    outstanding: dict[str, str]  # task id -> learner id
+    accepted: int = 0
+
+
+class SynchronousPolicy(Policy):
+    """Deadline-bounded synchronous rounds: FedAvg when the controller averages the updates."""
+
+    name = "synchronous"
+
+    def __init__(self, settings: SynchronousSettings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or SynchronousSettings()
+        self._rng = random.Random(self.settings.seed)
+        self._learners: dict[str, int] = {}  # connected learner id -> examples held
+        self._round: _Round | None = None
+        self._rounds_started = 0
+        self._task_seq = 0
+        self.rounds_committed = 0
+        self.rounds_abandoned = 0
+
+    # ---------------------------------------------------------------------------------- events
+
+    def handle(self, event: Event) -> list[Decision]:
+        """React to one event (see `Policy.handle`)."""
+        if self.finished:
+            return self._after_finish(event)
+        if isinstance(event, LearnerJoined):
+            return self._on_joined(event)
+        if isinstance(event, LearnerLost):
+            return self._on_lost(event)
+        if isinstance(event, UpdateArrived):
+            return self._on_update(event)
+        if isinstance(event, TaskFailed):
+            return self._on_task_done(event.task_id, event.now)
+        if isinstance(event, Tick):
+            return self._on_tick(event)
+        if isinstance(event, EvaluationArrived):
+            return []
+        raise TypeError(f"unknown event {event!r}")
+
+    def next_wakeup(self) -> float | None:
+        """The open round's deadline."""
+        return self._round.deadline if self._round is not None else None
+
+    def describe(self) -> dict[str, object]:
+        """Settings and counters."""
+        info = super().describe()
+        info.update(
+            connected=len(self._learners),
+            round=self._round.number if self._round else None,
+            rounds_committed=self.rounds_committed,
+            rounds_abandoned=self.rounds_abandoned,
+        )
+        return info
+
+    def _after_finish(self, event: Event) -> list[Decision]:
+        if isinstance(event, UpdateArrived):
+            return [RejectUpdate(event.task_id, "the federation has finished")]
+        return []
+
+    def _on_joined(self, event: LearnerJoined) -> list[Decision]:
+        self._learners[event.learner_id] = event.num_examples
+        rnd = self._round
+        if rnd is None:
+            return self._maybe_start_round(event.now)
+        # A learner that joins during an under-filled round gets a task right away.
+        wanted = self._selection_size(rnd.goal, len(self._learners))
+        if len(rnd.outstanding) + rnd.accepted < wanted and event.learner_id not in set(
+            rnd.outstanding.values()
+        ):
+            return self._assign(rnd, [event.learner_id], event.now)
+        return []
+
+    def _on_lost(self, event: LearnerLost) -> list[Decision]:
+        self._learners.pop(event.learner_id, None)
+        rnd = self._round
+        if rnd is None:
+            return []
+        lost = [t for t, lid in rnd.outstanding.items() if lid == event.learner_id]
+        for task_id in lost:
+            del rnd.outstanding[task_id]
+        if lost and not rnd.outstanding:
+            return self._close_round(event.now, "no selected learner left working")
+        return []
+
+    def _on_update(self, event: UpdateArrived) -> list[Decision]:
+        rnd = self._round
+        if rnd is None or event.task_id not in rnd.outstanding:
+            return [RejectUpdate(event.task_id, "task is not part of the open round")]
+        if event.base_version != self.version:
+            del rnd.outstanding[event.task_id]
+            return [
+                RejectUpdate(
+                    event.task_id,
+                    f"update trained from version {event.base_version}, round uses {self.version}",
+                )
+            ]
+        del rnd.outstanding[event.task_id]
+        rnd.accepted += 1
+        weight = 1.0 if self.settings.weighting == "uniform" else float(max(event.num_examples, 1))
+        decisions: list[Decision] = [AcceptUpdate(event.task_id, weight)]
+        if rnd.accepted >= rnd.goal:
+            decisions += self._close_round(event.now, "goal reached")
+        elif not rnd.outstanding:
+            decisions += self._close_round(event.now, "all selected learners reported")
+        return decisions
+
+    def _on_task_done(self, task_id: str, now: float) -> list[Decision]:
+        rnd = self._round
+        if rnd is None or rnd.outstanding.pop(task_id, None) is None:
+            return []
+        if not rnd.outstanding:
+            return self._close_round(now, "all selected learners reported")
+        return []
+
+    def _on_tick(self, event: Tick) -> list[Decision]:
+        rnd = self._round
+        if rnd is not None and event.now >= rnd.deadline:
+            return self._close_round(event.now, "deadline")
+        if rnd is None:
+            return self._maybe_start_round(event.now)
+        return []
+
+    # ---------------------------------------------------------------------------------- rounds
+
+    def _selection_size(self, goal: int, available: int) -> int:
+        return min(available, math.ceil(goal * self.settings.over_selection))
+
+    def _maybe_start_round(self, now: float) -> list[Decision]:
+        available = sorted(self._learners)
+        if len(available) < self.settings.min_learners:
+            return []
+        goal = self.settings.learners_per_round or len(available)
+        goal = min(goal, len(available))
+        chosen = self._rng.sample(available, self._selection_size(goal, len(available)))
+        self._rounds_started += 1
+        rnd = _Round(
+            number=self._rounds_started,
+            goal=goal,
+            deadline=now + self.settings.round_deadline_seconds,
+            outstanding={},
+        )
+        self._round = rnd
+        decisions: list[Decision] = []
+        every = self.settings.evaluate_every
+        if every and self.version % every == 0:
+            decisions += [
+                AssignTask(Task(self._next_task_id(), lid, TaskKind.EVALUATE, self.version))
+                for lid in chosen
+            ]
+        return decisions + self._assign(rnd, chosen, now)
+
+    def _assign(self, rnd: _Round, learner_ids: list[str], now: float) -> list[Decision]:
+        decisions: list[Decision] = []
+        for lid in learner_ids:
+            task_id = self._next_task_id()
+            rnd.outstanding[task_id] = lid
+            task = Task(
+                task_id=task_id,
+                learner_id=lid,
+                kind=TaskKind.TRAIN,
+                version=self.version,
+                settings=self.settings.train,
+                deadline_seconds=max(rnd.deadline - now, 0.0),
+            )
+            decisions.append(AssignTask(task))
+        return decisions
+
+    def _next_task_id(self) -> str:
+        self._task_seq += 1
+        return f"v{self.version}-t{self._task_seq}"
+
+    def _close_round(self, now: float, reason: str) -> list[Decision]:
+        rnd = self._round
+        assert rnd is not None
+        self._round = None
+        decisions: list[Decision] = [
+            CancelTask(lid, task_id, f"round {rnd.number} closed: {reason}")
+            for task_id, lid in rnd.outstanding.items()
+        ]
+        needed = max(1, math.ceil(rnd.goal * self.settings.min_update_fraction))
+        if rnd.accepted >= needed:
+            decisions.append(CommitVersion(f"round {rnd.number}: {reason}"))
+            self.version += 1
+            self.rounds_committed += 1
+            if self.settings.rounds and self.version >= self.settings.rounds:
+                self.finished = True
+                return [*decisions, Finish(f"{self.version} versions committed")]
+        else:
+            self.rounds_abandoned += 1
+            decisions.append(
+                DiscardAggregate(
+                    f"round {rnd.number}: {reason} with {rnd.accepted} of {needed} needed updates"
+                )
+            )
+        return decisions + self._maybe_start_round(now)

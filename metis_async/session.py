@@ -1,0 +1,122 @@
+"""One learner's stream: identity, liveness, bounded send queue, and upload in progress.
+
+A `Session` lives exactly as long as one `Join` stream. Sends never block the caller: messages
+(already serialized, often shared by many sessions) go into a bounded queue drained by the
+stream's writer; a learner too slow to drain it is disconnected rather than stalling the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+
+from metis_async.protocols import Task
+from metis_async.v1 import controller_pb2 as pb
+from metis_async.wire import PayloadAssembler
+
+
+class ProtocolViolation(Exception):
+    """A learner broke the wire contract; its stream ends with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class PendingUpload:
+    """A train result whose payload chunks are still arriving."""
+
+    task: Task
+    result: pb.TaskResult
+    assembler: PayloadAssembler
+
+
+class Session:
+    """State of one learner stream.
+
+    Args:
+        learner_id: the learner's stable identity.
+        session_id: unique id of this stream.
+        num_examples: training examples the learner reported.
+        now: loop time of creation (seconds).
+        queue_limit: most messages waiting to be written before the learner is dropped.
+    """
+
+    CLOSED_TASKS_KEPT = 256
+
+    def __init__(
+        self,
+        learner_id: str,
+        session_id: str,
+        num_examples: int,
+        now: float,
+        queue_limit: int,
+        peer: str = "",
+    ) -> None:
+        self.learner_id = learner_id
+        self.session_id = session_id
+        self.num_examples = num_examples
+        self.peer = peer
+        self.last_seen = now
+        self.held_version: int | None = None
+        self.has_layout = False
+        self.joined_policy = False
+        self.pending: PendingUpload | None = None
+        self.discard_chunks = 0  # chunks of a stale result still to skip
+        self.discard_payload_id = 0
+        self.closed_tasks: OrderedDict[str, str] = OrderedDict()  # task id -> why it closed
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
+        self.closing = asyncio.Event()
+        self.close_code: grpc.StatusCode | None = None
+        self.close_message = ""
+
+    def send(self, *messages: bytes) -> bool:
+        """Queue serialized `ControllerMessage`s; False (and the session closes) if full."""
+        if self.closing.is_set():
+            return False
+        for message in messages:
+            try:
+                self.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self.close(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"send queue full ({self.queue.maxsize} messages): learner reads too slowly",
+                )
+                return False
+        return True
+
+    def finish(self) -> None:
+        """End the stream normally once everything queued so far has been written."""
+        try:
+            self.queue.put_nowait(None)
+        except asyncio.QueueFull:
+            self.close(None, "")
+
+    def close(self, code: grpc.StatusCode | None, message: str) -> None:
+        """End the stream now with a status (None: OK) without waiting for the queue."""
+        if not self.closing.is_set():
+            self.close_code = code
+            self.close_message = message
+            self.closing.set()
+
+    def remember_closed(self, task_id: str, reason: str) -> None:
+        """Record a task that ended without a result, so a late result gets a clear answer."""
+        self.closed_tasks[task_id] = reason
+        while len(self.closed_tasks) > self.CLOSED_TASKS_KEPT:
+            self.closed_tasks.popitem(last=False)
+
+    def describe(self) -> dict[str, object]:
+        """A summary for logs and the dashboard."""
+        return {
+            "learner_id": self.learner_id,
+            "session_id": self.session_id,
+            "peer": self.peer,
+            "num_examples": self.num_examples,
+            "held_version": self.held_version,
+            "queued": self.queue.qsize(),
+        }

@@ -1,0 +1,214 @@
+"""Flat model buffers on the wire: layouts, chunking and reassembly.
+
+A model travels as one contiguous little-endian float32 buffer plus a `ModelLayout` (tensor names,
+shapes, original dtypes, byte offsets). Large buffers are split into chunks of at most
+`MAX_CHUNK_BYTES`. Both the learner and the controller use this module, so it imports only numpy
+and the generated protobuf code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from metis_async.v1 import controller_pb2 as pb
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+"""Largest chunk either side sends (bytes); gRPC's default message limit is 4 MiB plus framing."""
+
+WIRE_DTYPE = np.dtype("<f4")
+"""Element type of every flat buffer in this version of the protocol."""
+
+FloatVector = npt.NDArray[np.float32]
+
+_NP_TO_PB = {
+    np.dtype("float32"): pb.DTYPE_FLOAT32,
+    np.dtype("float64"): pb.DTYPE_FLOAT64,
+    np.dtype("float16"): pb.DTYPE_FLOAT16,
+    np.dtype("int8"): pb.DTYPE_INT8,
+}
+_PB_TO_NP = {v: k for k, v in _NP_TO_PB.items()}
+
+
+class WireError(ValueError):
+    """A message or payload that does not follow the wire contract."""
+
+
+def dtype_name(code: int) -> str:
+    """Human-readable name of a `DType` enum value, for error messages."""
+    try:
+        return pb.DType.Name(code)  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown dtype {code}"
+
+
+def make_layout(arrays: Sequence[npt.NDArray[np.generic]]) -> pb.ModelLayout:
+    """Describe `arrays` as consecutive float32 segments of one flat buffer.
+
+    Tensors of other float dtypes are carried as float32 on the wire and cast back on arrival;
+    `layout_id` is a hash of names, shapes and dtypes, so it changes only with the architecture.
+    """
+    layout = pb.ModelLayout()
+    offset = 0
+    digest = hashlib.blake2b(digest_size=8)
+    for i, array in enumerate(arrays):
+        dtype = np.dtype(array.dtype)
+        if dtype not in _NP_TO_PB:
+            raise WireError(f"tensor {i} has dtype {dtype}; supported: float16, float32, float64, int8")
+        nbytes = int(array.size) * WIRE_DTYPE.itemsize
+        spec = layout.tensors.add(
+            name=f"t{i}", shape=[int(s) for s in array.shape], dtype=_NP_TO_PB[dtype]
+        )
+        spec.offset = offset
+        spec.nbytes = nbytes
+        digest.update(f"{spec.name}:{tuple(spec.shape)}:{spec.dtype};".encode())
+        offset += nbytes
+    layout.total_bytes = offset
+    layout.layout_id = int.from_bytes(digest.digest(), "little") >> 1  # keep it < 2**63
+    return layout
+
+
+def num_parameters(layout: pb.ModelLayout) -> int:
+    """Number of float32 values in a flat buffer of this layout."""
+    return int(layout.total_bytes) // WIRE_DTYPE.itemsize
+
+
+def flatten(arrays: Sequence[npt.NDArray[np.generic]], layout: pb.ModelLayout) -> FloatVector:
+    """Copy `arrays` into one new float32 vector laid out as `layout` says."""
+    if len(arrays) != len(layout.tensors):
+        raise WireError(f"model has {len(arrays)} tensors, layout expects {len(layout.tensors)}")
+    flat = np.empty(num_parameters(layout), dtype=np.float32)
+    for i, (array, spec) in enumerate(zip(arrays, layout.tensors, strict=True)):
+        if tuple(array.shape) != tuple(spec.shape):
+            raise WireError(
+                f"tensor {i} has shape {tuple(array.shape)}, layout expects {tuple(spec.shape)}"
+            )
+        start = int(spec.offset) // WIRE_DTYPE.itemsize
+        flat[start : start + array.size] = np.asarray(array).reshape(-1)
+    return flat
+
+
+def unflatten(flat: FloatVector, layout: pb.ModelLayout) -> list[npt.NDArray[np.generic]]:
+    """Split a flat vector into tensors of the layout's shapes and dtypes.
+
+    float32 tensors are views into `flat` (no copy); other dtypes are cast copies.
+    """
+    if flat.size * WIRE_DTYPE.itemsize != layout.total_bytes:
+        raise WireError(f"buffer has {flat.nbytes} bytes, layout expects {layout.total_bytes}")
+    out: list[npt.NDArray[np.generic]] = []
+    for spec in layout.tensors:
+        start = int(spec.offset) // WIRE_DTYPE.itemsize
+        count = int(spec.nbytes) // WIRE_DTYPE.itemsize
+        view = flat[start : start + count].reshape(tuple(int(s) for s in spec.shape))
+        dtype = _PB_TO_NP.get(spec.dtype, np.dtype(np.float32))
+        out.append(view if dtype == np.float32 else view.astype(dtype))
+    return out
+
+
+def chunk_count(total_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
+    """Number of chunks a buffer of `total_bytes` is split into (0 for an empty buffer)."""
+    return -(-total_bytes // max_chunk_bytes)
+
+
+def make_payload(
+    flat: FloatVector,
+    payload_id: int,
+    kind: int,
+    layout_id: int,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> tuple[pb.Payload, Iterator[pb.Chunk]]:
+    """Announce `flat` as a payload and return its header and a lazy iterator of chunks."""
+    data = memoryview(np.ascontiguousarray(flat, dtype=WIRE_DTYPE)).cast("B")
+    header = pb.Payload(
+        payload_id=payload_id,
+        kind=kind,  # type: ignore[arg-type]
+        dtype=pb.DTYPE_FLOAT32,
+        total_bytes=len(data),
+        num_chunks=chunk_count(len(data), max_chunk_bytes),
+        layout_id=layout_id,
+    )
+
+    def chunks() -> Iterator[pb.Chunk]:
+        for index, start in enumerate(range(0, len(data), max_chunk_bytes)):
+            # bytes() is the one copy protobuf needs; it does not accept memoryview.
+            piece = bytes(data[start : start + max_chunk_bytes])
+            yield pb.Chunk(payload_id=payload_id, index=index, data=piece)
+
+    return header, chunks()
+
+
+class PayloadAssembler:
+    """Reassembles one announced payload from its chunks into a preallocated float32 vector.
+
+    Each chunk is copied once, straight into place (no joining of byte strings). Any deviation
+    from the header (wrong payload id, order, size) raises `WireError` naming the problem.
+    """
+
+    def __init__(
+        self,
+        header: pb.Payload,
+        expected_bytes: int,
+        layout_id: int,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    ) -> None:
+        if header.dtype != pb.DTYPE_FLOAT32:
+            raise WireError(
+                f"payload dtype is {dtype_name(header.dtype)}, this controller accepts DTYPE_FLOAT32"
+            )
+        if header.total_bytes != expected_bytes:
+            raise WireError(
+                f"payload has {header.total_bytes} bytes, the model has {expected_bytes} "
+                f"({expected_bytes // WIRE_DTYPE.itemsize} float32 values)"
+            )
+        if header.layout_id != layout_id:
+            raise WireError(
+                f"payload layout {header.layout_id} does not match the model layout {layout_id}"
+            )
+        expected_chunks = chunk_count(expected_bytes, max_chunk_bytes)
+        if header.num_chunks < expected_chunks or header.num_chunks > max(expected_bytes, 1):
+            raise WireError(
+                f"payload announces {header.num_chunks} chunks; {expected_bytes} bytes need at "
+                f"least {expected_chunks} of at most {max_chunk_bytes} bytes"
+            )
+        self.header = header
+        self._max_chunk_bytes = max_chunk_bytes
+        self._buffer = np.empty(expected_bytes, dtype=np.uint8)
+        self._filled = 0
+        self._next_index = 0
+
+    @property
+    def done(self) -> bool:
+        """Whether every announced chunk has arrived."""
+        return self._next_index == self.header.num_chunks
+
+    def add(self, chunk: pb.Chunk) -> None:
+        """Copy one chunk into place; raises `WireError` if it does not fit the announcement."""
+        if chunk.payload_id != self.header.payload_id:
+            raise WireError(
+                f"chunk for payload {chunk.payload_id} while payload {self.header.payload_id} "
+                "is incomplete"
+            )
+        if chunk.index != self._next_index:
+            raise WireError(f"chunk {chunk.index} arrived, expected chunk {self._next_index}")
+        data = chunk.data  # each access copies: read it once
+        if len(data) > self._max_chunk_bytes:
+            raise WireError(f"chunk has {len(data)} bytes, the limit is {self._max_chunk_bytes}")
+        end = self._filled + len(data)
+        if end > self._buffer.size:
+            raise WireError(f"chunks exceed the announced {self._buffer.size} bytes")
+        self._buffer[self._filled : end] = np.frombuffer(data, dtype=np.uint8)
+        self._filled = end
+        self._next_index += 1
+        if self.done and self._filled != self._buffer.size:
+            raise WireError(f"payload ended after {self._filled} of {self._buffer.size} bytes")
+
+    def result(self) -> FloatVector:
+        """The assembled vector (a view of the internal buffer, no copy)."""
+        if not self.done:
+            raise WireError(
+                f"payload incomplete: {self._next_index} of {self.header.num_chunks} chunks"
+            )
+        return self._buffer.view(WIRE_DTYPE).astype(np.float32, copy=False)
