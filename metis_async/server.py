@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import inspect
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -55,6 +55,9 @@ log = structlog.get_logger("metis_async.server")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+RESULT_RECEIVED = "result already received"
+
+T = TypeVar("T")
 
 CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
 
@@ -130,7 +133,8 @@ class Controller:
         self._background: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
-        self._ids = itertools.count(1)
+        self.evaluations: dict[int, dict[str, float]] = {}  # version -> weighted mean metrics
+        self._evaluation_sums: dict[int, dict[str, float]] = {}
         self.port = 0
         if initial_model is not None:
             self.store.initialize_from_arrays(initial_model)
@@ -152,8 +156,12 @@ class Controller:
         await server.start()
         self._server = server
         self._reaper = asyncio.create_task(self._reap_silent_learners())
-        log.info("controller_started", address=f"{self.config.host}:{self.port}",
-                 protocol=self.policy.name, model_ready=self.store.ready)
+        log.info(
+            "controller_started",
+            address=f"{self.config.host}:{self.port}",
+            protocol=self.policy.name,
+            model_ready=self.store.ready,
+        )
         return self.port
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
@@ -171,8 +179,9 @@ class Controller:
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         """Tell learners to stop, then close the server (waiting `grace_seconds` for streams)."""
-        shutdown = _message(shutdown=pb.Shutdown(reason="controller stopping",
-                                                 final_version=self.store.version))
+        shutdown = _message(
+            shutdown=pb.Shutdown(reason="controller stopping", final_version=self.store.version)
+        )
         for session in list(self._sessions.values()):
             session.send(shutdown)
             session.finish()
@@ -204,20 +213,24 @@ class Controller:
         writer = asyncio.create_task(self._write_loop(session, context))
         closer = asyncio.create_task(session.closing.wait())
         try:
-            done, _ = await asyncio.wait({reader, writer, closer},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {reader, writer, closer}, return_when=asyncio.FIRST_COMPLETED
+            )
             for task in (reader, writer, closer):
                 task.cancel()
             if reader in done and not reader.cancelled():
                 error = reader.exception()
                 if isinstance(error, ProtocolViolation):
                     self.stats.protocol_errors_total += 1
-                    log.warning("protocol_violation", learner_id=session.learner_id,
-                                code=error.code.name, message=error.message)
+                    log.warning(
+                        "protocol_violation",
+                        learner_id=session.learner_id,
+                        code=error.code.name,
+                        message=error.message,
+                    )
                     session.close(error.code, error.message)
                 elif error is not None:
-                    log.error("session_failed", learner_id=session.learner_id,
-                              error=repr(error))
+                    log.error("session_failed", learner_id=session.learner_id, error=repr(error))
                     session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
             if session.close_code is not None:
                 await context.abort(session.close_code, session.close_message)
@@ -240,17 +253,26 @@ class Controller:
             await context.abort(error.code, error.message)
             raise
         if msg.WhichOneof("body") != "hello":
-            await context.abort(INVALID, "the first message on a stream must be hello, "
-                                         f"got {msg.WhichOneof('body')}")
+            await context.abort(
+                INVALID,
+                f"the first message on a stream must be hello, got {msg.WhichOneof('body')}",
+            )
         hello = msg.hello
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
         tokens = self.config.tokens
         if tokens is not None and tokens.get(learner_id) != hello.token:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                f"invalid token for learner {learner_id!r}")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"invalid token for learner {learner_id!r}"
+            )
         loop = asyncio.get_running_loop()
-        session = Session(learner_id, uuid.uuid4().hex, int(hello.num_examples), loop.time(),
-                          self.config.send_queue_limit, peer=context.peer())
+        session = Session(
+            learner_id,
+            uuid.uuid4().hex,
+            int(hello.num_examples),
+            loop.time(),
+            self.config.send_queue_limit,
+            peer=context.peer(),
+        )
         if hello.holds_model:
             session.held_version = int(hello.held_version)
         old = self._sessions.get(learner_id)
@@ -262,16 +284,33 @@ class Controller:
         need_model = not self.store.ready and self._model_provider is None
         if need_model:
             self._model_provider = session
-        session.send(_message(welcome=pb.Welcome(
-            learner_id=learner_id, session_id=session.session_id,
-            heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
-            max_chunk_bytes=self.config.max_chunk_bytes, protocol=self.policy.name,
-            need_initial_model=need_model)))
-        log.info("learner_joined", learner_id=learner_id, peer=session.peer,
-                 num_examples=session.num_examples, sessions=len(self._sessions))
+        session.send(
+            _message(
+                welcome=pb.Welcome(
+                    learner_id=learner_id,
+                    session_id=session.session_id,
+                    heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
+                    max_chunk_bytes=self.config.max_chunk_bytes,
+                    protocol=self.policy.name,
+                    need_initial_model=need_model,
+                )
+            )
+        )
+        log.info(
+            "learner_joined",
+            learner_id=learner_id,
+            peer=session.peer,
+            num_examples=session.num_examples,
+            sessions=len(self._sessions),
+        )
         if self.finished:
-            session.send(_message(shutdown=pb.Shutdown(reason="federation finished",
-                                                       final_version=self.store.version)))
+            session.send(
+                _message(
+                    shutdown=pb.Shutdown(
+                        reason="federation finished", final_version=self.store.version
+                    )
+                )
+            )
             session.finish()
         elif self.store.ready:
             await self._admit(session)
@@ -286,8 +325,9 @@ class Controller:
             session.has_layout = True
         if not session.joined_policy and not session.closing.is_set():
             session.joined_policy = True
-            await self._dispatch(LearnerJoined(self._now(), session.learner_id,
-                                               session.num_examples))
+            await self._dispatch(
+                LearnerJoined(self._now(), session.learner_id, session.num_examples)
+            )
 
     async def _close_session(self, session: Session) -> None:
         if self._sessions.get(session.learner_id) is not session:
@@ -299,11 +339,18 @@ class Controller:
             self._model_provider = None
         for task_id in [t for t, (s, _) in self._tasks.items() if s is session]:
             del self._tasks[task_id]
-        log.info("learner_left", learner_id=session.learner_id,
-                 reason=session.close_message or "stream ended", sessions=len(self._sessions))
+        log.info(
+            "learner_left",
+            learner_id=session.learner_id,
+            reason=session.close_message or "stream ended",
+            sessions=len(self._sessions),
+        )
         if session.joined_policy:
-            await self._dispatch(LearnerLost(self._now(), session.learner_id,
-                                             session.close_message or "stream ended"))
+            await self._dispatch(
+                LearnerLost(
+                    self._now(), session.learner_id, session.close_message or "stream ended"
+                )
+            )
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -344,40 +391,78 @@ class Controller:
     async def _on_result(self, session: Session, result: pb.TaskResult) -> None:
         if session.pending is not None:
             raise ProtocolViolation(
-                INVALID, f"result for {result.task_id!r} started before the chunks of "
-                         f"{session.pending.task.task_id!r} were complete")
+                INVALID,
+                f"result for {result.task_id!r} started before the chunks of "
+                f"{session.pending.task.task_id!r} were complete",
+            )
         entry = self._tasks.get(result.task_id)
         if entry is None or entry[0] is not session:
             reason = session.closed_tasks.get(result.task_id)
             if reason is None:
                 raise ProtocolViolation(
-                    INVALID, f"unknown task id {result.task_id!r}: this controller never "
-                             "assigned it to this learner")
+                    INVALID,
+                    f"unknown task id {result.task_id!r}: this controller never "
+                    "assigned it to this learner",
+                )
             self._skip_payload(session, result)
-            self._reject(session, result.task_id, pb.ERROR_CODE_STALE_TASK,
-                         f"task {result.task_id!r} is closed ({reason}); result discarded")
+            duplicate = reason == RESULT_RECEIVED
+            self._reject(
+                session,
+                result.task_id,
+                pb.ERROR_CODE_DUPLICATE if duplicate else pb.ERROR_CODE_STALE_TASK,
+                f"task {result.task_id!r} is closed ({reason}); result discarded",
+            )
             return
         task = entry[1]
         if task.kind is TaskKind.EVALUATE:
             if result.payload.num_chunks:
                 raise ProtocolViolation(INVALID, "evaluation results carry no payload")
             del self._tasks[task.task_id]
-            await self._dispatch(EvaluationArrived(
-                self._now(), session.learner_id, task.task_id, task.version,
-                int(result.num_examples), dict(result.metrics)))
+            session.remember_closed(task.task_id, RESULT_RECEIVED)
+            self._record_evaluation(task.version, result)
+            await self._dispatch(
+                EvaluationArrived(
+                    self._now(),
+                    session.learner_id,
+                    task.task_id,
+                    task.version,
+                    int(result.num_examples),
+                    dict(result.metrics),
+                )
+            )
             return
         if result.base_version != task.version:
             raise ProtocolViolation(
-                INVALID, f"result for {task.task_id!r} claims base version "
-                         f"{result.base_version}, the task was for version {task.version}")
+                INVALID,
+                f"result for {task.task_id!r} claims base version "
+                f"{result.base_version}, the task was for version {task.version}",
+            )
         if result.payload.kind != pb.PAYLOAD_KIND_DELTA:
             raise ProtocolViolation(INVALID, "train results must upload a DELTA payload")
         try:
-            assembler = wire.PayloadAssembler(result.payload, self.store.nbytes,
-                                              self._layout.layout_id, self.config.max_chunk_bytes)
+            assembler = wire.PayloadAssembler(
+                result.payload,
+                self.store.nbytes,
+                self._layout.layout_id,
+                self.config.max_chunk_bytes,
+            )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         session.pending = PendingUpload(task, result, assembler)
+
+    def _record_evaluation(self, version: int, result: pb.TaskResult) -> None:
+        """Fold one evaluation into the example-weighted mean metrics of its version."""
+        n = float(max(result.num_examples, 1))
+        sums = self._evaluation_sums.setdefault(version, {"learners": 0.0, "examples": 0.0})
+        sums["learners"] += 1
+        sums["examples"] += n
+        for name, value in result.metrics.items():
+            if math.isfinite(value):
+                sums[name] = sums.get(name, 0.0) + n * value
+        weight = sums["examples"]
+        summary = {k: (v if k in ("learners", "examples") else v / weight) for k, v in sums.items()}
+        self.evaluations[version] = summary
+        log.info("evaluation_received", version=version, **summary)
 
     def _skip_payload(self, session: Session, result: pb.TaskResult) -> None:
         session.discard_chunks = int(result.payload.num_chunks)
@@ -391,8 +476,9 @@ class Controller:
             if self._model_provider is session and self._initial is not None:
                 self._on_initial_chunk(session, chunk)
                 return
-            raise ProtocolViolation(INVALID, f"chunk of payload {chunk.payload_id} arrived "
-                                             "with no payload announced")
+            raise ProtocolViolation(
+                INVALID, f"chunk of payload {chunk.payload_id} arrived with no payload announced"
+            )
         pending = session.pending
         try:
             pending.assembler.add(chunk)
@@ -404,35 +490,53 @@ class Controller:
         update = pending.assembler.result()
         if not await asyncio.to_thread(_all_finite, update):
             raise ProtocolViolation(
-                INVALID, f"task {pending.task.task_id!r}: update contains NaN or infinite values")
+                INVALID, f"task {pending.task.task_id!r}: update contains NaN or infinite values"
+            )
         await self._deliver_update(session, pending, update)
 
-    async def _deliver_update(self, session: Session, pending: PendingUpload,
-                              update: wire.FloatVector) -> None:
+    async def _deliver_update(
+        self, session: Session, pending: PendingUpload, update: wire.FloatVector
+    ) -> None:
         task, result = pending.task, pending.result
         async with self._policy_lock:
             if self._tasks.get(task.task_id, (None,))[0] is not session:
                 reason = session.closed_tasks.get(task.task_id, "closed")
-                self._reject(session, task.task_id, pb.ERROR_CODE_STALE_TASK,
-                             f"task {task.task_id!r} closed while uploading ({reason})")
+                self._reject(
+                    session,
+                    task.task_id,
+                    pb.ERROR_CODE_STALE_TASK,
+                    f"task {task.task_id!r} closed while uploading ({reason})",
+                )
                 return
             del self._tasks[task.task_id]
+            session.remember_closed(task.task_id, RESULT_RECEIVED)
             self.stats.updates_received_total += 1
             event = UpdateArrived(
-                self._now(), session.learner_id, task.task_id, int(result.base_version),
-                int(result.num_examples), int(result.completed_steps),
-                float(result.train_seconds), dict(result.metrics))
+                self._now(),
+                session.learner_id,
+                task.task_id,
+                int(result.base_version),
+                int(result.num_examples),
+                int(result.completed_steps),
+                float(result.train_seconds),
+                dict(result.metrics),
+            )
             await self._run_policy(event, {task.task_id: (session, update)})
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
         entry = self._tasks.get(error.task_id)
-        log.warning("learner_error", learner_id=session.learner_id, task_id=error.task_id,
-                    message=error.message)
+        log.warning(
+            "learner_error",
+            learner_id=session.learner_id,
+            task_id=error.task_id,
+            message=error.message,
+        )
         if entry is not None and entry[0] is session:
             del self._tasks[error.task_id]
             session.remember_closed(error.task_id, "learner reported failure")
-            await self._dispatch(TaskFailed(self._now(), session.learner_id, error.task_id,
-                                            error.message))
+            await self._dispatch(
+                TaskFailed(self._now(), session.learner_id, error.task_id, error.message)
+            )
 
     # ------------------------------------------------------------------------------ first model
 
@@ -449,8 +553,12 @@ class Controller:
             raise ProtocolViolation(INVALID, "initial model sent before its layout")
         layout = self._initial[0]
         try:
-            assembler = wire.PayloadAssembler(initial.payload, int(layout.total_bytes),
-                                              layout.layout_id, self.config.max_chunk_bytes)
+            assembler = wire.PayloadAssembler(
+                initial.payload,
+                int(layout.total_bytes),
+                layout.layout_id,
+                self.config.max_chunk_bytes,
+            )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"initial model: {error}") from None
         self._initial = (layout, assembler)
@@ -472,8 +580,12 @@ class Controller:
         self._initial = None
         self.store.initialize(layout, flat)
         self._accumulator = aggregation.Accumulator(wire.num_parameters(layout))
-        log.info("model_initialized", source=session.learner_id,
-                 parameters=wire.num_parameters(layout), tensors=len(layout.tensors))
+        log.info(
+            "model_initialized",
+            source=session.learner_id,
+            parameters=wire.num_parameters(layout),
+            tensors=len(layout.tensors),
+        )
         waiting, self._waiting = self._waiting, []
         self._spawn(self._admit_all(waiting))
 
@@ -489,8 +601,9 @@ class Controller:
         async with self._policy_lock:
             await self._run_policy(event, {})
 
-    async def _run_policy(self, event: Event,
-                          updates: dict[str, tuple[Session, wire.FloatVector]]) -> None:
+    async def _run_policy(
+        self, event: Event, updates: dict[str, tuple[Session, wire.FloatVector]]
+    ) -> None:
         follow_up: list[Event] = [event]
         while follow_up:
             decisions = self.policy.handle(follow_up.pop(0))
@@ -498,8 +611,9 @@ class Controller:
                 follow_up += await self._execute(decision, updates)
         self._schedule_wakeup()
 
-    async def _execute(self, decision: Decision,
-                       updates: dict[str, tuple[Session, wire.FloatVector]]) -> list[Event]:
+    async def _execute(
+        self, decision: Decision, updates: dict[str, tuple[Session, wire.FloatVector]]
+    ) -> list[Event]:
         if isinstance(decision, AssignTask):
             return self._assign(decision.task)
         if isinstance(decision, AcceptUpdate):
@@ -510,16 +624,18 @@ class Controller:
             if decision.task_id in updates:
                 session, _ = updates.pop(decision.task_id)
                 self.stats.updates_rejected_total += 1
-                self._reject(session, decision.task_id, pb.ERROR_CODE_STALE_TASK,
-                             decision.reason)
+                self._reject(session, decision.task_id, pb.ERROR_CODE_STALE_TASK, decision.reason)
         elif isinstance(decision, CancelTask):
             entry = self._tasks.pop(decision.task_id, None)
             session = self._sessions.get(decision.learner_id)
             if session is not None:
                 session.remember_closed(decision.task_id, decision.reason)
                 if entry is not None:
-                    session.send(_message(cancel=pb.CancelTask(task_id=decision.task_id,
-                                                               reason=decision.reason)))
+                    session.send(
+                        _message(
+                            cancel=pb.CancelTask(task_id=decision.task_id, reason=decision.reason)
+                        )
+                    )
         elif isinstance(decision, CommitVersion):
             await self._commit(decision)
         elif isinstance(decision, DiscardAggregate):
@@ -534,23 +650,36 @@ class Controller:
         if session is None or session.closing.is_set():
             return [TaskFailed(self._now(), task.learner_id, task.task_id, "learner gone")]
         if task.version != self.store.version:
-            raise RuntimeError(f"policy assigned version {task.version}, "
-                               f"the controller holds {self.store.version}")
+            raise RuntimeError(
+                f"policy assigned version {task.version}, the controller holds {self.store.version}"
+            )
         if session.held_version != task.version:
             session.send(*self.store.broadcast())
             session.held_version = task.version
         if task.kind is TaskKind.TRAIN:
             s = task.settings
             assert s is not None
-            config = pb.TrainConfig(local_steps=s.local_steps, epochs=s.epochs,
-                                    batch_size=s.batch_size, learning_rate=s.learning_rate,
-                                    proximal_mu=s.proximal_mu, extra=dict(s.extra))
-            message = _message(train=pb.TrainTask(
-                task_id=task.task_id, model_version=task.version, config=config,
-                deadline_seconds=task.deadline_seconds, upload_delta=True))
+            config = pb.TrainConfig(
+                local_steps=s.local_steps,
+                epochs=s.epochs,
+                batch_size=s.batch_size,
+                learning_rate=s.learning_rate,
+                proximal_mu=s.proximal_mu,
+                extra=dict(s.extra),
+            )
+            message = _message(
+                train=pb.TrainTask(
+                    task_id=task.task_id,
+                    model_version=task.version,
+                    config=config,
+                    deadline_seconds=task.deadline_seconds,
+                    upload_delta=True,
+                )
+            )
         else:
-            message = _message(evaluate=pb.EvaluateTask(task_id=task.task_id,
-                                                        model_version=task.version))
+            message = _message(
+                evaluate=pb.EvaluateTask(task_id=task.task_id, model_version=task.version)
+            )
         self._tasks[task.task_id] = (session, task)
         if not session.send(message):
             del self._tasks[task.task_id]
@@ -572,8 +701,13 @@ class Controller:
         updates, weight = acc.count, acc.total_weight
         acc.reset()
         self.stats.versions_committed_total += 1
-        log.info("version_committed", version=version, updates=updates, total_weight=weight,
-                 reason=decision.reason)
+        log.info(
+            "version_committed",
+            version=version,
+            updates=updates,
+            total_weight=weight,
+            reason=decision.reason,
+        )
         if self._on_commit is not None:
             self._spawn(self._run_commit_hook(version))
 
@@ -582,9 +716,11 @@ class Controller:
         if version != self.store.version:
             return  # a newer version already replaced it
         params = self.store.parameters()
-        result = self._on_commit(version, params)
-        if result is not None:
-            await result
+        hook = self._on_commit
+        if inspect.iscoroutinefunction(hook):
+            await hook(version, params)
+        else:
+            await asyncio.to_thread(hook, version, params)
 
     def _finish(self, reason: str) -> None:
         log.info("federation_finished", reason=reason, version=self.store.version)
@@ -603,15 +739,25 @@ class Controller:
             return
         loop = asyncio.get_running_loop()
         delay = max(0.0, when - loop.time())
-        self._wakeup = loop.call_later(delay, lambda: self._spawn(self._dispatch(Tick(self._now()))))
+        self._wakeup = loop.call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._wakeup = None
+        self._spawn(self._dispatch(Tick(self._now())))
 
     # ------------------------------------------------------------------------------ helpers
 
     def _reject(self, session: Session, task_id: str, code: int, message: str) -> None:
-        log.info("update_rejected", learner_id=session.learner_id, task_id=task_id,
-                 reason=message)
-        session.send(_message(error=pb.Error(code=code, message=message,  # type: ignore[arg-type]
-                                             task_id=task_id)))
+        log.info("update_rejected", learner_id=session.learner_id, task_id=task_id, reason=message)
+        session.send(
+            _message(
+                error=pb.Error(
+                    code=code,
+                    message=message,  # type: ignore[arg-type]
+                    task_id=task_id,
+                )
+            )
+        )
 
     async def _reap_silent_learners(self) -> None:
         interval = max(self.config.heartbeat_interval_seconds / 2, 0.05)
@@ -620,8 +766,10 @@ class Controller:
             deadline = self._now() - self.config.heartbeat_timeout_seconds
             for session in list(self._sessions.values()):
                 if session.last_seen < deadline:
-                    session.close(grpc.StatusCode.UNAVAILABLE,
-                                  f"no message for {self.config.heartbeat_timeout_seconds:g} s")
+                    session.close(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no message for {self.config.heartbeat_timeout_seconds:g} s",
+                    )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -665,12 +813,25 @@ def _check_layout(layout: pb.ModelLayout) -> None:
     for spec in layout.tensors:
         count = math.prod(int(s) for s in spec.shape)
         if spec.offset != offset or spec.nbytes != count * wire.WIRE_DTYPE.itemsize:
-            raise ProtocolViolation(INVALID, f"layout tensor {spec.name!r} is inconsistent: "
-                                             f"offset {spec.offset}, {spec.nbytes} bytes")
+            raise ProtocolViolation(
+                INVALID,
+                f"layout tensor {spec.name!r} is inconsistent: "
+                f"offset {spec.offset}, {spec.nbytes} bytes",
+            )
         offset += int(spec.nbytes)
     if not layout.tensors or offset != layout.total_bytes:
-        raise ProtocolViolation(INVALID, f"layout totals {offset} bytes but announces "
-                                         f"{layout.total_bytes}")
+        raise ProtocolViolation(
+            INVALID, f"layout totals {offset} bytes but announces {layout.total_bytes}"
+        )
+
+
+def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to completion on uvloop where available (the standard loop elsewhere)."""
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the standard loop works, slower
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
 
 
 async def serve(controller: Controller, *, until_finished: bool = True) -> None:

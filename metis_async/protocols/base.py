@@ -197,7 +197,13 @@ class Finish:
 
 
 Decision: TypeAlias = (
-    AssignTask | CancelTask | AcceptUpdate | RejectUpdate | CommitVersion | DiscardAggregate | Finish
+    AssignTask
+    | CancelTask
+    | AcceptUpdate
+    | RejectUpdate
+    | CommitVersion
+    | DiscardAggregate
+    | Finish
 )
 
 

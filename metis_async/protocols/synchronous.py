@@ -48,7 +48,8 @@ class SynchronousSettings:
         rounds: versions to commit before finishing; 0 runs until stopped.
         min_learners: connected learners needed before a round starts.
         learners_per_round: goal count of updates per round; 0 means every connected learner.
-        over_selection: select ceil(goal x this) learners (1.3 = 130 %), cancel the rest at the goal.
+        over_selection: select ceil(goal x this) learners (1.3 = 130 %);
+            the rest are cancelled once the goal is met.
         round_deadline_seconds: a round closes this long after it starts, whatever arrived.
         min_update_fraction: a round commits only with at least ceil(goal x this) updates (min 1).
         weighting: weight updates by reported examples or uniformly.
@@ -158,11 +159,15 @@ class SynchronousPolicy(Policy):
         rnd = self._round
         if rnd is None:
             return self._maybe_start_round(event.now)
-        # A learner that joins during an under-filled round gets a task right away.
+        # A learner that joins mid-round takes part at once when the round trains "everyone"
+        # or is still short of its selection size.
+        if event.learner_id in rnd.outstanding.values():
+            return []
+        if not self.settings.learners_per_round:
+            rnd.goal += 1
+            return self._assign(rnd, [event.learner_id], event.now)
         wanted = self._selection_size(rnd.goal, len(self._learners))
-        if len(rnd.outstanding) + rnd.accepted < wanted and event.learner_id not in set(
-            rnd.outstanding.values()
-        ):
+        if len(rnd.outstanding) + rnd.accepted < wanted:
             return self._assign(rnd, [event.learner_id], event.now)
         return []
 

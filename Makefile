@@ -1,0 +1,51 @@
+# Every check is defined once here; .ci/run and developers call the same targets.
+PY ?= .venv/bin/python
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.venv:
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+
+.PHONY: install
+install: .venv ## editable install with every extra (builds the Rust extension)
+	.venv/bin/pip install -e ".[dev]"
+
+.PHONY: develop
+develop: ## rebuild the Rust extension in release mode after Rust changes
+	.venv/bin/maturin develop --release --skip-install
+
+.PHONY: test
+test: ## the Python test suite (real gRPC on loopback, real extension)
+	$(PY) -m pytest
+
+.PHONY: test-rust
+test-rust: ## cargo tests of the pure-Rust core
+	cargo test --quiet
+
+.PHONY: lint
+lint: ## ruff, rustfmt, clippy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: typecheck
+typecheck: ## mypy --strict on metis_async and the stub of the Rust module
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest metis_async._core
+
+.PHONY: proto
+proto: ## regenerate metis_async/v1 from proto/
+	PATH=.venv/bin:$$PATH $(PY) scripts/gen_proto.py
+
+.PHONY: bench
+bench: ## aggregation benchmark (writes benches/results/aggregation.json)
+	$(PY) benches/aggregation.py --json
+
+.PHONY: demo
+demo: ## the digits demo: controller + 10 learner processes
+	.venv/bin/metis-async demo

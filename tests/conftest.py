@@ -1,0 +1,163 @@
+"""Shared fixtures: a real controller on 127.0.0.1 (port 0) running in a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from metis_async.client import EvaluateConfig, FitConfig, Learner, NDArrays
+from metis_async.protocols import Policy, SynchronousPolicy, SynchronousSettings, TrainSettings
+from metis_async.server import Controller, ControllerConfig
+from metis_async.v1 import controller_pb2 as pb
+
+settings.register_profile("fast", max_examples=40, deadline=None)
+settings.register_profile("slow", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+T = TypeVar("T")
+
+
+class ControllerThread:
+    """A `Controller` served on its own event loop in a daemon thread, driven from tests."""
+
+    def __init__(self, policy: Policy, initial_model: NDArrays | None, **config: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        config.setdefault("port", 0)
+        cfg = ControllerConfig(host="127.0.0.1", **config)
+
+        async def make() -> Controller:
+            return Controller(policy, cfg, initial_model=initial_model)
+
+        self.controller = self.call(make())
+        self.port = self.call(self.controller.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the controller's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def read(self, fn: Callable[[], T]) -> T:
+        """Evaluate `fn` on the controller's loop (safe access to its state)."""
+
+        async def run() -> T:
+            return fn()
+
+        return self.call(run())
+
+    def wait_finished(self, timeout: float = 30.0) -> bool:
+        return self.call(self.controller.wait_finished(timeout), timeout + 5)
+
+    def model(self) -> np.ndarray:
+        return self.read(lambda: np.array(self.controller.store.flat))
+
+    def close(self) -> None:
+        self.call(self.controller.stop(grace_seconds=0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@pytest.fixture
+def controller_factory() -> Iterator[Callable[..., ControllerThread]]:
+    """Build controllers that are stopped at the end of the test."""
+    made: list[ControllerThread] = []
+
+    def make(policy: Policy | None = None, initial_model: NDArrays | None = None,
+             **config: Any) -> ControllerThread:
+        policy = policy or SynchronousPolicy(SynchronousSettings(min_learners=1))
+        if initial_model is None and "no_model" not in config:
+            initial_model = [np.zeros(10, dtype=np.float32)]
+        config.pop("no_model", None)
+        ct = ControllerThread(policy, initial_model, **config)
+        made.append(ct)
+        return ct
+
+    yield make
+    for ct in made:
+        ct.close()
+
+
+def sync_policy(**kw: Any) -> SynchronousPolicy:
+    """A synchronous policy with quick local-training settings."""
+    kw.setdefault("train", TrainSettings(local_steps=1))
+    return SynchronousPolicy(SynchronousSettings(**kw))
+
+
+class ShiftLearner(Learner):
+    """Adds a fixed `shift` to every parameter: FedAvg results are exact to check."""
+
+    def __init__(self, shift: float, examples: int, size: int = 10, delay: float = 0.0) -> None:
+        self.shift = shift
+        self.examples = examples
+        self.size = size
+        self.delay = delay
+        self.fits: list[int] = []
+
+    def get_parameters(self) -> NDArrays:
+        return [np.full(self.size, 1.0, dtype=np.float32)]
+
+    def fit(self, parameters: NDArrays, config: FitConfig) -> tuple[NDArrays, int, dict[str, float]]:
+        self.fits.append(config.model_version)
+        if self.delay:
+            threading.Event().wait(self.delay)
+        return [p + np.float32(self.shift) for p in parameters], self.examples, {"loss": 0.0}
+
+    def evaluate(self, parameters: NDArrays, config: EvaluateConfig
+                 ) -> tuple[float, int, dict[str, float]]:
+        return float(np.abs(parameters[0]).mean()), self.examples, {"accuracy": 0.5}
+
+    def num_examples(self) -> int:
+        return self.examples
+
+
+class RawLearner:
+    """A hand-driven stream for speaking the wire protocol directly (good and bad messages)."""
+
+    def __init__(self, address: str, learner_id: str = "raw", num_examples: int = 1) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self._out: list[bytes | None] = []
+        self._cv = threading.Condition()
+        join = self.channel.stream_stream("/metis_async.v1.Controller/Join")
+        self.responses = join(self._requests())
+        self.send(pb.LearnerMessage(hello=pb.Hello(learner_id=learner_id,
+                                                   num_examples=num_examples)))
+
+    def _requests(self) -> Iterator[bytes]:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._out))
+                item = self._out.pop(0)
+            if item is None:
+                return
+            yield item
+
+    def send_raw(self, data: bytes | None) -> None:
+        with self._cv:
+            self._out.append(data)
+            self._cv.notify()
+
+    def send(self, message: pb.LearnerMessage) -> None:
+        self.send_raw(message.SerializeToString())
+
+    def next(self) -> pb.ControllerMessage:
+        return pb.ControllerMessage.FromString(next(self.responses))
+
+    def until(self, kind: str) -> pb.ControllerMessage:
+        """Read messages until one of `kind` arrives."""
+        while True:
+            message = self.next()
+            if message.WhichOneof("body") == kind:
+                return message
+
+    def close(self) -> None:
+        self.send_raw(None)
+        self.channel.close()

@@ -1,0 +1,317 @@
+"""The controller over real gRPC on 127.0.0.1: federation, bad input, liveness, auth, reconnect."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from metis_async.client import Backoff, LearnerStopped, RunSummary, run_learner
+from metis_async.protocols import TrainSettings
+from metis_async.v1 import controller_pb2 as pb
+from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+
+Factory = Callable[..., ControllerThread]
+FAST = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
+
+
+def _start_learner(address: str, learner: ShiftLearner, learner_id: str,
+                   **kw: object) -> tuple[threading.Thread, list[RunSummary | BaseException]]:
+    out: list[RunSummary | BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(run_learner(address, learner, learner_id=learner_id,
+                                   backoff=kw.pop("backoff", FAST), **kw))  # type: ignore[arg-type]
+        except BaseException as error:  # surfaced by the test
+            out.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _train_task(raw: RawLearner) -> pb.TrainTask:
+    return raw.until("train").train
+
+
+def _delta_result(task: pb.TrainTask, values: np.ndarray, layout_id: int,
+                  dtype: int = pb.DTYPE_FLOAT32) -> list[pb.LearnerMessage]:
+    data = values.tobytes()
+    payload = pb.Payload(payload_id=1, kind=pb.PAYLOAD_KIND_DELTA, dtype=dtype,
+                         total_bytes=len(data), num_chunks=1, layout_id=layout_id)
+    result = pb.TaskResult(task_id=task.task_id, base_version=task.model_version,
+                           payload=payload, num_examples=1)
+    return [pb.LearnerMessage(result=result),
+            pb.LearnerMessage(chunk=pb.Chunk(payload_id=1, index=0, data=data))]
+
+
+def _expect_abort(raw: RawLearner, code: grpc.StatusCode, match: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        while True:
+            raw.next()
+    assert info.value.code() == code  # type: ignore[attr-defined]
+    assert match in info.value.details()  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------ federation
+
+
+def test_synchronous_fedavg_round_is_the_example_weighted_mean(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1))
+    threads = [
+        _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1), "a"),
+        _start_learner(ct.address, ShiftLearner(shift=5.0, examples=3), "b"),
+    ]
+
+    assert ct.wait_finished(20)
+
+    np.testing.assert_allclose(ct.model(), np.full(10, 4.0, np.float32))  # (1*1 + 3*5) / 4
+    for thread, out in threads:
+        thread.join(10)
+        assert isinstance(out[0], RunSummary)
+        assert out[0].shutdown_reason
+
+
+def test_versions_advance_round_after_round(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=3))
+    learner = ShiftLearner(shift=1.0, examples=5)
+    _start_learner(ct.address, learner, "solo")
+
+    assert ct.wait_finished(20)
+
+    assert ct.read(lambda: ct.controller.version) == 3
+    np.testing.assert_allclose(ct.model(), np.full(10, 3.0, np.float32))
+    assert learner.fits == [0, 1, 2]
+
+
+def test_first_learner_provides_the_initial_model(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1), no_model=True)
+    _start_learner(ct.address, ShiftLearner(shift=2.0, examples=1), "a")
+    _start_learner(ct.address, ShiftLearner(shift=2.0, examples=1), "b")
+
+    assert ct.wait_finished(20)
+
+    np.testing.assert_allclose(ct.model(), np.full(10, 3.0, np.float32))  # ones + 2
+
+
+def test_evaluation_tasks_aggregate_metrics_per_version(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1, evaluate_every=1))
+    _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1), "a")
+    _start_learner(ct.address, ShiftLearner(shift=1.0, examples=3), "b")
+
+    assert ct.wait_finished(20)
+    time.sleep(0.2)
+
+    evaluations = ct.read(lambda: dict(ct.controller.evaluations))
+    assert evaluations[0]["learners"] == 2
+    assert evaluations[0]["examples"] == 4
+    assert evaluations[0]["accuracy"] == pytest.approx(0.5)
+
+
+def test_model_broadcast_is_serialized_once_per_version(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1))
+    raws = [RawLearner(ct.address, f"r{i}") for i in range(2)]
+
+    for raw in raws:
+        _train_task(raw)
+
+    broadcast = ct.read(lambda: ct.controller.store.broadcast())
+    assert broadcast is ct.read(lambda: ct.controller.store.broadcast())
+    for raw in raws:
+        raw.close()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def bad_and_good(controller_factory: Factory) -> tuple[ControllerThread, RawLearner, threading.Thread]:
+    """A two-learner federation: a raw learner holding a train task, and a well-behaved one."""
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1, round_deadline_seconds=20))
+    raw = RawLearner(ct.address, "bad")
+    good, _ = _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1, delay=0.2), "good")
+    return ct, raw, good
+
+
+def _assert_model_untouched_and_federation_continues(ct: ControllerThread) -> None:
+    assert ct.wait_finished(20)
+    # The round closed with the good learner's +1 alone; anything from "bad" would change it.
+    np.testing.assert_allclose(ct.model(), np.full(10, 1.0, np.float32))
+    assert ct.read(lambda: ct.controller.stats.protocol_errors_total) == 1
+
+
+def test_payload_of_wrong_size_is_rejected_with_clear_status(bad_and_good) -> None:  # type: ignore[no-untyped-def]
+    ct, raw, _ = bad_and_good
+    task = _train_task(raw)
+    layout_id = ct.read(lambda: ct.controller.store.layout.layout_id)  # type: ignore[union-attr]
+
+    for m in _delta_result(task, np.ones(3, np.float32), layout_id):
+        raw.send(m)
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "payload has 12 bytes, the model has 40")
+    _assert_model_untouched_and_federation_continues(ct)
+
+
+def test_payload_of_wrong_dtype_is_rejected_with_clear_status(bad_and_good) -> None:  # type: ignore[no-untyped-def]
+    ct, raw, _ = bad_and_good
+    task = _train_task(raw)
+    layout_id = ct.read(lambda: ct.controller.store.layout.layout_id)  # type: ignore[union-attr]
+
+    for m in _delta_result(task, np.ones(5, np.float64), layout_id, dtype=pb.DTYPE_FLOAT64):
+        raw.send(m)
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "DTYPE_FLOAT64")
+    _assert_model_untouched_and_federation_continues(ct)
+
+
+def test_non_finite_update_is_rejected_before_aggregation(bad_and_good) -> None:  # type: ignore[no-untyped-def]
+    ct, raw, _ = bad_and_good
+    task = _train_task(raw)
+    layout_id = ct.read(lambda: ct.controller.store.layout.layout_id)  # type: ignore[union-attr]
+    values = np.ones(10, np.float32)
+    values[4] = np.nan
+
+    for m in _delta_result(task, values, layout_id):
+        raw.send(m)
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
+    _assert_model_untouched_and_federation_continues(ct)
+
+
+def test_unknown_task_id_is_rejected_with_clear_status(bad_and_good) -> None:  # type: ignore[no-untyped-def]
+    ct, raw, _ = bad_and_good
+    task = _train_task(raw)
+    task.task_id = "v0-t999"
+    layout_id = ct.read(lambda: ct.controller.store.layout.layout_id)  # type: ignore[union-attr]
+
+    for m in _delta_result(task, np.ones(10, np.float32), layout_id):
+        raw.send(m)
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "unknown task id 'v0-t999'")
+    _assert_model_untouched_and_federation_continues(ct)
+
+
+def test_garbage_bytes_are_rejected_with_clear_status(bad_and_good) -> None:  # type: ignore[no-untyped-def]
+    ct, raw, _ = bad_and_good
+    _train_task(raw)
+
+    raw.send_raw(b"\xff\xff\xff\xff garbage \x00\x01")
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "could not parse LearnerMessage")
+    _assert_model_untouched_and_federation_continues(ct)
+
+
+def test_first_message_must_be_hello(controller_factory: Factory) -> None:
+    ct = controller_factory()
+    channel = grpc.insecure_channel(ct.address)
+    join = channel.stream_stream("/metis_async.v1.Controller/Join")
+    beat = pb.LearnerMessage(heartbeat=pb.Heartbeat()).SerializeToString()
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(join(iter([beat])))
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "first message on a stream must be hello" in info.value.details()  # type: ignore[attr-defined]
+    channel.close()
+
+
+def test_stale_result_gets_in_band_error_and_stream_survives(controller_factory: Factory) -> None:
+    # Goal 1 of 2 selected: the fast learner closes the round and the raw learner's task is void.
+    policy = sync_policy(min_learners=2, learners_per_round=1, over_selection=2.0, rounds=3)
+    ct = controller_factory(policy)
+    raw = RawLearner(ct.address, "slow")
+    _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1), "fast")
+    task = _train_task(raw)
+    cancel = raw.until("cancel").cancel
+    assert cancel.task_id == task.task_id
+    layout_id = ct.read(lambda: ct.controller.store.layout.layout_id)  # type: ignore[union-attr]
+
+    for m in _delta_result(task, np.ones(10, np.float32), layout_id):
+        raw.send(m)
+
+    error = raw.until("error").error
+    assert error.code == pb.ERROR_CODE_STALE_TASK
+    assert task.task_id in error.message
+    assert raw.until("train").train.model_version >= 1  # still served on the same stream
+    raw.close()
+
+
+# ------------------------------------------------------------------------------ liveness, auth
+
+
+def test_silent_learner_is_disconnected_after_heartbeat_timeout(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=5), heartbeat_interval_seconds=0.1,
+                            heartbeat_timeout_seconds=0.5)
+    raw = RawLearner(ct.address, "silent")
+    raw.until("welcome")
+
+    _expect_abort(raw, grpc.StatusCode.UNAVAILABLE, "no message for 0.5 s")
+    deadline = time.monotonic() + 5
+    while ct.read(lambda: ct.controller.sessions()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server cleans up just after the status is sent
+    assert ct.read(lambda: ct.controller.sessions()) == []
+
+
+def test_wrong_token_is_refused_and_learner_stops(controller_factory: Factory) -> None:
+    ct = controller_factory(tokens={"a": "right"})
+
+    with pytest.raises(LearnerStopped, match="invalid token"):
+        run_learner(ct.address, ShiftLearner(1.0, 1), learner_id="a", token="wrong", backoff=FAST)
+
+
+def test_right_token_is_accepted(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), tokens={"a": "right"})
+
+    summary = run_learner(ct.address, ShiftLearner(1.0, 1), learner_id="a", token="right",
+                          backoff=FAST)
+
+    assert summary.tasks_completed == 1
+
+
+def test_learner_started_before_controller_connects_with_backoff(
+    controller_factory: Factory,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    thread, out = _start_learner(f"127.0.0.1:{port}", ShiftLearner(1.0, 1), "early")
+    time.sleep(0.5)
+
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), port=port)
+    assert ct.wait_finished(20)
+    thread.join(10)
+
+    summary = out[0]
+    assert isinstance(summary, RunSummary)
+    assert summary.errors  # it failed before the controller existed...
+    assert summary.tasks_completed == 1  # ...and trained once it did
+
+
+def test_learner_gives_up_after_max_attempts() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backoff = Backoff(initial_seconds=0.01, max_seconds=0.02, max_attempts=3)
+
+    with pytest.raises(LearnerStopped, match="gave up after 3 failed attempts"):
+        run_learner(f"127.0.0.1:{port}", ShiftLearner(1.0, 1), backoff=backoff)
+
+
+def test_reconnecting_learner_resumes_its_identity(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=2,
+                                        train=TrainSettings(local_steps=1)))
+    raw = RawLearner(ct.address, "same-id")
+    _train_task(raw)
+    raw.close()
+
+    summary = run_learner(ct.address, ShiftLearner(1.0, 1), learner_id="same-id", backoff=FAST)
+
+    assert summary.learner_id == "same-id"
+    assert ct.wait_finished(10)
+    np.testing.assert_allclose(ct.model(), np.full(10, 2.0, np.float32))
