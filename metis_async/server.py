@@ -617,21 +617,21 @@ class Controller:
         if isinstance(decision, AssignTask):
             return self._assign(decision.task)
         if isinstance(decision, AcceptUpdate):
-            session, update = updates.pop(decision.task_id)
+            _, update = updates.pop(decision.task_id)
             await asyncio.to_thread(self._acc.add, update, decision.weight)
             self.stats.updates_accepted_total += 1
         elif isinstance(decision, RejectUpdate):
             if decision.task_id in updates:
-                session, _ = updates.pop(decision.task_id)
+                rejected, _ = updates.pop(decision.task_id)
                 self.stats.updates_rejected_total += 1
-                self._reject(session, decision.task_id, pb.ERROR_CODE_STALE_TASK, decision.reason)
+                self._reject(rejected, decision.task_id, pb.ERROR_CODE_STALE_TASK, decision.reason)
         elif isinstance(decision, CancelTask):
             entry = self._tasks.pop(decision.task_id, None)
-            session = self._sessions.get(decision.learner_id)
-            if session is not None:
-                session.remember_closed(decision.task_id, decision.reason)
+            holder = self._sessions.get(decision.learner_id)
+            if holder is not None:
+                holder.remember_closed(decision.task_id, decision.reason)
                 if entry is not None:
-                    session.send(
+                    holder.send(
                         _message(
                             cancel=pb.CancelTask(task_id=decision.task_id, reason=decision.reason)
                         )
@@ -747,13 +747,15 @@ class Controller:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _reject(self, session: Session, task_id: str, code: int, message: str) -> None:
+    def _reject(
+        self, session: Session, task_id: str, code: pb.ErrorCode.ValueType, message: str
+    ) -> None:
         log.info("update_rejected", learner_id=session.learner_id, task_id=task_id, reason=message)
         session.send(
             _message(
                 error=pb.Error(
                     code=code,
-                    message=message,  # type: ignore[arg-type]
+                    message=message,
                     task_id=task_id,
                 )
             )
@@ -831,7 +833,7 @@ def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:  # e.g. Windows: the standard loop works, slower
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 async def serve(controller: Controller, *, until_finished: bool = True) -> None:

@@ -24,7 +24,7 @@ WIRE_DTYPE = np.dtype("<f4")
 
 FloatVector = npt.NDArray[np.float32]
 
-_NP_TO_PB = {
+_NP_TO_PB: dict[np.dtype[np.generic], pb.DType.ValueType] = {
     np.dtype("float32"): pb.DTYPE_FLOAT32,
     np.dtype("float64"): pb.DTYPE_FLOAT64,
     np.dtype("float16"): pb.DTYPE_FLOAT16,
@@ -57,7 +57,9 @@ def make_layout(arrays: Sequence[npt.NDArray[np.generic]]) -> pb.ModelLayout:
     for i, array in enumerate(arrays):
         dtype = np.dtype(array.dtype)
         if dtype not in _NP_TO_PB:
-            raise WireError(f"tensor {i} has dtype {dtype}; supported: float16, float32, float64, int8")
+            raise WireError(
+                f"tensor {i} has dtype {dtype}; supported: float16, float32, float64, int8"
+            )
         nbytes = int(array.size) * WIRE_DTYPE.itemsize
         spec = layout.tensors.add(
             name=f"t{i}", shape=[int(s) for s in array.shape], dtype=_NP_TO_PB[dtype]
@@ -103,7 +105,7 @@ def unflatten(flat: FloatVector, layout: pb.ModelLayout) -> list[npt.NDArray[np.
         start = int(spec.offset) // WIRE_DTYPE.itemsize
         count = int(spec.nbytes) // WIRE_DTYPE.itemsize
         view = flat[start : start + count].reshape(tuple(int(s) for s in spec.shape))
-        dtype = _PB_TO_NP.get(spec.dtype, np.dtype(np.float32))
+        dtype = _PB_TO_NP.get(spec.dtype, WIRE_DTYPE)
         out.append(view if dtype == np.float32 else view.astype(dtype))
     return out
 
@@ -121,7 +123,7 @@ def make_payload(
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> tuple[pb.Payload, Iterator[pb.Chunk]]:
     """Announce `flat` as a payload and return its header and a lazy iterator of chunks."""
-    data = memoryview(np.ascontiguousarray(flat, dtype=WIRE_DTYPE)).cast("B")
+    data = np.ascontiguousarray(flat, dtype=WIRE_DTYPE).view(np.uint8).data
     header = pb.Payload(
         payload_id=payload_id,
         kind=kind,  # type: ignore[arg-type]
@@ -156,7 +158,8 @@ class PayloadAssembler:
     ) -> None:
         if header.dtype != pb.DTYPE_FLOAT32:
             raise WireError(
-                f"payload dtype is {dtype_name(header.dtype)}, this controller accepts DTYPE_FLOAT32"
+                f"payload dtype is {dtype_name(header.dtype)}, "
+                "this controller accepts DTYPE_FLOAT32"
             )
         if header.total_bytes != expected_bytes:
             raise WireError(

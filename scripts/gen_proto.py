@@ -19,9 +19,8 @@ PINNED_GRPCIO_TOOLS = "1.85.1"
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) on every .proto under proto/, writing into `out_dir`."""
-    from grpc_tools import protoc  # imported here: only developers need grpcio-tools
-
     import grpc_tools
+    from grpc_tools import protoc  # imported here: only developers need grpcio-tools
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
@@ -55,7 +54,7 @@ def main() -> int:
         from importlib.metadata import version
 
         found = version("grpcio-tools")
-    except Exception:  # noqa: BLE001 - missing package reported below
+    except Exception:  # missing package: reported below
         found = "missing"
     if found != PINNED_GRPCIO_TOOLS:
         print(f"grpcio-tools {PINNED_GRPCIO_TOOLS} required, found {found}", file=sys.stderr)

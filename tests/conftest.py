@@ -71,8 +71,9 @@ def controller_factory() -> Iterator[Callable[..., ControllerThread]]:
     """Build controllers that are stopped at the end of the test."""
     made: list[ControllerThread] = []
 
-    def make(policy: Policy | None = None, initial_model: NDArrays | None = None,
-             **config: Any) -> ControllerThread:
+    def make(
+        policy: Policy | None = None, initial_model: NDArrays | None = None, **config: Any
+    ) -> ControllerThread:
         policy = policy or SynchronousPolicy(SynchronousSettings(min_learners=1))
         if initial_model is None and "no_model" not in config:
             initial_model = [np.zeros(10, dtype=np.float32)]
@@ -105,14 +106,17 @@ class ShiftLearner(Learner):
     def get_parameters(self) -> NDArrays:
         return [np.full(self.size, 1.0, dtype=np.float32)]
 
-    def fit(self, parameters: NDArrays, config: FitConfig) -> tuple[NDArrays, int, dict[str, float]]:
+    def fit(
+        self, parameters: NDArrays, config: FitConfig
+    ) -> tuple[NDArrays, int, dict[str, float]]:
         self.fits.append(config.model_version)
         if self.delay:
             threading.Event().wait(self.delay)
         return [p + np.float32(self.shift) for p in parameters], self.examples, {"loss": 0.0}
 
-    def evaluate(self, parameters: NDArrays, config: EvaluateConfig
-                 ) -> tuple[float, int, dict[str, float]]:
+    def evaluate(
+        self, parameters: NDArrays, config: EvaluateConfig
+    ) -> tuple[float, int, dict[str, float]]:
         return float(np.abs(parameters[0]).mean()), self.examples, {"accuracy": 0.5}
 
     def num_examples(self) -> int:
@@ -128,8 +132,9 @@ class RawLearner:
         self._cv = threading.Condition()
         join = self.channel.stream_stream("/metis_async.v1.Controller/Join")
         self.responses = join(self._requests())
-        self.send(pb.LearnerMessage(hello=pb.Hello(learner_id=learner_id,
-                                                   num_examples=num_examples)))
+        self.send(
+            pb.LearnerMessage(hello=pb.Hello(learner_id=learner_id, num_examples=num_examples))
+        )
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -157,6 +162,11 @@ class RawLearner:
             message = self.next()
             if message.WhichOneof("body") == kind:
                 return message
+
+    def drain(self) -> None:
+        """Read until the stream ends (raises grpc.RpcError when it ends with an error)."""
+        for _ in self.responses:
+            pass
 
     def close(self) -> None:
         self.send_raw(None)

@@ -20,14 +20,18 @@ Factory = Callable[..., ControllerThread]
 FAST = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
 
 
-def _start_learner(address: str, learner: ShiftLearner, learner_id: str,
-                   **kw: object) -> tuple[threading.Thread, list[RunSummary | BaseException]]:
+def _start_learner(
+    address: str, learner: ShiftLearner, learner_id: str, **kw: object
+) -> tuple[threading.Thread, list[RunSummary | BaseException]]:
     out: list[RunSummary | BaseException] = []
 
     def run() -> None:
         try:
-            out.append(run_learner(address, learner, learner_id=learner_id,
-                                   backoff=kw.pop("backoff", FAST), **kw))  # type: ignore[arg-type]
+            out.append(
+                run_learner(
+                    address, learner, learner_id=learner_id, backoff=kw.pop("backoff", FAST), **kw
+                )
+            )  # type: ignore[arg-type]
         except BaseException as error:  # surfaced by the test
             out.append(error)
 
@@ -40,21 +44,30 @@ def _train_task(raw: RawLearner) -> pb.TrainTask:
     return raw.until("train").train
 
 
-def _delta_result(task: pb.TrainTask, values: np.ndarray, layout_id: int,
-                  dtype: int = pb.DTYPE_FLOAT32) -> list[pb.LearnerMessage]:
+def _delta_result(
+    task: pb.TrainTask, values: np.ndarray, layout_id: int, dtype: int = pb.DTYPE_FLOAT32
+) -> list[pb.LearnerMessage]:
     data = values.tobytes()
-    payload = pb.Payload(payload_id=1, kind=pb.PAYLOAD_KIND_DELTA, dtype=dtype,
-                         total_bytes=len(data), num_chunks=1, layout_id=layout_id)
-    result = pb.TaskResult(task_id=task.task_id, base_version=task.model_version,
-                           payload=payload, num_examples=1)
-    return [pb.LearnerMessage(result=result),
-            pb.LearnerMessage(chunk=pb.Chunk(payload_id=1, index=0, data=data))]
+    payload = pb.Payload(
+        payload_id=1,
+        kind=pb.PAYLOAD_KIND_DELTA,
+        dtype=dtype,
+        total_bytes=len(data),
+        num_chunks=1,
+        layout_id=layout_id,
+    )
+    result = pb.TaskResult(
+        task_id=task.task_id, base_version=task.model_version, payload=payload, num_examples=1
+    )
+    return [
+        pb.LearnerMessage(result=result),
+        pb.LearnerMessage(chunk=pb.Chunk(payload_id=1, index=0, data=data)),
+    ]
 
 
 def _expect_abort(raw: RawLearner, code: grpc.StatusCode, match: str) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        while True:
-            raw.next()
+        raw.drain()
     assert info.value.code() == code  # type: ignore[attr-defined]
     assert match in info.value.details()  # type: ignore[attr-defined]
 
@@ -131,7 +144,9 @@ def test_model_broadcast_is_serialized_once_per_version(controller_factory: Fact
 
 
 @pytest.fixture
-def bad_and_good(controller_factory: Factory) -> tuple[ControllerThread, RawLearner, threading.Thread]:
+def bad_and_good(
+    controller_factory: Factory,
+) -> tuple[ControllerThread, RawLearner, threading.Thread]:
     """A two-learner federation: a raw learner holding a train task, and a well-behaved one."""
     ct = controller_factory(sync_policy(min_learners=2, rounds=1, round_deadline_seconds=20))
     raw = RawLearner(ct.address, "bad")
@@ -245,9 +260,12 @@ def test_stale_result_gets_in_band_error_and_stream_survives(controller_factory:
 # ------------------------------------------------------------------------------ liveness, auth
 
 
-def test_silent_learner_is_disconnected_after_heartbeat_timeout(controller_factory: Factory) -> None:
-    ct = controller_factory(sync_policy(min_learners=5), heartbeat_interval_seconds=0.1,
-                            heartbeat_timeout_seconds=0.5)
+def test_silent_learner_is_disconnected_after_heartbeat_timeout(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(
+        sync_policy(min_learners=5), heartbeat_interval_seconds=0.1, heartbeat_timeout_seconds=0.5
+    )
     raw = RawLearner(ct.address, "silent")
     raw.until("welcome")
 
@@ -268,8 +286,9 @@ def test_wrong_token_is_refused_and_learner_stops(controller_factory: Factory) -
 def test_right_token_is_accepted(controller_factory: Factory) -> None:
     ct = controller_factory(sync_policy(min_learners=1, rounds=1), tokens={"a": "right"})
 
-    summary = run_learner(ct.address, ShiftLearner(1.0, 1), learner_id="a", token="right",
-                          backoff=FAST)
+    summary = run_learner(
+        ct.address, ShiftLearner(1.0, 1), learner_id="a", token="right", backoff=FAST
+    )
 
     assert summary.tasks_completed == 1
 
@@ -304,8 +323,9 @@ def test_learner_gives_up_after_max_attempts() -> None:
 
 
 def test_reconnecting_learner_resumes_its_identity(controller_factory: Factory) -> None:
-    ct = controller_factory(sync_policy(min_learners=1, rounds=2,
-                                        train=TrainSettings(local_steps=1)))
+    ct = controller_factory(
+        sync_policy(min_learners=1, rounds=2, train=TrainSettings(local_steps=1))
+    )
     raw = RawLearner(ct.address, "same-id")
     _train_task(raw)
     raw.close()

@@ -139,8 +139,9 @@ def test_failed_task_counts_as_done_for_closing() -> None:
 
 
 def test_over_selection_cancels_the_slowest_once_goal_met() -> None:
-    policy = SynchronousPolicy(SynchronousSettings(min_learners=13, learners_per_round=10,
-                                                   over_selection=1.3))
+    policy = SynchronousPolicy(
+        SynchronousSettings(min_learners=13, learners_per_round=10, over_selection=1.3)
+    )
     tasks = _train_tasks(_join_all(policy, 13))
     assert len(tasks) == 13
 
@@ -217,8 +218,13 @@ def test_thousands_of_learners_simulated_rounds_complete_in_order() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("min_learners", 0), ("over_selection", 0.9), ("round_deadline_seconds", 0.0),
-     ("min_update_fraction", 1.5), ("rounds", -1)],
+    [
+        ("min_learners", 0),
+        ("over_selection", 0.9),
+        ("round_deadline_seconds", 0.0),
+        ("min_update_fraction", 1.5),
+        ("rounds", -1),
+    ],
 )
 def test_invalid_settings_raise_value_error_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):

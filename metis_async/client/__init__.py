@@ -23,7 +23,13 @@ from metis_async.client.learner import (
     Metrics,
     NDArrays,
 )
-from metis_async.client.runner import Backoff, LearnerRunner, LearnerStopped, RunSummary, run_learner
+from metis_async.client.runner import (
+    Backoff,
+    LearnerRunner,
+    LearnerStopped,
+    RunSummary,
+    run_learner,
+)
 
 __all__ = [
     "Backoff",

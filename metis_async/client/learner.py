@@ -81,7 +81,9 @@ class Learner(abc.ABC):
         """Return the current local model (used when the controller has no model yet)."""
 
     @abc.abstractmethod
-    def fit(self, parameters: NDArrays, config: FitConfig) -> FitRes | tuple[NDArrays, int, Metrics]:
+    def fit(
+        self, parameters: NDArrays, config: FitConfig
+    ) -> FitRes | tuple[NDArrays, int, Metrics]:
         """Train from `parameters` on local data; return trained parameters, examples, metrics."""
 
     @abc.abstractmethod

@@ -52,7 +52,7 @@ class Backoff:
     def delay(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after `failures` consecutive failed attempts (≥ 1)."""
         ceiling = min(self.max_seconds, self.initial_seconds * 2 ** min(failures - 1, 30))
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
 
 
 @dataclass
@@ -84,9 +84,17 @@ class _Stream:
         self.cancelled: set[str] = set()
         self.heartbeat_seconds = 5.0
         self.max_chunk_bytes = wire.MAX_CHUNK_BYTES
-        self.send(pb.LearnerMessage(hello=pb.Hello(
-            learner_id=learner_id, token=token, num_examples=num_examples,
-            capabilities=["train", "evaluate", "delta"], client_version="metis-async")))
+        self.send(
+            pb.LearnerMessage(
+                hello=pb.Hello(
+                    learner_id=learner_id,
+                    token=token,
+                    num_examples=num_examples,
+                    capabilities=["train", "evaluate", "delta"],
+                    client_version="metis-async",
+                )
+            )
+        )
 
     def send(self, message: pb.LearnerMessage) -> None:
         if not self.closed.is_set():
@@ -114,9 +122,17 @@ class LearnerRunner:
         stop: set it from another thread to end the run after the current message.
     """
 
-    def __init__(self, address: str, learner: Learner, *, learner_id: str = "",
-                 token: str = "", backoff: Backoff | None = None,
-                 stop: threading.Event | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        learner: Learner,
+        *,
+        learner_id: str = "",
+        token: str = "",
+        backoff: Backoff | None = None,
+        stop: threading.Event | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.address = address
         self.learner = learner
         self.token = token
@@ -141,8 +157,8 @@ class LearnerRunner:
             try:
                 welcomed = self._session()
             except grpc.RpcError as error:
-                code = error.code()  # type: ignore[attr-defined]
-                detail = error.details()  # type: ignore[attr-defined]
+                code = error.code()
+                detail = error.details()
                 self.summary.errors.append(f"{code.name}: {detail}")
                 if code in FATAL_CODES:
                     raise LearnerStopped(f"controller refused this learner: {detail}") from None
@@ -154,8 +170,10 @@ class LearnerRunner:
                 welcomed = True
             failures = 0 if welcomed else failures + 1
             if self.backoff.max_attempts is not None and failures >= self.backoff.max_attempts:
-                raise LearnerStopped(f"gave up after {failures} failed attempts to reach "
-                                     f"{self.address}: {self.summary.errors[-1:]}")
+                raise LearnerStopped(
+                    f"gave up after {failures} failed attempts to reach "
+                    f"{self.address}: {self.summary.errors[-1:]}"
+                )
             delay = self.backoff.delay(max(failures, 1), self._rng)
             _log("reconnecting", in_seconds=round(delay, 3), failures=failures)
             self.stop.wait(delay)
@@ -196,8 +214,11 @@ class LearnerRunner:
                     elif kind == "cancel":
                         stream.cancelled.add(message.cancel.task_id)
                     elif kind == "error":
-                        _log("controller_error", task_id=message.error.task_id,
-                             message=message.error.message)
+                        _log(
+                            "controller_error",
+                            task_id=message.error.task_id,
+                            message=message.error.message,
+                        )
                     elif kind == "shutdown":
                         self.summary.shutdown_reason = message.shutdown.reason or "shutdown"
                         _log("shutdown", reason=self.summary.shutdown_reason)
@@ -221,9 +242,13 @@ class LearnerRunner:
             arrays = self.learner.get_parameters()
             layout = wire.make_layout(arrays)
             flat = wire.flatten(arrays, layout)
-            header, chunks = wire.make_payload(flat, next(self._payload_ids),
-                                               pb.PAYLOAD_KIND_WEIGHTS, layout.layout_id,
-                                               stream.max_chunk_bytes)
+            header, chunks = wire.make_payload(
+                flat,
+                next(self._payload_ids),
+                pb.PAYLOAD_KIND_WEIGHTS,
+                layout.layout_id,
+                stream.max_chunk_bytes,
+            )
             stream.send(pb.LearnerMessage(layout=layout))
             stream.send(pb.LearnerMessage(initial_model=pb.InitialModel(payload=header)))
             for chunk in chunks:
@@ -232,8 +257,12 @@ class LearnerRunner:
     def _on_model(self, stream: _Stream, model: pb.Model) -> None:
         if stream.layout is None:
             raise wire.WireError("model arrived before its layout")
-        assembler = wire.PayloadAssembler(model.payload, int(stream.layout.total_bytes),
-                                          stream.layout.layout_id, wire.MAX_CHUNK_BYTES)
+        assembler = wire.PayloadAssembler(
+            model.payload,
+            int(stream.layout.total_bytes),
+            stream.layout.layout_id,
+            wire.MAX_CHUNK_BYTES,
+        )
         stream.assembler = (int(model.version), assembler)
         if assembler.done:  # an empty model has no chunks
             self._on_chunk(stream, None)
@@ -255,8 +284,7 @@ class LearnerRunner:
 
     # ------------------------------------------------------------------------------ tasks
 
-    def _work(self, stream: _Stream, tasks: queue.SimpleQueue[pb.ControllerMessage | None]
-              ) -> None:
+    def _work(self, stream: _Stream, tasks: queue.SimpleQueue[pb.ControllerMessage | None]) -> None:
         while (message := tasks.get()) is not None:
             task = message.train if message.WhichOneof("body") == "train" else message.evaluate
             if task.task_id in stream.cancelled:
@@ -283,16 +311,25 @@ class LearnerRunner:
 
     def _fail(self, stream: _Stream, task_id: str, reason: str) -> None:
         self.summary.tasks_failed += 1
-        stream.send(pb.LearnerMessage(error=pb.Error(code=pb.ERROR_CODE_TASK_FAILED,
-                                                     message=reason, task_id=task_id)))
+        stream.send(
+            pb.LearnerMessage(
+                error=pb.Error(code=pb.ERROR_CODE_TASK_FAILED, message=reason, task_id=task_id)
+            )
+        )
 
-    def _fit(self, stream: _Stream, task: pb.TrainTask, base: wire.FloatVector,
-             layout: pb.ModelLayout) -> tuple[pb.TaskResult, list[pb.Chunk]]:
+    def _fit(
+        self, stream: _Stream, task: pb.TrainTask, base: wire.FloatVector, layout: pb.ModelLayout
+    ) -> tuple[pb.TaskResult, list[pb.Chunk]]:
         c = task.config
-        config = FitConfig(model_version=int(task.model_version), local_steps=c.local_steps,
-                           epochs=c.epochs, batch_size=c.batch_size or 32,
-                           learning_rate=c.learning_rate, proximal_mu=c.proximal_mu,
-                           extra=dict(c.extra))
+        config = FitConfig(
+            model_version=int(task.model_version),
+            local_steps=c.local_steps,
+            epochs=c.epochs,
+            batch_size=c.batch_size or 32,
+            learning_rate=c.learning_rate,
+            proximal_mu=c.proximal_mu,
+            extra=dict(c.extra),
+        )
         params = [np.array(a) for a in wire.unflatten(base, layout)]
         started = time.perf_counter()
         trained, num_examples, metrics = self.learner.fit(params, config)
@@ -301,35 +338,55 @@ class LearnerRunner:
         if task.upload_delta:
             np.subtract(new, base, out=new)
         kind = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
-        header, chunks = wire.make_payload(new, next(self._payload_ids), kind,
-                                           layout.layout_id, stream.max_chunk_bytes)
+        header, chunks = wire.make_payload(
+            new, next(self._payload_ids), kind, layout.layout_id, stream.max_chunk_bytes
+        )
         steps = int(metrics.get("steps", c.local_steps))
         result = pb.TaskResult(
-            task_id=task.task_id, base_version=task.model_version, payload=header,
-            num_examples=int(num_examples), completed_steps=steps,
-            metrics={k: float(v) for k, v in metrics.items()}, train_seconds=seconds,
-            seconds_per_batch=seconds / steps if steps else 0.0)
+            task_id=task.task_id,
+            base_version=task.model_version,
+            payload=header,
+            num_examples=int(num_examples),
+            completed_steps=steps,
+            metrics={k: float(v) for k, v in metrics.items()},
+            train_seconds=seconds,
+            seconds_per_batch=seconds / steps if steps else 0.0,
+        )
         return result, list(chunks)
 
-    def _evaluate(self, task: pb.EvaluateTask, base: wire.FloatVector,
-                  layout: pb.ModelLayout) -> pb.TaskResult:
+    def _evaluate(
+        self, task: pb.EvaluateTask, base: wire.FloatVector, layout: pb.ModelLayout
+    ) -> pb.TaskResult:
         params = [np.array(a) for a in wire.unflatten(base, layout)]
-        config = EvaluateConfig(model_version=int(task.model_version),
-                                batch_size=task.batch_size or 256)
+        config = EvaluateConfig(
+            model_version=int(task.model_version), batch_size=task.batch_size or 256
+        )
         loss, num_examples, metrics = self.learner.evaluate(params, config)
         values = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
-        return pb.TaskResult(task_id=task.task_id, base_version=task.model_version,
-                             num_examples=int(num_examples), metrics=values)
+        return pb.TaskResult(
+            task_id=task.task_id,
+            base_version=task.model_version,
+            num_examples=int(num_examples),
+            metrics=values,
+        )
 
 
-def run_learner(address: str, learner: Learner, *, learner_id: str = "", token: str = "",
-                backoff: Backoff | None = None, stop: threading.Event | None = None,
-                seed: int | None = None) -> RunSummary:
+def run_learner(
+    address: str,
+    learner: Learner,
+    *,
+    learner_id: str = "",
+    token: str = "",
+    backoff: Backoff | None = None,
+    stop: threading.Event | None = None,
+    seed: int | None = None,
+) -> RunSummary:
     """Connect `learner` to the controller at `address` and serve tasks until shutdown.
 
     Reconnects with jittered exponential backoff when the stream breaks; raises `LearnerStopped`
     on a fatal status (bad token) or after `backoff.max_attempts` consecutive failed attempts.
     """
-    runner = LearnerRunner(address, learner, learner_id=learner_id, token=token,
-                           backoff=backoff, stop=stop, seed=seed)
+    runner = LearnerRunner(
+        address, learner, learner_id=learner_id, token=token, backoff=backoff, stop=stop, seed=seed
+    )
     return runner.run()
