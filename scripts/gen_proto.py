@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,8 +25,15 @@ def generate(out_dir: Path) -> list[Path]:
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
+    plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    if not plugin.exists():
+        found = shutil.which("protoc-gen-mypy")
+        if found is None:
+            raise SystemExit("protoc-gen-mypy not found: pip install mypy-protobuf")
+        plugin = Path(found)
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={plugin}",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
