@@ -97,6 +97,10 @@ class ControllerConfig:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
+            # Thousands of learners reconnect at once after a restart; past these limits gRPC
+            # drops new calls silently (shared/GRPC-NOTES.md).
+            ("grpc.server.max_pending_requests", 200_000),
+            ("grpc.server.max_pending_requests_hard_limit", 400_000),
         ]
 
 
