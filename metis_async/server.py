@@ -1,22 +1,19 @@
-"""The controller: a grpc.aio service on uvloop that runs a federation policy.
+"""The controller service: a grpc.aio server on uvloop holding one stream per learner.
 
 Learners dial out and keep one `Join` stream each. For every stream a `Session` reads messages,
-reassembles uploads chunk by chunk into a preallocated buffer, and hands complete updates to the
-policy. Events reach the policy one at a time (under one lock) and its decisions are executed in
-order: tasks are queued on sessions, accepted updates are folded into the Rust accumulator off
-the event loop, and a commit turns the aggregate into a new version that is serialized once and
-shared by every stream. Learners that break the wire contract get a gRPC status naming the problem;
-nothing they send reaches the global model before it has been fully validated.
+checks them against the wire contract, and reassembles uploads chunk by chunk into a preallocated
+buffer; complete, validated updates go to the `Federation` (the policy driver). Learners that
+break the contract get a gRPC status naming the problem; nothing they send reaches the global
+model before it has been fully validated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,28 +22,10 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from metis_async import aggregation, wire
-from metis_async.protocols import (
-    AcceptUpdate,
-    AssignTask,
-    CancelTask,
-    CommitVersion,
-    Decision,
-    DiscardAggregate,
-    EvaluationArrived,
-    Event,
-    Finish,
-    LearnerJoined,
-    LearnerLost,
-    Policy,
-    RejectUpdate,
-    Task,
-    TaskFailed,
-    TaskKind,
-    Tick,
-    UpdateArrived,
-)
-from metis_async.session import PendingUpload, ProtocolViolation, Session
+from metis_async import wire
+from metis_async.federation import RESULT_RECEIVED, CommitHook, Federation
+from metis_async.protocols import Policy, TaskKind
+from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
 from metis_async.store import ModelStore
 from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
@@ -55,11 +34,8 @@ log = structlog.get_logger("metis_async.server")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-RESULT_RECEIVED = "result already received"
 
 T = TypeVar("T")
-
-CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -105,13 +81,13 @@ class ControllerConfig:
 
 
 class Controller:
-    """Runs one federation: sessions, the policy, aggregation and the model store.
+    """The controller service: learner streams in front of a `Federation`.
 
     Args:
         policy: the protocol deciding who trains what and when versions commit.
         config: network and liveness settings.
         initial_model: the first model; None asks the first learner to provide it.
-        on_commit: called (in a worker thread if sync) with each new version and its arrays.
+        on_commit: called with each new version and its arrays (in a thread if not async).
     """
 
     def __init__(
@@ -121,28 +97,20 @@ class Controller:
         initial_model: Sequence[npt.NDArray[np.generic]] | None = None,
         on_commit: CommitHook | None = None,
     ) -> None:
-        self.policy = policy
         self.config = config or ControllerConfig()
         self.store = ModelStore(self.config.max_chunk_bytes)
         self.stats = ControllerStats()
-        self._on_commit = on_commit
-        self._accumulator: aggregation.Accumulator | None = None
-        self._sessions: dict[str, Session] = {}
-        self._tasks: dict[str, tuple[Session, Task]] = {}
-        self._waiting: list[Session] = []  # joined before any model existed
-        self._model_provider: Session | None = None
-        self._policy_lock = asyncio.Lock()
-        self._finished = asyncio.Event()
-        self._wakeup: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        self._server: grpc.aio.Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        self.evaluations: dict[int, dict[str, float]] = {}  # version -> weighted mean metrics
-        self._evaluation_sums: dict[int, dict[str, float]] = {}
-        self.port = 0
         if initial_model is not None:
             self.store.initialize_from_arrays(initial_model)
-            self._accumulator = aggregation.Accumulator(wire.num_parameters(self._layout))
+        self._sessions: dict[str, Session] = {}
+        self.federation = Federation(policy, self.store, self.stats, self._sessions, on_commit)
+        self._waiting: list[Session] = []  # joined before any model existed
+        self._model_provider: Session | None = None
+        self._initial: tuple[pb.ModelLayout, wire.PayloadAssembler | None] | None = None
+        self._server: grpc.aio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._admitting: set[asyncio.Task[None]] = set()
+        self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -150,9 +118,10 @@ class Controller:
         """Bind and start serving; returns the bound port."""
         server = grpc.aio.server(options=self.config.grpc_options())
         handler = grpc.stream_stream_rpc_method_handler(self._join)  # raw bytes both ways
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("metis_async.v1.Controller", {"Join": handler}),)
+        service = grpc.method_handlers_generic_handler(
+            "metis_async.v1.Controller", {"Join": handler}
         )
+        server.add_generic_rpc_handlers((service,))
         address = f"{self.config.host}:{self.config.port}"
         self.port = server.add_insecure_port(address)
         if self.port == 0:
@@ -169,40 +138,42 @@ class Controller:
         return self.port
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
-        """Wait until the policy finishes the federation; False on timeout."""
-        try:
-            await asyncio.wait_for(self._finished.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        """Wait until the policy finishes the federation; False on timeout (seconds)."""
+        return await self.federation.wait_finished(timeout)
 
     @property
     def finished(self) -> bool:
         """Whether the policy has finished the federation."""
-        return self._finished.is_set()
+        return self.federation.finished
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         """Tell learners to stop, then close the server (waiting `grace_seconds` for streams)."""
-        shutdown = _message(
-            shutdown=pb.Shutdown(reason="controller stopping", final_version=self.store.version)
-        )
+        shutdown = pb.Shutdown(reason="controller stopping", final_version=self.store.version)
+        message = controller_message(shutdown=shutdown)
         for session in list(self._sessions.values()):
-            session.send(shutdown)
+            session.send(message)
             session.finish()
-        if self._wakeup is not None:
-            self._wakeup.cancel()
+        self.federation.close()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._server is not None:
             await self._server.stop(grace_seconds)
-        for task in list(self._background):
-            task.cancel()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
+
+    @property
+    def policy(self) -> Policy:
+        """The federation's policy."""
+        return self.federation.policy
 
     @property
     def version(self) -> int:
         """The current global model version."""
         return self.store.version
+
+    @property
+    def evaluations(self) -> dict[int, dict[str, float]]:
+        """Example-weighted mean evaluation metrics by model version."""
+        return self.federation.evaluations
 
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""
@@ -220,22 +191,8 @@ class Controller:
             done, _ = await asyncio.wait(
                 {reader, writer, closer}, return_when=asyncio.FIRST_COMPLETED
             )
-            for task in (reader, writer, closer):
-                task.cancel()
             if reader in done and not reader.cancelled():
-                error = reader.exception()
-                if isinstance(error, ProtocolViolation):
-                    self.stats.protocol_errors_total += 1
-                    log.warning(
-                        "protocol_violation",
-                        learner_id=session.learner_id,
-                        code=error.code.name,
-                        message=error.message,
-                    )
-                    session.close(error.code, error.message)
-                elif error is not None:
-                    log.error("session_failed", learner_id=session.learner_id, error=repr(error))
-                    session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
+                self._close_on_error(session, reader.exception())
             if session.close_code is not None:
                 await context.abort(session.close_code, session.close_message)
         finally:
@@ -243,37 +200,33 @@ class Controller:
                 task.cancel()
             await self._close_session(session)
 
-    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
-        try:
-            raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
-            raise
-        if raw is grpc.aio.EOF:
-            await context.abort(INVALID, "stream closed before hello")
-        try:
-            msg = _parse(raw)
-        except ProtocolViolation as error:
-            await context.abort(error.code, error.message)
-            raise
-        if msg.WhichOneof("body") != "hello":
-            await context.abort(
-                INVALID,
-                f"the first message on a stream must be hello, got {msg.WhichOneof('body')}",
+    def _close_on_error(self, session: Session, error: BaseException | None) -> None:
+        if isinstance(error, ProtocolViolation):
+            self.stats.protocol_errors_total += 1
+            log.warning(
+                "protocol_violation",
+                learner_id=session.learner_id,
+                code=error.code.name,
+                message=error.message,
             )
-        hello = msg.hello
+            session.close(error.code, error.message)
+        elif error is not None:
+            log.error("session_failed", learner_id=session.learner_id, error=repr(error))
+            session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
+
+    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
+        hello = await self._read_hello(context)
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
         tokens = self.config.tokens
         if tokens is not None and tokens.get(learner_id) != hello.token:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, f"invalid token for learner {learner_id!r}"
             )
-        loop = asyncio.get_running_loop()
         session = Session(
             learner_id,
             uuid.uuid4().hex,
             int(hello.num_examples),
-            loop.time(),
+            asyncio.get_running_loop().time(),
             self.config.send_queue_limit,
             peer=context.peer(),
         )
@@ -288,18 +241,15 @@ class Controller:
         need_model = not self.store.ready and self._model_provider is None
         if need_model:
             self._model_provider = session
-        session.send(
-            _message(
-                welcome=pb.Welcome(
-                    learner_id=learner_id,
-                    session_id=session.session_id,
-                    heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
-                    max_chunk_bytes=self.config.max_chunk_bytes,
-                    protocol=self.policy.name,
-                    need_initial_model=need_model,
-                )
-            )
+        welcome = pb.Welcome(
+            learner_id=learner_id,
+            session_id=session.session_id,
+            heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+            protocol=self.policy.name,
+            need_initial_model=need_model,
         )
+        session.send(controller_message(welcome=welcome))
         log.info(
             "learner_joined",
             learner_id=learner_id,
@@ -308,19 +258,32 @@ class Controller:
             sessions=len(self._sessions),
         )
         if self.finished:
-            session.send(
-                _message(
-                    shutdown=pb.Shutdown(
-                        reason="federation finished", final_version=self.store.version
-                    )
-                )
-            )
+            shutdown = pb.Shutdown(reason="federation finished", final_version=self.version)
+            session.send(controller_message(shutdown=shutdown))
             session.finish()
         elif self.store.ready:
             await self._admit(session)
         else:
             self._waiting.append(session)
         return session
+
+    async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
+        try:
+            raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
+            raise
+        if raw is grpc.aio.EOF:
+            await context.abort(INVALID, "stream closed before hello")
+        try:
+            msg = _parse(raw)
+        except ProtocolViolation as error:
+            await context.abort(error.code, error.message)
+            raise
+        kind = msg.WhichOneof("body")
+        if kind != "hello":
+            await context.abort(INVALID, f"the first message on a stream must be hello, got {kind}")
+        return msg.hello
 
     async def _admit(self, session: Session) -> None:
         """Send the layout and let the policy know the learner can take tasks."""
@@ -329,9 +292,7 @@ class Controller:
             session.has_layout = True
         if not session.joined_policy and not session.closing.is_set():
             session.joined_policy = True
-            await self._dispatch(
-                LearnerJoined(self._now(), session.learner_id, session.num_examples)
-            )
+            await self.federation.learner_joined(session)
 
     async def _close_session(self, session: Session) -> None:
         if self._sessions.get(session.learner_id) is not session:
@@ -341,34 +302,26 @@ class Controller:
             self._waiting.remove(session)
         if self._model_provider is session:
             self._model_provider = None
-        for task_id in [t for t, (s, _) in self._tasks.items() if s is session]:
-            del self._tasks[task_id]
+            self._initial = None
+        reason = session.close_message or "stream ended"
         log.info(
             "learner_left",
             learner_id=session.learner_id,
-            reason=session.close_message or "stream ended",
+            reason=reason,
             sessions=len(self._sessions),
         )
         if session.joined_policy:
-            await self._dispatch(
-                LearnerLost(
-                    self._now(), session.learner_id, session.close_message or "stream ended"
-                )
-            )
+            await self.federation.learner_lost(session, reason)
+        else:
+            self.federation.forget(session)
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        while True:
-            message = await session.queue.get()
-            if message is None:
-                return
+        while (message := await session.queue.get()) is not None:
             await context.write(message)
 
     async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            raw = await context.read()
-            if raw is grpc.aio.EOF:
-                return
+        while (raw := await context.read()) is not grpc.aio.EOF:
             session.last_seen = loop.time()
             self.stats.bytes_received_total += len(raw)
             msg = _parse(raw)
@@ -390,6 +343,15 @@ class Controller:
             else:
                 raise ProtocolViolation(INVALID, "message has no body")
 
+    async def _reap_silent_learners(self) -> None:
+        timeout = self.config.heartbeat_timeout_seconds
+        while True:
+            await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
+            deadline = asyncio.get_running_loop().time() - timeout
+            for session in list(self._sessions.values()):
+                if session.last_seen < deadline:
+                    session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
+
     # ------------------------------------------------------------------------------ uploads
 
     async def _on_result(self, session: Session, result: pb.TaskResult) -> None:
@@ -399,41 +361,14 @@ class Controller:
                 f"result for {result.task_id!r} started before the chunks of "
                 f"{session.pending.task.task_id!r} were complete",
             )
-        entry = self._tasks.get(result.task_id)
-        if entry is None or entry[0] is not session:
-            reason = session.closed_tasks.get(result.task_id)
-            if reason is None:
-                raise ProtocolViolation(
-                    INVALID,
-                    f"unknown task id {result.task_id!r}: this controller never "
-                    "assigned it to this learner",
-                )
-            self._skip_payload(session, result)
-            duplicate = reason == RESULT_RECEIVED
-            self._reject(
-                session,
-                result.task_id,
-                pb.ERROR_CODE_DUPLICATE if duplicate else pb.ERROR_CODE_STALE_TASK,
-                f"task {result.task_id!r} is closed ({reason}); result discarded",
-            )
+        task = self.federation.task_of(session, result.task_id)
+        if task is None:
+            self._answer_closed_task(session, result)
             return
-        task = entry[1]
         if task.kind is TaskKind.EVALUATE:
             if result.payload.num_chunks:
                 raise ProtocolViolation(INVALID, "evaluation results carry no payload")
-            del self._tasks[task.task_id]
-            session.remember_closed(task.task_id, RESULT_RECEIVED)
-            self._record_evaluation(task.version, result)
-            await self._dispatch(
-                EvaluationArrived(
-                    self._now(),
-                    session.learner_id,
-                    task.task_id,
-                    task.version,
-                    int(result.num_examples),
-                    dict(result.metrics),
-                )
-            )
+            await self.federation.evaluation_arrived(session, task, result)
             return
         if result.base_version != task.version:
             raise ProtocolViolation(
@@ -443,34 +378,35 @@ class Controller:
             )
         if result.payload.kind != pb.PAYLOAD_KIND_DELTA:
             raise ProtocolViolation(INVALID, "train results must upload a DELTA payload")
+        assert self.store.layout is not None
         try:
             assembler = wire.PayloadAssembler(
                 result.payload,
                 self.store.nbytes,
-                self._layout.layout_id,
+                self.store.layout.layout_id,
                 self.config.max_chunk_bytes,
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         session.pending = PendingUpload(task, result, assembler)
 
-    def _record_evaluation(self, version: int, result: pb.TaskResult) -> None:
-        """Fold one evaluation into the example-weighted mean metrics of its version."""
-        n = float(max(result.num_examples, 1))
-        sums = self._evaluation_sums.setdefault(version, {"learners": 0.0, "examples": 0.0})
-        sums["learners"] += 1
-        sums["examples"] += n
-        for name, value in result.metrics.items():
-            if math.isfinite(value):
-                sums[name] = sums.get(name, 0.0) + n * value
-        weight = sums["examples"]
-        summary = {k: (v if k in ("learners", "examples") else v / weight) for k, v in sums.items()}
-        self.evaluations[version] = summary
-        log.info("evaluation_received", version=version, **summary)
-
-    def _skip_payload(self, session: Session, result: pb.TaskResult) -> None:
+    def _answer_closed_task(self, session: Session, result: pb.TaskResult) -> None:
+        """A result for a task this session no longer holds: explain, and skip its chunks."""
+        reason = session.closed_tasks.get(result.task_id)
+        if reason is None:
+            raise ProtocolViolation(
+                INVALID,
+                f"unknown task id {result.task_id!r}: "
+                "this controller never assigned it to this learner",
+            )
         session.discard_chunks = int(result.payload.num_chunks)
         session.discard_payload_id = int(result.payload.payload_id)
+        code = pb.ERROR_CODE_DUPLICATE if reason == RESULT_RECEIVED else pb.ERROR_CODE_STALE_TASK
+        message = f"task {result.task_id!r} is closed ({reason}); result discarded"
+        log.info(
+            "result_discarded", learner_id=session.learner_id, task_id=result.task_id, reason=reason
+        )
+        session.send_error(code, message, result.task_id)
 
     async def _on_chunk(self, session: Session, chunk: pb.Chunk) -> None:
         if session.discard_chunks and chunk.payload_id == session.discard_payload_id:
@@ -496,55 +432,18 @@ class Controller:
             raise ProtocolViolation(
                 INVALID, f"task {pending.task.task_id!r}: update contains NaN or infinite values"
             )
-        await self._deliver_update(session, pending, update)
-
-    async def _deliver_update(
-        self, session: Session, pending: PendingUpload, update: wire.FloatVector
-    ) -> None:
-        task, result = pending.task, pending.result
-        async with self._policy_lock:
-            if self._tasks.get(task.task_id, (None,))[0] is not session:
-                reason = session.closed_tasks.get(task.task_id, "closed")
-                self._reject(
-                    session,
-                    task.task_id,
-                    pb.ERROR_CODE_STALE_TASK,
-                    f"task {task.task_id!r} closed while uploading ({reason})",
-                )
-                return
-            del self._tasks[task.task_id]
-            session.remember_closed(task.task_id, RESULT_RECEIVED)
-            self.stats.updates_received_total += 1
-            event = UpdateArrived(
-                self._now(),
-                session.learner_id,
-                task.task_id,
-                int(result.base_version),
-                int(result.num_examples),
-                int(result.completed_steps),
-                float(result.train_seconds),
-                dict(result.metrics),
-            )
-            await self._run_policy(event, {task.task_id: (session, update)})
+        await self.federation.update_arrived(session, pending.task, pending.result, update)
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
-        entry = self._tasks.get(error.task_id)
         log.warning(
             "learner_error",
             learner_id=session.learner_id,
             task_id=error.task_id,
             message=error.message,
         )
-        if entry is not None and entry[0] is session:
-            del self._tasks[error.task_id]
-            session.remember_closed(error.task_id, "learner reported failure")
-            await self._dispatch(
-                TaskFailed(self._now(), session.learner_id, error.task_id, error.message)
-            )
+        await self.federation.task_failed(session, error.task_id, error.message)
 
     # ------------------------------------------------------------------------------ first model
-
-    _initial: tuple[pb.ModelLayout, wire.PayloadAssembler | None] | None = None
 
     def _on_initial_layout(self, session: Session, layout: pb.ModelLayout) -> None:
         if self._model_provider is not session or self.store.ready:
@@ -583,7 +482,7 @@ class Controller:
             raise ProtocolViolation(INVALID, "initial model contains NaN or infinite values")
         self._initial = None
         self.store.initialize(layout, flat)
-        self._accumulator = aggregation.Accumulator(wire.num_parameters(layout))
+        self.federation.model_ready()
         log.info(
             "model_initialized",
             source=session.learner_id,
@@ -591,214 +490,14 @@ class Controller:
             tensors=len(layout.tensors),
         )
         waiting, self._waiting = self._waiting, []
-        self._spawn(self._admit_all(waiting))
+        task = asyncio.ensure_future(self._admit_all(waiting))
+        self._admitting.add(task)
+        task.add_done_callback(self._admitting.discard)
 
     async def _admit_all(self, sessions: list[Session]) -> None:
         for session in sessions:
             if self._sessions.get(session.learner_id) is session:
                 await self._admit(session)
-
-    # ------------------------------------------------------------------------------ policy
-
-    async def _dispatch(self, event: Event) -> None:
-        """Deliver one event to the policy and execute its decisions, serialized with others."""
-        async with self._policy_lock:
-            await self._run_policy(event, {})
-
-    async def _run_policy(
-        self, event: Event, updates: dict[str, tuple[Session, wire.FloatVector]]
-    ) -> None:
-        follow_up: list[Event] = [event]
-        while follow_up:
-            decisions = self.policy.handle(follow_up.pop(0))
-            for decision in decisions:
-                follow_up += await self._execute(decision, updates)
-        self._schedule_wakeup()
-
-    async def _execute(
-        self, decision: Decision, updates: dict[str, tuple[Session, wire.FloatVector]]
-    ) -> list[Event]:
-        if isinstance(decision, AssignTask):
-            return self._assign(decision.task)
-        if isinstance(decision, AcceptUpdate):
-            _, update = updates.pop(decision.task_id)
-            await asyncio.to_thread(self._acc.add, update, decision.weight)
-            self.stats.updates_accepted_total += 1
-        elif isinstance(decision, RejectUpdate):
-            if decision.task_id in updates:
-                rejected, _ = updates.pop(decision.task_id)
-                self.stats.updates_rejected_total += 1
-                self._reject(rejected, decision.task_id, pb.ERROR_CODE_STALE_TASK, decision.reason)
-        elif isinstance(decision, CancelTask):
-            entry = self._tasks.pop(decision.task_id, None)
-            holder = self._sessions.get(decision.learner_id)
-            if holder is not None:
-                holder.remember_closed(decision.task_id, decision.reason)
-                if entry is not None:
-                    holder.send(
-                        _message(
-                            cancel=pb.CancelTask(task_id=decision.task_id, reason=decision.reason)
-                        )
-                    )
-        elif isinstance(decision, CommitVersion):
-            await self._commit(decision)
-        elif isinstance(decision, DiscardAggregate):
-            self._acc.reset()
-            log.info("aggregate_discarded", reason=decision.reason, version=self.store.version)
-        elif isinstance(decision, Finish):
-            self._finish(decision.reason)
-        return []
-
-    def _assign(self, task: Task) -> list[Event]:
-        session = self._sessions.get(task.learner_id)
-        if session is None or session.closing.is_set():
-            return [TaskFailed(self._now(), task.learner_id, task.task_id, "learner gone")]
-        if task.version != self.store.version:
-            raise RuntimeError(
-                f"policy assigned version {task.version}, the controller holds {self.store.version}"
-            )
-        if session.held_version != task.version:
-            session.send(*self.store.broadcast())
-            session.held_version = task.version
-        if task.kind is TaskKind.TRAIN:
-            s = task.settings
-            assert s is not None
-            config = pb.TrainConfig(
-                local_steps=s.local_steps,
-                epochs=s.epochs,
-                batch_size=s.batch_size,
-                learning_rate=s.learning_rate,
-                proximal_mu=s.proximal_mu,
-                extra=dict(s.extra),
-            )
-            message = _message(
-                train=pb.TrainTask(
-                    task_id=task.task_id,
-                    model_version=task.version,
-                    config=config,
-                    deadline_seconds=task.deadline_seconds,
-                    upload_delta=True,
-                )
-            )
-        else:
-            message = _message(
-                evaluate=pb.EvaluateTask(task_id=task.task_id, model_version=task.version)
-            )
-        self._tasks[task.task_id] = (session, task)
-        if not session.send(message):
-            del self._tasks[task.task_id]
-            return [TaskFailed(self._now(), task.learner_id, task.task_id, "send queue full")]
-        return []
-
-    async def _commit(self, decision: CommitVersion) -> None:
-        acc = self._acc
-        base = self.store.flat
-        try:
-            new = await asyncio.to_thread(acc.apply, base, decision.scale, decision.normalize)
-        except ValueError as error:
-            # The policy believed it had updates the aggregate lacks: keep the model as it is.
-            log.error("commit_failed", reason=str(error), version=self.store.version)
-            acc.reset()
-            return
-        version = self.store.version + 1
-        await asyncio.to_thread(self.store.commit, new, version)
-        updates, weight = acc.count, acc.total_weight
-        acc.reset()
-        self.stats.versions_committed_total += 1
-        log.info(
-            "version_committed",
-            version=version,
-            updates=updates,
-            total_weight=weight,
-            reason=decision.reason,
-        )
-        if self._on_commit is not None:
-            self._spawn(self._run_commit_hook(version))
-
-    async def _run_commit_hook(self, version: int) -> None:
-        assert self._on_commit is not None
-        if version != self.store.version:
-            return  # a newer version already replaced it
-        params = self.store.parameters()
-        hook = self._on_commit
-        if inspect.iscoroutinefunction(hook):
-            await hook(version, params)
-        else:
-            await asyncio.to_thread(hook, version, params)
-
-    def _finish(self, reason: str) -> None:
-        log.info("federation_finished", reason=reason, version=self.store.version)
-        shutdown = _message(shutdown=pb.Shutdown(reason=reason, final_version=self.store.version))
-        for session in self._sessions.values():
-            session.send(shutdown)
-            session.finish()
-        self._finished.set()
-
-    def _schedule_wakeup(self) -> None:
-        when = self.policy.next_wakeup()
-        if self._wakeup is not None:
-            self._wakeup.cancel()
-            self._wakeup = None
-        if when is None or self.finished:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, when - loop.time())
-        self._wakeup = loop.call_later(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._wakeup = None
-        self._spawn(self._dispatch(Tick(self._now())))
-
-    # ------------------------------------------------------------------------------ helpers
-
-    def _reject(
-        self, session: Session, task_id: str, code: pb.ErrorCode.ValueType, message: str
-    ) -> None:
-        log.info("update_rejected", learner_id=session.learner_id, task_id=task_id, reason=message)
-        session.send(
-            _message(
-                error=pb.Error(
-                    code=code,
-                    message=message,
-                    task_id=task_id,
-                )
-            )
-        )
-
-    async def _reap_silent_learners(self) -> None:
-        interval = max(self.config.heartbeat_interval_seconds / 2, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            deadline = self._now() - self.config.heartbeat_timeout_seconds
-            for session in list(self._sessions.values()):
-                if session.last_seen < deadline:
-                    session.close(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"no message for {self.config.heartbeat_timeout_seconds:g} s",
-                    )
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    @staticmethod
-    def _now() -> float:
-        return asyncio.get_running_loop().time()
-
-    @property
-    def _layout(self) -> pb.ModelLayout:
-        assert self.store.layout is not None
-        return self.store.layout
-
-    @property
-    def _acc(self) -> aggregation.Accumulator:
-        assert self._accumulator is not None
-        return self._accumulator
-
-
-def _message(**body: Any) -> bytes:
-    return pb.ControllerMessage(**body).SerializeToString()
 
 
 def _parse(raw: bytes) -> pb.LearnerMessage:

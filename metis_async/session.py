@@ -10,12 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from metis_async.protocols import Task
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.wire import PayloadAssembler
+
+
+def controller_message(**body: Any) -> bytes:
+    """Serialize a `ControllerMessage` with one body field, e.g. `controller_message(cancel=c)`."""
+    return pb.ControllerMessage(**body).SerializeToString()
 
 
 class ProtocolViolation(Exception):
@@ -103,6 +109,11 @@ class Session:
             self.close_code = code
             self.close_message = message
             self.closing.set()
+
+    def send_error(self, code: pb.ErrorCode.ValueType, message: str, task_id: str = "") -> None:
+        """Tell the learner about a problem that does not end the stream."""
+        error = pb.Error(code=code, message=message, task_id=task_id)
+        self.send(controller_message(error=error))
 
     def remember_closed(self, task_id: str, reason: str) -> None:
         """Record a task that ended without a result, so a late result gets a clear answer."""

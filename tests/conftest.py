@@ -16,7 +16,10 @@ from hypothesis import settings
 from metis_async.client import EvaluateConfig, FitConfig, Learner, NDArrays
 from metis_async.protocols import Policy, SynchronousPolicy, SynchronousSettings, TrainSettings
 from metis_async.server import Controller, ControllerConfig
+from metis_async.telemetry import configure_logging
 from metis_async.v1 import controller_pb2 as pb
+
+configure_logging("error")  # controllers run in background threads: keep test output readable
 
 settings.register_profile("fast", max_examples=40, deadline=None)
 settings.register_profile("slow", max_examples=500, deadline=None)
