@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from metis_async import aggregation, wire
+from metis_async import wire
+from metis_async.aggregation.server_step import ServerStep
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
@@ -81,7 +82,7 @@ class Federation:
         self._sessions = sessions
         self._on_commit = on_commit
         self._tasks: dict[str, tuple[Session, Task]] = {}
-        self._accumulator: aggregation.Accumulator | None = None
+        self._step: ServerStep | None = None
         self._evaluation_sums: dict[int, dict[str, float]] = {}
         self._lock = asyncio.Lock()
         self._finished = asyncio.Event()
@@ -93,9 +94,9 @@ class Federation:
     # ------------------------------------------------------------------------------ state
 
     def model_ready(self) -> None:
-        """The store holds its first model: size the accumulator to it."""
+        """The store holds its first model: size the aggregate to it."""
         assert self.store.layout is not None
-        self._accumulator = aggregation.Accumulator(wire.num_parameters(self.store.layout))
+        self._step = ServerStep(wire.num_parameters(self.store.layout))
 
     @property
     def finished(self) -> bool:
@@ -168,6 +169,8 @@ class Federation:
                 int(result.completed_steps),
                 float(result.train_seconds),
                 dict(result.metrics),
+                float(result.seconds_per_batch),
+                float(result.seconds_per_epoch),
             )
             await self._run_policy(event, {task.task_id: (session, update)})
 
@@ -210,7 +213,7 @@ class Federation:
             return self._assign(decision.task)
         if isinstance(decision, AcceptUpdate):
             _, update = updates.pop(decision.task_id)
-            await asyncio.to_thread(self._acc.add, update, decision.weight)
+            await asyncio.to_thread(self._aggregate.add, update, decision.weight)
             self.stats.updates_accepted_total += 1
         elif isinstance(decision, RejectUpdate):
             if decision.task_id in updates:
@@ -228,7 +231,7 @@ class Federation:
         elif isinstance(decision, CommitVersion):
             await self._commit(decision)
         elif isinstance(decision, DiscardAggregate):
-            self._acc.reset()
+            self._aggregate.reset()
             log.info("aggregate_discarded", reason=decision.reason, version=self.store.version)
         elif isinstance(decision, Finish):
             self._finish(decision.reason)
@@ -255,13 +258,14 @@ class Federation:
                 learning_rate=s.learning_rate,
                 proximal_mu=s.proximal_mu,
                 extra=dict(s.extra),
+                time_budget_seconds=task.time_budget_seconds,
             )
             train = pb.TrainTask(
                 task_id=task.task_id,
                 model_version=task.version,
                 config=config,
                 deadline_seconds=task.deadline_seconds,
-                upload_delta=True,
+                upload_delta=task.upload_delta,
             )
             message = controller_message(train=train)
         else:
@@ -274,20 +278,23 @@ class Federation:
         return []
 
     async def _commit(self, decision: CommitVersion) -> None:
-        acc = self._acc
+        step = self._aggregate
+        updates, weight = step.count, step.total_weight
         try:
             new = await asyncio.to_thread(
-                acc.apply, self.store.flat, decision.scale, decision.normalize
+                step.commit,
+                self.store.flat,
+                decision.scale,
+                decision.normalize,
+                decision.relative,
             )
         except ValueError as error:
             # The policy believed it had updates the aggregate lacks: keep the model as it is.
             log.error("commit_failed", reason=str(error), version=self.store.version)
-            acc.reset()
+            step.reset()
             return
         version = self.store.version + 1
         await asyncio.to_thread(self.store.commit, new, version)
-        updates, weight = acc.count, acc.total_weight
-        acc.reset()
         self.stats.versions_committed_total += 1
         log.info(
             "version_committed",
@@ -354,9 +361,9 @@ class Federation:
         task.add_done_callback(self._background.discard)
 
     @property
-    def _acc(self) -> aggregation.Accumulator:
-        assert self._accumulator is not None, "no model yet"
-        return self._accumulator
+    def _aggregate(self) -> ServerStep:
+        assert self._step is not None, "no model yet"
+        return self._step
 
 
 def _now() -> float:

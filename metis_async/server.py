@@ -376,8 +376,13 @@ class Controller:
                 f"result for {task.task_id!r} claims base version "
                 f"{result.base_version}, the task was for version {task.version}",
             )
-        if result.payload.kind != pb.PAYLOAD_KIND_DELTA:
-            raise ProtocolViolation(INVALID, "train results must upload a DELTA payload")
+        expected = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
+        if result.payload.kind != expected:
+            raise ProtocolViolation(
+                INVALID,
+                f"task {task.task_id!r} asked for a {pb.PayloadKind.Name(expected)} payload, "
+                f"got {pb.PayloadKind.Name(result.payload.kind)}",
+            )
         assert self.store.layout is not None
         try:
             assembler = wire.PayloadAssembler(

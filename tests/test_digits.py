@@ -243,3 +243,15 @@ def test_fedavg_with_demo_defaults_reaches_target_accuracy(seed: int) -> None:
 
     # Seeds 0..9 (three learner seedings each) measured 0.936..0.968 after the default rounds.
     assert test_accuracy >= settings.target_accuracy
+
+
+def test_time_budget_stops_training_early_and_reports_steps_run(
+    federation: DigitsFederation,
+) -> None:
+    features, labels = federation.partitions[0]
+    learner = DigitsLearner(features, labels, step_delay_seconds=0.01)
+    config = FitConfig(local_steps=1000, learning_rate=0.5, time_budget_seconds=0.1)
+
+    result = learner.fit(initial_parameters(), config)
+
+    assert 1 <= result.metrics["steps"] < 100

@@ -34,6 +34,8 @@ class FitConfig:
         learning_rate: local SGD step size.
         proximal_mu: FedProx coefficient mu for the term mu/2 * ||w - w_global||^2; 0 disables it.
         extra: further numeric settings a policy or experiment passes through.
+        time_budget_seconds: stop training after this long and return the work done (partial
+            work is accepted; report the steps run as metrics["steps"]); 0 = no limit.
     """
 
     model_version: int = 0
@@ -43,6 +45,7 @@ class FitConfig:
     learning_rate: float = 0.1
     proximal_mu: float = 0.0
     extra: Mapping[str, float] = field(default_factory=dict)
+    time_budget_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

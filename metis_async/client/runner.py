@@ -329,6 +329,7 @@ class LearnerRunner:
             learning_rate=c.learning_rate,
             proximal_mu=c.proximal_mu,
             extra=dict(c.extra),
+            time_budget_seconds=c.time_budget_seconds,
         )
         params = [np.array(a) for a in wire.unflatten(base, layout)]
         started = time.perf_counter()
@@ -341,7 +342,9 @@ class LearnerRunner:
         header, chunks = wire.make_payload(
             new, next(self._payload_ids), kind, layout.layout_id, stream.max_chunk_bytes
         )
-        steps = int(metrics.get("steps", c.local_steps))
+        batches_per_epoch = max(1, -(-int(num_examples) // config.batch_size))
+        steps = int(metrics.get("steps", c.local_steps or config.epochs * batches_per_epoch))
+        per_batch = seconds / steps if steps else 0.0
         result = pb.TaskResult(
             task_id=task.task_id,
             base_version=task.model_version,
@@ -350,7 +353,8 @@ class LearnerRunner:
             completed_steps=steps,
             metrics={k: float(v) for k, v in metrics.items()},
             train_seconds=seconds,
-            seconds_per_batch=seconds / steps if steps else 0.0,
+            seconds_per_batch=per_batch,
+            seconds_per_epoch=per_batch * batches_per_epoch,
         )
         return result, list(chunks)
 

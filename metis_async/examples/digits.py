@@ -277,18 +277,25 @@ def sgd(
     rng: np.random.Generator,
     proximal_mu: float = 0.0,
     step_delay_seconds: float = 0.0,
-) -> Weights:
-    """Run `steps` minibatch SGD steps from `weights` and return the new weights.
+    time_budget_seconds: float = 0.0,
+) -> tuple[Weights, int]:
+    """Run up to `steps` minibatch SGD steps from `weights`; return the new weights and steps run.
 
     With `proximal_mu` > 0 each step also follows the gradient of the FedProx term
     mu/2 * ||W - W_start||^2, which pulls the weights back toward where training started (the
     global model). `step_delay_seconds` sleeps that long after every step, to play a slow
-    device.
+    device. With `time_budget_seconds` > 0 training stops once that much time has passed (at
+    least one step runs): partial work.
     """
     anchor = weights.copy()
     current = weights.copy()
     batches = _minibatches(labels.size, batch_size, rng)
+    stop_at = time.perf_counter() + time_budget_seconds if time_budget_seconds > 0 else None
+    done = 0
     for _ in range(steps):
+        if stop_at is not None and done and time.perf_counter() >= stop_at:
+            break
+        done += 1
         batch = next(batches)
         _, gradient = loss_and_gradient(current, features[batch], labels[batch])
         if proximal_mu > 0:
@@ -296,7 +303,7 @@ def sgd(
         current -= learning_rate * gradient
         if step_delay_seconds > 0:
             time.sleep(step_delay_seconds)
-    return current
+    return current, done
 
 
 class DigitsLearner(Learner):
@@ -349,7 +356,7 @@ class DigitsLearner(Learner):
             steps = config.local_steps
         else:
             steps = config.epochs * -(-n // batch_size)
-        trained = sgd(
+        trained, done = sgd(
             weights,
             self._features,
             self._labels,
@@ -359,10 +366,11 @@ class DigitsLearner(Learner):
             rng=self._rng,
             proximal_mu=config.proximal_mu,
             step_delay_seconds=self._step_delay_seconds,
+            time_budget_seconds=config.time_budget_seconds,
         )
         self._parameters = [trained.astype(np.float32)]
         loss = cross_entropy(trained, self._features, self._labels)
-        return FitRes(self.get_parameters(), n, {"loss": loss})
+        return FitRes(self.get_parameters(), n, {"loss": loss, "steps": float(done)})
 
     def evaluate(self, parameters: NDArrays, config: EvaluateConfig) -> EvaluateRes:
         """Score `parameters` on the local data: (cross-entropy in nats, examples, accuracy)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from metis_async.protocols.asynchronous import AsynchronousPolicy, AsynchronousSettings
 from metis_async.protocols.base import (
     AcceptUpdate,
     AssignTask,
@@ -28,10 +29,17 @@ from metis_async.protocols.base import (
     TrainSettings,
     UpdateArrived,
 )
+from metis_async.protocols.buffered import BufferedPolicy, BufferedSettings
+from metis_async.protocols.continuous import ContinuousPolicy, ContinuousSettings
+from metis_async.protocols.semi_synchronous import SemiSynchronousPolicy, SemiSynchronousSettings
+from metis_async.protocols.staleness import StalenessFunction
 from metis_async.protocols.synchronous import SynchronousPolicy, SynchronousSettings
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "synchronous": lambda **kw: SynchronousPolicy(SynchronousSettings(**kw)),
+    "semi_synchronous": lambda **kw: SemiSynchronousPolicy(SemiSynchronousSettings(**kw)),
+    "asynchronous": lambda **kw: AsynchronousPolicy(AsynchronousSettings(**kw)),
+    "buffered": lambda **kw: BufferedPolicy(BufferedSettings(**kw)),
 }
 """Policy factories by protocol name; each takes the policy's settings as keyword arguments."""
 
@@ -49,8 +57,14 @@ __all__ = [
     "POLICIES",
     "AcceptUpdate",
     "AssignTask",
+    "AsynchronousPolicy",
+    "AsynchronousSettings",
+    "BufferedPolicy",
+    "BufferedSettings",
     "CancelTask",
     "CommitVersion",
+    "ContinuousPolicy",
+    "ContinuousSettings",
     "Decision",
     "DiscardAggregate",
     "EvaluationArrived",
@@ -60,6 +74,9 @@ __all__ = [
     "LearnerLost",
     "Policy",
     "RejectUpdate",
+    "SemiSynchronousPolicy",
+    "SemiSynchronousSettings",
+    "StalenessFunction",
     "SynchronousPolicy",
     "SynchronousSettings",
     "Task",

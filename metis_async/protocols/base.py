@@ -56,6 +56,8 @@ class Task:
     version: int
     settings: TrainSettings | None = None
     deadline_seconds: float = 0.0  # relative to assignment; 0 = none
+    upload_delta: bool = True  # upload trained - base (True) or the trained weights (False)
+    time_budget_seconds: float = 0.0  # learner should stop training after this long; 0 = none
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +99,8 @@ class UpdateArrived:
     completed_steps: int = 0
     train_seconds: float = 0.0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    seconds_per_batch: float = 0.0  # measured by the learner
+    seconds_per_epoch: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,15 +175,19 @@ class RejectUpdate:
 
 @dataclass(frozen=True)
 class CommitVersion:
-    """Turn the open aggregate into the next model version.
+    """Turn the open aggregate into the next model version, then clear the aggregate.
 
-    new = current + scale * (weighted mean of accepted deltas) when `normalize`, else
-    current + scale * (weighted sum); then the aggregate is cleared.
+    The aggregate A is the weighted mean of the accepted uploads when `normalize`, else their
+    weighted sum. With deltas (`relative` False) the server step is d = scale * A; with full
+    weights (`relative` True) it is d = scale * (A - current), i.e. FedAsync's mixing
+    current <- (1 - scale) * current + scale * A. The server optimizer (plain SGD with rate 1
+    by default, i.e. new = current + d) turns d into the new version.
     """
 
     reason: str
     scale: float = 1.0
     normalize: bool = True
+    relative: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from metis_async.protocols.base import (
     UpdateArrived,
 )
 
-Weighting = Literal["examples", "uniform"]
+Weighting = Literal["examples", "steps", "uniform"]
+LatePolicy = Literal["drop", "accept_partial"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,10 @@ class SynchronousSettings:
             the rest are cancelled once the goal is met.
         round_deadline_seconds: a round closes this long after it starts, whatever arrived.
         min_update_fraction: a round commits only with at least ceil(goal x this) updates (min 1).
-        weighting: weight updates by reported examples or uniformly.
+        weighting: weight updates by reported examples, completed local steps, or uniformly.
+        late_learners: `drop` cancels learners still training at the deadline; `accept_partial`
+            gives each task a time budget (a fraction `partial_budget_fraction` of the round
+            deadline) after which the learner stops and uploads the work it has done (FedProx).
         evaluate_every: send evaluation tasks for every n-th version (0 = never).
         seed: seed of the learner sampler.
     """
@@ -64,6 +68,8 @@ class SynchronousSettings:
     round_deadline_seconds: float = 60.0
     min_update_fraction: float = 0.5
     weighting: Weighting = "examples"
+    late_learners: LatePolicy = "drop"
+    partial_budget_fraction: float = 0.8
     evaluate_every: int = 0
     seed: int = 0
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -85,8 +91,18 @@ class SynchronousSettings:
             raise ValueError(
                 f"min_update_fraction must be in [0, 1], got {self.min_update_fraction}"
             )
-        if self.weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting must be 'examples' or 'uniform', got {self.weighting!r}")
+        if self.weighting not in ("examples", "steps", "uniform"):
+            raise ValueError(
+                f"weighting must be 'examples', 'steps' or 'uniform', got {self.weighting!r}"
+            )
+        if self.late_learners not in ("drop", "accept_partial"):
+            raise ValueError(
+                f"late_learners must be 'drop' or 'accept_partial', got {self.late_learners!r}"
+            )
+        if not 0.0 < self.partial_budget_fraction <= 1.0:
+            raise ValueError(
+                f"partial_budget_fraction must be in (0, 1], got {self.partial_budget_fraction}"
+            )
 
 
 @dataclass
@@ -197,13 +213,38 @@ class SynchronousPolicy(Policy):
             ]
         del rnd.outstanding[event.task_id]
         rnd.accepted += 1
-        weight = 1.0 if self.settings.weighting == "uniform" else float(max(event.num_examples, 1))
+        self.observe(event)
+        weight = self._weight(event)
         decisions: list[Decision] = [AcceptUpdate(event.task_id, weight)]
         if rnd.accepted >= rnd.goal:
             decisions += self._close_round(event.now, "goal reached")
         elif not rnd.outstanding:
             decisions += self._close_round(event.now, "all selected learners reported")
         return decisions
+
+    def _weight(self, event: UpdateArrived) -> float:
+        if self.settings.weighting == "examples":
+            return float(max(event.num_examples, 1))
+        if self.settings.weighting == "steps":
+            return float(max(event.completed_steps, 1))
+        return 1.0
+
+    def observe(self, event: UpdateArrived) -> None:
+        """Hook: an accepted update arrived (subclasses record learner speeds here)."""
+
+    def task_settings(self, learner_id: str, round_seconds: float) -> tuple[TrainSettings, float]:
+        """Hook: local settings and time budget (seconds, 0 = none) of `learner_id`'s task."""
+        budget = 0.0
+        if self.settings.late_learners == "accept_partial":
+            budget = round_seconds * self.settings.partial_budget_fraction
+        return self.settings.train, budget
+
+    def round_seconds(self) -> float:
+        """Hook: how long the next round may last (seconds)."""
+        return self.settings.round_deadline_seconds
+
+    def round_started(self, now: float) -> None:
+        """Hook: a round is about to assign its tasks."""
 
     def _on_task_done(self, task_id: str, now: float) -> list[Decision]:
         rnd = self._round
@@ -232,12 +273,13 @@ class SynchronousPolicy(Policy):
             return []
         goal = self.settings.learners_per_round or len(available)
         goal = min(goal, len(available))
+        self.round_started(now)
         chosen = self._rng.sample(available, self._selection_size(goal, len(available)))
         self._rounds_started += 1
         rnd = _Round(
             number=self._rounds_started,
             goal=goal,
-            deadline=now + self.settings.round_deadline_seconds,
+            deadline=now + self.round_seconds(),
             outstanding={},
         )
         self._round = rnd
@@ -252,16 +294,19 @@ class SynchronousPolicy(Policy):
 
     def _assign(self, rnd: _Round, learner_ids: list[str], now: float) -> list[Decision]:
         decisions: list[Decision] = []
+        remaining = max(rnd.deadline - now, 0.0)
         for lid in learner_ids:
             task_id = self._next_task_id()
             rnd.outstanding[task_id] = lid
+            settings, budget = self.task_settings(lid, remaining)
             task = Task(
                 task_id=task_id,
                 learner_id=lid,
                 kind=TaskKind.TRAIN,
                 version=self.version,
-                settings=self.settings.train,
-                deadline_seconds=max(rnd.deadline - now, 0.0),
+                settings=settings,
+                deadline_seconds=remaining,
+                time_budget_seconds=budget,
             )
             decisions.append(AssignTask(task))
         return decisions

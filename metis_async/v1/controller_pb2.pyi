@@ -560,6 +560,7 @@ class TrainConfig(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     EXTRA_FIELD_NUMBER: _builtins.int
+    TIME_BUDGET_SECONDS_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     """minibatch steps; 0 = use `epochs`"""
     epochs: _builtins.int
@@ -567,6 +568,10 @@ class TrainConfig(_message.Message):
     learning_rate: _builtins.float
     proximal_mu: _builtins.float
     """FedProx mu; 0 = plain local SGD"""
+    time_budget_seconds: _builtins.float
+    """Stop training after this many seconds and upload the work done so far (partial work is
+    accepted); 0 = no time limit.
+    """
     @_builtins.property
     def extra(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -578,10 +583,11 @@ class TrainConfig(_message.Message):
         learning_rate: _builtins.float = ...,
         proximal_mu: _builtins.float = ...,
         extra: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        time_budget_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "extra", b"extra", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "proximal_mu", b"proximal_mu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "extra", b"extra", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "proximal_mu", b"proximal_mu", "time_budget_seconds", b"time_budget_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,192 @@
+"""The shared base of round-less protocols (FedAsync, FedBuff): keep C learners busy.
+
+There are no rounds: every learner that reports gets fresh work at once on the newest version,
+and at most `concurrency` learners train at any time (the others wait idle). Staleness of an
+update is the number of versions committed since the version it was trained from.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from metis_async.protocols.base import (
+    AssignTask,
+    Decision,
+    EvaluationArrived,
+    Event,
+    Finish,
+    LearnerJoined,
+    LearnerLost,
+    Policy,
+    RejectUpdate,
+    Task,
+    TaskFailed,
+    TaskKind,
+    Tick,
+    TrainSettings,
+    UpdateArrived,
+)
+from metis_async.protocols.staleness import StalenessFunction
+
+Weighting = Literal["examples", "steps", "uniform"]
+
+
+@dataclass(frozen=True)
+class ContinuousSettings:
+    """Settings shared by round-less protocols.
+
+    Attributes:
+        rounds: versions to commit before finishing; 0 runs until stopped.
+        concurrency: learners training at once; 0 means every connected learner.
+        max_staleness: updates older than this many versions are rejected; 0 disables the check.
+        staleness: the staleness weighting s(τ).
+        min_learners: connected learners needed before any work is handed out.
+        seed: seed of the choice among idle learners.
+        train: local training settings of every task.
+    """
+
+    rounds: int = 0
+    concurrency: int = 0
+    max_staleness: int = 0
+    staleness: StalenessFunction = field(default_factory=StalenessFunction)
+    min_learners: int = 1
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "concurrency", "max_staleness"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_learners < 1:
+            raise ValueError(f"min_learners must be >= 1, got {self.min_learners}")
+
+
+class ContinuousPolicy(Policy):
+    """Hands out work continuously; subclasses decide what an arriving update does."""
+
+    upload_delta = True
+
+    def __init__(self, settings: ContinuousSettings) -> None:
+        super().__init__()
+        self.base_settings = settings
+        self._rng = random.Random(settings.seed)
+        self._learners: dict[str, int] = {}  # connected learner id -> examples
+        self._busy: dict[str, str] = {}  # learner id -> outstanding task id
+        self._tasks: dict[str, str] = {}  # outstanding task id -> learner id
+        self._task_seq = 0
+        self.updates_accepted = 0
+        self.updates_rejected = 0
+        self.staleness_seen: list[int] = []
+
+    # ------------------------------------------------------------------------------ hooks
+
+    @abc.abstractmethod
+    def on_update(self, event: UpdateArrived, staleness: int) -> list[Decision]:
+        """An update with acceptable staleness arrived: accept it and maybe commit."""
+
+    # ------------------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> list[Decision]:
+        """React to one event (see `Policy.handle`)."""
+        if isinstance(event, UpdateArrived):
+            return self._on_update(event)
+        if self.finished:
+            return []
+        if isinstance(event, LearnerJoined):
+            self._learners[event.learner_id] = event.num_examples
+            return self._fill()
+        if isinstance(event, LearnerLost):
+            self._learners.pop(event.learner_id, None)
+            self._release(event.learner_id)
+            return self._fill()
+        if isinstance(event, TaskFailed):
+            if self._tasks.get(event.task_id) == event.learner_id:
+                self._release(event.learner_id)
+            return self._fill(exclude=event.learner_id)
+        if isinstance(event, (Tick, EvaluationArrived)):
+            return self._fill()
+        raise TypeError(f"unknown event {event!r}")
+
+    def describe(self) -> dict[str, object]:
+        """Settings and counters."""
+        info = super().describe()
+        info.update(
+            connected=len(self._learners),
+            in_flight=len(self._busy),
+            updates_accepted=self.updates_accepted,
+            updates_rejected=self.updates_rejected,
+        )
+        return info
+
+    def _on_update(self, event: UpdateArrived) -> list[Decision]:
+        if self._tasks.get(event.task_id) != event.learner_id:
+            return [RejectUpdate(event.task_id, "task is not outstanding")]
+        self._release(event.learner_id)
+        if self.finished:
+            return [RejectUpdate(event.task_id, "the federation has finished")]
+        staleness = self.version - event.base_version
+        limit = self.base_settings.max_staleness
+        if staleness < 0:
+            decisions: list[Decision] = [
+                RejectUpdate(event.task_id, f"base version {event.base_version} is in the future")
+            ]
+        elif limit and staleness > limit:
+            self.updates_rejected += 1
+            decisions = [
+                RejectUpdate(
+                    event.task_id,
+                    f"update is {staleness} versions stale, max_staleness is {limit}",
+                )
+            ]
+        else:
+            self.staleness_seen.append(staleness)
+            decisions = self.on_update(event, staleness)
+        if self.base_settings.rounds and self.version >= self.base_settings.rounds:
+            self.finished = True
+            return [*decisions, Finish(f"{self.version} versions committed")]
+        return decisions + self._fill(first=event.learner_id)
+
+    # ------------------------------------------------------------------------------ work
+
+    def _release(self, learner_id: str) -> None:
+        task_id = self._busy.pop(learner_id, None)
+        if task_id is not None:
+            self._tasks.pop(task_id, None)
+
+    def _fill(self, first: str | None = None, exclude: str | None = None) -> list[Decision]:
+        """Assign work until `concurrency` learners are busy; `first` gets priority."""
+        if len(self._learners) < self.base_settings.min_learners:
+            return []
+        limit = self.base_settings.concurrency or len(self._learners)
+        idle = [lid for lid in sorted(self._learners) if lid not in self._busy and lid != exclude]
+        self._rng.shuffle(idle)
+        if first in idle:
+            idle.remove(first)
+            idle.insert(0, first)
+        decisions: list[Decision] = []
+        for lid in idle[: max(0, limit - len(self._busy))]:
+            self._task_seq += 1
+            task_id = f"v{self.version}-t{self._task_seq}"
+            self._busy[lid] = task_id
+            self._tasks[task_id] = lid
+            task = Task(
+                task_id=task_id,
+                learner_id=lid,
+                kind=TaskKind.TRAIN,
+                version=self.version,
+                settings=self.base_settings.train,
+                upload_delta=self.upload_delta,
+            )
+            decisions.append(AssignTask(task))
+        return decisions
+
+    def weight_of(self, event: UpdateArrived, weighting: Weighting) -> float:
+        """Base weight of an update before staleness: examples, completed steps, or 1."""
+        if weighting == "examples":
+            return float(max(event.num_examples, 1))
+        if weighting == "steps":
+            return float(max(event.completed_steps, 1))
+        return 1.0
