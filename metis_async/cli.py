@@ -12,51 +12,106 @@ from collections.abc import Sequence
 
 import numpy as np
 
+POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
+
 
 def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("protocol")
-    g.add_argument("--protocol", default="synchronous", help="federation protocol")
-    g.add_argument("--rounds", type=int, default=0, help="versions to commit; 0 = run forever")
-    g.add_argument("--min-learners", type=int, default=1, help="learners needed to start a round")
-    g.add_argument(
+    """Protocol flags; unset ones keep the protocol's own default (see `policy_settings`)."""
+    g = parser.add_argument_group("protocol (all)")
+    g.add_argument("--protocol", default="synchronous", choices=POLICY_NAMES)
+    g.add_argument("--rounds", type=int, help="versions to commit; 0 = run forever")
+    g.add_argument("--min-learners", type=int, help="connected learners needed to start")
+    g.add_argument("--seed", type=int)
+    s = parser.add_argument_group("synchronous and semi_synchronous")
+    s.add_argument(
         "--learners-per-round",
         type=int,
-        default=0,
         help="goal count of updates per round; 0 = every connected learner",
     )
-    g.add_argument(
-        "--over-selection",
-        type=float,
-        default=1.0,
-        help="select this many times the goal count (1.3 = 130%%)",
+    s.add_argument(
+        "--over-selection", type=float, help="select this many times the goal (1.3 = 130%%)"
     )
-    g.add_argument(
+    s.add_argument(
         "--round-deadline",
         type=float,
-        default=60.0,
         metavar="SECONDS",
-        help="close a round this long after it starts",
+        dest="round_deadline_seconds",
+        help="close a round this long after it starts (semi-sync: slack over the budget)",
     )
-    g.add_argument(
+    s.add_argument(
         "--min-update-fraction",
         type=float,
-        default=0.5,
         help="fraction of the goal needed to commit a round at its deadline",
     )
-    g.add_argument("--weighting", choices=["examples", "uniform"], default="examples")
-    g.add_argument(
-        "--evaluate-every",
-        type=int,
-        default=0,
-        help="federated evaluation of every n-th version; 0 = never",
+    s.add_argument("--weighting", choices=["examples", "steps", "uniform"])
+    s.add_argument("--late-learners", choices=["drop", "accept_partial"])
+    s.add_argument(
+        "--evaluate-every", type=int, help="federated evaluation of every n-th version; 0 = never"
     )
-    g.add_argument("--seed", type=int, default=0)
+    s.add_argument("--budget-factor", type=float, help="semi-sync λ: budget = λ × slowest epoch")
+    s.add_argument("--max-local-steps", type=int, help="semi-sync cap on local steps")
+    s.add_argument(
+        "--measure-once",
+        action="store_const",
+        const=False,
+        dest="recompute_every_round",
+        help="semi-sync: measure learner speeds only once",
+    )
+    a = parser.add_argument_group("asynchronous and buffered")
+    a.add_argument("--concurrency", type=int, help="learners training at once; 0 = all")
+    a.add_argument("--max-staleness", type=int, help="reject older updates; 0 = no limit")
+    a.add_argument("--staleness", help="constant | polynomial[:a] | hinge[:a[:b]] | inverse_sqrt")
+    a.add_argument("--alpha", type=float, help="FedAsync mixing rate")
+    a.add_argument("--buffer-size", type=int, help="FedBuff K")
+    a.add_argument("--server-lr", type=float, dest="server_learning_rate", help="FedBuff η")
     t = parser.add_argument_group("local training (sent with every task)")
     t.add_argument("--local-steps", type=int, default=20)
     t.add_argument("--epochs", type=int, default=1, help="used when --local-steps is 0")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=0.1, help="local learning rate")
     t.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx mu; 0 = off")
+
+
+POLICY_FLAGS = (
+    "rounds",
+    "min_learners",
+    "seed",
+    "learners_per_round",
+    "over_selection",
+    "round_deadline_seconds",
+    "min_update_fraction",
+    "weighting",
+    "late_learners",
+    "evaluate_every",
+    "budget_factor",
+    "max_local_steps",
+    "recompute_every_round",
+    "concurrency",
+    "max_staleness",
+    "staleness",
+    "alpha",
+    "buffer_size",
+    "server_learning_rate",
+)
+
+
+def policy_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The protocol settings the user gave (unset flags keep the protocol's defaults)."""
+    from metis_async.protocols import StalenessFunction, TrainSettings
+
+    settings: dict[str, object] = {
+        name: getattr(args, name) for name in POLICY_FLAGS if getattr(args, name, None) is not None
+    }
+    if isinstance(settings.get("staleness"), str):
+        settings["staleness"] = StalenessFunction.parse(str(settings["staleness"]))
+    settings["train"] = TrainSettings(
+        local_steps=args.local_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        proximal_mu=args.proximal_mu,
+    )
+    return settings
 
 
 def _add_log_flags(parser: argparse.ArgumentParser, default: str = "info") -> None:
@@ -113,12 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train digits with a controller and N learner processes")
     demo.add_argument("--learners", type=int, default=10)
-    demo.add_argument("--protocol", default="synchronous")
-    demo.add_argument("--rounds", type=int, default=None)
+    demo.add_argument("--protocol", default="synchronous", choices=POLICY_NAMES)
+    demo.add_argument("--rounds", type=int, default=None, help="default: the protocol's profile")
     demo.add_argument("--alpha", type=float, default=0.5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--local-steps", type=int, default=None)
     demo.add_argument("--lr", type=float, default=None)
+    demo.add_argument(
+        "--stragglers", type=float, default=0.0, help="fraction of learners made slow (0.1)"
+    )
+    demo.add_argument("--slowdown", type=float, default=10.0, help="how much slower they are")
+    demo.add_argument(
+        "--compare", action="store_true", help="run every protocol and print a comparison table"
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object last")
     demo.add_argument("--no-progress", action="store_true")
     _add_log_flags(demo, default="warning")
@@ -142,31 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from metis_async.protocols import TrainSettings, make_policy
+    from metis_async.protocols import make_policy
     from metis_async.server import Controller, ControllerConfig, run_event_loop, serve
     from metis_async.telemetry import configure_logging
 
     configure_logging(args.log_level, args.log_json)
-    train = TrainSettings(
-        local_steps=args.local_steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        proximal_mu=args.proximal_mu,
-    )
-    policy = make_policy(
-        args.protocol,
-        rounds=args.rounds,
-        min_learners=args.min_learners,
-        learners_per_round=args.learners_per_round,
-        over_selection=args.over_selection,
-        round_deadline_seconds=args.round_deadline,
-        min_update_fraction=args.min_update_fraction,
-        weighting=args.weighting,
-        evaluate_every=args.evaluate_every,
-        seed=args.seed,
-        train=train,
-    )
+    policy = make_policy(args.protocol, **policy_settings(args))
     initial = None
     if args.init_model:
         with np.load(args.init_model) as npz:
@@ -178,7 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_timeout_seconds=args.heartbeat_timeout,
     )
     controller = Controller(policy, config, initial_model=initial)
-    run_event_loop(serve(controller, until_finished=args.rounds > 0))
+    run_event_loop(serve(controller, until_finished=bool(args.rounds)))
     if args.save_model and controller.store.ready:
         np.savez(args.save_model, *controller.store.parameters())
     return 0
@@ -209,25 +252,36 @@ def _learner(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from metis_async.demo import DemoOptions, run_demo
+    from rich.console import Console
+
+    from metis_async.demo import DemoOptions, compare_protocols, comparison_table, run_demo
 
     defaults = DemoOptions()
     options = DemoOptions(
         learners=args.learners,
         protocol=args.protocol,
-        rounds=args.rounds if args.rounds is not None else defaults.rounds,
+        rounds=args.rounds,
         alpha=args.alpha,
         seed=args.seed,
         local_steps=args.local_steps if args.local_steps is not None else defaults.local_steps,
         learning_rate=args.lr if args.lr is not None else defaults.learning_rate,
+        stragglers=args.stragglers,
+        slowdown=args.slowdown,
         progress=not args.no_progress,
         log_level=args.log_level,
     )
+    out = sys.stderr if args.json else sys.stdout
+    if args.compare:
+        results = compare_protocols(options)
+        Console(file=out, width=max(100, Console(file=out).width)).print(comparison_table(results))
+        if args.json:
+            print(json.dumps({"comparison": [r.as_dict() for r in results]}))
+        return 0
     result = run_demo(options)
     print(
         f"{result.protocol}: {result.learners} learners, {result.versions} versions, "
         f"test accuracy {result.final_accuracy:.3f} in {result.wall_seconds:.1f} s",
-        file=sys.stderr if args.json else sys.stdout,
+        file=out,
     )
     if args.json:
         print(json.dumps(result.as_dict()))

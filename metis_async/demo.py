@@ -9,40 +9,92 @@ progress bar shows it. The last line of `--json` output is one JSON object with 
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing as mp
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from metis_async.examples import digits
-from metis_async.protocols import make_policy
-from metis_async.protocols.base import TrainSettings
+from metis_async.protocols import StalenessFunction, TrainSettings, make_policy
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
+
+# Per-protocol demo settings for the digits task. Every protocol gets the same amount of local
+# work (about 150 updates of 40 SGD steps), so time-to-accuracy is a fair comparison.
+PROTOCOL_PROFILES: dict[str, dict[str, object]] = {
+    "synchronous": {"rounds": 15},
+    "semi_synchronous": {"rounds": 15, "budget_factor": 2.0, "max_local_steps": 80},
+    "asynchronous": {
+        "rounds": 150,
+        "alpha": 0.6,
+        "staleness": StalenessFunction("polynomial", 0.5),
+    },
+    "buffered": {"rounds": 30, "buffer_size": 5},
+}
+BASE_STEP_SECONDS = 0.005
+"""Per-step delay of every learner when stragglers are simulated (seconds)."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What `metis-async demo` runs (defaults from `digits.default_demo_settings()`)."""
+    """What `metis-async demo` runs (training defaults from `digits.default_demo_settings()`).
+
+    Attributes:
+        rounds: versions to commit; None uses the protocol's profile.
+        stragglers: fraction of learners made `slowdown` times slower; with any, every learner
+            also sleeps `BASE_STEP_SECONDS` per SGD step, so speeds differ as on real devices.
+    """
 
     learners: int = 10
     protocol: str = "synchronous"
-    rounds: int = digits.default_demo_settings().rounds
+    rounds: int | None = None
     alpha: float = 0.5
     seed: int = 0
     local_steps: int = digits.default_demo_settings().local_steps
     batch_size: int = digits.default_demo_settings().batch_size
     learning_rate: float = digits.default_demo_settings().learning_rate
+    stragglers: float = 0.0
+    slowdown: float = 10.0
     round_deadline_seconds: float = 30.0
     host: str = "127.0.0.1"
     port: int = 0
     progress: bool = True
     log_level: str = "warning"
+
+    def policy_settings(self) -> dict[str, object]:
+        """Settings for `make_policy`: the protocol's profile plus these options."""
+        if self.protocol not in PROTOCOL_PROFILES:
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOL_PROFILES)}"
+            )
+        settings = dict(PROTOCOL_PROFILES[self.protocol])
+        if self.rounds is not None:
+            settings["rounds"] = self.rounds
+        settings["min_learners"] = self.learners
+        settings["seed"] = self.seed
+        settings["train"] = TrainSettings(
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+        )
+        if self.protocol in ("synchronous", "semi_synchronous"):
+            settings["round_deadline_seconds"] = self.round_deadline_seconds
+        return settings
+
+    def step_delays(self) -> list[float]:
+        """Per-step sleep of each learner (seconds): the stragglers are the last ones."""
+        if self.stragglers <= 0:
+            return [0.0] * self.learners
+        slow = min(self.learners, math.ceil(self.stragglers * self.learners))
+        fast = self.learners - slow
+        return [BASE_STEP_SECONDS] * fast + [BASE_STEP_SECONDS * self.slowdown] * slow
 
 
 @dataclass
@@ -71,6 +123,7 @@ def _learner_process(
     labels: npt.NDArray[np.int64],
     seed: int,
     log_level: str,
+    step_delay_seconds: float,
 ) -> None:
     """Entry point of one learner process (spawned, so it starts clean)."""
     import logging
@@ -78,7 +131,9 @@ def _learner_process(
     from metis_async.client import Backoff, run_learner
 
     logging.basicConfig(level=log_level.upper(), format=f"learner-{index} %(message)s")
-    learner = digits.DigitsLearner(features, labels, seed=seed + index)
+    learner = digits.DigitsLearner(
+        features, labels, seed=seed + index, step_delay_seconds=step_delay_seconds
+    )
     run_learner(
         address,
         learner,
@@ -112,7 +167,7 @@ async def _run(options: DemoOptions) -> DemoResult:
     )
     bar = progress.add_task(
         f"{options.protocol} · {options.learners} learners",
-        total=options.rounds,
+        total=None,
         status="starting learners",
     )
 
@@ -123,19 +178,9 @@ async def _run(options: DemoOptions) -> DemoResult:
             reached_90.append(time.perf_counter() - started)
         progress.update(bar, completed=version, status=f"test accuracy {acc:.3f}")
 
-    train = TrainSettings(
-        local_steps=options.local_steps,
-        batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
-    )
-    policy = make_policy(
-        options.protocol,
-        rounds=options.rounds,
-        min_learners=options.learners,
-        seed=options.seed,
-        train=train,
-        round_deadline_seconds=options.round_deadline_seconds,
-    )
+    settings = options.policy_settings()
+    policy = make_policy(options.protocol, **settings)
+    progress.update(bar, total=int(str(settings["rounds"])))
     controller = Controller(
         policy,
         ControllerConfig(host=options.host, port=options.port),
@@ -146,12 +191,13 @@ async def _run(options: DemoOptions) -> DemoResult:
     address = f"{options.host}:{port}"
     ctx = mp.get_context("spawn")  # grpc and fork do not mix
     processes: list[BaseProcess] = []
+    delays = options.step_delays()
     for i, (x, y) in enumerate(federation.partitions):
         p = ctx.Process(
             target=_learner_process,
             name=f"learner-{i}",
             daemon=True,
-            args=(address, i, x, y, options.seed, options.log_level),
+            args=(address, i, x, y, options.seed, options.log_level, delays[i]),
         )
         p.start()
         processes.append(p)
@@ -183,3 +229,40 @@ def _join_all(processes: list[BaseProcess], timeout: float) -> None:
         if p.is_alive():  # only our own children, by handle
             p.terminate()
             p.join(2.0)
+
+
+def compare_protocols(options: DemoOptions) -> list[DemoResult]:
+    """Run the demo once per protocol with the same learners, data and stragglers."""
+    return [run_demo(replace(options, protocol=name, rounds=None)) for name in PROTOCOL_PROFILES]
+
+
+def comparison_table(results: list[DemoResult]) -> Table:
+    """A table of `compare_protocols` results, with time to 0.90 relative to synchronous."""
+    table = Table(title="protocols on digits (same learners, same data)")
+    for column in (
+        "protocol",
+        "versions",
+        "updates",
+        "final accuracy",
+        "to 0.90 (s)",
+        "vs sync",
+        "wall (s)",
+    ):
+        table.add_column(column, justify="left" if column == "protocol" else "right")
+    sync = next((r.seconds_to_90 for r in results if r.protocol == "synchronous"), None)
+    for r in results:
+        ratio = (
+            f"{sync / r.seconds_to_90:.1f}× faster"
+            if sync and r.seconds_to_90 and r.protocol != "synchronous"
+            else ""
+        )
+        table.add_row(
+            r.protocol,
+            str(r.versions),
+            str(r.updates_accepted),
+            f"{r.final_accuracy:.3f}",
+            "never" if r.seconds_to_90 is None else f"{r.seconds_to_90:.1f}",
+            ratio,
+            f"{r.wall_seconds:.1f}",
+        )
+    return table

@@ -67,6 +67,8 @@ class ControllerThread:
         self.call(self.controller.stop(grace_seconds=0.5))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from metis_async.protocols.asynchronous import AsynchronousPolicy, AsynchronousSettings
 from metis_async.protocols.base import (
@@ -35,22 +37,32 @@ from metis_async.protocols.semi_synchronous import SemiSynchronousPolicy, SemiSy
 from metis_async.protocols.staleness import StalenessFunction
 from metis_async.protocols.synchronous import SynchronousPolicy, SynchronousSettings
 
-POLICIES: dict[str, Callable[..., Policy]] = {
-    "synchronous": lambda **kw: SynchronousPolicy(SynchronousSettings(**kw)),
-    "semi_synchronous": lambda **kw: SemiSynchronousPolicy(SemiSynchronousSettings(**kw)),
-    "asynchronous": lambda **kw: AsynchronousPolicy(AsynchronousSettings(**kw)),
-    "buffered": lambda **kw: BufferedPolicy(BufferedSettings(**kw)),
+POLICIES: dict[str, tuple[Callable[[Any], Policy], type[Any]]] = {
+    "synchronous": (SynchronousPolicy, SynchronousSettings),
+    "semi_synchronous": (SemiSynchronousPolicy, SemiSynchronousSettings),
+    "asynchronous": (AsynchronousPolicy, AsynchronousSettings),
+    "buffered": (BufferedPolicy, BufferedSettings),
 }
-"""Policy factories by protocol name; each takes the policy's settings as keyword arguments."""
+"""Policy class and settings class by protocol name."""
 
 
 def make_policy(name: str, **settings: object) -> Policy:
-    """Build the policy called `name` with `settings`; raises ValueError for an unknown name."""
+    """Build the policy called `name` with `settings` (fields of its settings dataclass).
+
+    Raises ValueError naming the problem: an unknown protocol, a setting the protocol does not
+    have, or an invalid value.
+    """
     try:
-        factory = POLICIES[name]
+        policy_class, settings_class = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown protocol {name!r}; choose from {sorted(POLICIES)}") from None
-    return factory(**settings)
+    known = {f.name for f in dataclasses.fields(settings_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"protocol {name!r} has no setting {', '.join(unknown)}; it has {sorted(known)}"
+        )
+    return policy_class(settings_class(**settings))
 
 
 __all__ = [
