@@ -9,8 +9,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from metis_async.aggregation.server_step import AggregationSettings
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
 
@@ -64,6 +68,25 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--alpha", type=float, help="FedAsync mixing rate")
     a.add_argument("--buffer-size", type=int, help="FedBuff K")
     a.add_argument("--server-lr", type=float, dest="server_learning_rate", help="FedBuff η")
+    o = parser.add_argument_group("server optimizer and robust aggregation")
+    o.add_argument(
+        "--optimizer",
+        default="fedavg",
+        choices=["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"],
+    )
+    o.add_argument("--optimizer-lr", type=float, help="server optimizer learning rate η")
+    o.add_argument("--beta1", type=float, help="FedAdam/Yogi/Adagrad β1")
+    o.add_argument("--beta2", type=float, help="FedAdam/Yogi β2")
+    o.add_argument("--tau", type=float, help="adaptivity τ of FedAdam/Yogi/Adagrad")
+    o.add_argument("--momentum", type=float, help="FedAvgM momentum β")
+    o.add_argument(
+        "--robust",
+        choices=["median", "trimmed_mean", "krum", "multi_krum"],
+        help="robust rule instead of the mean (keeps all updates of a version in memory)",
+    )
+    o.add_argument("--trim-beta", type=float, default=0.1, help="trimmed mean: β per side")
+    o.add_argument("--byzantine", type=int, default=0, help="Krum: Byzantine learners f")
+    o.add_argument("--clip-norm", type=float, default=0.0, help="clip updates to this L2 norm")
     t = parser.add_argument_group("local training (sent with every task)")
     t.add_argument("--local-steps", type=int, default=20)
     t.add_argument("--epochs", type=int, default=1, help="used when --local-steps is 0")
@@ -93,6 +116,31 @@ POLICY_FLAGS = (
     "buffer_size",
     "server_learning_rate",
 )
+
+
+def aggregation_settings(args: argparse.Namespace) -> AggregationSettings:
+    """The server optimizer, robust rule and clipping the user chose."""
+    from metis_async.aggregation.server_step import AggregationSettings
+
+    options = {
+        name: float(value)
+        for name, value in (
+            ("lr", args.optimizer_lr),
+            ("beta1", args.beta1),
+            ("beta2", args.beta2),
+            ("tau", args.tau),
+            ("momentum", args.momentum),
+        )
+        if value is not None
+    }
+    return AggregationSettings(
+        optimizer=args.optimizer,
+        optimizer_options=options,
+        robust=args.robust,
+        trim_beta=args.trim_beta,
+        byzantine=args.byzantine,
+        clip_norm=args.clip_norm,
+    )
 
 
 def policy_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -220,7 +268,9 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_interval_seconds=args.heartbeat_interval,
         heartbeat_timeout_seconds=args.heartbeat_timeout,
     )
-    controller = Controller(policy, config, initial_model=initial)
+    controller = Controller(
+        policy, config, initial_model=initial, aggregation=aggregation_settings(args)
+    )
     run_event_loop(serve(controller, until_finished=bool(args.rounds)))
     if args.save_model and controller.store.ready:
         np.savez(args.save_model, *controller.store.parameters())

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import structlog
 
 from metis_async import wire
-from metis_async.aggregation.server_step import ServerStep
+from metis_async.aggregation.server_step import AggregationSettings, ServerStep
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
@@ -65,6 +65,7 @@ class Federation:
         stats: counters to update.
         sessions: the live sessions by learner id (owned by the server; read here).
         on_commit: called with each new version and its arrays (in a thread if not async).
+        aggregation: server optimizer, robust rule, clipping (FedAvg with a streaming mean).
     """
 
     def __init__(
@@ -74,8 +75,10 @@ class Federation:
         stats: ControllerStats,
         sessions: Mapping[str, Session],
         on_commit: CommitHook | None = None,
+        aggregation: AggregationSettings | None = None,
     ) -> None:
         self.policy = policy
+        self.aggregation = aggregation or AggregationSettings()
         self.store = store
         self.stats = stats
         self.evaluations: dict[int, dict[str, float]] = {}  # version -> weighted mean metrics
@@ -96,7 +99,7 @@ class Federation:
     def model_ready(self) -> None:
         """The store holds its first model: size the aggregate to it."""
         assert self.store.layout is not None
-        self._step = ServerStep(wire.num_parameters(self.store.layout))
+        self._step = ServerStep(wire.num_parameters(self.store.layout), self.aggregation)
 
     @property
     def finished(self) -> bool:

@@ -23,6 +23,7 @@ import numpy.typing as npt
 import structlog
 
 from metis_async import wire
+from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.federation import RESULT_RECEIVED, CommitHook, Federation
 from metis_async.protocols import Policy, TaskKind
 from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
@@ -88,6 +89,7 @@ class Controller:
         config: network and liveness settings.
         initial_model: the first model; None asks the first learner to provide it.
         on_commit: called with each new version and its arrays (in a thread if not async).
+        aggregation: server optimizer, robust rule, clipping (FedAvg with a streaming mean).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Controller:
         config: ControllerConfig | None = None,
         initial_model: Sequence[npt.NDArray[np.generic]] | None = None,
         on_commit: CommitHook | None = None,
+        aggregation: AggregationSettings | None = None,
     ) -> None:
         self.config = config or ControllerConfig()
         self.store = ModelStore(self.config.max_chunk_bytes)
@@ -103,7 +106,9 @@ class Controller:
         if initial_model is not None:
             self.store.initialize_from_arrays(initial_model)
         self._sessions: dict[str, Session] = {}
-        self.federation = Federation(policy, self.store, self.stats, self._sessions, on_commit)
+        self.federation = Federation(
+            policy, self.store, self.stats, self._sessions, on_commit, aggregation
+        )
         self._waiting: list[Session] = []  # joined before any model existed
         self._model_provider: Session | None = None
         self._initial: tuple[pb.ModelLayout, wire.PayloadAssembler | None] | None = None

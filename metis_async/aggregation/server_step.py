@@ -1,23 +1,69 @@
 """From accepted updates to the next model version, in one place for the server and simulator.
 
-`ServerStep` folds accepted uploads (deltas or full weights) into an aggregate and, on commit,
+`ServerStep` folds accepted uploads (deltas or full weights) into an aggregate A and, on commit,
 turns it into a server delta d and then into the new model:
 
 - deltas: d = scale · A, A the weighted mean (or sum) of the deltas;
 - full weights (FedAsync): d = scale · (A − x), so x + d = (1 − scale) · x + scale · A;
-- the server optimizer maps (x, d) to the new model; plain FedAvg is x + d.
+- the server optimizer maps (x, d) to the new model: FedAvg is x + d; FedAvgM, FedAdam, FedYogi
+  and FedAdagrad keep their moment vectors in Rust next to the model.
 
-Streaming rules keep memory O(model) whatever the number of updates.
+With the default streaming mean, memory is O(model) however many updates arrive. A robust rule
+(median, trimmed mean, Krum, Multi-Krum) replaces the mean and must keep every update of the
+version: O(updates × model) memory. Norm clipping bounds each update before it is folded in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from metis_async._core import Accumulator
 
+if TYPE_CHECKING:
+    from metis_async._core import ServerOptimizer
+
 FloatVector = npt.NDArray[np.float32]
+RobustRule = Literal["median", "trimmed_mean", "krum", "multi_krum"]
+OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum")
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """How the controller combines updates and steps the model.
+
+    Attributes:
+        optimizer: server optimizer: fedavg (x + d), fedavgm, fedadagrad, fedadam, fedyogi.
+        optimizer_options: its hyperparameters (lr, beta1, beta2, tau, momentum).
+        robust: a robust rule replacing the weighted mean; None streams the mean.
+        trim_beta: trimmed mean: fraction dropped at each end per coordinate (< 0.5).
+        byzantine: Krum / Multi-Krum: number f of Byzantine learners tolerated.
+        clip_norm: clip every update to this L2 norm before aggregation; 0 disables.
+    """
+
+    optimizer: str = "fedavg"
+    optimizer_options: Mapping[str, float] = field(default_factory=dict)
+    robust: RobustRule | None = None
+    trim_beta: float = 0.1
+    byzantine: int = 0
+    clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.robust is not None and self.robust not in ROBUST_RULES:
+            raise ValueError(f"unknown robust rule {self.robust!r}; choose from {ROBUST_RULES}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.byzantine < 0:
+            raise ValueError(f"byzantine must be >= 0, got {self.byzantine}")
+        if not (self.clip_norm >= 0 and np.isfinite(self.clip_norm)):
+            raise ValueError(f"clip_norm must be finite and >= 0, got {self.clip_norm}")
 
 
 class ServerStep:
@@ -25,29 +71,52 @@ class ServerStep:
 
     Args:
         length: number of float32 parameters of the flat model.
+        settings: optimizer, robust rule and clipping; FedAvg with a streaming mean by default.
     """
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, settings: AggregationSettings | None = None) -> None:
         self.length = length
+        self.settings = settings or AggregationSettings()
         self._acc = Accumulator(length)
+        self._kept: list[tuple[FloatVector, float]] = []  # robust rules only
+        self._optimizer: ServerOptimizer | None = None
+        if self.settings.optimizer != "fedavg" or self.settings.optimizer_options:
+            from metis_async.aggregation.optimizers import make_optimizer
+
+            options = self.settings.optimizer_options
+            self._optimizer = make_optimizer(self.settings.optimizer, length, **options)
 
     @property
     def count(self) -> int:
         """Updates folded in since the last commit or reset."""
-        return self._acc.count
+        return len(self._kept) if self.settings.robust else self._acc.count
 
     @property
     def total_weight(self) -> float:
         """Sum of the weights folded in since the last commit or reset."""
+        if self.settings.robust:
+            return float(sum(w for _, w in self._kept))
         return self._acc.total_weight
 
     def add(self, update: FloatVector, weight: float) -> None:
         """Fold one validated update in with `weight` (> 0); raises ValueError, state unchanged."""
-        self._acc.add(update, weight)
+        if self.settings.clip_norm:
+            from metis_async.aggregation.robust import clip_by_norm
+
+            update = clip_by_norm(update, self.settings.clip_norm)
+        if self.settings.robust:
+            if len(update) != self.length:
+                raise ValueError(f"update has {len(update)} values, the model has {self.length}")
+            if not (weight > 0 and np.isfinite(weight)):
+                raise ValueError(f"weight must be finite and > 0, got {weight}")
+            self._kept.append((np.array(update, dtype=np.float32), float(weight)))
+        else:
+            self._acc.add(update, weight)
 
     def reset(self) -> None:
         """Drop the aggregate."""
         self._acc.reset()
+        self._kept.clear()
 
     def commit(
         self, base: FloatVector, scale: float = 1.0, normalize: bool = True, relative: bool = False
@@ -56,12 +125,47 @@ class ServerStep:
 
         Raises ValueError (the aggregate is kept) if there is nothing to commit.
         """
-        if relative:
-            mean = self._acc.mean() if normalize else self._acc.weighted_sum()
-            new = np.subtract(mean, base, dtype=np.float32)
-            new *= np.float32(scale)
-            new += base
+        if self.count == 0:
+            raise ValueError("nothing to commit: no update was accepted")
+        if self._optimizer is None and not relative and not self.settings.robust:
+            new = self._acc.apply(base, scale, normalize)  # FedAvg: one fused pass in Rust
         else:
-            new = self._acc.apply(base, scale, normalize)
-        self._acc.reset()
+            delta = self._aggregate(normalize)
+            if relative:
+                delta -= base
+            delta *= np.float32(scale)
+            new = np.array(base, dtype=np.float32)
+            if self._optimizer is None:
+                new += delta
+            else:
+                self._optimizer.step(new, delta)
+        self.reset()
         return new
+
+    def _aggregate(self, normalize: bool) -> FloatVector:
+        """A: the weighted mean (or sum) of the updates, or the robust rule's estimate."""
+        if not self.settings.robust:
+            return self._acc.mean() if normalize else self._acc.weighted_sum()
+        from metis_async.aggregation import robust
+
+        updates = np.stack([u for u, _ in self._kept])
+        if not normalize:
+            # A sum of weighted updates: the rule over weighted updates, times their count.
+            weights = np.array([w for _, w in self._kept], dtype=np.float32)
+            updates *= weights[:, None]
+        rule = self.settings.robust
+        if rule == "median":
+            estimate = robust.coordinate_median(updates)
+        elif rule == "trimmed_mean":
+            estimate = robust.trimmed_mean(updates, self.settings.trim_beta)
+        elif rule == "krum":
+            estimate = updates[robust.krum(updates, self.settings.byzantine)].copy()
+        else:
+            estimate = robust.multi_krum(updates, self.settings.byzantine)
+        if not normalize:
+            estimate *= np.float32(len(self._kept))
+        return estimate
+
+    def state(self) -> dict[str, FloatVector]:
+        """The optimizer's state vectors (for checkpoints)."""
+        return {} if self._optimizer is None else dict(self._optimizer.state())
