@@ -292,10 +292,11 @@ class Federation:
                 decision.relative,
             )
         except ValueError as error:
-            # The policy believed it had updates the aggregate lacks: keep the model as it is.
+            # The policy believed it had updates the aggregate lacks. Keep the parameters but
+            # still advance the version, so the store and the policy agree on version numbers.
             log.error("commit_failed", reason=str(error), version=self.store.version)
             step.reset()
-            return
+            new = self.store.flat.copy()
         version = self.store.version + 1
         await asyncio.to_thread(self.store.commit, new, version)
         self.stats.versions_committed_total += 1

@@ -217,3 +217,23 @@ def test_semi_sync_round_deadline_is_budget_plus_slack() -> None:
     policy.handle(_update(tasks["b"], seconds_per_batch=0.1, seconds_per_epoch=1.0))
 
     assert policy.next_wakeup() == pytest.approx(1.0 + 2.0 + 5.0)
+
+
+@pytest.mark.parametrize("policy_class", [AsynchronousPolicy, BufferedPolicy])
+def test_every_learner_takes_part_when_concurrency_is_below_the_learner_count(
+    policy_class: type[AsynchronousPolicy] | type[BufferedPolicy],
+) -> None:
+    settings_class = (
+        AsynchronousSettings if policy_class is AsynchronousPolicy else BufferedSettings
+    )
+    policy = policy_class(settings_class(concurrency=2, seed=3))  # type: ignore[arg-type]
+    pending = _tasks([d for i in range(10) for d in policy.handle(LearnerJoined(0.0, f"l{i}", 10))])
+    trained: set[str] = set()
+
+    for step in range(200):
+        learner_id = sorted(pending)[step % len(pending)]
+        task = pending.pop(learner_id)
+        trained.add(learner_id)
+        pending.update(_tasks(policy.handle(_update(task))))
+
+    assert trained == {f"l{i}" for i in range(10)}

@@ -147,7 +147,7 @@ class ContinuousPolicy(Policy):
         if self.base_settings.rounds and self.version >= self.base_settings.rounds:
             self.finished = True
             return [*decisions, Finish(f"{self.version} versions committed")]
-        return decisions + self._fill(first=event.learner_id)
+        return decisions + self._fill()
 
     # ------------------------------------------------------------------------------ work
 
@@ -156,16 +156,17 @@ class ContinuousPolicy(Policy):
         if task_id is not None:
             self._tasks.pop(task_id, None)
 
-    def _fill(self, first: str | None = None, exclude: str | None = None) -> list[Decision]:
-        """Assign work until `concurrency` learners are busy; `first` gets priority."""
+    def _fill(self, exclude: str | None = None) -> list[Decision]:
+        """Assign work until `concurrency` learners are busy, picking idle learners at random.
+
+        The learner that just reported competes with every other idle learner: with C below the
+        number of learners, all of them (and all their data) take part over time.
+        """
         if len(self._learners) < self.base_settings.min_learners:
             return []
         limit = self.base_settings.concurrency or len(self._learners)
         idle = [lid for lid in sorted(self._learners) if lid not in self._busy and lid != exclude]
         self._rng.shuffle(idle)
-        if first in idle:
-            idle.remove(first)
-            idle.insert(0, first)
         decisions: list[Decision] = []
         for lid in idle[: max(0, limit - len(self._busy))]:
             self._task_seq += 1

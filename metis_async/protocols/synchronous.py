@@ -47,7 +47,8 @@ class SynchronousSettings:
 
     Attributes:
         rounds: versions to commit before finishing; 0 runs until stopped.
-        min_learners: connected learners needed before a round starts.
+        min_learners: connected learners needed before a round starts; a round also waits for
+            `learners_per_round` learners when that is set.
         learners_per_round: goal count of updates per round; 0 means every connected learner.
         over_selection: select ceil(goal x this) learners (1.3 = 130 %);
             the rest are cancelled once the goal is met.
@@ -269,7 +270,7 @@ class SynchronousPolicy(Policy):
 
     def _maybe_start_round(self, now: float) -> list[Decision]:
         available = sorted(self._learners)
-        if len(available) < self.settings.min_learners:
+        if len(available) < max(self.settings.min_learners, self.settings.learners_per_round):
             return []
         goal = self.settings.learners_per_round or len(available)
         goal = min(goal, len(available))

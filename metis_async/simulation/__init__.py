@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from metis_async.simulation.digits import DIGITS_DEFAULTS, policy_settings, run_digits
 from metis_async.simulation.federation import Score, SimulatedFederation
+from metis_async.simulation.learners import SimulatedLearner
 from metis_async.simulation.result import EvaluationSchedule, HistoryPoint, SimulationResult
 from metis_async.simulation.speeds import LearnerSpeed, SpeedModel
 
@@ -19,6 +20,7 @@ __all__ = [
     "LearnerSpeed",
     "Score",
     "SimulatedFederation",
+    "SimulatedLearner",
     "SimulationResult",
     "SpeedModel",
     "policy_settings",

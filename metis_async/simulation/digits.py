@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.client.learner import NDArrays
 from metis_async.examples import digits
 from metis_async.protocols import POLICIES, StalenessFunction, TrainSettings, make_policy
@@ -24,7 +25,7 @@ DIGITS_DEFAULTS: Mapping[str, Mapping[str, object]] = {
     "synchronous": {
         "learners_per_round": 10,
         "round_deadline_seconds": 60.0,
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.1),
+        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
     },
     "semi_synchronous": {
         "learners_per_round": 10,
@@ -32,19 +33,19 @@ DIGITS_DEFAULTS: Mapping[str, Mapping[str, object]] = {
         "max_local_steps": 200,
         "round_deadline_seconds": 5.0,
         "weighting": "examples",
-        "train": TrainSettings(batch_size=BATCH_SIZE, learning_rate=0.1),
+        "train": TrainSettings(batch_size=BATCH_SIZE, learning_rate=0.3),
     },
     "asynchronous": {
         "concurrency": 10,
         "alpha": 0.6,
         "staleness": StalenessFunction("polynomial", a=0.5),
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.1),
+        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
     },
     "buffered": {
         "concurrency": 10,
         "buffer_size": 5,
         "server_learning_rate": 1.0,
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.1),
+        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
     },
 }
 """Policy settings per protocol for the digits task (fields of each protocol's settings class).
@@ -63,8 +64,10 @@ def policy_settings(protocol: str, seed: int = 0, **overrides: object) -> dict[s
     if protocol not in POLICIES:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(POLICIES)}")
     settings = dict(DIGITS_DEFAULTS[protocol])
-    train_fields = {k.removeprefix("train_"): v for k, v in overrides.items() if k[:6] == "train_"}
-    settings.update({k: v for k, v in overrides.items() if k[:6] != "train_"})
+    train_fields = {
+        k.removeprefix("train_"): v for k, v in overrides.items() if k.startswith("train_")
+    }
+    settings.update({k: v for k, v in overrides.items() if not k.startswith("train_")})
     if isinstance(settings.get("staleness"), str):
         settings["staleness"] = StalenessFunction.parse(str(settings["staleness"]))
     if train_fields:
@@ -88,6 +91,7 @@ def run_digits(
     seconds: float = 20.0,
     seed: int = 0,
     evaluation: EvaluationSchedule | None = None,
+    aggregation: AggregationSettings | None = None,
     **settings: object,
 ) -> SimulationResult:
     """Simulate `protocol` on the digits task for `seconds` of simulated time.
@@ -103,6 +107,7 @@ def run_digits(
         seconds: simulated time to run (seconds).
         seed: seeds the split, the speeds, the learners' minibatches and the policy's sampler.
         evaluation: which versions are scored on the test set (default: every commit).
+        aggregation: server optimizer, robust rule and clipping (default: FedAvg's mean).
         **settings: policy settings overriding `DIGITS_DEFAULTS` (see `policy_settings`).
 
     Returns:
@@ -127,6 +132,7 @@ def run_digits(
             straggler_fraction=stragglers, straggler_slowdown=slowdown, dropout_probability=dropout
         ),
         evaluation=evaluation,
+        aggregation=aggregation,
         seed=seed,
     )
     return simulated.run(seconds)

@@ -7,28 +7,24 @@ server uses, so a policy behaves here as it does in the server. Time is a priori
 occurrences (a task finishes, a learner drops out or comes back, the policy's wake-up), and the
 clock jumps from one to the next.
 
-Learners behave like the real learner client: each runs its tasks one at a time in arrival order;
-a cancelled task that has not started is skipped, one that is running finishes and its result is
-dropped (the client cannot interrupt `fit`). A training task takes the learner's step time × the
-steps it runs plus the per-task latency; with a time budget it runs only the steps that fit. The
-learner really trains, from the version the task names, when the task's simulated time is up
-(work for cancelled or lost tasks is never computed).
+Learners behave like the real learner client (see `learners.SimulatedLearner`) and really train,
+from the version the task names, when the task's simulated time is up; the work of cancelled and
+lost tasks is never computed.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from metis_async import wire
-from metis_async.aggregation.server_step import ServerStep
-from metis_async.client.learner import EvaluateConfig, FitConfig, Learner, NDArrays
+from metis_async.aggregation.server_step import AggregationSettings, ServerStep
+from metis_async.client.learner import Learner, NDArrays
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
@@ -36,7 +32,6 @@ from metis_async.protocols import (
     CommitVersion,
     Decision,
     DiscardAggregate,
-    EvaluationArrived,
     Event,
     Finish,
     LearnerJoined,
@@ -47,37 +42,15 @@ from metis_async.protocols import (
     TaskFailed,
     TaskKind,
     Tick,
-    UpdateArrived,
 )
+from metis_async.simulation.learners import Job, SimulatedLearner
 from metis_async.simulation.result import EvaluationSchedule, HistoryPoint, SimulationResult
-from metis_async.simulation.speeds import LearnerSpeed, SpeedModel
+from metis_async.simulation.speeds import SpeedModel
 
 Score = Callable[[NDArrays], float]
 """Scores a global model on held-out data (higher is better, e.g. accuracy 0..1)."""
 
 _MAX_TICKS_AT_ONE_TIME = 1000  # a policy that keeps asking for a Tick "now" would never let go
-
-
-@dataclass
-class _Job:
-    """A task handed to a simulated learner, with the model it starts from."""
-
-    task: Task
-    base: wire.FloatVector
-    steps: int = 0
-    cancelled: bool = False
-
-
-@dataclass
-class _SimulatedLearner:
-    learner_id: str
-    learner: Learner
-    speed: LearnerSpeed
-    num_examples: int
-    online: bool = False
-    generation: int = 0  # bumped on every disconnect: occurrences of an older one are void
-    queue: deque[_Job] = field(default_factory=deque)
-    running: _Job | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +90,8 @@ class SimulatedFederation:
         score: scores a model on held-out data; called on the versions `evaluation` selects.
         speeds: the learners' speeds, latency and dropouts.
         evaluation: which committed versions are scored.
+        aggregation: server optimizer, robust rule and clipping, as in the server (FedAvg with a
+            streaming mean by default).
         seed: seed of the speeds, the join order and the dropouts.
     """
 
@@ -129,6 +104,7 @@ class SimulatedFederation:
         *,
         speeds: SpeedModel | None = None,
         evaluation: EvaluationSchedule | None = None,
+        aggregation: AggregationSettings | None = None,
         seed: int = 0,
     ) -> None:
         self.policy = policy
@@ -137,14 +113,14 @@ class SimulatedFederation:
         self._score = score
         self._layout = wire.make_layout(initial_parameters)
         self._model = wire.flatten(initial_parameters, self._layout)
-        self._step = ServerStep(self._model.size)
+        self._step = ServerStep(self._model.size, aggregation)
         speed_rng, order_rng, self._dropout_rng = (
             np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
         )
         profiles = self.speeds.sample(len(learners), speed_rng)
         width = len(str(max(len(learners) - 1, 0)))
         self.learners = {
-            f"learner-{i:0{width}d}": _SimulatedLearner(
+            f"learner-{i:0{width}d}": SimulatedLearner(
                 f"learner-{i:0{width}d}", learner, profiles[i], int(learner.num_examples())
             )
             for i, learner in enumerate(learners)
@@ -154,8 +130,9 @@ class SimulatedFederation:
         self._queue: list[tuple[float, int, _Occurrence]] = []
         for index in order_rng.permutation(len(learners)).tolist():
             self._schedule(0.0, _Join(f"learner-{index:0{width}d}"))
-        self._jobs: dict[str, _Job] = {}  # outstanding (not cancelled, not lost) tasks by id
+        self._jobs: dict[str, Job] = {}  # outstanding (not cancelled, not lost) tasks by id
         self._wakeup_token = 0
+        self._wakeup_at: float | None = None
         self._ticks_at: tuple[float, int] = (-1.0, 0)
         self._version = 0
         self._finished_at: float | None = None
@@ -236,52 +213,47 @@ class SimulatedFederation:
             if occurrence.generation == learner.generation:
                 self._drop(learner)
         elif occurrence.token == self._wakeup_token:
-            self._deliver(Tick(self._now))
+            self._tick()
 
     def _schedule_wakeup(self) -> None:
-        self._wakeup_token += 1
+        """Keep one live wake-up at `policy.next_wakeup()` (older ones are void by token)."""
         when = self.policy.next_wakeup()
-        if when is None or self._finished_at is not None:
+        if when is not None:
+            when = max(when, self._now)
+        if self._finished_at is not None:
+            when = None
+        if when == self._wakeup_at:
             return
-        when = max(when, self._now)
+        self._wakeup_token += 1
+        self._wakeup_at = when
+        if when is not None:
+            self._schedule(when, _Wakeup(self._wakeup_token))
+
+    def _tick(self) -> None:
+        self._wakeup_at = None
         last, count = self._ticks_at
-        count = count + 1 if when == last else 1
+        count = count + 1 if self._now == last else 1
         if count > _MAX_TICKS_AT_ONE_TIME:
-            raise RuntimeError(f"{self.policy.name} keeps asking for a Tick at {when} s")
-        self._ticks_at = (when, count)
-        self._schedule(when, _Wakeup(self._wakeup_token))
+            raise RuntimeError(f"{self.policy.name} keeps asking for a Tick at {self._now} s")
+        self._ticks_at = (self._now, count)
+        self._deliver(Tick(self._now))
 
     # ------------------------------------------------------------------------------ learners
 
-    def _start_next(self, learner: _SimulatedLearner) -> None:
-        """Start the learner's next task that was not cancelled, if it is idle."""
-        while learner.running is None and learner.queue:
-            job = learner.queue.popleft()
-            if job.cancelled:
-                continue
-            learner.running = job
-            seconds = self.speeds.latency_seconds
-            if job.task.kind is TaskKind.TRAIN:
-                job.steps = self._planned_steps(learner, job.task)
-                seconds += job.steps * learner.speed.step_seconds
-                if self.speeds.drops_out(self._dropout_rng):
-                    lost_at = self._now + float(self._dropout_rng.random()) * seconds
-                    self._schedule(lost_at, _Drop(learner.learner_id, learner.generation))
-                    return
+    def _start_next(self, learner: SimulatedLearner) -> None:
+        """Start the learner's next task if it is idle; schedule its end, or its dropout."""
+        seconds = learner.start_next(self.speeds.latency_seconds)
+        if seconds is None:
+            return
+        running = learner.running
+        assert running is not None
+        if running.task.kind is TaskKind.TRAIN and self.speeds.drops_out(self._dropout_rng):
+            lost_at = self._now + float(self._dropout_rng.random()) * seconds
+            self._schedule(lost_at, _Drop(learner.learner_id, learner.generation))
+        else:
             self._schedule(self._now + seconds, _Done(learner.learner_id, learner.generation))
 
-    def _planned_steps(self, learner: _SimulatedLearner, task: Task) -> int:
-        """Local steps the task asks for, cut to those that fit its time budget."""
-        settings = task.settings
-        assert settings is not None, "a training task carries its settings"
-        batches = math.ceil(max(learner.num_examples, 1) / max(settings.batch_size, 1))
-        steps = settings.local_steps or settings.epochs * batches
-        if task.time_budget_seconds > 0:
-            fit = math.floor(task.time_budget_seconds / learner.speed.step_seconds)
-            steps = min(steps, max(1, fit))
-        return max(steps, 1)
-
-    def _finish_job(self, learner: _SimulatedLearner) -> None:
+    def _finish_job(self, learner: SimulatedLearner) -> None:
         job = learner.running
         assert job is not None
         learner.running = None
@@ -290,67 +262,22 @@ class SimulatedFederation:
             return  # the round closed while the learner trained: the client does not upload
         del self._jobs[job.task.task_id]
         if job.task.kind is TaskKind.TRAIN:
-            event, upload = self._train(learner, job)
+            event, upload = learner.train(job, self._now, self._layout)
+            if not np.isfinite(upload).all():
+                # The server ends such a learner's session; the client reconnects later.
+                self._drop(learner, "update contains NaN or infinite values")
+                return
             self._deliver(event, {job.task.task_id: (upload, job.task.version)})
         else:
-            self._deliver(self._evaluate(learner, job))
+            self._deliver(learner.evaluate(job, self._now, self._layout))
 
-    def _train(
-        self, learner: _SimulatedLearner, job: _Job
-    ) -> tuple[UpdateArrived, wire.FloatVector]:
-        task, settings = job.task, job.task.settings
-        assert settings is not None
-        config = FitConfig(
-            model_version=task.version,
-            local_steps=job.steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            proximal_mu=settings.proximal_mu,
-            extra=dict(settings.extra),
-        )
-        params = [np.array(a) for a in wire.unflatten(job.base, self._layout)]
-        trained, num_examples, metrics = learner.learner.fit(params, config)
-        upload = wire.flatten(trained, self._layout)
-        if task.upload_delta:
-            np.subtract(upload, job.base, out=upload)
-        steps = int(metrics.get("steps", job.steps))
-        per_batch = learner.speed.step_seconds
-        batches = math.ceil(max(int(num_examples), 1) / max(settings.batch_size, 1))
-        event = UpdateArrived(
-            now=self._now,
-            learner_id=learner.learner_id,
-            task_id=task.task_id,
-            base_version=task.version,
-            num_examples=int(num_examples),
-            completed_steps=steps,
-            train_seconds=steps * per_batch,
-            metrics={k: float(v) for k, v in metrics.items()},
-            seconds_per_batch=per_batch,
-            seconds_per_epoch=per_batch * batches,
-        )
-        return event, upload
-
-    def _evaluate(self, learner: _SimulatedLearner, job: _Job) -> EvaluationArrived:
-        params = [np.array(a) for a in wire.unflatten(job.base, self._layout)]
-        loss, num_examples, metrics = learner.learner.evaluate(
-            params, EvaluateConfig(model_version=job.task.version)
-        )
-        values = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
-        return EvaluationArrived(
-            self._now, learner.learner_id, job.task.task_id, job.task.version, num_examples, values
-        )
-
-    def _drop(self, learner: _SimulatedLearner) -> None:
+    def _drop(self, learner: SimulatedLearner, reason: str = "simulated dropout") -> None:
         """The learner disconnects: its tasks are void; it comes back after a downtime."""
-        learner.online = False
-        learner.generation += 1
-        for job in [*learner.queue, *([learner.running] if learner.running else [])]:
+        for job in learner.disconnect():
             self._jobs.pop(job.task.task_id, None)
-        learner.queue.clear()
-        learner.running = None
         downtime = self.speeds.downtime(self._dropout_rng)
         self._schedule(self._now + downtime, _Join(learner.learner_id))
-        self._deliver(LearnerLost(self._now, learner.learner_id, "simulated dropout"))
+        self._deliver(LearnerLost(self._now, learner.learner_id, reason))
 
     # ------------------------------------------------------------------------------ the policy
 
@@ -398,7 +325,7 @@ class SimulatedFederation:
             raise RuntimeError(
                 f"policy assigned version {task.version}, the model is at {self._version}"
             )
-        job = _Job(task, self._model)  # commits make new arrays: this one stays as it is
+        job = Job(task, self._model)  # commits make new arrays: this one stays as it is
         self._jobs[task.task_id] = job
         learner.queue.append(job)
         self._start_next(learner)
