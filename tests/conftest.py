@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.client import EvaluateConfig, FitConfig, Learner, NDArrays
 from metis_async.protocols import Policy, SynchronousPolicy, SynchronousSettings, TrainSettings
 from metis_async.server import Controller, ControllerConfig
@@ -31,7 +32,13 @@ T = TypeVar("T")
 class ControllerThread:
     """A `Controller` served on its own event loop in a daemon thread, driven from tests."""
 
-    def __init__(self, policy: Policy, initial_model: NDArrays | None, **config: Any) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        initial_model: NDArrays | None,
+        aggregation: AggregationSettings | None = None,
+        **config: Any,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -39,7 +46,7 @@ class ControllerThread:
         cfg = ControllerConfig(host="127.0.0.1", **config)
 
         async def make() -> Controller:
-            return Controller(policy, cfg, initial_model=initial_model)
+            return Controller(policy, cfg, initial_model=initial_model, aggregation=aggregation)
 
         self.controller = self.call(make())
         self.port = self.call(self.controller.start())

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.client import Backoff, run_learner
 from metis_async.examples import digits
 from metis_async.protocols import (
@@ -119,3 +120,27 @@ def test_semi_synchronous_gives_fast_learners_more_steps(controller_factory: Fac
     steps = ct.read(lambda: dict(policy.assigned_steps))
     assert steps["fast"] > 3 * steps["slow"] > 0
     assert ct.read(lambda: policy.budget_seconds) > 0
+
+
+def test_robust_median_keeps_a_sign_flipping_attacker_out(controller_factory: Factory) -> None:
+    policy = SynchronousPolicy(SynchronousSettings(min_learners=4, rounds=1, train=TRAIN))
+    ct = controller_factory(policy, aggregation=AggregationSettings(robust="median"))
+    for i in range(3):
+        _run(ct.address, ShiftLearner(shift=1.0, examples=1), f"honest-{i}")
+    _run(ct.address, ShiftLearner(shift=-100.0, examples=1), "attacker")
+
+    assert ct.wait_finished(20)
+
+    np.testing.assert_allclose(ct.model(), np.full(10, 1.0, np.float32))
+
+
+def test_server_optimizer_runs_inside_the_controller(controller_factory: Factory) -> None:
+    policy = SynchronousPolicy(SynchronousSettings(min_learners=1, rounds=2, train=TRAIN))
+    settings = AggregationSettings(optimizer="fedavgm", optimizer_options={"momentum": 0.5})
+    ct = controller_factory(policy, aggregation=settings)
+    _run(ct.address, ShiftLearner(shift=1.0, examples=1), "solo")
+
+    assert ct.wait_finished(20)
+
+    # m1 = 1, x1 = 1; m2 = 0.5 * 1 + 1 = 1.5, x2 = 2.5
+    np.testing.assert_allclose(ct.model(), np.full(10, 2.5, np.float32), rtol=1e-6)
