@@ -80,3 +80,119 @@ def weighted_average(
     memory. Bit-identical to adding the updates to an :class:`Accumulator` in order and calling
     :meth:`Accumulator.mean`.
     """
+
+# --- server optimizers (rust/src/optim/) and robust rules (rust/src/robust/) ------------------
+
+from collections.abc import Mapping  # noqa: E402
+
+__all__ += [
+    "ServerOptimizer",
+    "clip_by_norm",
+    "coordinate_median",
+    "krum",
+    "krum_scores",
+    "multi_krum",
+    "trimmed_mean",
+]
+
+_Kind = Literal["fedavg", "sgd", "fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+
+@final
+class ServerOptimizer:
+    """A server optimizer that keeps its moment vectors (float32) next to the model.
+
+    With ``d`` the server delta (the aggregated ``mean(xᵢ − x)``, already scaled) and ``x`` the
+    model, one :meth:`step` does:
+
+    - ``fedavg`` (alias ``sgd``): ``x ← x + lr·d``; ``lr`` = 1.
+    - ``fedavgm``: ``m ← momentum·m + d; x ← x + lr·m`` (heavy ball, no dampening, ``m`` = 0 at
+      first); ``lr`` = 1, ``momentum`` = 0.9.
+    - ``fedadagrad``, ``fedadam``, ``fedyogi`` (Reddi et al. 2021): ``m ← β₁·m + (1 − β₁)·d``;
+      Adagrad ``v ← v + d²``, Adam ``v ← β₂·v + (1 − β₂)·d²``, Yogi
+      ``v ← v − (1 − β₂)·d²·sign(v − d²)``; ``x ← x + lr·m/(√v + τ)``. No bias correction;
+      ``v`` starts at τ². ``lr`` = 0.01, ``beta1`` = 0.9, ``beta2`` = 0.99 (not for Adagrad),
+      ``tau`` = 1e-3.
+
+    State and arithmetic are float32 (hyperparameters rounded to float32 once): 4 bytes per
+    parameter for ``fedavgm``, 8 for the adaptive kinds, none for ``fedavg``. Safe to share between
+    threads (an internal lock taken with the GIL released).
+    """
+
+    def __new__(
+        cls,
+        kind: _Kind,
+        length: int,
+        lr: float | None = None,
+        *,
+        momentum: float | None = None,
+        beta1: float | None = None,
+        beta2: float | None = None,
+        tau: float | None = None,
+    ) -> ServerOptimizer:
+        """An optimizer of ``kind`` for models of ``length`` float32 parameters.
+
+        Hyperparameters left at ``None`` take the kind's default. Raises
+        :class:`AggregationError` for an unknown kind, a hyperparameter the kind does not use,
+        ``lr`` or ``tau`` not finite and > 0, or ``momentum``/``beta1``/``beta2`` outside [0, 1).
+        """
+
+    def step(self, params: NDArray[np.float32], delta: NDArray[np.float32]) -> None:
+        """Move ``params`` along ``delta`` in place and update the moments.
+
+        Both are 1-D C-contiguous float32 arrays of ``len(self)`` values, ``params`` writeable.
+        Raises :class:`AggregationError`, changing neither ``params`` nor the state, for a wrong
+        length, dtype or layout, a non-finite ``delta``, or a result beyond float32.
+        """
+
+    def state(self) -> dict[str, NDArray[np.float32]]:
+        """A copy of the moment vectors the kind keeps (float32, ``len(self)`` values each):
+        none for fedavg, ``m`` for fedavgm, ``m`` and ``v`` for the adaptive kinds."""
+
+    def load_state(self, state: Mapping[str, NDArray[np.float32]], steps: int = 0) -> None:
+        """Restore the moments from :meth:`state` of an optimizer of the same kind and length,
+        and set :attr:`steps` (save it alongside; the rules do not use it).
+
+        Needs exactly the keys :meth:`state` gives, as 1-D C-contiguous float32 arrays, ``m``
+        finite and ``v`` finite and >= 0. On error nothing changes. Also recovers an optimizer
+        whose lock a panic poisoned.
+        """
+
+    @property
+    def kind(self) -> str:
+        """The canonical kind: ``fedavg``, ``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``."""
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """The hyperparameters the kind uses, defaults filled in."""
+
+    @property
+    def steps(self) -> int:
+        """Successful steps since creation (or as restored by :meth:`load_state`)."""
+
+    def __len__(self) -> int:
+        """Number of parameters."""
+
+_Updates = NDArray[np.float32] | Sequence[NDArray[np.float32]]
+"""A round's updates: a 2-D C-contiguous float32 array (one update per row) or a sequence of
+1-D C-contiguous float32 arrays of one length; borrowed without copying. The robust rules raise
+:class:`AggregationError` for no updates, ragged lengths, NaN or infinity, or a bad parameter."""
+
+def coordinate_median(updates: _Updates) -> NDArray[np.float32]:
+    """Per-coordinate median (the mean of the two middle values for an even count)."""
+
+def trimmed_mean(updates: _Updates, beta: float) -> NDArray[np.float32]:
+    """Per-coordinate mean without the ``⌊beta·n⌋`` largest and smallest values; ``0 <= beta
+    < 0.5``."""
+
+def krum_scores(updates: _Updates, f: int) -> NDArray[np.float64]:
+    """Per update, the summed squared distances to its ``n − f − 2`` nearest others; needs
+    ``n >= 2f + 3``."""
+
+def krum(updates: _Updates, f: int) -> int:
+    """Index of the update with the lowest Krum score (the first of equal ones)."""
+
+def multi_krum(updates: _Updates, f: int, m: int | None = None) -> NDArray[np.float32]:
+    """Mean of the ``m`` updates with the lowest Krum scores; ``m`` defaults to ``n − f``."""
+
+def clip_by_norm(update: NDArray[np.float32], max_norm: float) -> NDArray[np.float32]:
+    """A new array ``update·min(1, max_norm/‖update‖)``; ``max_norm`` finite and > 0."""

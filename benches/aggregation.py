@@ -1,0 +1,418 @@
+"""Aggregation benchmark: the Rust core against the best plain numpy, side by side in one run.
+
+    python benches/aggregation.py [--json] [--quick] [--repeats N]
+
+Each case averages ``updates`` float32 updates of ``params`` parameters with random weights and
+times one whole round (reset, fold every update, produce the float32 mean) per method:
+
+- ``rust``: ``Accumulator`` fed one update at a time (streaming, memory O(model)).
+- ``rust_batch``: ``weighted_average`` over all updates at once (tiled: each update read once).
+- ``numpy_axpy``: the best in-place numpy loop over updates into a preallocated float64 sum,
+  the faster of two variants: whole arrays (``np.multiply(u, w, out=tmp)``,
+  ``np.add(acc, tmp, out=acc)``) and the same in L2-sized blocks so the temporary stays in cache.
+- ``numpy_average``: ``np.average(stack, axis=0, weights=w)`` over a stacked 2-D array.
+
+Updates are distinct memory (rows of one C-contiguous stack, filled from a pool of 8 random
+vectors with a per-row scale), so every method reads every byte from DRAM as a real controller
+would. When the stack does not fit the memory budget, the streaming methods cycle through the pool
+instead (pool >= 4x the last-level cache, so it still comes from DRAM) and the methods that need
+every update at once report null with the reason.
+
+The memory-bandwidth reference is a numpy copy of 256 MiB measured in the same run (1 and 2
+threads, the faster counts); bandwidth is bytes read + bytes written per second. A fraction above
+1 is possible: the accumulator's traffic is mostly reads, which are cheaper than a copy's writes.
+Times are medians of ``--repeats`` runs after one warm-up run per method (whose result is also
+checked against the others). np.average runs last in each case: releasing its multi-GB float64
+temporary keeps the kernel busy reclaiming memory for a while, which slowed whatever ran next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from metis_async import _core
+from metis_async.aggregation import Accumulator, weighted_average
+
+FULL_CASES = [(10, 1_000_000), (100, 1_000_000), (10, 10_000_000), (100, 10_000_000)]
+QUICK_CASES = [(10, 1_000_000), (10, 10_000_000)]
+POOL = 8
+BLOCK = 1 << 15  # numpy blocked axpy: 32 Ki float64 temporaries = 256 KiB, fits L2
+COPY_BYTES = 256 << 20
+RESULTS = Path(__file__).resolve().parent / "results" / "aggregation.json"
+
+F32 = NDArray[np.float32]
+F64 = NDArray[np.float64]
+
+DEFINITIONS = {
+    "rust_s": "median seconds per round: Accumulator.reset, add every update, mean",
+    "rust_batch_s": "median seconds: weighted_average over all updates at once",
+    "numpy_axpy_s": "median seconds per round, best in-place numpy loop (whole or blocked)",
+    "numpy_average_s": "median seconds: np.average(stack, axis=0, weights=w) to float32",
+    "numpy_s": "best of numpy_axpy_s and numpy_average_s",
+    "speedup": "numpy_s / rust_s (streaming Rust against the best numpy)",
+    "batch_speedup": "numpy_s / rust_batch_s",
+    "bandwidth_fraction": (
+        "streaming Rust's achieved bytes/s divided by the measured copy bandwidth, counting the "
+        "bytes a round must move: per add 4 B/param read of the update plus 8 read + 8 written "
+        "of the float64 sum; reset writes 8 and mean reads 8 and writes 4 B/param. The extra "
+        "read that validates each update before it is added is not counted as useful bytes."
+    ),
+    "batch_bandwidth_fraction": (
+        "weighted_average's bytes/s over the copy bandwidth, counting 4 B/param read per update "
+        "and 4 B/param written for the result"
+    ),
+}
+
+
+# --- machine --------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    blas: Any = None
+    try:
+        config = np.show_config(mode="dicts")
+        found = config.get("Build Dependencies", {}).get("blas", {})
+        blas = {key: found.get(key) for key in ("name", "version", "openblas configuration")}
+    except (TypeError, AttributeError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "rayon_threads": int(os.environ.get("RAYON_NUM_THREADS", "0")) or affinity,
+        "numpy_threads": "1 (ufuncs and np.average are single-threaded; no BLAS call involved)",
+        "numpy": np.__version__,
+        "numpy_blas": blas,
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "core_version": _core.__version__,
+        "core_build_profile": _core.build_profile,
+        "last_level_cache_bytes": last_level_cache(),
+        "mem_available_bytes": mem_available(),
+    }
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (from /proc/stat), or 0."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def last_level_cache() -> int:
+    """Largest CPU cache in bytes (sysfs), or 32 MiB when unknown."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(repeats: int) -> dict[str, float]:
+    """numpy copy of COPY_BYTES with 1 and 2 threads; bytes read + written per second."""
+    src = np.ones(COPY_BYTES // 8)
+    dst = np.empty_like(src)
+    half = src.size // 2
+
+    def one() -> None:
+        np.copyto(dst, src)
+
+    def two() -> None:
+        worker = threading.Thread(target=np.copyto, args=(dst[:half], src[:half]))
+        worker.start()
+        np.copyto(dst[half:], src[half:])
+        worker.join()
+
+    one()  # fault the pages in
+    two()
+    t1 = statistics.median(timed(one) for _ in range(max(repeats, 5)))
+    t2 = statistics.median(timed(two) for _ in range(max(repeats, 5)))
+    moved = 2 * COPY_BYTES
+    return {
+        "bytes": moved,
+        "copy_1thread_GBps": moved / t1 / 1e9,
+        "copy_2thread_GBps": moved / t2 / 1e9,
+        "copy_GBps": max(moved / t1, moved / t2) / 1e9,
+    }
+
+
+# --- methods --------------------------------------------------------------------------------
+
+
+def rust_round(acc: Accumulator, rows: list[F32], weights: list[float]) -> F32:
+    acc.reset()
+    for row, weight in zip(rows, weights, strict=True):
+        acc.add(row, weight)
+    return acc.mean()
+
+
+def numpy_axpy_whole(acc: F64, tmp: F64, rows: list[F32], weights: list[float]) -> F32:
+    acc.fill(0.0)
+    for row, weight in zip(rows, weights, strict=True):
+        np.multiply(row, weight, out=tmp)
+        np.add(acc, tmp, out=acc)
+    np.multiply(acc, 1.0 / sum(weights), out=acc)
+    return acc.astype(np.float32)
+
+
+def numpy_axpy_blocked(acc: F64, tmp: F64, rows: list[F32], weights: list[float]) -> F32:
+    acc.fill(0.0)
+    size = acc.size
+    for row, weight in zip(rows, weights, strict=True):
+        for start in range(0, size, BLOCK):
+            stop = min(start + BLOCK, size)
+            block = tmp[: stop - start]
+            np.multiply(row[start:stop], weight, out=block)
+            np.add(acc[start:stop], block, out=acc[start:stop])
+    np.multiply(acc, 1.0 / sum(weights), out=acc)
+    return acc.astype(np.float32)
+
+
+def numpy_average(stack: F32, weights: list[float]) -> F32:
+    return np.average(stack, axis=0, weights=weights).astype(np.float32)
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+def run_case(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[str, Any]:
+    rng = np.random.default_rng(updates * 1_000_003 + params)
+    weights = [float(w) for w in rng.uniform(0.5, 2.0, updates)]
+    budget = 0.7 * mem_available()
+    stack_bytes = updates * params * 4
+    case: dict[str, Any] = {"updates": updates, "params": params, "repeats": repeats}
+
+    stack: F32 | None = None
+    if stack_bytes <= budget:
+        stack = np.empty((updates, params), dtype=np.float32)
+        for i in range(updates):
+            np.multiply(pool[i % POOL], np.float32(1.0 + i / updates), out=stack[i])
+        rows = list(stack)
+        case["data"] = "distinct rows of a C-contiguous stack"
+    else:
+        rows = [pool[i % POOL] for i in range(updates)]
+        case["data"] = f"cycled pool of {POOL} arrays (stack of {stack_bytes} B exceeds budget)"
+        reason = f"needs all {stack_bytes} B of updates in memory; budget is {int(budget)} B"
+        case["rust_batch_null_reason"] = case["numpy_average_null_reason"] = reason
+
+    acc = Accumulator(params)
+    acc64 = np.zeros(params)
+    tmp = np.zeros(params)
+    methods: dict[str, Callable[[], F32]] = {"rust": lambda: rust_round(acc, rows, weights)}
+    if stack is not None:
+        methods["rust_batch"] = lambda: weighted_average(rows, weights)
+    methods["numpy_axpy_whole"] = lambda: numpy_axpy_whole(acc64, tmp, rows, weights)
+    methods["numpy_axpy_blocked"] = lambda: numpy_axpy_blocked(acc64, tmp, rows, weights)
+    if stack is not None:
+        stack_ = stack
+        # np.average multiplies into a float64 temporary as large as the stack, twice its size.
+        if stack_bytes * 3 <= budget:
+            methods["numpy_average"] = lambda: numpy_average(stack_, weights)
+        else:
+            case["numpy_average_null_reason"] = (
+                f"np.average needs a {2 * stack_bytes} B float64 temporary; budget is "
+                f"{int(budget)} B"
+            )
+
+    # Each method: one warm-up run (faults memory in, wakes the thread pool) checked against the
+    # others, then its repeats back to back. np.average goes last: freeing its multi-GB
+    # temporaries keeps the kernel busy for a while, which slowed whatever ran next.
+    reference = methods["numpy_axpy_whole"]()
+    median = {}
+    for name, method in methods.items():
+        np.testing.assert_allclose(method(), reference, rtol=1e-6, atol=1e-6, err_msg=name)
+        median[name] = statistics.median(timed(method) for _ in range(repeats))
+
+    whole, blocked = median["numpy_axpy_whole"], median["numpy_axpy_blocked"]
+    case["rust_s"] = median["rust"]
+    case["rust_batch_s"] = median.get("rust_batch")
+    case["numpy_axpy_whole_s"] = whole
+    case["numpy_axpy_blocked_s"] = blocked
+    case["numpy_axpy_s"] = min(whole, blocked)
+    case["numpy_axpy_variant"] = "blocked" if blocked < whole else "whole"
+    case["numpy_average_s"] = median.get("numpy_average")
+    candidates = [case["numpy_axpy_s"], case["numpy_average_s"]]
+    case["numpy_s"] = min(t for t in candidates if t is not None)
+    case["numpy_best"] = "np.average" if case["numpy_s"] == case["numpy_average_s"] else "axpy"
+    case["speedup"] = case["numpy_s"] / case["rust_s"]
+    case["batch_speedup"] = case["numpy_s"] / case["rust_batch_s"] if stack is not None else None
+    case["stream_bytes"] = params * (20 * updates + 20)
+    case["batch_bytes"] = params * (4 * updates + 4)
+    return case
+
+
+def add_fractions(case: dict[str, Any], copy_gbps: float) -> None:
+    case["rust_GBps"] = case["stream_bytes"] / case["rust_s"] / 1e9
+    case["bandwidth_fraction"] = case["rust_GBps"] / copy_gbps
+    if case["rust_batch_s"] is not None:
+        case["rust_batch_GBps"] = case["batch_bytes"] / case["rust_batch_s"] / 1e9
+        case["batch_bandwidth_fraction"] = case["rust_batch_GBps"] / copy_gbps
+    else:
+        case["rust_batch_GBps"] = case["batch_bandwidth_fraction"] = None
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:9.1f}"
+
+
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:5.2f}x"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    machine, reference = result["machine"], result["bandwidth_reference"]
+    print(f"metis-async aggregation benchmark  {result['date']}  ({result['command']})")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores_usable']} cores, rayon threads "
+        f"{machine['rayon_threads']}, numpy {machine['numpy']} (single-threaded ufuncs), "
+        f"core {machine['core_version']} {machine['core_build_profile']}"
+    )
+    print(
+        f"copy bandwidth (read+write): 1 thread {reference['copy_1thread_GBps']:.1f} GB/s, "
+        f"2 threads {reference['copy_2thread_GBps']:.1f} GB/s -> reference "
+        f"{reference['copy_GBps']:.1f} GB/s"
+    )
+    others = result["other_processes"]
+    print(
+        f"other processes used {others['cpu_seconds']:.1f} CPU s during the "
+        f"{others['run_seconds']:.0f} s run ({others['share_of_machine']:.0%} of the machine)"
+    )
+    if others["share_of_machine"] > 0.05:
+        print("WARNING: the machine was shared during the run; Rust (2 threads) suffers most")
+    if machine["core_build_profile"] != "release":
+        print("WARNING: the Rust core is a debug build; rebuild with `maturin develop --release`")
+    header = (
+        f"{'case':>12} {'rust ms':>9} {'batch ms':>9} {'axpy ms':>9} {'average ms':>10} "
+        f"{'numpy ms':>9} {'speedup':>8} {'batch':>7} {'rust GB/s':>9} {'bw frac':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case in result["cases"]:
+        name = f"{case['updates']} x {case['params'] / 1e6:g}M"
+        print(
+            f"{name:>12} {ms(case['rust_s'])} {ms(case['rust_batch_s'])} "
+            f"{ms(case['numpy_axpy_s'])} {ms(case['numpy_average_s']):>10} "
+            f"{ms(case['numpy_s'])} {ratio(case['speedup']):>8} "
+            f"{ratio(case['batch_speedup']):>7} {case['rust_GBps']:9.1f} "
+            f"{case['bandwidth_fraction']:7.2f}"
+        )
+    print()
+    print("speedup = best numpy / streaming Rust; batch = best numpy / weighted_average;")
+    print("bw frac = streaming Rust bytes/s (20 B/param per add) / copy reference.")
+    print("axpy = faster of whole-array and L2-blocked numpy loops (see JSON for both).")
+    for case in result["cases"]:
+        for key in ("rust_batch_null_reason", "numpy_average_null_reason"):
+            if key in case:
+                print(f"{case['updates']} x {case['params']}: {key[:-12]} n/a: {case[key]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--quick", action="store_true", help="two small cases, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method")
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 5)
+    cases = QUICK_CASES if args.quick else FULL_CASES
+
+    biggest = max(params for _, params in cases)
+    rng = np.random.default_rng(0)
+    pool = [rng.standard_normal(biggest, dtype=np.float32) for _ in range(POOL)]
+
+    load_before = os.getloadavg()[0]
+    busy_before, own_before, wall_before = busy_cpu_seconds(), own_cpu_seconds(), time.time()
+    reference = copy_bandwidth(repeats)
+    results = []
+    for updates, params in cases:
+        view = [p[:params] for p in pool]
+        results.append(run_case(updates, params, repeats, view))
+    for case in results:
+        add_fractions(case, reference["copy_GBps"])
+    # CPU time other processes took during the run: the honest measure of how noisy it was.
+    others = (busy_cpu_seconds() - busy_before) - (own_cpu_seconds() - own_before)
+    wall = time.time() - wall_before
+
+    result = {
+        "benchmark": "aggregation",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benches/aggregation.py", *sys.argv[1:]]),
+        "quick": args.quick,
+        "machine": machine_info(),
+        # Other processes on the machine distort the 2-thread Rust numbers most: a busy core
+        # halves rayon's throughput while single-threaded numpy barely notices.
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "other_processes": {
+            "cpu_seconds": max(others, 0.0),
+            "share_of_machine": max(others, 0.0) / (wall * (os.cpu_count() or 1)),
+            "run_seconds": wall,
+        },
+        "bandwidth_reference": reference,
+        "definitions": DEFINITIONS,
+        "cases": results,
+    }
+    print_table(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

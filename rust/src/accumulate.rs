@@ -1,0 +1,703 @@
+//! Streaming weighted accumulation: the controller folds each update into a float64 running sum
+//! as it arrives, so memory stays O(model) however many learners report.
+//!
+//! Everything here is elementwise, so results do not depend on how the work is split across
+//! threads: the parallel and sequential paths give bit-identical answers, and
+//! [`weighted_average`] gives the same bits as folding the same updates into an [`Accumulator`]
+//! in order and taking its [`Accumulator::mean`].
+//!
+//! Inputs are validated completely before any state changes: an `Err` leaves the accumulator
+//! exactly as it was. Checking for NaN and infinity therefore costs one extra read of each update
+//! (in parallel); fusing the check into the add would be cheaper but cannot be undone exactly,
+//! since `(s + w * x) - w * x` is not `s` in floating point.
+//!
+//! Means multiply by `1 / Σ wᵢ` rather than divide (division is slow enough to make `mean` compute
+//! bound); that differs from `sum / Σ wᵢ` by at most an ulp of float64, far below float32's.
+//!
+//! The float64 sums cannot overflow for float32 inputs unless weights exceed about 1e269; if they
+//! do, the finalizers report [`AggregationError::NonFiniteResult`] instead of returning infinities.
+
+use std::ops::{Add, Mul};
+
+use rayon::prelude::*;
+
+use crate::error::{AggregationError, Result};
+
+/// Inputs shorter than this run on the calling thread: below it, splitting costs more than it
+/// saves.
+pub const PARALLEL_MIN: usize = 1 << 16;
+
+/// Values per parallel work item of the streaming add. 32 Ki values are 128 KiB of float32
+/// input plus 256 KiB of float64 sums: one item's working set fits a 512 KiB L2.
+const CHUNK: usize = 1 << 15;
+
+/// Parameters per tile of [`weighted_average`]: the tile's float64 sums (64 KiB) stay in L2 while
+/// every update's slice of the tile is folded in, so the sums never travel to memory.
+const TILE: usize = 1 << 13;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// The floating-point types an update may arrive in (`f32`, `f64`).
+pub trait Element:
+    sealed::Sealed + Copy + Send + Sync + Add<Output = Self> + Mul<Output = Self>
+{
+    /// Additive identity.
+    const ZERO: Self;
+
+    /// Exact widening to float64.
+    fn to_f64(self) -> f64;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// A running weighted sum `Σ wᵢ·xᵢ` in float64, with `Σ wᵢ` and the number of updates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accumulator {
+    sum: Vec<f64>,
+    total_weight: f64,
+    count: u64,
+}
+
+impl Accumulator {
+    /// An empty accumulator for models of `len` parameters.
+    pub fn new(len: usize) -> Self {
+        Self {
+            sum: vec![0.0; len],
+            total_weight: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Like [`new`](Self::new), but reports a failed allocation (an absurd `len` from a corrupt
+    /// message, say) as an error instead of aborting the process.
+    pub fn try_new(len: usize) -> Result<Self> {
+        let mut sum = Vec::new();
+        sum.try_reserve_exact(len)
+            .map_err(|_| AggregationError::Allocation { values: len })?;
+        sum.resize(len, 0.0);
+        Ok(Self {
+            sum,
+            total_weight: 0.0,
+            count: 0,
+        })
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.sum.len()
+    }
+
+    /// Whether the model has no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
+    }
+
+    /// Number of updates added since creation or the last [`reset`](Self::reset).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of the weights added so far.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+
+    /// The running sum `Σ wᵢ·xᵢ` in float64.
+    pub fn sum(&self) -> &[f64] {
+        &self.sum
+    }
+
+    /// Adds `weight · values` to the sum. `weight` must be finite and > 0, `values` must have
+    /// [`len`](Self::len) finite entries; on error nothing changes.
+    pub fn add<T: Element>(&mut self, values: &[T], weight: f64) -> Result<()> {
+        check_len("update", values.len(), self.len())?;
+        let total = checked_total(self.total_weight, weight)?;
+        if let Some(index) = first_non_finite(values) {
+            return Err(AggregationError::NonFinite { index });
+        }
+        if self.len() >= PARALLEL_MIN {
+            self.sum
+                .par_chunks_mut(CHUNK)
+                .zip(values.par_chunks(CHUNK))
+                .for_each(|(sum, values)| add_scaled(sum, values, weight));
+        } else {
+            add_scaled(&mut self.sum, values, weight);
+        }
+        self.total_weight = total;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The weighted mean `Σ wᵢ·xᵢ / Σ wᵢ` as float32. Fails before any update was added.
+    pub fn mean(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.len()];
+        self.mean_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`mean`](Self::mean) written into `out` (of [`len`](Self::len) values).
+    pub fn mean_into(&self, out: &mut [f32]) -> Result<()> {
+        let scale = 1.0 / self.nonzero_total()?;
+        finish(&self.sum, None, out, |s, _| s * scale)
+    }
+
+    /// The weighted sum `Σ wᵢ·xᵢ` as float32. Fails if a value overflows float32.
+    pub fn weighted_sum(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.len()];
+        self.weighted_sum_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`weighted_sum`](Self::weighted_sum) written into `out` (of [`len`](Self::len) values).
+    pub fn weighted_sum_into(&self, out: &mut [f32]) -> Result<()> {
+        finish(&self.sum, None, out, |s, _| s)
+    }
+
+    /// `base + scale · mean` (`normalize`) or `base + scale · sum` (not `normalize`), computed in
+    /// float64 and rounded once to float32: the new global model from a delta aggregate.
+    pub fn apply(&self, base: &[f32], scale: f64, normalize: bool) -> Result<Vec<f32>> {
+        let mut out = vec![0.0; self.len()];
+        self.apply_into(base, scale, normalize, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`apply`](Self::apply) written into `out` (of [`len`](Self::len) values).
+    pub fn apply_into(
+        &self,
+        base: &[f32],
+        scale: f64,
+        normalize: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        check_len("base", base.len(), self.len())?;
+        if !scale.is_finite() {
+            return Err(AggregationError::InvalidScale(scale));
+        }
+        if normalize {
+            let inverse = 1.0 / self.nonzero_total()?;
+            finish(&self.sum, Some(base), out, |s, b| b + scale * (s * inverse))
+        } else {
+            finish(&self.sum, Some(base), out, |s, b| b + scale * s)
+        }
+    }
+
+    /// Clears the sum, the total weight and the count; keeps the allocation.
+    pub fn reset(&mut self) {
+        if self.len() >= PARALLEL_MIN {
+            self.sum.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
+        } else {
+            self.sum.fill(0.0);
+        }
+        self.total_weight = 0.0;
+        self.count = 0;
+    }
+
+    fn nonzero_total(&self) -> Result<f64> {
+        // Weights are > 0, so the total is 0 exactly when nothing was added.
+        if self.count == 0 {
+            Err(AggregationError::EmptyMean)
+        } else {
+            Ok(self.total_weight)
+        }
+    }
+}
+
+/// The weighted mean `Σ wᵢ·xᵢ / Σ wᵢ` of equally long updates, as float32.
+///
+/// Needs every update at once but moves far fewer bytes than folding them one by one: it walks
+/// the parameters in tiles whose float64 sums stay in cache while every update's slice is added,
+/// so each update is read once and the sums never go to memory. Bit-identical to adding the
+/// updates to an [`Accumulator`] in order and calling [`Accumulator::mean`].
+pub fn weighted_average<T: Element>(updates: &[&[T]], weights: &[f64]) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; updates.first().map_or(0, |u| u.len())];
+    weighted_average_into(updates, weights, &mut out)?;
+    Ok(out)
+}
+
+/// [`weighted_average`] written into `out` (as long as each update).
+pub fn weighted_average_into<T: Element>(
+    updates: &[&[T]],
+    weights: &[f64],
+    out: &mut [f32],
+) -> Result<()> {
+    if updates.len() != weights.len() {
+        return Err(AggregationError::WeightCount {
+            updates: updates.len(),
+            weights: weights.len(),
+        });
+    }
+    let len = updates.first().ok_or(AggregationError::NoUpdates)?.len();
+    let mut total = 0.0;
+    for (index, (update, &weight)) in updates.iter().zip(weights).enumerate() {
+        if update.len() != len {
+            return Err(AggregationError::RaggedUpdates {
+                index,
+                got: update.len(),
+                expected: len,
+            });
+        }
+        total = checked_total(total, weight).map_err(|e| e.in_update(index))?;
+    }
+    check_len("output", out.len(), len)?;
+    let inverse = 1.0 / total;
+
+    // Each tile reports whether its results came out non-finite; only then do we look for the
+    // cause, so the happy path never reads the updates twice.
+    let fold_tile = |sums: &mut Vec<f64>, (tile, out): (usize, &mut [f32])| -> bool {
+        let start = tile * TILE;
+        let sums = &mut sums[..out.len()];
+        sums.fill(0.0);
+        for (update, &weight) in updates.iter().zip(weights) {
+            add_scaled(sums, &update[start..start + out.len()], weight);
+        }
+        for (o, &s) in out.iter_mut().zip(sums.iter()) {
+            *o = (s * inverse) as f32;
+        }
+        !all_finite(out)
+    };
+    let overflowed = if len >= PARALLEL_MIN {
+        out.par_chunks_mut(TILE)
+            .enumerate()
+            .map_init(|| vec![0.0; TILE], fold_tile)
+            .any(|bad| bad)
+    } else {
+        let mut sums = vec![0.0; TILE.min(len)];
+        out.chunks_mut(TILE)
+            .enumerate()
+            .any(|item| fold_tile(&mut sums, item))
+    };
+    if overflowed {
+        for (index, update) in updates.iter().enumerate() {
+            if let Some(at) = first_non_finite(update) {
+                return Err(AggregationError::NonFinite { index: at }.in_update(index));
+            }
+        }
+        // Finite inputs with a non-finite sum: the weights were large enough to overflow.
+        let index = first_non_finite(out).unwrap_or(0);
+        return Err(AggregationError::NonFiniteResult { index });
+    }
+    Ok(())
+}
+
+/// Index of the first NaN or infinity in `values`, checked in parallel for long inputs.
+pub fn first_non_finite<T: Element>(values: &[T]) -> Option<usize> {
+    let chunk = if values.len() >= PARALLEL_MIN {
+        values.par_chunks(CHUNK).position_first(|c| !all_finite(c))
+    } else {
+        values.chunks(CHUNK).position(|c| !all_finite(c))
+    }?;
+    let start = chunk * CHUNK;
+    values[start..]
+        .iter()
+        .position(|&x| !x.to_f64().is_finite())
+        .map(|i| start + i)
+}
+
+fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(AggregationError::LengthMismatch {
+            what,
+            got,
+            expected,
+        })
+    }
+}
+
+/// `total + weight`, after checking that `weight` is finite and > 0 and the total stays finite.
+fn checked_total(total: f64, weight: f64) -> Result<f64> {
+    if !(weight.is_finite() && weight > 0.0) {
+        return Err(AggregationError::InvalidWeight(weight));
+    }
+    let next = total + weight;
+    if next.is_finite() {
+        Ok(next)
+    } else {
+        Err(AggregationError::WeightOverflow { total, weight })
+    }
+}
+
+/// `sum += weight · values`, elementwise. A plain loop that the compiler vectorizes.
+#[inline]
+fn add_scaled<T: Element>(sum: &mut [f64], values: &[T], weight: f64) {
+    for (s, &x) in sum.iter_mut().zip(values) {
+        *s += weight * x.to_f64();
+    }
+}
+
+/// Whether every value is finite, without branching per value: `x · 0` is 0 for finite `x` and
+/// NaN for NaN or ±∞, and NaN is sticky under addition. Sixteen independent lanes let the
+/// compiler vectorize the loop (a single running sum would be a serial dependency chain).
+#[inline]
+fn all_finite<T: Element>(values: &[T]) -> bool {
+    const LANES: usize = 16;
+    let mut lanes = [T::ZERO; LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (lane, &x) in lanes.iter_mut().zip(block) {
+            *lane = *lane + x * T::ZERO;
+        }
+    }
+    for &x in blocks.remainder() {
+        lanes[0] = lanes[0] + x * T::ZERO;
+    }
+    lanes.iter().all(|&lane| lane.to_f64().is_finite())
+}
+
+/// Maps the float64 sums (and an optional float32 base) through `op` into `out` as float32, and
+/// checks each chunk for non-finite results while it is still in cache.
+fn finish<F>(sum: &[f64], base: Option<&[f32]>, out: &mut [f32], op: F) -> Result<()>
+where
+    F: Fn(f64, f64) -> f64 + Sync,
+{
+    check_len("output", out.len(), sum.len())?;
+    let kernel = |(chunk, out): (usize, &mut [f32])| -> Option<usize> {
+        let start = chunk * CHUNK;
+        let sum = &sum[start..start + out.len()];
+        match base {
+            Some(base) => {
+                let base = &base[start..start + out.len()];
+                for ((o, &s), &b) in out.iter_mut().zip(sum).zip(base) {
+                    *o = op(s, f64::from(b)) as f32;
+                }
+            }
+            None => {
+                for (o, &s) in out.iter_mut().zip(sum) {
+                    *o = op(s, 0.0) as f32;
+                }
+            }
+        }
+        first_non_finite(out).map(|i| start + i)
+    };
+    let first_bad = if sum.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .filter_map(kernel)
+            .min()
+    } else {
+        out.chunks_mut(CHUNK).enumerate().filter_map(kernel).min()
+    };
+    match first_bad {
+        Some(index) => Err(AggregationError::NonFiniteResult { index }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Deterministic pseudo-random values in [-8, 8) (xorshift64*), so large inputs are cheap to
+    /// make and shrink well: proptest varies the seed, not a million-element vector.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let bits = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+                (bits as f32 / (1u64 << 24) as f32) * 16.0 - 8.0
+            })
+            .collect()
+    }
+
+    /// The plain definition: sequential float64 loops.
+    fn reference_sum(updates: &[Vec<f32>], weights: &[f64]) -> Vec<f64> {
+        let mut sum = vec![0.0; updates[0].len()];
+        for (update, &weight) in updates.iter().zip(weights) {
+            for (s, &x) in sum.iter_mut().zip(update) {
+                *s += weight * f64::from(x);
+            }
+        }
+        sum
+    }
+
+    /// The mean as the module documents it: the sum times the reciprocal of the total weight.
+    fn reference_mean(updates: &[Vec<f32>], weights: &[f64]) -> Vec<f32> {
+        let inverse = 1.0 / weights.iter().fold(0.0, |t, &w| t + w);
+        reference_sum(updates, weights)
+            .iter()
+            .map(|&s| (s * inverse) as f32)
+            .collect()
+    }
+
+    fn filled(updates: &[Vec<f32>], weights: &[f64]) -> Accumulator {
+        let mut acc = Accumulator::new(updates[0].len());
+        for (update, &weight) in updates.iter().zip(weights) {
+            acc.add(update, weight).unwrap();
+        }
+        acc
+    }
+
+    fn case(len: usize, n: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f64>) {
+        let updates = (0..n).map(|i| values(len, seed + i as u64)).collect();
+        let weights = (0..n).map(|i| 0.5 + i as f64 * 0.75).collect();
+        (updates, weights)
+    }
+
+    #[test]
+    fn mean_matches_reference_on_the_parallel_path() {
+        let (updates, weights) = case(3 * PARALLEL_MIN + 17, 3, 7);
+
+        let mean = filled(&updates, &weights).mean().unwrap();
+
+        assert_eq!(mean, reference_mean(&updates, &weights));
+    }
+
+    #[test]
+    fn float64_updates_accumulate_without_rounding_to_float32() {
+        let mut acc = Accumulator::new(1);
+
+        acc.add(&[0.1_f64], 1.0).unwrap();
+
+        assert_eq!(acc.sum(), &[0.1_f64]);
+    }
+
+    #[test]
+    fn weighted_sum_and_counters() {
+        let (updates, weights) = case(10, 2, 1);
+
+        let acc = filled(&updates, &weights);
+
+        let expected: Vec<f32> = reference_sum(&updates, &weights)
+            .iter()
+            .map(|&s| s as f32)
+            .collect();
+        assert_eq!(acc.weighted_sum().unwrap(), expected);
+        assert_eq!(acc.count(), 2);
+        assert_eq!(acc.total_weight(), 0.5 + 1.25);
+    }
+
+    #[test]
+    fn apply_adds_the_scaled_mean_or_sum_to_the_base() {
+        let mut acc = Accumulator::new(2);
+        acc.add(&[2.0_f32, 4.0], 1.0).unwrap();
+        acc.add(&[4.0_f32, 8.0], 3.0).unwrap();
+        let base = [1.0_f32, -1.0];
+
+        let normalized = acc.apply(&base, 0.5, true).unwrap();
+        let raw = acc.apply(&base, 0.5, false).unwrap();
+
+        assert_eq!(normalized, vec![1.0 + 0.5 * 3.5, -1.0 + 0.5 * 7.0]);
+        assert_eq!(raw, vec![1.0 + 0.5 * 14.0, -1.0 + 0.5 * 28.0]);
+    }
+
+    #[test]
+    fn reset_clears_everything() {
+        let (updates, weights) = case(PARALLEL_MIN + 1, 2, 3);
+        let mut acc = filled(&updates, &weights);
+
+        acc.reset();
+
+        assert_eq!(acc, Accumulator::new(PARALLEL_MIN + 1));
+    }
+
+    #[test]
+    fn errors_leave_the_state_unchanged() {
+        let (updates, weights) = case(PARALLEL_MIN + 5, 2, 11);
+        let mut acc = filled(&updates, &weights);
+        let before = acc.clone();
+        let mut poisoned = values(PARALLEL_MIN + 5, 99);
+        poisoned[PARALLEL_MIN + 3] = f32::INFINITY;
+        poisoned[PARALLEL_MIN + 4] = f32::NAN;
+
+        let errors = [
+            acc.add(&poisoned, 1.0).unwrap_err(),
+            acc.add(&updates[0][..10], 1.0).unwrap_err(),
+            acc.add(&updates[0], f64::NAN).unwrap_err(),
+            acc.add(&updates[0], 0.0).unwrap_err(),
+            acc.add(&updates[0], -1.0).unwrap_err(),
+            acc.add(&updates[0], f64::INFINITY).unwrap_err(),
+        ];
+
+        assert_eq!(acc, before);
+        assert_eq!(
+            errors[0],
+            AggregationError::NonFinite {
+                index: PARALLEL_MIN + 3
+            }
+        );
+        assert!(matches!(
+            errors[1],
+            AggregationError::LengthMismatch { got: 10, .. }
+        ));
+        assert!(matches!(errors[2], AggregationError::InvalidWeight(w) if w.is_nan()));
+        assert_eq!(errors[3], AggregationError::InvalidWeight(0.0));
+        assert_eq!(errors[4], AggregationError::InvalidWeight(-1.0));
+        assert_eq!(errors[5], AggregationError::InvalidWeight(f64::INFINITY));
+    }
+
+    #[test]
+    fn total_weight_overflow_is_rejected() {
+        let mut acc = Accumulator::new(3);
+        acc.add(&[0.0_f32; 3], f64::MAX).unwrap();
+        let before = acc.clone();
+
+        let result = acc.add(&[0.0_f32; 3], f64::MAX);
+
+        assert!(matches!(
+            result,
+            Err(AggregationError::WeightOverflow { .. })
+        ));
+        assert_eq!(acc, before);
+    }
+
+    #[test]
+    fn mean_of_nothing_is_an_error() {
+        let acc = Accumulator::new(4);
+
+        assert_eq!(acc.mean(), Err(AggregationError::EmptyMean));
+        assert_eq!(
+            acc.apply(&[0.0; 4], 1.0, true),
+            Err(AggregationError::EmptyMean)
+        );
+        assert_eq!(acc.weighted_sum(), Ok(vec![0.0; 4]));
+    }
+
+    #[test]
+    fn float32_overflow_is_reported() {
+        let mut acc = Accumulator::new(2);
+        acc.add(&[1.0_f32, f32::MAX], 4.0).unwrap();
+
+        assert_eq!(
+            acc.weighted_sum(),
+            Err(AggregationError::NonFiniteResult { index: 1 })
+        );
+    }
+
+    #[test]
+    fn apply_rejects_bad_scale_and_base_length() {
+        let mut acc = Accumulator::new(2);
+        acc.add(&[1.0_f32, 2.0], 1.0).unwrap();
+
+        assert_eq!(
+            acc.apply(&[0.0; 2], f64::INFINITY, true),
+            Err(AggregationError::InvalidScale(f64::INFINITY))
+        );
+        assert!(matches!(
+            acc.apply(&[0.0; 3], 1.0, true),
+            Err(AggregationError::LengthMismatch { what: "base", .. })
+        ));
+    }
+
+    #[test]
+    fn weighted_average_validates_its_inputs() {
+        let a = [1.0_f32, 2.0];
+        let b = [1.0_f32, f32::NAN];
+        let short = [1.0_f32];
+
+        assert_eq!(
+            weighted_average::<f32>(&[], &[]),
+            Err(AggregationError::NoUpdates)
+        );
+        assert!(matches!(
+            weighted_average(&[&a[..]], &[1.0, 2.0]),
+            Err(AggregationError::WeightCount { .. })
+        ));
+        assert!(matches!(
+            weighted_average(&[&a[..], &short[..]], &[1.0, 2.0]),
+            Err(AggregationError::RaggedUpdates { index: 1, .. })
+        ));
+        assert_eq!(
+            weighted_average(&[&a[..], &a[..]], &[1.0, -2.0]),
+            Err(AggregationError::InvalidWeight(-2.0).in_update(1))
+        );
+        assert_eq!(
+            weighted_average(&[&a[..], &b[..]], &[1.0, 2.0]),
+            Err(AggregationError::NonFinite { index: 1 }.in_update(1))
+        );
+    }
+
+    #[test]
+    fn weighted_average_reports_overflow_of_finite_inputs() {
+        let a = [f32::MAX; 3];
+
+        let result = weighted_average(&[&a[..], &a[..]], &[f64::MAX / 2.0, f64::MAX / 2.0]);
+
+        assert_eq!(result, Err(AggregationError::NonFiniteResult { index: 0 }));
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_earliest() {
+        let mut xs = vec![0.0_f32; 2 * PARALLEL_MIN];
+        xs[PARALLEL_MIN + 1] = f32::NEG_INFINITY;
+        xs[2 * PARALLEL_MIN - 1] = f32::NAN;
+
+        assert_eq!(first_non_finite(&xs), Some(PARALLEL_MIN + 1));
+        assert_eq!(first_non_finite(&[f64::MAX, f64::MIN]), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn accumulator_matches_reference(
+            len in prop_oneof![0_usize..300, PARALLEL_MIN - 3..PARALLEL_MIN + 3 * CHUNK],
+            weights in prop::collection::vec(1e-3_f64..1e3, 1..5),
+            seed in any::<u64>(),
+        ) {
+            let updates: Vec<Vec<f32>> =
+                (0..weights.len()).map(|i| values(len, seed ^ i as u64)).collect();
+
+            let acc = filled(&updates, &weights);
+
+            prop_assert_eq!(acc.mean().unwrap(), reference_mean(&updates, &weights));
+            prop_assert_eq!(acc.sum(), &reference_sum(&updates, &weights)[..]);
+        }
+
+        #[test]
+        fn batch_equals_streaming(
+            len in prop_oneof![1_usize..300, PARALLEL_MIN..PARALLEL_MIN + 2 * TILE + 7],
+            weights in prop::collection::vec(1e-3_f64..1e3, 1..6),
+            seed in any::<u64>(),
+        ) {
+            let updates: Vec<Vec<f32>> =
+                (0..weights.len()).map(|i| values(len, seed ^ i as u64)).collect();
+            let views: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+
+            let batch = weighted_average(&views, &weights).unwrap();
+
+            prop_assert_eq!(batch, filled(&updates, &weights).mean().unwrap());
+        }
+
+        #[test]
+        fn non_finite_anywhere_is_found(
+            len in 1_usize..PARALLEL_MIN + 2 * CHUNK,
+            at in any::<prop::sample::Index>(),
+            bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
+        ) {
+            let mut xs = values(len, 5);
+            let index = at.index(len);
+            xs[index] = bad;
+            let mut acc = Accumulator::new(len);
+
+            let result = acc.add(&xs, 1.0);
+
+            prop_assert_eq!(result, Err(AggregationError::NonFinite { index }));
+            prop_assert_eq!(acc, Accumulator::new(len));
+        }
+    }
+}
