@@ -53,6 +53,7 @@ FULL_CASES = [(10, 1_000_000), (100, 1_000_000), (10, 10_000_000), (100, 10_000_
 QUICK_CASES = [(10, 1_000_000), (10, 10_000_000)]
 POOL = 8
 BLOCK = 1 << 15  # numpy blocked axpy: 32 Ki float64 temporaries = 256 KiB, fits L2
+WINDOW = 8  # updates folded per Accumulator.add_many in the streaming path (ServerStep default)
 COPY_BYTES = 256 << 20
 RESULTS = Path(__file__).resolve().parent / "results" / "aggregation.json"
 
@@ -62,6 +63,12 @@ F64 = NDArray[np.float64]
 DEFINITIONS = {
     "rust_s": "median seconds per round: Accumulator.reset, add every update, mean",
     "rust_batch_s": "median seconds: weighted_average over all updates at once",
+    "rust_window_s": "median seconds per round: Accumulator.reset, add_many every WINDOW "
+    "updates in arrival order (the controller's streaming path), mean",
+    "window_speedup": "numpy_s / rust_window_s",
+    "window_bandwidth_fraction": "bytes the windowed round must move (per update 4 B/param read "
+    "to validate + 4 B/param to fold; per window 16 B/param for the float64 sums) / s / copy "
+    "bandwidth",
     "numpy_axpy_s": "median seconds per round, best in-place numpy loop (whole or blocked)",
     "numpy_average_s": "median seconds: np.average(stack, axis=0, weights=w) to float32",
     "numpy_s": "best of numpy_axpy_s and numpy_average_s",
@@ -200,6 +207,14 @@ def rust_round(acc: Accumulator, rows: list[F32], weights: list[float]) -> F32:
     return acc.mean()
 
 
+def rust_window_round(acc: Accumulator, rows: list[F32], weights: list[float]) -> F32:
+    """Streaming as the controller does it: fold updates in arrival order, WINDOW at a time."""
+    acc.reset()
+    for start in range(0, len(rows), WINDOW):
+        acc.add_many(rows[start : start + WINDOW], weights[start : start + WINDOW])
+    return acc.mean()
+
+
 def numpy_axpy_whole(acc: F64, tmp: F64, rows: list[F32], weights: list[float]) -> F32:
     acc.fill(0.0)
     for row, weight in zip(rows, weights, strict=True):
@@ -252,7 +267,10 @@ def run_case(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[s
     acc = Accumulator(params)
     acc64 = np.zeros(params)
     tmp = np.zeros(params)
-    methods: dict[str, Callable[[], F32]] = {"rust": lambda: rust_round(acc, rows, weights)}
+    methods: dict[str, Callable[[], F32]] = {
+        "rust": lambda: rust_round(acc, rows, weights),
+        "rust_window": lambda: rust_window_round(acc, rows, weights),
+    }
     if stack is not None:
         methods["rust_batch"] = lambda: weighted_average(rows, weights)
     methods["numpy_axpy_whole"] = lambda: numpy_axpy_whole(acc64, tmp, rows, weights)
@@ -280,6 +298,7 @@ def run_case(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[s
     whole, blocked = median["numpy_axpy_whole"], median["numpy_axpy_blocked"]
     case["rust_s"] = median["rust"]
     case["rust_batch_s"] = median.get("rust_batch")
+    case["rust_window_s"] = median["rust_window"]
     case["numpy_axpy_whole_s"] = whole
     case["numpy_axpy_blocked_s"] = blocked
     case["numpy_axpy_s"] = min(whole, blocked)
@@ -290,6 +309,9 @@ def run_case(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[s
     case["numpy_best"] = "np.average" if case["numpy_s"] == case["numpy_average_s"] else "axpy"
     case["speedup"] = case["numpy_s"] / case["rust_s"]
     case["batch_speedup"] = case["numpy_s"] / case["rust_batch_s"] if stack is not None else None
+    case["window_speedup"] = case["numpy_s"] / case["rust_window_s"]
+    windows = -(-updates // WINDOW)
+    case["window_bytes"] = params * (8 * updates + 16 * windows + 20)
     case["stream_bytes"] = params * (20 * updates + 20)
     case["batch_bytes"] = params * (4 * updates + 4)
     return case
@@ -298,6 +320,8 @@ def run_case(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[s
 def add_fractions(case: dict[str, Any], copy_gbps: float) -> None:
     case["rust_GBps"] = case["stream_bytes"] / case["rust_s"] / 1e9
     case["bandwidth_fraction"] = case["rust_GBps"] / copy_gbps
+    case["rust_window_GBps"] = case["window_bytes"] / case["rust_window_s"] / 1e9
+    case["window_bandwidth_fraction"] = case["rust_window_GBps"] / copy_gbps
     if case["rust_batch_s"] is not None:
         case["rust_batch_GBps"] = case["batch_bytes"] / case["rust_batch_s"] / 1e9
         case["batch_bandwidth_fraction"] = case["rust_batch_GBps"] / copy_gbps
@@ -339,22 +363,26 @@ def print_table(result: dict[str, Any]) -> None:
     if machine["core_build_profile"] != "release":
         print("WARNING: the Rust core is a debug build; rebuild with `maturin develop --release`")
     header = (
-        f"{'case':>12} {'rust ms':>9} {'batch ms':>9} {'axpy ms':>9} {'average ms':>10} "
-        f"{'numpy ms':>9} {'speedup':>8} {'batch':>7} {'rust GB/s':>9} {'bw frac':>7}"
+        f"{'case':>12} {'rust ms':>9} {'window ms':>9} {'batch ms':>9} {'axpy ms':>9} "
+        f"{'average ms':>10} {'numpy ms':>9} {'speedup':>8} {'window':>7} {'batch':>7} "
+        f"{'rust GB/s':>9} {'bw frac':>7} {'win frac':>8}"
     )
     print(header)
     print("-" * len(header))
     for case in result["cases"]:
         name = f"{case['updates']} x {case['params'] / 1e6:g}M"
         print(
-            f"{name:>12} {ms(case['rust_s'])} {ms(case['rust_batch_s'])} "
-            f"{ms(case['numpy_axpy_s'])} {ms(case['numpy_average_s']):>10} "
-            f"{ms(case['numpy_s'])} {ratio(case['speedup']):>8} "
+            f"{name:>12} {ms(case['rust_s'])} {ms(case['rust_window_s'])} "
+            f"{ms(case['rust_batch_s'])} {ms(case['numpy_axpy_s'])} "
+            f"{ms(case['numpy_average_s']):>10} {ms(case['numpy_s'])} "
+            f"{ratio(case['speedup']):>8} {ratio(case['window_speedup']):>7} "
             f"{ratio(case['batch_speedup']):>7} {case['rust_GBps']:9.1f} "
-            f"{case['bandwidth_fraction']:7.2f}"
+            f"{case['bandwidth_fraction']:7.2f} {case['window_bandwidth_fraction']:8.2f}"
         )
     print()
-    print("speedup = best numpy / streaming Rust; batch = best numpy / weighted_average;")
+    print("speedup = best numpy / streaming Rust (one add per update); window = best numpy /")
+    print(f"streaming Rust folding arrivals {WINDOW} at a time (Accumulator.add_many, as the")
+    print("controller's ServerStep does); batch = best numpy / weighted_average;")
     print("bw frac = streaming Rust bytes/s (20 B/param per add) / copy reference.")
     print("axpy = faster of whole-array and L2-blocked numpy loops (see JSON for both).")
     for case in result["cases"]:

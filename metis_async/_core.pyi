@@ -42,6 +42,19 @@ class Accumulator:
         (zero is rejected: drop such an update instead). On error nothing changes.
         """
 
+    def add_many(
+        self,
+        updates: Sequence[NDArray[np.float32] | NDArray[np.float64]],
+        weights: Sequence[float],
+    ) -> None:
+        """Add several updates at once (all float32 or all float64); same result as ``add``.
+
+        The float64 sums are read and written once per cache tile for the whole group instead of
+        once per update, so a group of n updates moves about 4 + 16/n bytes per parameter each
+        instead of 20. Raises :class:`AggregationError` naming the bad update; on error nothing
+        changes. The arrays are borrowed, not copied, with the GIL released.
+        """
+
     def mean(self) -> NDArray[np.float32]:
         """The weighted mean ``sum / total_weight``; fails if nothing was added."""
 

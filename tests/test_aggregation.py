@@ -362,3 +362,28 @@ def test_core_weighted_average_errors(updates: Updates, weights: list[float], me
 def test_facade_rejects_integer_updates() -> None:
     with pytest.raises(AggregationError, match="expected a floating-point array, got int32"):
         weighted_average([np.ones(3, dtype=np.int32)], [1.0])
+
+
+def test_add_many_equals_adding_one_by_one() -> None:
+    rng = np.random.default_rng(5)
+    updates = [rng.standard_normal(70_000).astype(np.float32) for _ in range(5)]
+    weights = [0.5, 1.0, 2.0, 3.5, 1.25]
+    grouped, single = Accumulator(70_000), Accumulator(70_000)
+
+    grouped.add_many(updates, weights)
+    for update, weight in zip(updates, weights, strict=True):
+        single.add(update, weight)
+
+    np.testing.assert_array_equal(grouped.mean(), single.mean())
+    assert grouped.count == single.count == 5
+
+
+def test_add_many_names_the_bad_update_and_changes_nothing() -> None:
+    good = np.ones(4, dtype=np.float32)
+    bad = np.array([1, 2, np.inf, 4], dtype=np.float32)
+    acc = Accumulator(4)
+
+    with pytest.raises(AggregationError, match=r"updates\[1\]"):
+        acc.add_many([good, bad], [1.0, 1.0])
+
+    assert acc.count == 0

@@ -148,6 +148,48 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Adds several updates at once: the same result, bit for bit, as [`add`](Self::add)ing
+    /// them in order, but the float64 sums are read and written once per tile for the whole
+    /// group instead of once per update (each update's slice of a tile is folded in while the
+    /// tile's sums sit in cache). Memory traffic per update drops from 20 B/param to about
+    /// 4 + 16/n B/param. Every update and weight is validated first; on error nothing changes
+    /// and the error names the update.
+    pub fn add_many<T: Element>(&mut self, updates: &[&[T]], weights: &[f64]) -> Result<()> {
+        if updates.len() != weights.len() {
+            return Err(AggregationError::WeightCount {
+                updates: updates.len(),
+                weights: weights.len(),
+            });
+        }
+        let mut total = self.total_weight;
+        for (index, (update, &weight)) in updates.iter().zip(weights).enumerate() {
+            check_len("update", update.len(), self.len()).map_err(|e| e.in_update(index))?;
+            total = checked_total(total, weight).map_err(|e| e.in_update(index))?;
+        }
+        for (index, update) in updates.iter().enumerate() {
+            if let Some(at) = first_non_finite(update) {
+                return Err(AggregationError::NonFinite { index: at }.in_update(index));
+            }
+        }
+        let fold_tile = |(tile, sums): (usize, &mut [f64])| {
+            let start = tile * TILE;
+            for (update, &weight) in updates.iter().zip(weights) {
+                add_scaled(sums, &update[start..start + sums.len()], weight);
+            }
+        };
+        if self.len() >= PARALLEL_MIN {
+            self.sum
+                .par_chunks_mut(TILE)
+                .enumerate()
+                .for_each(fold_tile);
+        } else {
+            self.sum.chunks_mut(TILE).enumerate().for_each(fold_tile);
+        }
+        self.total_weight = total;
+        self.count += updates.len() as u64;
+        Ok(())
+    }
+
     /// The weighted mean `Σ wᵢ·xᵢ / Σ wᵢ` as float32. Fails before any update was added.
     pub fn mean(&self) -> Result<Vec<f32>> {
         let mut out = vec![0.0; self.len()];
@@ -503,6 +545,41 @@ mod tests {
 
         assert_eq!(normalized, vec![1.0 + 0.5 * 3.5, -1.0 + 0.5 * 7.0]);
         assert_eq!(raw, vec![1.0 + 0.5 * 14.0, -1.0 + 0.5 * 28.0]);
+    }
+
+    #[test]
+    fn add_many_equals_adding_one_by_one_bit_for_bit() {
+        for len in [10, PARALLEL_MIN + 12_345] {
+            let (updates, weights) = case(len, 5, 7);
+            let slices: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+            let mut grouped = Accumulator::new(len);
+            grouped.add(&updates[0], 2.0).unwrap();
+            grouped.add_many(&slices, &weights).unwrap();
+            let mut single = Accumulator::new(len);
+            single.add(&updates[0], 2.0).unwrap();
+            for (u, &w) in updates.iter().zip(&weights) {
+                single.add(u, w).unwrap();
+            }
+            assert_eq!(grouped.sum(), single.sum());
+            assert_eq!(grouped.count(), 6);
+            assert_eq!(grouped.total_weight(), single.total_weight());
+        }
+    }
+
+    #[test]
+    fn add_many_errors_name_the_update_and_change_nothing() {
+        let (mut updates, weights) = case(100, 3, 1);
+        updates[2][40] = f32::NAN;
+        let slices: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+        let mut acc = Accumulator::new(100);
+        let err = acc.add_many(&slices, &weights).unwrap_err();
+        assert!(err.to_string().contains("updates[2]"), "{err}");
+        assert_eq!(acc.count(), 0);
+        assert!(acc.sum().iter().all(|&s| s == 0.0));
+        let err = acc.add_many(&slices[..2], &[1.0, -1.0]).unwrap_err();
+        assert!(err.to_string().contains("updates[1]"), "{err}");
+        assert!(acc.add_many(&slices[..2], &[1.0]).is_err());
+        assert_eq!(acc.count(), 0);
     }
 
     #[test]
