@@ -5,7 +5,7 @@ and must be 1-D, C-contiguous, float32 or float64. Every call that is O(model si
 GIL. Any invalid input raises :class:`AggregationError` before any state changes.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, final
 
 import numpy as np
@@ -95,8 +95,6 @@ def weighted_average(
     """
 
 # --- server optimizers (rust/src/optim/) and robust rules (rust/src/robust/) ------------------
-
-from collections.abc import Mapping  # noqa: E402
 
 __all__ += [
     "ServerOptimizer",

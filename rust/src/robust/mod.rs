@@ -14,7 +14,8 @@
 //!
 //! Updates are borrowed as a slice of equally long rows (`&[&[f32]]`): the rows of a C-contiguous
 //! 2-D array or separate 1-D arrays, without copying. Results are computed in float64 and rounded
-//! once to float32. Everything is deterministic: the work is split by the data's shape only,
+//! once to float32, except that squared differences and squares (Krum, the norm) are summed in
+//! float32 over runs of at most 16 terms before float64 takes over. Everything is deterministic: the work is split by the data's shape only,
 //! never by the number of threads, and partial sums are added in a fixed order.
 //!
 //! Inputs with NaN or infinity are rejected. Median and trimmed mean check for them while
@@ -116,22 +117,7 @@ pub fn clip_by_norm_into(update: &[f32], max_norm: f64, out: &mut [f32]) -> Resu
     }
     check_out(out, update.len())?;
     // Partial sums per fixed chunk, added in order: deterministic whatever the thread count.
-    let squares = |c: &[f32]| -> f64 {
-        // Eight independent float64 sums, so the loop vectorizes instead of waiting on one.
-        let mut lanes = [0.0_f64; 8];
-        let blocks = c.chunks_exact(8);
-        let tail: f64 = blocks
-            .remainder()
-            .iter()
-            .map(|&x| f64::from(x).powi(2))
-            .sum();
-        for block in blocks {
-            for (lane, &x) in lanes.iter_mut().zip(block) {
-                *lane += f64::from(x) * f64::from(x);
-            }
-        }
-        lanes.iter().sum::<f64>() + tail
-    };
+    let squares = |c: &[f32]| -> f64 { c.chunks(256).map(sum_of_squares).sum() };
     let partials: Vec<f64> = if update.len() >= PARALLEL_MIN {
         update.par_chunks(CHUNK).map(squares).collect()
     } else {
@@ -161,6 +147,32 @@ pub fn clip_by_norm_into(update: &[f32], max_norm: f64, out: &mut [f32]) -> Resu
         kernel((out, update));
     }
     Ok(scale)
+}
+
+/// `Σ x²` of a short block (≤ 256 values): squares summed in float32 over 16 lanes (at most 16
+/// terms each, so the relative error stays near 1e-7) and the lanes in float64; four times the
+/// speed of float64 arithmetic. A block whose float32 squares overflow (values beyond ~1e18) is
+/// redone in float64; NaN and infinity stay non-finite.
+fn sum_of_squares(block: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut lanes = [0.0_f32; LANES];
+    let values = block.chunks_exact(LANES);
+    let tail: f64 = values
+        .remainder()
+        .iter()
+        .map(|&x| f64::from(x).powi(2))
+        .sum();
+    for values in values {
+        for (lane, &x) in lanes.iter_mut().zip(values) {
+            *lane += x * x;
+        }
+    }
+    let total = lanes.iter().map(|&x| f64::from(x)).sum::<f64>() + tail;
+    if total.is_finite() {
+        total
+    } else {
+        block.iter().map(|&x| f64::from(x).powi(2)).sum()
+    }
 }
 
 /// The common length of the updates, after checking there is at least one and none is ragged.
@@ -281,6 +293,9 @@ mod tests {
         assert_eq!(clip_by_norm(&update, 10.0), Ok(vec![3.0, 4.0]));
         assert_eq!(clip_by_norm(&update, 1.0), Ok(vec![0.6, 0.8]));
         assert_eq!(clip_by_norm(&[0.0; 3], 1.0), Ok(vec![0.0; 3]));
+        // 3e38² overflows float32 but not the float64 norm: 3e38·√20 scaled to 3e38.
+        let big = clip_by_norm(&[3e38; 20], 3e38).unwrap();
+        assert!((big[0] - 3e38 / 20_f32.sqrt()).abs() <= 1e-6 * big[0]);
     }
 
     #[test]
