@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 
 use crate::accumulate;
 use crate::error::AggregationError;
+use crate::py_arrays;
 
 /// The Python exception type, in its own module so its name can match the Rust enum's.
 pub mod exceptions {
@@ -31,36 +32,23 @@ impl From<AggregationError> for PyErr {
     }
 }
 
-/// Runs `work` with the GIL released: the one door through which O(model) work leaves Python,
-/// so other Python threads (the asyncio loop among them) keep running meanwhile.
+/// Runs `work` with the GIL released, through the crate's one door ([`py_arrays::detached`]);
+/// typed to this module's error so closures using `?` infer it.
 fn detached<T, F>(py: Python<'_>, work: F) -> PyResult<T>
 where
     F: Send + FnOnce() -> Result<T, AggregationError>,
     T: Send,
 {
-    py.detach(work).map_err(PyErr::from)
+    py_arrays::detached(py, work)
 }
 
-/// A new float32 array of `len` values, filled by `fill` with the GIL released.
-///
-/// numpy allocates it (rather than a `Vec`) because numpy asks the kernel for transparent huge
-/// pages: filling 40 MB then faults in twenty 2 MiB pages instead of ten thousand 4 KiB ones,
-/// which made `mean()` of a 10M model about twice as fast on a 2-core VM.
+/// A new float32 array of `len` values, filled by `fill` with the GIL released (see
+/// [`py_arrays::filled_array`], which also serves the optimizer and robust-rule bindings).
 fn filled_array<'py, F>(py: Python<'py>, len: usize, fill: F) -> PyResult<Bound<'py, PyArray1<f32>>>
 where
     F: Send + FnOnce(&mut [f32]) -> Result<(), AggregationError>,
 {
-    let array = PyArray1::<f32>::zeros(py, len, false);
-    {
-        let mut guard = array
-            .try_readwrite()
-            .map_err(|e| AggregationError::Borrow(e.to_string()))?;
-        let out = guard
-            .as_slice_mut()
-            .map_err(|e| AggregationError::Borrow(e.to_string()))?;
-        detached(py, || fill(out))?;
-    }
-    Ok(array)
+    py_arrays::filled_array(py, len, fill).map(|(array, ())| array)
 }
 
 /// A borrowed, C-contiguous, 1-D float32 or float64 numpy array.

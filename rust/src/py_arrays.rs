@@ -1,7 +1,7 @@
 //! Shared helpers of the server-optimizer and robust-rule bindings: borrowing float32 numpy
 //! arrays zero-copy, releasing the GIL, and filling new float32 arrays.
 //!
-//! They follow `py.rs` (whose helpers are private to it): every O(model) call leaves Python
+//! `py.rs` uses them too: every O(model) call leaves Python
 //! through [`detached`], input errors become `AggregationError` (a `ValueError`) through the one
 //! `From<AggregationError> for PyErr`.
 
