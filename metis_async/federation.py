@@ -110,7 +110,7 @@ class Federation:
         """Wait until the policy finishes; False on timeout (seconds)."""
         try:
             await asyncio.wait_for(self._finished.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return False
         return True
 

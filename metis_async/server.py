@@ -275,7 +275,7 @@ class Controller:
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
         try:
             raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
             raise
         if raw is grpc.aio.EOF:

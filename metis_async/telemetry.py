@@ -16,8 +16,8 @@ import structlog
 
 def configure_logging(level: str = "info", json: bool = False) -> None:
     """Route structlog and stdlib logging to stderr at `level`, as JSON lines or console text."""
-    numeric = logging.getLevelNamesMapping().get(level.upper())
-    if numeric is None:
+    numeric = logging.getLevelName(level.upper())  # an int for known names (3.10 has no mapping)
+    if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(message)s", force=True)
     renderer: structlog.types.Processor = (
