@@ -333,8 +333,8 @@ class SimulatedFederation:
 
     def _commit(self, decision: CommitVersion) -> None:
         if self._step.count == 0:
-            # The server logs this and keeps its model, then fails at the next assignment
-            # because the policy counted a version the store lacks; fail here, where it happened.
+            # The server logs this and commits the unchanged model as the next version; in a
+            # simulation it is a policy bug, so fail here, where it happened.
             raise RuntimeError(f"{self.policy.name} committed an empty aggregate: {decision}")
         self._model = self._step.commit(
             self._model, decision.scale, decision.normalize, decision.relative
