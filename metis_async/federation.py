@@ -119,10 +119,17 @@ class Federation:
         entry = self._tasks.get(task_id)
         return entry[1] if entry is not None and entry[0] is session else None
 
+    def _pop_task(self, task_id: str) -> tuple[Session, Task] | None:
+        """Remove an outstanding task from the table and from its session's set."""
+        entry = self._tasks.pop(task_id, None)
+        if entry is not None:
+            entry[0].tasks.discard(task_id)
+        return entry
+
     def forget(self, session: Session) -> None:
         """Drop the outstanding tasks of a session that ended."""
-        for task_id in [t for t, (s, _) in self._tasks.items() if s is session]:
-            del self._tasks[task_id]
+        for task_id in list(session.tasks):
+            self._pop_task(task_id)
 
     def close(self) -> None:
         """Stop timers and background work (the server is going away)."""
@@ -160,7 +167,7 @@ class Federation:
                     task.task_id,
                 )
                 return
-            del self._tasks[task.task_id]
+            self._pop_task(task.task_id)
             session.remember_closed(task.task_id, RESULT_RECEIVED)
             self.stats.updates_received_total += 1
             event = UpdateArrived(
@@ -179,7 +186,7 @@ class Federation:
 
     async def evaluation_arrived(self, session: Session, task: Task, result: pb.TaskResult) -> None:
         """An evaluation result for `task` arrived on `session`."""
-        self._tasks.pop(task.task_id, None)
+        self._pop_task(task.task_id)
         session.remember_closed(task.task_id, RESULT_RECEIVED)
         self._record_evaluation(task.version, result)
         await self.dispatch(
@@ -197,7 +204,7 @@ class Federation:
         """The learner reported that it could not run `task_id`."""
         if self.task_of(session, task_id) is None:
             return
-        del self._tasks[task_id]
+        self._pop_task(task_id)
         session.remember_closed(task_id, "learner reported failure")
         await self.dispatch(TaskFailed(_now(), session.learner_id, task_id, message))
 
@@ -224,7 +231,7 @@ class Federation:
                 self.stats.updates_rejected_total += 1
                 session.send_error(pb.ERROR_CODE_STALE_TASK, decision.reason, decision.task_id)
         elif isinstance(decision, CancelTask):
-            entry = self._tasks.pop(decision.task_id, None)
+            entry = self._pop_task(decision.task_id)
             holder = self._sessions.get(decision.learner_id)
             if holder is not None:
                 holder.remember_closed(decision.task_id, decision.reason)
@@ -275,8 +282,9 @@ class Federation:
             evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version)
             message = controller_message(evaluate=evaluate)
         self._tasks[task.task_id] = (session, task)
+        session.tasks.add(task.task_id)
         if not session.send(message):
-            del self._tasks[task.task_id]
+            self._pop_task(task.task_id)
             return [TaskFailed(_now(), task.learner_id, task.task_id, "send queue full")]
         return []
 

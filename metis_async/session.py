@@ -75,6 +75,7 @@ class Session:
         self.pending: PendingUpload | None = None
         self.discard_chunks = 0  # chunks of a stale result still to skip
         self.discard_payload_id = 0
+        self.tasks: set[str] = set()  # outstanding task ids (kept by the federation)
         self.closed_tasks: OrderedDict[str, str] = OrderedDict()  # task id -> why it closed
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
         self.closing = asyncio.Event()
