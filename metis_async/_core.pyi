@@ -11,7 +11,14 @@ from typing import Literal, final
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Accumulator", "AggregationError", "__version__", "build_profile", "weighted_average"]
+__all__ = [
+    "Accumulator",
+    "AggregationError",
+    "__version__",
+    "build_profile",
+    "first_non_finite",
+    "weighted_average",
+]
 
 __version__: str
 build_profile: Literal["debug", "release"]
@@ -83,6 +90,12 @@ class Accumulator:
 
     def __len__(self) -> int:
         """Number of parameters."""
+
+def first_non_finite(values: NDArray[np.float32] | NDArray[np.float64]) -> int | None:
+    """Index of the first NaN or infinity in a 1-D float array, or None if every value is finite.
+
+    Checked in parallel with the GIL released, without allocating (unlike ``np.isfinite``).
+    """
 
 def weighted_average(
     updates: Sequence[NDArray[np.float32] | NDArray[np.float64]], weights: Sequence[float]

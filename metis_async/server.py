@@ -23,6 +23,7 @@ import numpy.typing as npt
 import structlog
 
 from metis_async import wire
+from metis_async._core import first_non_finite
 from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.federation import RESULT_RECEIVED, CommitHook, Federation
 from metis_async.protocols import Policy, TaskKind
@@ -520,7 +521,7 @@ def _parse(raw: bytes) -> pb.LearnerMessage:
 
 
 def _all_finite(values: wire.FloatVector) -> bool:
-    return bool(np.isfinite(values).all())
+    return first_non_finite(values) is None
 
 
 def _check_layout(layout: pb.ModelLayout) -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from metis_async import _core
+from metis_async._core import first_non_finite
 from metis_async.aggregation import Accumulator, AggregationError, weighted_average
 
 PARALLEL_MIN = 1 << 16  # the core switches to rayon at this length (rust/src/accumulate.rs)
@@ -387,3 +388,12 @@ def test_add_many_names_the_bad_update_and_changes_nothing() -> None:
         acc.add_many([good, bad], [1.0, 1.0])
 
     assert acc.count == 0
+
+
+def test_first_non_finite_finds_the_first_bad_value_or_none() -> None:
+    values = np.zeros(100_000, dtype=np.float32)
+    assert first_non_finite(values) is None
+    values[70_001] = np.inf
+    values[90_000] = np.nan
+
+    assert first_non_finite(values) == 70_001

@@ -32,6 +32,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<py::PyAccumulator>()?;
     m.add_function(wrap_pyfunction!(py::weighted_average, m)?)?;
+    m.add_function(wrap_pyfunction!(py::first_non_finite, m)?)?;
     m.add_class::<py_optim::PyServerOptimizer>()?;
     m.add_function(wrap_pyfunction!(py_robust::coordinate_median, m)?)?;
     m.add_function(wrap_pyfunction!(py_robust::trimmed_mean, m)?)?;

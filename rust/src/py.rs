@@ -347,3 +347,17 @@ fn same_dtype<'a, T>(
         .map(|(index, &v)| pick(v).ok_or(AggregationError::MixedDTypes { index }))
         .collect()
 }
+
+/// Index of the first NaN or infinity in a float32 or float64 1-D array, or None if all are
+/// finite. Checked in parallel with the GIL released, without allocating.
+#[pyfunction]
+pub fn first_non_finite(py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    let array = Array::borrow(values)?;
+    let values = array.values()?;
+    detached(py, || {
+        Ok(match values {
+            Values::F32(values) => accumulate::first_non_finite(values),
+            Values::F64(values) => accumulate::first_non_finite(values),
+        })
+    })
+}
