@@ -53,8 +53,13 @@ class Accumulator:
         self,
         updates: Sequence[NDArray[np.float32] | NDArray[np.float64]],
         weights: Sequence[float],
+        check_finite: bool = True,
     ) -> None:
         """Add several updates at once (all float32 or all float64); same result as ``add``.
+
+        ``check_finite=False`` skips the NaN/infinity pass: the caller vouches that it checked
+        every value (e.g. with :func:`first_non_finite` on arrival); a non-finite value would
+        then make the finalizers raise instead of returning a model.
 
         The float64 sums are read and written once per cache tile for the whole group instead of
         once per update, so a group of n updates moves about 4 + 16/n bytes per parameter each

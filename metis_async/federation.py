@@ -223,7 +223,8 @@ class Federation:
             return self._assign(decision.task)
         if isinstance(decision, AcceptUpdate):
             _, update = updates.pop(decision.task_id)
-            await asyncio.to_thread(self._aggregate.add, update, decision.weight)
+            # The server checked every value when the upload completed.
+            await asyncio.to_thread(self._aggregate.add, update, decision.weight, True)
             self.stats.updates_accepted_total += 1
         elif isinstance(decision, RejectUpdate):
             if decision.task_id in updates:

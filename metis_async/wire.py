@@ -9,7 +9,7 @@ and the generated protobuf code.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -147,6 +147,11 @@ class PayloadAssembler:
 
     Each chunk is copied once, straight into place (no joining of byte strings). Any deviation
     from the header (wrong payload id, order, size) raises `WireError` naming the problem.
+
+    Args:
+        check: optional finiteness check (index of the first NaN/inf in a vector, or None) run on
+            each chunk's values right after the copy, while they are still in cache; the
+            controller passes the Rust `first_non_finite` so uploads are never read again for it.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class PayloadAssembler:
         expected_bytes: int,
         layout_id: int,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        check: Callable[[FloatVector], int | None] | None = None,
     ) -> None:
         if header.dtype != pb.DTYPE_FLOAT32:
             raise WireError(
@@ -181,6 +187,8 @@ class PayloadAssembler:
         self._buffer = np.empty(expected_bytes, dtype=np.uint8)
         self._filled = 0
         self._next_index = 0
+        self._check = check
+        self._checked = 0  # float32 values checked so far
 
     @property
     def done(self) -> bool:
@@ -204,6 +212,15 @@ class PayloadAssembler:
             raise WireError(f"chunks exceed the announced {self._buffer.size} bytes")
         self._buffer[self._filled : end] = np.frombuffer(data, dtype=np.uint8)
         self._filled = end
+        if self._check is not None:
+            complete = end // WIRE_DTYPE.itemsize  # a chunk may end inside a value
+            values = self._buffer[: complete * WIRE_DTYPE.itemsize].view(WIRE_DTYPE)
+            bad = self._check(values[self._checked : complete].astype(np.float32, copy=False))
+            if bad is not None:
+                raise WireError(
+                    f"update contains NaN or infinite values (first at value {self._checked + bad})"
+                )
+            self._checked = complete
         self._next_index += 1
         if self.done and self._filled != self._buffer.size:
             raise WireError(f"payload ended after {self._filled} of {self._buffer.size} bytes")

@@ -99,3 +99,23 @@ def test_assembler_rejects_short_payload() -> None:
 
     with pytest.raises(wire.WireError, match="ended after 12 of 16 bytes"):
         assembler.add(pb.Chunk(payload_id=1, index=1, data=b"\0" * 4))
+
+
+def test_assembler_check_rejects_a_nan_in_a_chunk_as_it_arrives() -> None:
+    flat = np.zeros(10, np.float32)
+    flat[7] = np.nan
+    header, chunks = wire.make_payload(flat, 1, pb.PAYLOAD_KIND_DELTA, 1, 8)
+    seen: list[int] = []
+
+    def check(values: np.ndarray) -> int | None:
+        seen.append(values.size)
+        bad = np.flatnonzero(~np.isfinite(values))
+        return int(bad[0]) if bad.size else None
+
+    assembler = wire.PayloadAssembler(header, 40, 1, 8, check=check)
+    for _ in range(3):
+        assembler.add(next(chunks))  # values 0..5 are fine
+
+    with pytest.raises(wire.WireError, match="first at value 7"):
+        assembler.add(next(chunks))
+    assert seen == [2, 2, 2, 2]

@@ -10,8 +10,10 @@ turns it into a server delta d and then into the new model:
 
 With the default streaming mean, memory is O(model) however many updates arrive: accepted updates
 are held (by reference, not copied) until `fold_window` of them are waiting, then folded into the
-float64 sum in one cache-tiled pass (`Accumulator.add_many`), which moves about 8 + 16/window
-bytes per parameter and update instead of 24. Peak memory is (window + 2) × model. A robust rule
+float64 sum in one cache-tiled pass (`Accumulator.add_many`). The server checks every value for
+NaN/inf while each upload chunk is still in cache, so the fold reads each update once: about
+4 + 16/window bytes per parameter and update instead of 24. Peak memory is (window + 2) × model.
+A robust rule
 (median, trimmed mean, Krum, Multi-Krum) replaces the mean and must keep every update of the
 version: O(updates × model) memory. Norm clipping bounds each update before it is folded in.
 """
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
-from metis_async._core import Accumulator
+from metis_async._core import Accumulator, first_non_finite
 
 if TYPE_CHECKING:
     from metis_async._core import ServerOptimizer
@@ -104,8 +106,12 @@ class ServerStep:
         """Sum of the weights accepted since the last commit or reset."""
         return self._acc.total_weight + float(sum(w for _, w in self._kept))
 
-    def add(self, update: FloatVector, weight: float) -> None:
-        """Fold one validated update in with `weight` (> 0); raises ValueError, state unchanged."""
+    def add(self, update: FloatVector, weight: float, validated: bool = False) -> None:
+        """Accept one update with `weight` (> 0); raises ValueError, state unchanged.
+
+        `validated` says the caller already checked that every value is finite (the server does,
+        with `first_non_finite`, when an upload completes), so the values are not read again.
+        """
         if self.settings.clip_norm:
             from metis_async.aggregation.robust import clip_by_norm
 
@@ -114,6 +120,10 @@ class ServerStep:
             raise ValueError(f"update has {len(update)} values, the model has {self.length}")
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError(f"weight must be finite and > 0, got {weight}")
+        if not validated:
+            bad = first_non_finite(update)
+            if bad is not None:
+                raise ValueError(f"update contains non-finite values (first at index {bad})")
         if self.settings.robust:
             self._kept.append((np.array(update, dtype=np.float32), float(weight)))
             return
@@ -132,7 +142,8 @@ class ServerStep:
             return
         waiting, self._kept = self._kept, []
         try:
-            self._acc.add_many([u for u, _ in waiting], [w for _, w in waiting])
+            # Every value was checked on arrival (add): skip the second read.
+            self._acc.add_many([u for u, _ in waiting], [w for _, w in waiting], check_finite=False)
         except ValueError:
             # Should not happen (callers validate first); keep every good update regardless.
             for update, weight in waiting:

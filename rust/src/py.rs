@@ -191,12 +191,14 @@ impl PyAccumulator {
 
     /// Adds several updates at once (all float32 or all float64), reading the float64 sums once
     /// for the whole group; the same result as adding them one by one. On error nothing
-    /// changes.
+    /// changes. `check_finite=False` skips the NaN/infinity pass for values the caller checked.
+    #[pyo3(signature = (updates, weights, check_finite = true))]
     fn add_many(
         &self,
         py: Python<'_>,
         updates: Vec<Bound<'_, PyAny>>,
         weights: Vec<f64>,
+        check_finite: bool,
     ) -> PyResult<()> {
         let arrays = updates
             .iter()
@@ -215,14 +217,14 @@ impl PyAccumulator {
                         Values::F64(s) => Some(s),
                         Values::F32(_) => None,
                     })?;
-                    state.add_many(&slices, &weights)?;
+                    state.add_many(&slices, &weights, check_finite)?;
                 }
                 _ => {
                     let slices = same_dtype(&values, |v| match v {
                         Values::F32(s) => Some(s),
                         Values::F64(_) => None,
                     })?;
-                    state.add_many(&slices, &weights)?;
+                    state.add_many(&slices, &weights, check_finite)?;
                 }
             }
             self.publish(&state);
