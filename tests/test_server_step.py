@@ -131,3 +131,8 @@ def test_robust_add_rejects_wrong_length_without_keeping_it() -> None:
 def test_invalid_aggregation_settings_are_named(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AggregationSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_optimizer_hyperparameters_are_checked_when_settings_are_made() -> None:
+    with pytest.raises(ValueError, match="fedadam does not take momentum"):
+        AggregationSettings(optimizer="fedadam", optimizer_options={"momentum": 0.9})

@@ -74,6 +74,11 @@ class AggregationSettings:
             raise ValueError(f"fold_window must be >= 1, got {self.fold_window}")
         if not (self.clip_norm >= 0 and np.isfinite(self.clip_norm)):
             raise ValueError(f"clip_norm must be finite and >= 0, got {self.clip_norm}")
+        if self.optimizer_options:
+            from metis_async.aggregation.optimizers import make_optimizer
+
+            # Fail now, naming the bad hyperparameter, not when the first model arrives.
+            make_optimizer(self.optimizer, 1, **self.optimizer_options)
 
 
 class ServerStep:
