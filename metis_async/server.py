@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import signal
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -547,15 +548,38 @@ def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-async def serve(controller: Controller, *, until_finished: bool = True) -> None:
-    """Start `controller` and serve until it finishes (or forever), stopping cleanly on cancel."""
+async def serve(
+    controller: Controller, *, until_finished: bool = True, grace_seconds: float = 5.0
+) -> str:
+    """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
+
+    On a signal (systemd's stop, Ctrl-C) the controller drains: every learner is told to stop,
+    streams get `grace_seconds` to finish, then the server closes. Returns why it stopped.
+    """
     await controller.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reason = "finished"
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
     try:
+        waiters: set[asyncio.Future[bool]] = {asyncio.ensure_future(stop.wait())}
         if until_finished:
-            await controller.wait_finished()
-            await asyncio.sleep(0.5)  # let shutdown messages reach the learners
+            waiters.add(asyncio.ensure_future(controller.wait_finished()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if stop.is_set():
+            reason = "signal"
+            log.info("draining", reason="signal", sessions=len(controller.sessions()))
         else:
-            await asyncio.Event().wait()
+            await asyncio.sleep(0.5)  # let shutdown messages reach the learners
     finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
-            await controller.stop()
+            await controller.stop(grace_seconds)
+    return reason

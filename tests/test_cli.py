@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +127,38 @@ def test_serve_rejects_bad_settings_with_a_clear_message() -> None:
 
     assert result.returncode == 2
     assert "over_selection must be >= 1.0" in result.stderr
+
+
+def test_serve_drains_on_sigterm_and_tells_learners_to_stop() -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--port", str(port), "--min-learners", "5", "--log-json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    learner = subprocess.Popen(
+        [*CLI, "learner", "--address", f"127.0.0.1:{port}", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until the learner has joined
+            time.sleep(0.2)
+            line = server.stderr.readline() if server.stderr else ""
+            if '"learner_joined"' in line:
+                break
+        server.send_signal(signal.SIGTERM)
+        _, server_log = server.communicate(timeout=30)
+        learner_out, _ = learner.communicate(timeout=30)
+    finally:
+        for p in (server, learner):
+            if p.poll() is None:
+                p.kill()
+
+    assert server.returncode == 0, server_log
+    assert '"draining"' in server_log
+    summary = json.loads(learner_out.strip().splitlines()[-1])
+    assert summary["shutdown_reason"] == "controller stopping"
