@@ -76,6 +76,10 @@ class ContinuousPolicy(Policy):
         self._learners: dict[str, int] = {}  # connected learner id -> examples
         self._busy: dict[str, str] = {}  # learner id -> outstanding task id
         self._tasks: dict[str, str] = {}  # outstanding task id -> learner id
+        # Connected learners without a task, with O(1) random removal (swap with the last):
+        # choosing who trains next never scans every connected learner.
+        self._idle: list[str] = []
+        self._idle_at: dict[str, int] = {}
         self._task_seq = 0
         self.updates_accepted = 0
         self.updates_rejected = 0
@@ -97,10 +101,12 @@ class ContinuousPolicy(Policy):
             return []
         if isinstance(event, LearnerJoined):
             self._learners[event.learner_id] = event.num_examples
+            self._make_idle(event.learner_id)
             return self._fill()
         if isinstance(event, LearnerLost):
             self._learners.pop(event.learner_id, None)
             self._release(event.learner_id)
+            self._drop_idle(event.learner_id)
             return self._fill()
         if isinstance(event, TaskFailed):
             if self._tasks.get(event.task_id) == event.learner_id:
@@ -155,6 +161,25 @@ class ContinuousPolicy(Policy):
         task_id = self._busy.pop(learner_id, None)
         if task_id is not None:
             self._tasks.pop(task_id, None)
+        self._make_idle(learner_id)
+
+    def _make_idle(self, learner_id: str) -> None:
+        if (
+            learner_id in self._learners
+            and learner_id not in self._busy
+            and learner_id not in self._idle_at
+        ):
+            self._idle_at[learner_id] = len(self._idle)
+            self._idle.append(learner_id)
+
+    def _drop_idle(self, learner_id: str) -> None:
+        at = self._idle_at.pop(learner_id, None)
+        if at is None:
+            return
+        last = self._idle.pop()
+        if last != learner_id:
+            self._idle[at] = last
+            self._idle_at[last] = at
 
     def _fill(self, exclude: str | None = None) -> list[Decision]:
         """Assign work until `concurrency` learners are busy, picking idle learners at random.
@@ -165,10 +190,13 @@ class ContinuousPolicy(Policy):
         if len(self._learners) < self.base_settings.min_learners:
             return []
         limit = self.base_settings.concurrency or len(self._learners)
-        idle = [lid for lid in sorted(self._learners) if lid not in self._busy and lid != exclude]
-        self._rng.shuffle(idle)
+        held_back = exclude is not None and exclude in self._idle_at
+        if held_back:
+            self._drop_idle(str(exclude))
         decisions: list[Decision] = []
-        for lid in idle[: max(0, limit - len(self._busy))]:
+        while self._idle and len(self._busy) < limit:
+            lid = self._idle[self._rng.randrange(len(self._idle))]
+            self._drop_idle(lid)
             self._task_seq += 1
             task_id = f"v{self.version}-t{self._task_seq}"
             self._busy[lid] = task_id
@@ -182,6 +210,8 @@ class ContinuousPolicy(Policy):
                 upload_delta=self.upload_delta,
             )
             decisions.append(AssignTask(task))
+        if held_back:
+            self._make_idle(str(exclude))
         return decisions
 
     def weight_of(self, event: UpdateArrived, weighting: Weighting) -> float:

@@ -112,7 +112,19 @@ class _Round:
     goal: int
     deadline: float
     outstanding: dict[str, str]  # task id -> learner id
+    working: dict[str, str] = field(default_factory=dict)  # learner id -> its task id
     accepted: int = 0
+
+    def add(self, task_id: str, learner_id: str) -> None:
+        self.outstanding[task_id] = learner_id
+        self.working[learner_id] = task_id
+
+    def remove(self, task_id: str) -> str | None:
+        """Drop an outstanding task; returns its learner (None if it was not outstanding)."""
+        learner_id = self.outstanding.pop(task_id, None)
+        if learner_id is not None:
+            self.working.pop(learner_id, None)
+        return learner_id
 
 
 class SynchronousPolicy(Policy):
@@ -178,7 +190,7 @@ class SynchronousPolicy(Policy):
             return self._maybe_start_round(event.now)
         # A learner that joins mid-round takes part at once when the round trains "everyone"
         # or is still short of its selection size.
-        if event.learner_id in rnd.outstanding.values():
+        if event.learner_id in rnd.working:
             return []
         if not self.settings.learners_per_round:
             rnd.goal += 1
@@ -193,10 +205,10 @@ class SynchronousPolicy(Policy):
         rnd = self._round
         if rnd is None:
             return []
-        lost = [t for t, lid in rnd.outstanding.items() if lid == event.learner_id]
-        for task_id in lost:
-            del rnd.outstanding[task_id]
-        if lost and not rnd.outstanding:
+        lost = rnd.working.get(event.learner_id)
+        if lost is not None:
+            rnd.remove(lost)
+        if lost is not None and not rnd.outstanding:
             return self._close_round(event.now, "no selected learner left working")
         return []
 
@@ -205,14 +217,14 @@ class SynchronousPolicy(Policy):
         if rnd is None or event.task_id not in rnd.outstanding:
             return [RejectUpdate(event.task_id, "task is not part of the open round")]
         if event.base_version != self.version:
-            del rnd.outstanding[event.task_id]
+            rnd.remove(event.task_id)
             return [
                 RejectUpdate(
                     event.task_id,
                     f"update trained from version {event.base_version}, round uses {self.version}",
                 )
             ]
-        del rnd.outstanding[event.task_id]
+        rnd.remove(event.task_id)
         rnd.accepted += 1
         self.observe(event)
         weight = self._weight(event)
@@ -249,7 +261,7 @@ class SynchronousPolicy(Policy):
 
     def _on_task_done(self, task_id: str, now: float) -> list[Decision]:
         rnd = self._round
-        if rnd is None or rnd.outstanding.pop(task_id, None) is None:
+        if rnd is None or rnd.remove(task_id) is None:
             return []
         if not rnd.outstanding:
             return self._close_round(now, "all selected learners reported")
@@ -298,7 +310,7 @@ class SynchronousPolicy(Policy):
         remaining = max(rnd.deadline - now, 0.0)
         for lid in learner_ids:
             task_id = self._next_task_id()
-            rnd.outstanding[task_id] = lid
+            rnd.add(task_id, lid)
             settings, budget = self.task_settings(lid, remaining)
             task = Task(
                 task_id=task_id,
