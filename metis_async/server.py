@@ -470,6 +470,7 @@ class Controller:
                 int(layout.total_bytes),
                 layout.layout_id,
                 self.config.max_chunk_bytes,
+                check=first_non_finite,
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"initial model: {error}") from None
@@ -486,9 +487,7 @@ class Controller:
             raise ProtocolViolation(INVALID, f"initial model: {error}") from None
         if not assembler.done:
             return
-        flat = assembler.result().copy()
-        if not _all_finite(flat):
-            raise ProtocolViolation(INVALID, "initial model contains NaN or infinite values")
+        flat = assembler.result().copy()  # every value already checked, chunk by chunk
         self._initial = None
         self.store.initialize(layout, flat)
         self.federation.model_ready()
@@ -516,10 +515,6 @@ def _parse(raw: bytes) -> pb.LearnerMessage:
     except Exception as error:  # protobuf raises DecodeError (a Message.Error subclass)
         raise ProtocolViolation(INVALID, f"could not parse LearnerMessage: {error}") from None
     return msg
-
-
-def _all_finite(values: wire.FloatVector) -> bool:
-    return first_non_finite(values) is None
 
 
 def _check_layout(layout: pb.ModelLayout) -> None:

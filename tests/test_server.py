@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from metis_async import wire
 from metis_async.client import Backoff, LearnerStopped, RunSummary, run_learner
 from metis_async.protocols import TrainSettings
 from metis_async.v1 import controller_pb2 as pb
@@ -335,3 +336,20 @@ def test_reconnecting_learner_resumes_its_identity(controller_factory: Factory) 
     assert summary.learner_id == "same-id"
     assert ct.wait_finished(10)
     np.testing.assert_allclose(ct.model(), np.full(10, 2.0, np.float32))
+
+
+def test_initial_model_with_nan_is_refused(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), no_model=True)
+    raw = RawLearner(ct.address, "provider")
+    assert raw.until("welcome").welcome.need_initial_model
+    values = np.zeros(10, np.float32)
+    values[3] = np.nan
+    layout = wire.make_layout([values])
+    header, chunks = wire.make_payload(values, 1, pb.PAYLOAD_KIND_WEIGHTS, layout.layout_id)
+    raw.send(pb.LearnerMessage(layout=layout))
+    raw.send(pb.LearnerMessage(initial_model=pb.InitialModel(payload=header)))
+    for chunk in chunks:
+        raw.send(pb.LearnerMessage(chunk=chunk))
+
+    _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
+    assert not ct.read(lambda: ct.controller.store.ready)
