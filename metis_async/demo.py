@@ -171,9 +171,12 @@ async def _run(options: DemoOptions) -> DemoResult:
         status="starting learners",
     )
 
+    scored: list[int] = []  # versions in `history`, in order
+
     def on_commit(version: int, params: list[npt.NDArray[np.generic]]) -> None:
         _, acc = digits.evaluate_global(params, test_x, test_y)
         history.append(acc)
+        scored.append(version)
         if acc >= 0.90 and not reached_90:
             reached_90.append(time.perf_counter() - started)
         progress.update(bar, completed=version, status=f"test accuracy {acc:.3f}")
@@ -204,6 +207,12 @@ async def _run(options: DemoOptions) -> DemoResult:
     with progress:
         try:
             await controller.wait_finished()
+            # Commit hooks run in the background and skip superseded versions: score the final
+            # model here so the result always describes the version the federation ended with.
+            if not scored or scored[-1] != controller.version:
+                await asyncio.to_thread(
+                    on_commit, controller.version, controller.store.parameters()
+                )
         finally:
             await controller.stop(grace_seconds=2.0)
             await asyncio.to_thread(_join_all, processes, 10.0)
