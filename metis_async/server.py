@@ -53,6 +53,11 @@ class ControllerConfig:
         hello_timeout_seconds: a new stream must say hello within this time.
         max_chunk_bytes: largest chunk either side may send.
         send_queue_limit: messages queued per stream before a slow learner is dropped.
+        max_model_bytes: largest flat model (bytes) a learner may propose or the controller
+            holds; larger layouts are refused before anything is allocated.
+        max_learner_id_length: longest `Hello.learner_id` accepted (UTF-8 bytes).
+        max_num_examples: largest `num_examples` a learner may claim (hello or result); it is
+            the aggregation weight, so an unbounded claim would let one learner own a round.
         tokens: learner id -> token; None disables authentication.
     """
 
@@ -63,6 +68,9 @@ class ControllerConfig:
     hello_timeout_seconds: float = 10.0
     max_chunk_bytes: int = wire.MAX_CHUNK_BYTES
     send_queue_limit: int = 1024
+    max_model_bytes: int = 2 * 1024**3
+    max_learner_id_length: int = 128
+    max_num_examples: int = 10**9
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
