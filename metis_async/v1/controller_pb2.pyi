@@ -31,6 +31,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FederationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FederationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FederationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEDERATION_STATE_UNSPECIFIED: _FederationState.ValueType  # 0
+    FEDERATION_STATE_WAITING_FOR_MODEL: _FederationState.ValueType  # 1
+    FEDERATION_STATE_WAITING_FOR_LEARNERS: _FederationState.ValueType  # 2
+    FEDERATION_STATE_TRAINING: _FederationState.ValueType  # 3
+    FEDERATION_STATE_FINISHED: _FederationState.ValueType  # 4
+    FEDERATION_STATE_DRAINING: _FederationState.ValueType  # 5
+
+class FederationState(_FederationState, metaclass=_FederationStateEnumTypeWrapper): ...
+
+FEDERATION_STATE_UNSPECIFIED: FederationState.ValueType  # 0
+FEDERATION_STATE_WAITING_FOR_MODEL: FederationState.ValueType  # 1
+FEDERATION_STATE_WAITING_FOR_LEARNERS: FederationState.ValueType  # 2
+FEDERATION_STATE_TRAINING: FederationState.ValueType  # 3
+FEDERATION_STATE_FINISHED: FederationState.ValueType  # 4
+FEDERATION_STATE_DRAINING: FederationState.ValueType  # 5
+Global___FederationState: _TypeAlias = FederationState  # noqa: Y015
+
 class _DType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -110,6 +133,23 @@ ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 5
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 6
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
+class _ShutdownKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShutdownKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShutdownKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHUTDOWN_KIND_UNSPECIFIED: _ShutdownKind.ValueType  # 0
+    SHUTDOWN_KIND_FINISHED: _ShutdownKind.ValueType  # 1
+    SHUTDOWN_KIND_DRAINING: _ShutdownKind.ValueType  # 2
+
+class ShutdownKind(_ShutdownKind, metaclass=_ShutdownKindEnumTypeWrapper): ...
+
+SHUTDOWN_KIND_UNSPECIFIED: ShutdownKind.ValueType  # 0
+SHUTDOWN_KIND_FINISHED: ShutdownKind.ValueType  # 1
+SHUTDOWN_KIND_DRAINING: ShutdownKind.ValueType  # 2
+Global___ShutdownKind: _TypeAlias = ShutdownKind  # noqa: Y015
+
 @_typing.final
 class LearnerMessage(_message.Message):
     """---------------------------------------------------------------------------------------------
@@ -183,6 +223,7 @@ class ControllerMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello"""
@@ -215,6 +256,10 @@ class ControllerMessage(_message.Message):
     def shutdown(self) -> Global___Shutdown:
         """the federation is over or the controller drains"""
 
+    @_builtins.property
+    def status(self) -> Global___Status:
+        """the federation's state changed"""
+
     def __init__(
         self,
         *,
@@ -228,12 +273,13 @@ class ControllerMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         error: Global___Error | None = ...,
         shutdown: Global___Shutdown | None = ...,
+        status: Global___Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -276,6 +322,8 @@ class Hello(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     HELD_VERSION_FIELD_NUMBER: _builtins.int
     HOLDS_MODEL_FIELD_NUMBER: _builtins.int
+    HELD_RUN_ID_FIELD_NUMBER: _builtins.int
+    HELD_LAYOUT_ID_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """Stable identity chosen by the learner (reused across reconnects); empty asks the controller
     to assign one, which the learner should then reuse.
@@ -288,6 +336,10 @@ class Hello(_message.Message):
     held_version: _builtins.int
     """The model version the learner already holds, if any (lets the controller skip a resend)."""
     holds_model: _builtins.bool
+    held_run_id: _builtins.str
+    """Welcome.run_id of the session that delivered the held model"""
+    held_layout_id: _builtins.int
+    """layout_id of the held model"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """e.g. "train", "evaluate", "delta" """
@@ -307,10 +359,12 @@ class Hello(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         held_version: _builtins.int = ...,
         holds_model: _builtins.bool = ...,
+        held_run_id: _builtins.str = ...,
+        held_layout_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "client_version", b"client_version", "held_version", b"held_version", "holds_model", b"holds_model", "learner_id", b"learner_id", "metadata", b"metadata", "num_examples", b"num_examples", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "client_version", b"client_version", "held_layout_id", b"held_layout_id", "held_run_id", b"held_run_id", "held_version", b"held_version", "holds_model", b"holds_model", "learner_id", b"learner_id", "metadata", b"metadata", "num_examples", b"num_examples", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,6 +380,9 @@ class Welcome(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     NEED_INITIAL_MODEL_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     session_id: _builtins.str
     """new for every stream"""
@@ -336,6 +393,10 @@ class Welcome(_message.Message):
     """policy name, e.g. "synchronous" """
     need_initial_model: _builtins.bool
     """The controller has no model yet: the learner sends `layout`, `initial_model` and chunks."""
+    run_id: _builtins.str
+    """identifies this controller run's version sequence"""
+    max_model_bytes: _builtins.int
+    state: Global___FederationState.ValueType
     def __init__(
         self,
         *,
@@ -345,14 +406,45 @@ class Welcome(_message.Message):
         max_chunk_bytes: _builtins.int = ...,
         protocol: _builtins.str = ...,
         need_initial_model: _builtins.bool = ...,
+        run_id: _builtins.str = ...,
+        max_model_bytes: _builtins.int = ...,
+        state: Global___FederationState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "max_chunk_bytes", b"max_chunk_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Status(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    LEARNERS_CONNECTED_FIELD_NUMBER: _builtins.int
+    LEARNERS_NEEDED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    state: Global___FederationState.ValueType
+    learners_connected: _builtins.int
+    learners_needed: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        state: Global___FederationState.ValueType = ...,
+        learners_connected: _builtins.int = ...,
+        learners_needed: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Status: _TypeAlias = Status  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
@@ -803,17 +895,23 @@ class Shutdown(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     FINAL_VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     final_version: _builtins.int
+    kind: Global___ShutdownKind.ValueType
+    retry_after_seconds: _builtins.float
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         final_version: _builtins.int = ...,
+        kind: Global___ShutdownKind.ValueType = ...,
+        retry_after_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_version", b"final_version", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_version", b"final_version", "kind", b"kind", "reason", b"reason", "retry_after_seconds", b"retry_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
