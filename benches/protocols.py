@@ -8,10 +8,10 @@ Every case runs `metis_async.simulation.run_digits` (ALGORITHMS.md, "Reference s
 with the real policy objects and the real Rust `ServerStep`; the test accuracy of every committed
 version is recorded. Cases:
 
-- the four protocols with their `DIGITS_DEFAULTS` (ALGORITHMS.md's reference settings with a
-  tuned local learning rate): synchronous FedAvg (10 of 50 per round, waits for its round up to a
-  60 s deadline), semi-synchronous (λ = 2, cap 200 steps), FedAsync (C = 10, α = 0.6,
-  polynomial a = 0.5) and FedBuff (C = 10, K = 5);
+- the four protocols with their `SIMULATION_PROFILES` (metis_async/profiles.py: ALGORITHMS.md's
+  reference settings with a tuned local learning rate): synchronous FedAvg (10 of 50 per round,
+  waits for its round up to a 60 s deadline), semi-synchronous (λ = 2, cap 200 steps), FedAsync
+  (C = 10, α = 0.6, polynomial a = 0.5) and FedBuff (C = 10, K = 5);
 - variants worth knowing: synchronous with 130 % over-selection (closes each round at the 10
   fastest of 13 and cancels the rest), FedAsync and FedBuff with 20 learners in flight.
 
@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one run per process; tiny matrices
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from metis_async.simulation import DIGITS_DEFAULTS, policy_settings, run_digits
+# The installed package (`pip install ".[bench]"` or an editable install), never the source
+# folder: a source checkout has no built `_core`.
+from metis_async.profiles import SIMULATION_PROFILES
+from metis_async.simulation import policy_settings, run_digits
 
 TARGET = 0.90
 RESULTS = Path(__file__).resolve().parent / "results" / "protocols.json"
@@ -56,7 +58,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "buffered": ("buffered", {}),
     "buffered_c20": ("buffered", {"concurrency": 20}),
 }
-"""Case name -> (protocol, settings overriding DIGITS_DEFAULTS)."""
+"""Case name -> (protocol, settings overriding SIMULATION_PROFILES)."""
 
 DEFINITIONS = {
     "seconds_to_target": "median over seeds of simulated seconds to the first version scoring "
@@ -202,7 +204,7 @@ def main() -> None:
         "seeds": seeds,
         "baseline": BASELINE,
         "wall_seconds": time.perf_counter() - started,
-        "defaults": sorted(DIGITS_DEFAULTS),
+        "defaults": sorted(SIMULATION_PROFILES),
         "definitions": DEFINITIONS,
         "policies": policies,
     }

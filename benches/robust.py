@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-
+# The installed package (`pip install ".[bench]"` or an editable install), never the source
+# folder: a source checkout has no built `_core`.
 from metis_async import _core
 from metis_async.aggregation import robust
 from metis_async.aggregation.optimizers import make_optimizer

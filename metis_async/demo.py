@@ -22,29 +22,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from metis_async.examples import digits
-from metis_async.protocols import StalenessFunction, TrainSettings, make_policy
+from metis_async.profiles import DEMO_PROFILES, default_demo_settings
+from metis_async.protocols import TrainSettings, make_policy
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
 
-# Per-protocol demo settings for the digits task. Every protocol gets the same amount of local
-# work (about 150 updates of 40 SGD steps), so time-to-accuracy is a fair comparison.
-PROTOCOL_PROFILES: dict[str, dict[str, object]] = {
-    "synchronous": {"rounds": 15},
-    "semi_synchronous": {"rounds": 15, "budget_factor": 2.0, "max_local_steps": 80},
-    "asynchronous": {
-        "rounds": 150,
-        "alpha": 0.6,
-        "staleness": StalenessFunction("polynomial", 0.5),
-    },
-    "buffered": {"rounds": 30, "buffer_size": 5},
-}
 BASE_STEP_SECONDS = 0.005
 """Per-step delay of every learner when stragglers are simulated (seconds)."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What `metis-async demo` runs (training defaults from `digits.default_demo_settings()`).
+    """What `metis-async demo` runs (defaults from `metis_async.profiles`).
 
     Attributes:
         rounds: versions to commit; None uses the protocol's profile.
@@ -57,12 +46,12 @@ class DemoOptions:
     rounds: int | None = None
     alpha: float = 0.5
     seed: int = 0
-    local_steps: int = digits.default_demo_settings().local_steps
-    batch_size: int = digits.default_demo_settings().batch_size
-    learning_rate: float = digits.default_demo_settings().learning_rate
+    local_steps: int = default_demo_settings().local_steps
+    batch_size: int = default_demo_settings().batch_size
+    learning_rate: float = default_demo_settings().learning_rate
     stragglers: float = 0.0
     slowdown: float = 10.0
-    round_deadline_seconds: float = 30.0
+    round_deadline_seconds: float = default_demo_settings().round_deadline_seconds
     host: str = "127.0.0.1"
     port: int = 0
     progress: bool = True
@@ -70,11 +59,11 @@ class DemoOptions:
 
     def policy_settings(self) -> dict[str, object]:
         """Settings for `make_policy`: the protocol's profile plus these options."""
-        if self.protocol not in PROTOCOL_PROFILES:
+        if self.protocol not in DEMO_PROFILES:
             raise ValueError(
-                f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOL_PROFILES)}"
+                f"unknown protocol {self.protocol!r}; choose from {sorted(DEMO_PROFILES)}"
             )
-        settings = dict(PROTOCOL_PROFILES[self.protocol])
+        settings = dict(DEMO_PROFILES[self.protocol])
         if self.rounds is not None:
             settings["rounds"] = self.rounds
         settings["min_learners"] = self.learners
@@ -242,7 +231,7 @@ def _join_all(processes: list[BaseProcess], timeout: float) -> None:
 
 def compare_protocols(options: DemoOptions) -> list[DemoResult]:
     """Run the demo once per protocol with the same learners, data and stragglers."""
-    return [run_demo(replace(options, protocol=name, rounds=None)) for name in PROTOCOL_PROFILES]
+    return [run_demo(replace(options, protocol=name, rounds=None)) for name in DEMO_PROFILES]
 
 
 def comparison_table(results: list[DemoResult]) -> Table:

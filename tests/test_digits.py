@@ -14,12 +14,12 @@ from metis_async.examples.digits import (
     NUM_FEATURES,
     DigitsFederation,
     DigitsLearner,
-    default_demo_settings,
     evaluate_global,
     initial_parameters,
     load_digits_federated,
     loss_and_gradient,
 )
+from metis_async.profiles import default_demo_settings
 
 NUM_DIGITS = 1797
 

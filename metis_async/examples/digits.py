@@ -4,7 +4,8 @@ The model is multinomial logistic regression on the 8x8 digit images (64 pixels 
 plus a bias column), one 65x10 weight matrix, trained by minibatch SGD on softmax cross-entropy
 with a small L2 penalty. It is convex and tiny, so a federation of learners trains to about 0.95
 test accuracy in seconds on a laptop, which is what a demo and the protocol tests need. The data
-ship with scikit-learn; nothing is downloaded.
+ship with scikit-learn; nothing is downloaded. The tuned demo and simulation settings are in
+`metis_async.profiles`.
 """
 
 from __future__ import annotations
@@ -51,50 +52,6 @@ class DigitsFederation:
 
     partitions: list[tuple[Features, Labels]]
     test: tuple[Features, Labels]
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """The defaults the digits demo runs with (synchronous FedAvg, all learners every round).
-
-    Tuned on the in-process simulation (10 learners, Dirichlet(0.5), seeds 0..9, three learner
-    seedings each): every run passes 0.90 test accuracy by round 4 and stays at or above 0.92
-    from round 6; after 15 rounds the worst run scores 0.936 and the median 0.958. Rounds are
-    kept few because each one costs gRPC round trips in the real demo; 15 leaves a 2.5x margin.
-
-    Attributes:
-        num_learners: learner processes in the demo.
-        alpha: Dirichlet concentration of the per-class split (smaller is more non-IID).
-        rounds: synchronous rounds to run.
-        learners_per_round: learners sampled each round.
-        local_steps: minibatch SGD steps per training task.
-        batch_size: examples per minibatch.
-        learning_rate: local SGD step size.
-        target_accuracy: test accuracy the demo reports reaching (fraction, 0..1).
-    """
-
-    num_learners: int = 10
-    alpha: float = 0.5
-    rounds: int = 15
-    learners_per_round: int = 10
-    local_steps: int = 40
-    batch_size: int = 32
-    learning_rate: float = 0.5
-    target_accuracy: float = 0.90
-
-    def fit_config(self, model_version: int = 0) -> FitConfig:
-        """Return the training task these settings describe, for global `model_version`."""
-        return FitConfig(
-            model_version=model_version,
-            local_steps=self.local_steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-        )
-
-
-def default_demo_settings() -> DemoSettings:
-    """Return the hyperparameters the digits demo uses by default."""
-    return DemoSettings()
 
 
 def _load_digits_raw() -> tuple[Features, Labels]:

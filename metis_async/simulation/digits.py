@@ -3,67 +3,35 @@
 `run_digits` builds the federation of ALGORITHMS.md ("Reference simulation (digits)"): the digits
 split per class by Dirichlet(α) over the learners, multinomial logistic regression trained by
 minibatch SGD (batch 16), per-step time 0.01 s × exp(N(0, 1)), a tenth of the learners ten times
-slower, 0.05 s latency per task. `DIGITS_DEFAULTS` holds the policy settings tuned for it; the
-caller's settings override them field by field.
+slower, 0.05 s latency per task. `metis_async.profiles.SIMULATION_PROFILES` holds the policy
+settings tuned for it; the caller's settings override them field by field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.client.learner import NDArrays
 from metis_async.examples import digits
+from metis_async.profiles import SIMULATION_PROFILES
 from metis_async.protocols import POLICIES, StalenessFunction, TrainSettings, make_policy
 from metis_async.simulation.federation import SimulatedFederation
 from metis_async.simulation.result import EvaluationSchedule, SimulationResult
 from metis_async.simulation.speeds import SpeedModel
 
-BATCH_SIZE = 16
-
-DIGITS_DEFAULTS: Mapping[str, Mapping[str, object]] = {
-    "synchronous": {
-        "learners_per_round": 10,
-        "round_deadline_seconds": 60.0,
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
-    },
-    "semi_synchronous": {
-        "learners_per_round": 10,
-        "budget_factor": 2.0,
-        "max_local_steps": 200,
-        "round_deadline_seconds": 5.0,
-        "weighting": "examples",
-        "train": TrainSettings(batch_size=BATCH_SIZE, learning_rate=0.3),
-    },
-    "asynchronous": {
-        "concurrency": 10,
-        "alpha": 0.6,
-        "staleness": StalenessFunction("polynomial", a=0.5),
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
-    },
-    "buffered": {
-        "concurrency": 10,
-        "buffer_size": 5,
-        "server_learning_rate": 1.0,
-        "train": TrainSettings(local_steps=20, batch_size=BATCH_SIZE, learning_rate=0.5),
-    },
-}
-"""Policy settings per protocol for the digits task (fields of each protocol's settings class).
-
-`min_learners` defaults to the round size (or the concurrency): learners join in a random order,
-so the first round's learners are a uniform sample, and a dropout does not stall the federation.
-"""
+DIGITS_DEFAULTS = SIMULATION_PROFILES
+"""The tuned settings of `metis_async.profiles.SIMULATION_PROFILES` (re-exported under its old
+name by `metis_async.simulation`)."""
 
 
 def policy_settings(protocol: str, seed: int = 0, **overrides: object) -> dict[str, object]:
-    """The digits settings of `protocol`: `DIGITS_DEFAULTS` with `overrides` applied.
+    """The digits settings of `protocol`: its `SIMULATION_PROFILES` entry with `overrides` applied.
 
     A `staleness` given as text (`polynomial:0.5`, `constant`) is parsed; `train_*` keys
     (`train_local_steps=40`, `train_learning_rate=0.3`) change one field of the training settings.
     """
     if protocol not in POLICIES:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(POLICIES)}")
-    settings = dict(DIGITS_DEFAULTS[protocol])
+    settings = dict(SIMULATION_PROFILES[protocol])
     train_fields = {
         k.removeprefix("train_"): v for k, v in overrides.items() if k.startswith("train_")
     }
@@ -108,7 +76,7 @@ def run_digits(
         seed: seeds the split, the speeds, the learners' minibatches and the policy's sampler.
         evaluation: which versions are scored on the test set (default: every commit).
         aggregation: server optimizer, robust rule and clipping (default: FedAvg's mean).
-        **settings: policy settings overriding `DIGITS_DEFAULTS` (see `policy_settings`).
+        **settings: policy settings overriding the profile (see `policy_settings`).
 
     Returns:
         The result; its history holds the test accuracy of the scored versions.
