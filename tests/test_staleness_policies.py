@@ -164,9 +164,17 @@ def test_buffered_weights_stale_updates_by_inverse_sqrt() -> None:
     assert accept.weight == pytest.approx(1 / math.sqrt(1 + 3))
 
 
-def test_buffered_example_weighting_requires_normalized_buffer() -> None:
-    with pytest.raises(ValueError, match="normalize_weights"):
-        BufferedSettings(weighting="examples")
+def test_buffered_example_weighting_divides_by_the_base_weights() -> None:
+    # Behaviour changed (issue 7): example weighting no longer needs normalize_weights; the
+    # buffer is divided by the sum of the base weights, so staleness stays an absolute factor.
+    policy = BufferedPolicy(BufferedSettings(buffer_size=1, weighting="examples"))
+    task = _tasks(policy.handle(LearnerJoined(0.0, "a", 10)))["a"]
+
+    decisions = policy.handle(_update(task))
+
+    commit = next(d for d in decisions if isinstance(d, CommitVersion))
+    assert not commit.normalize
+    assert commit.scale == pytest.approx(1 / 10)
 
 
 # ------------------------------------------------------------------------------ semi-synchronous

@@ -2,7 +2,8 @@
 
 On an update x_new trained from version τ, at version t: α_t = α · s(t − τ) clamped to (0, 1], and
 x ← (1 − α_t) x + α_t x_new, t ← t + 1. Learners upload full weights (not deltas) so the mixing is
-exact whatever the staleness. The learner that reported gets fresh work at once.
+exact whatever the staleness. The learner that reported gets fresh work at once. A failed commit
+(`CommitFailed`) is uncounted and the federation just continues with the next update.
 """
 
 from __future__ import annotations
@@ -38,12 +39,10 @@ class AsynchronousPolicy(ContinuousPolicy):
     def __init__(self, settings: AsynchronousSettings | None = None) -> None:
         self.settings = settings or AsynchronousSettings()
         super().__init__(self.settings)
-        self.alphas: list[float] = []
 
     def on_update(self, event: UpdateArrived, staleness: int) -> list[Decision]:
         """Mix the update in with α_t = α · s(staleness)."""
         alpha_t = min(1.0, max(self.settings.alpha * self.settings.staleness(staleness), 1e-12))
-        self.alphas.append(alpha_t)
         self.updates_accepted += 1
         self.version += 1
         return [

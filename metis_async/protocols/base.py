@@ -4,6 +4,20 @@ A policy is a pure object: the controller (or the simulator) feeds it events car
 time, and it returns a list of decisions. It never touches sockets, threads or model arrays, so it
 can be driven by a simulated clock with thousands of fake learners, and the same object runs in the
 real server. Decisions are carried out in order before the next event is delivered.
+
+A commit can fail (the aggregate would make a non-finite model, a robust rule lacks updates, ...).
+The driver then follows one rule:
+
+1. the aggregate is dropped and the model is unchanged (no version is created);
+2. the decisions that follow the failed `CommitVersion` in the same list are NOT executed
+   (a `Finish`, tasks of the next round or fresh tasks on the version that does not exist);
+3. `CommitFailed` is delivered next, before any other event.
+
+The policy treats the dropped decisions as never made: it undoes its version count
+(`Policy.undo_commit`), forgets the tasks it assigned after the commit, withdraws a `Finish` it
+declared because of that commit, and returns fresh decisions (the next round, new tasks). A
+policy therefore emits at most one `CommitVersion` per list, and puts a `Finish` caused by a
+commit in the same list, after it.
 """
 
 from __future__ import annotations
@@ -72,6 +86,7 @@ class LearnerJoined:
     now: float
     learner_id: str
     num_examples: int = 0
+    can_evaluate: bool = True  # False: send this learner no evaluation tasks
 
 
 @dataclass(frozen=True)
@@ -132,8 +147,36 @@ class Tick:
     now: float
 
 
+@dataclass(frozen=True)
+class CommitFailed:
+    """The last `CommitVersion` could not be carried out: no version was created.
+
+    Delivered right after the failed commit, before any other event; the decisions that followed
+    the commit in its list were not executed (see the module docstring).
+
+    Attributes:
+        now: the time of the failure (same clock as every event).
+        version: the version the commit would have created (the policy's `version` right after
+            it emitted the `CommitVersion`).
+        reason: why, for logs (e.g. the `CommitRefused` message).
+        task_ids: the tasks whose accepted updates were in the dropped aggregate (for logs and
+            counters; the updates are gone).
+    """
+
+    now: float
+    version: int
+    reason: str
+    task_ids: tuple[str, ...] = ()
+
+
 Event: TypeAlias = (
-    LearnerJoined | LearnerLost | UpdateArrived | EvaluationArrived | TaskFailed | Tick
+    LearnerJoined
+    | LearnerLost
+    | UpdateArrived
+    | EvaluationArrived
+    | TaskFailed
+    | Tick
+    | CommitFailed
 )
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +264,8 @@ class Policy(abc.ABC):
     Subclasses implement `handle`; the named hooks keep policies small. The controller guarantees:
     events are delivered one at a time; decisions of one event are executed before the next event;
     every committed version increments `version` by one (the policy tracks it from its own
-    `CommitVersion` decisions).
+    `CommitVersion` decisions); a commit that fails is reported by `CommitFailed` at once, and the
+    decisions after it in the same list are dropped (see the module docstring).
     """
 
     name: str = "policy"
@@ -229,6 +273,32 @@ class Policy(abc.ABC):
     def __init__(self) -> None:
         self.version = 0
         self.finished = False
+        self.commits_failed = 0
+        self._finished_by: int | None = None  # version whose commit made the policy finish
+
+    def finish(self, reason: str) -> Finish:
+        """Mark the policy finished because of the commit of `version`; returns the decision.
+
+        Call it right after counting the commit, so `undo_commit` can withdraw it.
+        """
+        self.finished = True
+        self._finished_by = self.version
+        return Finish(reason)
+
+    def undo_commit(self, event: CommitFailed) -> bool:
+        """Uncount the version of a failed commit (and a `Finish` it caused).
+
+        Returns False, changing nothing, when `event` is not about the policy's latest counted
+        version (a duplicate or out-of-order report).
+        """
+        if event.version != self.version or self.version <= 0:
+            return False
+        self.version -= 1
+        self.commits_failed += 1
+        if self.finished and self._finished_by == event.version:
+            self.finished = False
+            self._finished_by = None
+        return True
 
     @abc.abstractmethod
     def handle(self, event: Event) -> list[Decision]:
@@ -240,4 +310,9 @@ class Policy(abc.ABC):
 
     def describe(self) -> dict[str, object]:
         """Settings and counters for logs and the dashboard."""
-        return {"protocol": self.name, "version": self.version, "finished": self.finished}
+        return {
+            "protocol": self.name,
+            "version": self.version,
+            "finished": self.finished,
+            "commits_failed": self.commits_failed,
+        }

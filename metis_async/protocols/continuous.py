@@ -3,21 +3,34 @@
 There are no rounds: every learner that reports gets fresh work at once on the newest version,
 and at most `concurrency` learners train at any time (the others wait idle). Staleness of an
 update is the number of versions committed since the version it was trained from.
+
+Every task has a deadline (`task_deadline_seconds` after assignment): a learner that keeps its
+session alive but hangs in training would otherwise hold a concurrency slot forever. Deadlines
+sit in a heap, so `next_wakeup` is O(1) and a `Tick` pops only the expired tasks: no event scans
+every outstanding task. An expired task is cancelled; its learner becomes idle again, but is not
+picked in the same fill, so a hanging learner does not get the freed slot straight back.
+
+When a commit fails (`CommitFailed`), the tasks assigned after it in the same list were never
+sent: they are forgotten, the version count is undone and the free slots are filled again.
 """
 
 from __future__ import annotations
 
 import abc
+import heapq
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 from metis_async.protocols.base import (
     AssignTask,
+    CancelTask,
+    CommitFailed,
+    CommitVersion,
     Decision,
     EvaluationArrived,
     Event,
-    Finish,
     LearnerJoined,
     LearnerLost,
     Policy,
@@ -46,6 +59,8 @@ class ContinuousSettings:
         min_learners: connected learners needed before any work is handed out.
         seed: seed of the choice among idle learners.
         train: local training settings of every task.
+        task_deadline_seconds: a task not reported this long after assignment is cancelled and
+            its concurrency slot freed (seconds, > 0).
     """
 
     rounds: int = 0
@@ -55,6 +70,7 @@ class ContinuousSettings:
     min_learners: int = 1
     seed: int = 0
     train: TrainSettings = field(default_factory=TrainSettings)
+    task_deadline_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "concurrency", "max_staleness"):
@@ -62,6 +78,10 @@ class ContinuousSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.min_learners < 1:
             raise ValueError(f"min_learners must be >= 1, got {self.min_learners}")
+        if not (self.task_deadline_seconds > 0 and math.isfinite(self.task_deadline_seconds)):
+            raise ValueError(
+                f"task_deadline_seconds must be finite and > 0, got {self.task_deadline_seconds}"
+            )
 
 
 class ContinuousPolicy(Policy):
@@ -80,10 +100,17 @@ class ContinuousPolicy(Policy):
         # choosing who trains next never scans every connected learner.
         self._idle: list[str] = []
         self._idle_at: dict[str, int] = {}
+        # (deadline, task id) of outstanding tasks; entries of finished tasks are skipped lazily.
+        self._deadlines: list[tuple[float, str]] = []
+        self._now = 0.0  # time of the latest event
         self._task_seq = 0
+        # Tasks assigned after the latest commit, in the same decision list: void if it fails.
+        self._after_commit: tuple[int, list[str]] = (0, [])
         self.updates_accepted = 0
         self.updates_rejected = 0
-        self.staleness_seen: list[int] = []
+        self.tasks_expired = 0
+        self.staleness_sum = 0  # over accepted updates, in versions
+        self.staleness_max = 0
 
     # ------------------------------------------------------------------------------ hooks
 
@@ -93,10 +120,16 @@ class ContinuousPolicy(Policy):
 
     # ------------------------------------------------------------------------------ events
 
+    def on_commit_failed(self, event: CommitFailed) -> None:
+        """Hook: the commit of `event.version` failed and was uncounted (reset buffers here)."""
+
     def handle(self, event: Event) -> list[Decision]:
         """React to one event (see `Policy.handle`)."""
+        self._now = max(self._now, event.now)
         if isinstance(event, UpdateArrived):
             return self._on_update(event)
+        if isinstance(event, CommitFailed):
+            return self._on_commit_failed(event)
         if self.finished:
             return []
         if isinstance(event, LearnerJoined):
@@ -112,9 +145,64 @@ class ContinuousPolicy(Policy):
             if self._tasks.get(event.task_id) == event.learner_id:
                 self._release(event.learner_id)
             return self._fill(exclude=event.learner_id)
-        if isinstance(event, (Tick, EvaluationArrived)):
+        if isinstance(event, Tick):
+            return self._expire(event.now)
+        if isinstance(event, EvaluationArrived):
             return self._fill()
         raise TypeError(f"unknown event {event!r}")
+
+    def next_wakeup(self) -> float | None:
+        """The earliest deadline of an outstanding task (O(1) amortised)."""
+        self._drop_finished_deadlines()
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def _drop_finished_deadlines(self) -> None:
+        heap = self._deadlines
+        while heap and heap[0][1] not in self._tasks:
+            heapq.heappop(heap)
+
+    def _push_deadline(self, deadline: float, task_id: str) -> None:
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._tasks) + 64:
+            # Entries of reported tasks wait for their deadline to be popped; rebuild now and
+            # then (amortised O(1) per task) so the heap stays O(outstanding tasks).
+            heap[:] = [entry for entry in heap if entry[1] in self._tasks]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, task_id))
+
+    def _expire(self, now: float) -> list[Decision]:
+        """Cancel the tasks whose deadline has passed; refill without re-picking their learners."""
+        decisions: list[Decision] = []
+        expired: list[str] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, task_id = heapq.heappop(heap)
+            learner_id = self._tasks.get(task_id)
+            if learner_id is None:
+                continue  # reported or dropped already
+            self.tasks_expired += 1
+            limit = self.base_settings.task_deadline_seconds
+            decisions.append(CancelTask(learner_id, task_id, f"no result within {limit:g} s"))
+            self._release(learner_id, idle=False)
+            expired.append(learner_id)
+        decisions += self._fill()
+        for learner_id in expired:
+            self._make_idle(learner_id)  # only if it is still connected
+        # Slots nobody else could take go back to the expired learners (they may be alive).
+        return decisions + self._fill() if expired else decisions
+
+    def _on_commit_failed(self, event: CommitFailed) -> list[Decision]:
+        if not self.undo_commit(event):
+            return [] if self.finished else self._fill()
+        version, assigned = self._after_commit
+        if version == event.version:
+            for task_id in assigned:  # never sent: the learner is idle again
+                learner_id = self._tasks.get(task_id)
+                if learner_id is not None:
+                    self._release(learner_id)
+        self._after_commit = (0, [])
+        self.on_commit_failed(event)
+        return [] if self.finished else self._fill()
 
     def describe(self) -> dict[str, object]:
         """Settings and counters."""
@@ -124,15 +212,20 @@ class ContinuousPolicy(Policy):
             in_flight=len(self._busy),
             updates_accepted=self.updates_accepted,
             updates_rejected=self.updates_rejected,
+            tasks_expired=self.tasks_expired,
+            staleness_mean=self.staleness_sum / max(self.updates_accepted, 1),
+            staleness_max=self.staleness_max,
         )
         return info
 
     def _on_update(self, event: UpdateArrived) -> list[Decision]:
         if self._tasks.get(event.task_id) != event.learner_id:
             return [RejectUpdate(event.task_id, "task is not outstanding")]
-        self._release(event.learner_id)
         if self.finished:
+            self._release(event.learner_id)
             return [RejectUpdate(event.task_id, "the federation has finished")]
+        # The reporter competes for new work only after the others (its task is done now).
+        self._release(event.learner_id)
         staleness = self.version - event.base_version
         limit = self.base_settings.max_staleness
         if staleness < 0:
@@ -148,20 +241,28 @@ class ContinuousPolicy(Policy):
                 )
             ]
         else:
-            self.staleness_seen.append(staleness)
+            self.staleness_sum += staleness
+            self.staleness_max = max(self.staleness_max, staleness)
             decisions = self.on_update(event, staleness)
-        if self.base_settings.rounds and self.version >= self.base_settings.rounds:
-            self.finished = True
-            return [*decisions, Finish(f"{self.version} versions committed")]
-        return decisions + self._fill()
+        committed = any(isinstance(d, CommitVersion) for d in decisions)
+        if committed and self.base_settings.rounds and self.version >= self.base_settings.rounds:
+            return [*decisions, self.finish(f"{self.version} versions committed")]
+        following = self._fill()
+        if committed:
+            self._after_commit = (
+                self.version,
+                [d.task.task_id for d in following if isinstance(d, AssignTask)],
+            )
+        return decisions + following
 
     # ------------------------------------------------------------------------------ work
 
-    def _release(self, learner_id: str) -> None:
+    def _release(self, learner_id: str, idle: bool = True) -> None:
         task_id = self._busy.pop(learner_id, None)
         if task_id is not None:
             self._tasks.pop(task_id, None)
-        self._make_idle(learner_id)
+        if idle:
+            self._make_idle(learner_id)
 
     def _make_idle(self, learner_id: str) -> None:
         if (
@@ -201,12 +302,15 @@ class ContinuousPolicy(Policy):
             task_id = f"v{self.version}-t{self._task_seq}"
             self._busy[lid] = task_id
             self._tasks[task_id] = lid
+            deadline = self.base_settings.task_deadline_seconds
+            self._push_deadline(self._now + deadline, task_id)
             task = Task(
                 task_id=task_id,
                 learner_id=lid,
                 kind=TaskKind.TRAIN,
                 version=self.version,
                 settings=self.base_settings.train,
+                deadline_seconds=deadline,
                 upload_delta=self.upload_delta,
             )
             decisions.append(AssignTask(task))

@@ -6,6 +6,9 @@ the deadline, whichever comes first; it commits if at least a minimum number of 
 is abandoned otherwise. A dead or slow learner therefore never stalls the federation (MetisFL's
 synchronous barrier waits forever). Over-selection (Bonawitz et al. 2019) selects more learners
 than the goal and cancels the slowest once the goal is met.
+
+A round whose commit fails (`CommitFailed`) counts as abandoned, and the next round starts from
+the unchanged version. Evaluation tasks go only to learners that joined with `can_evaluate`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from metis_async.protocols.base import (
     AcceptUpdate,
     AssignTask,
     CancelTask,
+    CommitFailed,
     CommitVersion,
     Decision,
     DiscardAggregate,
     EvaluationArrived,
     Event,
-    Finish,
     LearnerJoined,
     LearnerLost,
     Policy,
@@ -114,6 +117,7 @@ class _Round:
     outstanding: dict[str, str]  # task id -> learner id
     working: dict[str, str] = field(default_factory=dict)  # learner id -> its task id
     accepted: int = 0
+    after_commit: int | None = None  # started in the same decision list as this version's commit
 
     def add(self, task_id: str, learner_id: str) -> None:
         self.outstanding[task_id] = learner_id
@@ -137,6 +141,7 @@ class SynchronousPolicy(Policy):
         self.settings = settings or SynchronousSettings()
         self._rng = random.Random(self.settings.seed)
         self._learners: dict[str, int] = {}  # connected learner id -> examples held
+        self._evaluators: set[str] = set()  # connected learners that can evaluate
         self._round: _Round | None = None
         self._rounds_started = 0
         self._task_seq = 0
@@ -147,6 +152,8 @@ class SynchronousPolicy(Policy):
 
     def handle(self, event: Event) -> list[Decision]:
         """React to one event (see `Policy.handle`)."""
+        if isinstance(event, CommitFailed):
+            return self._on_commit_failed(event)
         if self.finished:
             return self._after_finish(event)
         if isinstance(event, LearnerJoined):
@@ -185,6 +192,10 @@ class SynchronousPolicy(Policy):
 
     def _on_joined(self, event: LearnerJoined) -> list[Decision]:
         self._learners[event.learner_id] = event.num_examples
+        if event.can_evaluate:
+            self._evaluators.add(event.learner_id)
+        else:
+            self._evaluators.discard(event.learner_id)
         rnd = self._round
         if rnd is None:
             return self._maybe_start_round(event.now)
@@ -202,6 +213,7 @@ class SynchronousPolicy(Policy):
 
     def _on_lost(self, event: LearnerLost) -> list[Decision]:
         self._learners.pop(event.learner_id, None)
+        self._evaluators.discard(event.learner_id)
         rnd = self._round
         if rnd is None:
             return []
@@ -218,12 +230,15 @@ class SynchronousPolicy(Policy):
             return [RejectUpdate(event.task_id, "task is not part of the open round")]
         if event.base_version != self.version:
             rnd.remove(event.task_id)
-            return [
+            reject: list[Decision] = [
                 RejectUpdate(
                     event.task_id,
                     f"update trained from version {event.base_version}, round uses {self.version}",
                 )
             ]
+            if not rnd.outstanding:  # nobody left to wait for: do not idle to the deadline
+                reject += self._close_round(event.now, "no selected learner left working")
+            return reject
         rnd.remove(event.task_id)
         rnd.accepted += 1
         self.observe(event)
@@ -258,6 +273,23 @@ class SynchronousPolicy(Policy):
 
     def round_started(self, now: float) -> None:
         """Hook: a round is about to assign its tasks."""
+
+    def _on_commit_failed(self, event: CommitFailed) -> list[Decision]:
+        """The round's commit failed: abandon the round and start the next one at once.
+
+        The decisions after the commit were dropped, so a round started in the same list never
+        had its tasks sent: forget it (no CancelTask) and start afresh from the unchanged version.
+        """
+        if not self.undo_commit(event):
+            return []
+        self.rounds_committed -= 1
+        self.rounds_abandoned += 1
+        rnd = self._round
+        if rnd is not None and rnd.after_commit == event.version:
+            self._round = None
+        if self.finished or self._round is not None:
+            return []
+        return self._maybe_start_round(event.now)
 
     def _on_task_done(self, task_id: str, now: float) -> list[Decision]:
         rnd = self._round
@@ -302,6 +334,7 @@ class SynchronousPolicy(Policy):
             decisions += [
                 AssignTask(Task(self._next_task_id(), lid, TaskKind.EVALUATE, self.version))
                 for lid in chosen
+                if lid in self._evaluators
             ]
         return decisions + self._assign(rnd, chosen, now)
 
@@ -342,8 +375,11 @@ class SynchronousPolicy(Policy):
             self.version += 1
             self.rounds_committed += 1
             if self.settings.rounds and self.version >= self.settings.rounds:
-                self.finished = True
-                return [*decisions, Finish(f"{self.version} versions committed")]
+                return [*decisions, self.finish(f"{self.version} versions committed")]
+            following = self._maybe_start_round(now)
+            if self._round is not None:
+                self._round.after_commit = self.version
+            return decisions + following
         else:
             self.rounds_abandoned += 1
             decisions.append(
