@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metis_async.aggregation.server_step import AggregationSettings, ServerStep
+from metis_async.aggregation.server_step import AggregationSettings, CommitRefused, ServerStep
 
 
 def _vec(*values: float) -> np.ndarray:
@@ -136,3 +136,125 @@ def test_invalid_aggregation_settings_are_named(field: str, value: object, match
 def test_optimizer_hyperparameters_are_checked_when_settings_are_made() -> None:
     with pytest.raises(ValueError, match="fedadam does not take momentum"):
         AggregationSettings(optimizer="fedadam", optimizer_options={"momentum": 0.9})
+
+
+# ------------------------------------------------------------------ finite commits (issue 7)
+
+HUGE = 3e38  # finite in float32 (max 3.4e38); the sum or difference of two overflows
+
+
+def test_fedasync_mix_of_huge_finite_values_is_exact_not_infinite() -> None:
+    step = ServerStep(2)
+    base = _vec(-HUGE, HUGE)
+    step.add(_vec(HUGE, -HUGE), 1.0)
+
+    new = step.commit(base, scale=0.6, relative=True)
+
+    expected = 0.4 * base.astype(np.float64) + 0.6 * np.array([HUGE, -HUGE])
+    np.testing.assert_allclose(new, expected, rtol=1e-6)
+
+
+def test_fedasync_with_an_optimizer_refuses_an_overflowing_delta_and_keeps_its_state() -> None:
+    settings = AggregationSettings(optimizer="fedavgm", optimizer_options={"momentum": 0.9})
+    step = ServerStep(2, settings)
+    base = _vec(-HUGE, HUGE)
+    step.add(_vec(HUGE, -HUGE), 1.0)
+
+    with pytest.raises(CommitRefused, match="not finite at index 0"):
+        step.commit(base, scale=0.6, relative=True)
+
+    np.testing.assert_array_equal(base, _vec(-HUGE, HUGE))
+    assert step.count == 0
+    np.testing.assert_array_equal(step.state()["m"], np.zeros(2, np.float32))
+
+
+def test_buffered_robust_commit_that_overflows_is_refused_and_the_model_stays() -> None:
+    step = ServerStep(2, AggregationSettings(robust="median"))
+    base = _vec(HUGE, 0)
+    for _ in range(2):
+        step.add(_vec(HUGE, 1), 1.0)
+
+    with pytest.raises(CommitRefused, match=r"2 updates with median refused.*index 0"):
+        step.commit(base, scale=1 / 2, normalize=False)  # FedBuff: K = 2
+
+    np.testing.assert_array_equal(base, _vec(HUGE, 0))
+    assert step.count == 0
+
+
+def test_robust_unnormalized_commit_does_not_overflow_on_the_way() -> None:
+    step = ServerStep(1, AggregationSettings(robust="median"))
+    for _ in range(2):
+        step.add(_vec(HUGE), 1.0)
+
+    new = step.commit(_vec(0), scale=1 / 2, normalize=False)
+
+    np.testing.assert_allclose(new, _vec(HUGE), rtol=1e-6)
+
+
+def test_fused_rust_commit_that_overflows_is_refused_and_the_aggregate_dropped() -> None:
+    step = ServerStep(2)
+    step.add(_vec(HUGE, 1), 1.0)
+
+    with pytest.raises(CommitRefused, match="1 update with mean refused"):
+        step.commit(_vec(HUGE, 0))
+
+    assert step.count == 0
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_optimizer_commit_that_overflows_does_not_advance_the_optimizer(optimizer: str) -> None:
+    step = ServerStep(2, AggregationSettings(optimizer=optimizer, optimizer_options={"lr": 1.0}))
+    step.add(_vec(1, 1), 1.0)
+    x = step.commit(_vec(0, 0))
+    before = {k: v.copy() for k, v in step.state().items()}
+    step.add(_vec(HUGE, 1), 1.0)
+    big = _vec(HUGE, 0) if optimizer == "fedavgm" else np.full(2, np.finfo(np.float32).max)
+
+    with pytest.raises(CommitRefused):
+        step.commit(big.astype(np.float32))
+
+    after = step.state()
+    assert after.keys() == before.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert step.count == 0
+    assert np.isfinite(x).all()
+
+
+def test_krum_with_too_few_updates_is_refused_naming_rule_and_count() -> None:
+    step = ServerStep(2, AggregationSettings(robust="krum", byzantine=1))
+    for _ in range(3):
+        step.add(_vec(1, 1), 1.0)
+
+    with pytest.raises(CommitRefused, match=r"3 updates with krum \(byzantine=1\)"):
+        step.commit(_vec(0, 0))
+
+    assert step.count == 0
+
+
+# ------------------------------------------------------------- FedAsync clipping (issue 7)
+
+
+@pytest.mark.parametrize("fold_window", [1, 8])
+def test_fedasync_clip_norm_clips_the_move_not_the_uploaded_model(fold_window: int) -> None:
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(5).astype(np.float32) * 10
+    upload = base + rng.standard_normal(5).astype(np.float32)
+    step = ServerStep(5, AggregationSettings(clip_norm=0.5, fold_window=fold_window))
+    step.add(upload, 1.0)
+
+    new = step.commit(base, scale=0.6, relative=True)
+
+    move = upload.astype(np.float64) - base
+    expected = base + 0.6 * move * min(1.0, 0.5 / np.linalg.norm(move))
+    np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_norm_still_clips_deltas_beyond_the_fold_window() -> None:
+    step = ServerStep(2, AggregationSettings(clip_norm=1.0, fold_window=2))
+    for _ in range(5):
+        step.add(_vec(30, 40), 1.0)
+
+    new = step.commit(_vec(0, 0))
+
+    np.testing.assert_allclose(new, _vec(0.6, 0.8), rtol=1e-6)
