@@ -8,8 +8,10 @@ Needs only grpcio, protobuf and numpy, so it embeds on small edge devices.
         def get_parameters(self): ...
         def fit(self, parameters, config): ...       # -> (parameters, num_examples, metrics)
         def evaluate(self, parameters, config): ...  # -> (loss, num_examples, metrics)
+        def on_federation_finished(self, parameters, version): ...  # optional: the final model
 
-    run_learner("127.0.0.1:50051", MyLearner())
+    summary = run_learner("127.0.0.1:50051", MyLearner())
+    summary.final_parameters  # the final model, when the controller delivered it
 """
 
 from __future__ import annotations
@@ -23,20 +25,18 @@ from metis_async.client.learner import (
     Metrics,
     NDArrays,
 )
-from metis_async.client.runner import (
-    Backoff,
-    LearnerRunner,
-    LearnerStopped,
-    RunSummary,
-    run_learner,
-)
+from metis_async.client.models import HeldModel
+from metis_async.client.runner import CAPABILITIES, LearnerRunner, LearnerStopped, run_learner
+from metis_async.client.summary import Backoff, RunSummary
 
 __all__ = [
+    "CAPABILITIES",
     "Backoff",
     "EvaluateConfig",
     "EvaluateRes",
     "FitConfig",
     "FitRes",
+    "HeldModel",
     "Learner",
     "LearnerRunner",
     "LearnerStopped",

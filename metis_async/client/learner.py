@@ -50,7 +50,13 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """What the controller asks of one evaluation task."""
+    """What the controller asks of one evaluation task.
+
+    Attributes:
+        model_version: global version the parameters come from.
+        batch_size: examples per evaluation batch; the default (256) stands for the learner's
+            own choice when the controller leaves it at 0.
+    """
 
     model_version: int = 0
     batch_size: int = 256
@@ -98,3 +104,18 @@ class Learner(abc.ABC):
     def num_examples(self) -> int:
         """Training examples this learner holds (reported to the controller for weighting)."""
         return 0
+
+    def on_federation_finished(self, parameters: NDArrays, version: int) -> None:  # noqa: B027
+        """Called once when the federation finishes and the learner holds its final model.
+
+        The controller sends the final model before `Shutdown` FINISHED to learners that do not
+        hold it yet; the run loop calls this after the stream has closed, from the thread that
+        called `run_learner`, just before `run_learner` returns (the same arrays are in
+        `RunSummary.final_parameters`). Not called when the run is stopped, or when the final
+        model never arrived (e.g. an older controller). Override it to save or deploy the model;
+        exceptions propagate out of `run_learner`. The default does nothing.
+
+        Args:
+            parameters: the final global model, in the layout's shapes and dtypes.
+            version: its version number.
+        """

@@ -3,104 +3,109 @@
 `run_learner(address, learner)` dials the controller, says hello, and then serves tasks until the
 controller says the federation is over. Three threads share the work: the caller's thread reads the
 stream (so cancellations and new models arrive while training runs), a worker thread runs `fit` and
-`evaluate` one task at a time, and a heartbeat thread keeps the session alive. When the stream
-breaks, the loop reconnects with jittered exponential backoff and reuses its learner id.
+`evaluate` one task at a time, and a heartbeat thread keeps the session alive.
+
+The loop reconnects with jittered exponential backoff, keeping its learner id and the last model
+it received, when the stream breaks, when the controller drains (`Shutdown` DRAINING: a restart),
+and when the controller breaks the wire contract (the stream is closed cleanly first). Only
+`Shutdown` FINISHED (or an older controller's unspecified kind) ends the run.
 
 Only grpcio, protobuf and numpy are needed here.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
+import math
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from metis_async import wire
 from metis_async.client.learner import EvaluateConfig, FitConfig, Learner
+from metis_async.client.models import HeldModel, ModelReceiver
+from metis_async.client.summary import Backoff, RunSummary
 from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+CAPABILITIES = ("train", "evaluate", "delta", "final_model")
+"""What this client announces in `Hello.capabilities` (see controller.proto)."""
+
+CHANNEL_CHUNK_BYTES = 64 * 1024 * 1024
+"""Largest chunk the channel accepts before any Welcome (bytes). The channel exists before the
+controller announces its chunk size, and gRPC's message limit is only a ceiling (nothing is
+allocated up front), so a generous limit costs nothing and saves a reconnect; a controller that
+announces more makes the runner reconnect once with a channel sized for it."""
+
+FRAMING_BYTES = 1024 * 1024
+"""Room for the envelope around a chunk's data (bytes)."""
+
+_GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC message limits are C ints
+_CLOSE_DRAIN_SECONDS = 1.0  # how long a clean close waits for the controller to end its side
+_MAX_RETRY_AFTER_SECONDS = 3600.0  # a bogus retry_after must not park the learner forever
 
 
 class LearnerStopped(Exception):
     """The learner gave up: a fatal status from the controller or too many failed attempts."""
 
 
+class _End(enum.Enum):
+    """How one session ended, which decides what the run loop does next."""
+
+    FINISHED = "finished"  # Shutdown FINISHED: the run is over
+    STOPPED = "stopped"  # the caller set `stop`
+    BROKEN = "broken"  # welcomed, then the stream ended: reconnect, backoff reset
+    FAILED = "failed"  # no welcome, or the controller broke the contract: backoff grows
+    DRAINING = "draining"  # Shutdown DRAINING: reconnect after retry_after_seconds
+    RESIZE = "resize"  # chunks larger than the channel allows: reconnect at once
+
+
 @dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential backoff between connection attempts.
-
-    The n-th consecutive failure waits a uniform time in [d/2, d] with d = min(cap, initial·2^n)
-    seconds, so thousands of learners reconnecting after a controller restart spread out.
-    """
-
-    initial_seconds: float = 0.5
-    max_seconds: float = 30.0
-    max_attempts: int | None = None  # consecutive failures before giving up; None = never
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        """Seconds to wait after `failures` consecutive failed attempts (≥ 1)."""
-        ceiling = min(self.max_seconds, self.initial_seconds * 2 ** min(failures - 1, 30))
-        return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
-
-
-@dataclass
-class RunSummary:
-    """What one `run_learner` call did."""
-
-    learner_id: str = ""
-    tasks_completed: int = 0
-    tasks_failed: int = 0
-    sessions: int = 0
-    last_version: int | None = None
-    shutdown_reason: str = ""
-    errors: list[str] = field(default_factory=list)
+class _Outcome:
+    end: _End
+    retry_after_seconds: float = 0.0
 
 
 def _log(event: str, **fields: object) -> None:
     log.info("%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
-class _Stream:
-    """One session: the outbox feeding the request stream, and the models received on it."""
+def _state_name(state: int) -> str:
+    try:
+        return pb.FederationState.Name(state).removeprefix("FEDERATION_STATE_").lower()  # type: ignore[arg-type]
+    except ValueError:  # a state added after this client was built
+        return f"state_{state}"
 
-    def __init__(self, learner_id: str, num_examples: int, token: str) -> None:
+
+class _Stream:
+    """One session: the outbox feeding the request stream, and what arrived on it."""
+
+    def __init__(self, hello: pb.Hello, models: ModelReceiver) -> None:
         self.outbox: queue.SimpleQueue[pb.LearnerMessage | None] = queue.SimpleQueue()
         self.closed = threading.Event()
-        self.layout: pb.ModelLayout | None = None
-        self.models: dict[int, wire.FloatVector] = {}
-        self.assembler: tuple[int, wire.PayloadAssembler] | None = None
+        self.models = models
+        self.welcomed = False
         self.cancelled: set[str] = set()
         self.heartbeat_seconds = 5.0
-        self.max_chunk_bytes = wire.MAX_CHUNK_BYTES
-        self.send(
-            pb.LearnerMessage(
-                hello=pb.Hello(
-                    learner_id=learner_id,
-                    token=token,
-                    num_examples=num_examples,
-                    capabilities=["train", "evaluate", "delta"],
-                    client_version="metis-async",
-                )
-            )
-        )
+        self.send(pb.LearnerMessage(hello=hello))
 
     def send(self, message: pb.LearnerMessage) -> None:
         if not self.closed.is_set():
             self.outbox.put(message)
 
     def close(self) -> None:
+        """End the request stream (a half-close: the controller sees end-of-stream)."""
         if not self.closed.is_set():
             self.closed.set()
             self.outbox.put(None)
@@ -120,6 +125,7 @@ class LearnerRunner:
         token: credential when the controller checks tokens.
         backoff: reconnect policy.
         stop: set it from another thread to end the run after the current message.
+        seed: seed of the backoff jitter (tests).
     """
 
     def __init__(
@@ -141,8 +147,67 @@ class LearnerRunner:
         self.summary = RunSummary(learner_id=learner_id)
         self._rng = random.Random(seed)
         self._payload_ids = itertools.count(1)
-        limit = wire.MAX_CHUNK_BYTES + 1024 * 1024
-        self._channel_options = [
+        self._chunk_limit = CHANNEL_CHUNK_BYTES
+        self._held: HeldModel | None = None  # last model received, kept across sessions
+
+    def run(self) -> RunSummary:
+        """Serve tasks until the controller finishes the federation or `stop` is set.
+
+        Raises `LearnerStopped` on a fatal status or after `backoff.max_attempts` consecutive
+        failed attempts. Exceptions from `Learner.on_federation_finished` propagate.
+        """
+        failures = 0
+        outcome = _Outcome(_End.STOPPED)
+        while not self.stop.is_set():
+            try:
+                outcome = self._session()
+            except grpc.RpcError as error:
+                code = error.code()
+                detail = error.details()
+                self.summary.errors.append(f"{code.name}: {detail}")
+                if code in FATAL_CODES:
+                    raise LearnerStopped(f"controller refused this learner: {detail}") from None
+                outcome = _Outcome(_End.FAILED)
+                _log("stream_broken", code=code.name, detail=detail)
+            if outcome.end in (_End.FINISHED, _End.STOPPED):
+                break
+            if outcome.end is _End.RESIZE:
+                continue
+            failures = failures + 1 if outcome.end is _End.FAILED else 0
+            if self.backoff.max_attempts is not None and failures >= self.backoff.max_attempts:
+                raise LearnerStopped(
+                    f"gave up after {failures} failed attempts to reach "
+                    f"{self.address}: {self.summary.errors[-1:]}"
+                )
+            delay = outcome.retry_after_seconds + self.backoff.delay(max(failures, 1), self._rng)
+            _log("reconnecting", in_seconds=round(delay, 3), failures=failures)
+            self.stop.wait(delay)
+        final = self.summary.final_parameters
+        if outcome.end is _End.FINISHED and final is not None:
+            assert self.summary.final_version is not None
+            self.learner.on_federation_finished(final, self.summary.final_version)
+        return self.summary
+
+    # ------------------------------------------------------------------------------ one session
+
+    def _hello(self, held: HeldModel | None) -> pb.Hello:
+        hello = pb.Hello(
+            learner_id=self.summary.learner_id,
+            token=self.token,
+            num_examples=self.learner.num_examples(),
+            capabilities=CAPABILITIES,
+            client_version="metis-async",
+        )
+        if held is not None:
+            hello.holds_model = True
+            hello.held_version = held.version
+            hello.held_run_id = held.run_id
+            hello.held_layout_id = held.layout.layout_id
+        return hello
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        limit = self._chunk_limit + FRAMING_BYTES
+        return [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 20_000),
@@ -150,43 +215,14 @@ class LearnerRunner:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
 
-    def run(self) -> RunSummary:
-        """Serve tasks until the controller shuts the federation down or `stop` is set."""
-        failures = 0
-        while not self.stop.is_set():
-            try:
-                welcomed = self._session()
-            except grpc.RpcError as error:
-                code = error.code()
-                detail = error.details()
-                self.summary.errors.append(f"{code.name}: {detail}")
-                if code in FATAL_CODES:
-                    raise LearnerStopped(f"controller refused this learner: {detail}") from None
-                welcomed = False
-                _log("stream_broken", code=code.name, detail=detail)
-            else:
-                if self.summary.shutdown_reason or self.stop.is_set():
-                    break
-                welcomed = True
-            failures = 0 if welcomed else failures + 1
-            if self.backoff.max_attempts is not None and failures >= self.backoff.max_attempts:
-                raise LearnerStopped(
-                    f"gave up after {failures} failed attempts to reach "
-                    f"{self.address}: {self.summary.errors[-1:]}"
-                )
-            delay = self.backoff.delay(max(failures, 1), self._rng)
-            _log("reconnecting", in_seconds=round(delay, 3), failures=failures)
-            self.stop.wait(delay)
-        return self.summary
-
-    # ------------------------------------------------------------------------------ one session
-
-    def _session(self) -> bool:
-        """One stream from hello to its end; True if the controller welcomed us."""
-        stream = _Stream(self.summary.learner_id, self.learner.num_examples(), self.token)
+    def _session(self) -> _Outcome:
+        """One stream from hello to its end."""
+        # A model from a controller without run ids could be mistaken for the same version
+        # number of a restarted run, so only a model with a run id is carried over.
+        held = self._held if self._held is not None and self._held.run_id else None
+        stream = _Stream(self._hello(held), ModelReceiver(held))
         tasks: queue.SimpleQueue[pb.ControllerMessage | None] = queue.SimpleQueue()
-        welcomed = False
-        with grpc.insecure_channel(self.address, options=self._channel_options) as channel:
+        with grpc.insecure_channel(self.address, options=self._channel_options()) as channel:
             join = channel.stream_stream(
                 JOIN_METHOD,
                 request_serializer=pb.LearnerMessage.SerializeToString,
@@ -194,50 +230,105 @@ class LearnerRunner:
             )
             responses = join(stream.requests())
             worker = threading.Thread(target=self._work, args=(stream, tasks), daemon=True)
-            beat = threading.Thread(target=self._heartbeat, args=(stream,), daemon=True)
             worker.start()
             try:
-                for message in responses:
-                    kind = message.WhichOneof("body")
-                    if kind == "welcome":
-                        welcomed = True
-                        self._on_welcome(stream, message.welcome)
-                        beat.start()
-                    elif kind == "layout":
-                        stream.layout = message.layout
-                    elif kind == "model":
-                        self._on_model(stream, message.model)
-                    elif kind == "chunk":
-                        self._on_chunk(stream, message.chunk)
-                    elif kind in ("train", "evaluate"):
-                        tasks.put(message)
-                    elif kind == "cancel":
-                        stream.cancelled.add(message.cancel.task_id)
-                    elif kind == "error":
-                        _log(
-                            "controller_error",
-                            task_id=message.error.task_id,
-                            message=message.error.message,
-                        )
-                    elif kind == "shutdown":
-                        self.summary.shutdown_reason = message.shutdown.reason or "shutdown"
-                        _log("shutdown", reason=self.summary.shutdown_reason)
-                        break
-                    if self.stop.is_set():
-                        break
+                try:
+                    return self._serve(stream, responses, tasks)
+                except wire.WireError as error:
+                    self._abandon(stream, responses, responses.cancel, error)
+                    return _Outcome(_End.FAILED)
             finally:
                 tasks.put(None)
                 stream.close()
                 responses.cancel()
                 worker.join(timeout=5.0)
-        return welcomed
 
-    def _on_welcome(self, stream: _Stream, welcome: pb.Welcome) -> None:
+    def _serve(
+        self,
+        stream: _Stream,
+        responses: Iterator[pb.ControllerMessage],
+        tasks: queue.SimpleQueue[pb.ControllerMessage | None],
+    ) -> _Outcome:
+        """Read the stream until it ends; raises `wire.WireError` on a contract violation."""
+        for message in responses:
+            kind = message.WhichOneof("body")
+            if kind == "welcome":
+                if stream.welcomed:
+                    raise wire.WireError("a second welcome arrived on one stream")
+                if (resize := self._on_welcome(stream, message.welcome)) is not None:
+                    return resize
+                beat = threading.Thread(target=self._heartbeat, args=(stream,), daemon=True)
+                beat.start()
+            elif not stream.welcomed:
+                raise wire.WireError(f"the controller sent {kind} before welcome")
+            elif kind == "layout":
+                stream.models.on_layout(message.layout)
+            elif kind == "model":
+                self._received(stream.models.on_model(message.model))
+            elif kind == "chunk":
+                self._received(stream.models.on_chunk(message.chunk))
+            elif kind in ("train", "evaluate"):
+                tasks.put(message)
+            elif kind == "cancel":
+                stream.cancelled.add(message.cancel.task_id)
+            elif kind == "status":
+                self._on_status(message.status)
+            elif kind == "error":
+                _log(
+                    "controller_error", task_id=message.error.task_id, message=message.error.message
+                )
+            elif kind == "shutdown":
+                return self._on_shutdown(stream, message.shutdown)
+            # heartbeats, and bodies added after this client was built, need no answer
+            if self.stop.is_set():
+                return _Outcome(_End.STOPPED)
+        return _Outcome(_End.BROKEN if stream.welcomed else _End.FAILED)
+
+    def _abandon(
+        self,
+        stream: _Stream,
+        responses: Iterator[pb.ControllerMessage],
+        cancel: Callable[[], object],
+        error: wire.WireError,
+    ) -> None:
+        """Close the stream cleanly after the controller broke the contract: say why, half-close,
+        and give the controller a moment to end its side before cancelling."""
+        detail = str(error)
+        self.summary.errors.append(f"WireError: {detail}")
+        log.warning("controller_broke_contract detail=%s", detail)
+        stream.send(
+            pb.LearnerMessage(error=pb.Error(code=pb.ERROR_CODE_INVALID_ARGUMENT, message=detail))
+        )
+        stream.close()
+        timer = threading.Timer(_CLOSE_DRAIN_SECONDS, cancel)
+        timer.start()
+        try:
+            for _ in responses:
+                pass
+        except grpc.RpcError:
+            pass  # cancelled by the timer, or the controller ended with a status
+        finally:
+            timer.cancel()
+
+    def _on_welcome(self, stream: _Stream, welcome: pb.Welcome) -> _Outcome | None:
         self.summary.learner_id = welcome.learner_id
+        chunk_bytes = welcome.max_chunk_bytes or wire.MAX_CHUNK_BYTES
+        if chunk_bytes + FRAMING_BYTES > _GRPC_MAX_MESSAGE:
+            raise wire.WireError(f"max_chunk_bytes {chunk_bytes} is beyond what gRPC can carry")
+        if chunk_bytes > self._chunk_limit:
+            self._chunk_limit = chunk_bytes
+            _log("channel_resized", max_chunk_bytes=chunk_bytes)
+            return _Outcome(_End.RESIZE)
+        stream.welcomed = True
         self.summary.sessions += 1
         stream.heartbeat_seconds = welcome.heartbeat_interval_seconds or 5.0
-        stream.max_chunk_bytes = welcome.max_chunk_bytes or wire.MAX_CHUNK_BYTES
-        _log("welcomed", learner_id=welcome.learner_id, protocol=welcome.protocol)
+        stream.models.on_welcome(welcome)
+        _log(
+            "welcomed",
+            learner_id=welcome.learner_id,
+            protocol=welcome.protocol,
+            state=_state_name(welcome.state),
+        )
         if welcome.need_initial_model:
             arrays = self.learner.get_parameters()
             layout = wire.make_layout(arrays)
@@ -247,36 +338,41 @@ class LearnerRunner:
                 next(self._payload_ids),
                 pb.PAYLOAD_KIND_WEIGHTS,
                 layout.layout_id,
-                stream.max_chunk_bytes,
+                stream.models.max_chunk_bytes,
             )
             stream.send(pb.LearnerMessage(layout=layout))
             stream.send(pb.LearnerMessage(initial_model=pb.InitialModel(payload=header)))
             for chunk in chunks:
                 stream.send(pb.LearnerMessage(chunk=chunk))
+        return None
 
-    def _on_model(self, stream: _Stream, model: pb.Model) -> None:
-        if stream.layout is None:
-            raise wire.WireError("model arrived before its layout")
-        assembler = wire.PayloadAssembler(
-            model.payload,
-            int(stream.layout.total_bytes),
-            stream.layout.layout_id,
-            wire.MAX_CHUNK_BYTES,
+    def _received(self, model: HeldModel | None) -> None:
+        if model is not None:
+            self._held = model
+            self.summary.last_version = model.version
+
+    def _on_status(self, status: pb.Status) -> None:
+        _log(
+            "federation_status",
+            state=_state_name(status.state),
+            connected=status.learners_connected,
+            needed=status.learners_needed,
+            message=repr(status.message),
         )
-        stream.assembler = (int(model.version), assembler)
-        if assembler.done:  # an empty model has no chunks
-            self._on_chunk(stream, None)
 
-    def _on_chunk(self, stream: _Stream, chunk: pb.Chunk | None) -> None:
-        if stream.assembler is None:
-            raise wire.WireError("model chunk arrived with no model announced")
-        version, assembler = stream.assembler
-        if chunk is not None:
-            assembler.add(chunk)
-        if assembler.done:
-            stream.models = {version: assembler.result()}  # keep only the newest version
-            stream.assembler = None
-            self.summary.last_version = version
+    def _on_shutdown(self, stream: _Stream, shutdown: pb.Shutdown) -> _Outcome:
+        if shutdown.kind == pb.SHUTDOWN_KIND_DRAINING:
+            retry = shutdown.retry_after_seconds
+            retry = min(retry, _MAX_RETRY_AFTER_SECONDS) if math.isfinite(retry) else 0.0
+            _log("controller_draining", reason=repr(shutdown.reason), retry_after_seconds=retry)
+            return _Outcome(_End.DRAINING, max(retry, 0.0))
+        self.summary.shutdown_reason = shutdown.reason or "shutdown"
+        model = stream.models.model
+        if model is not None and model.version == shutdown.final_version:
+            self.summary.final_parameters = model.parameters()
+            self.summary.final_version = model.version
+        _log("shutdown", reason=repr(self.summary.shutdown_reason), final=shutdown.final_version)
+        return _Outcome(_End.FINISHED)
 
     def _heartbeat(self, stream: _Stream) -> None:
         while not stream.closed.wait(stream.heartbeat_seconds):
@@ -289,15 +385,15 @@ class LearnerRunner:
             task = message.train if message.WhichOneof("body") == "train" else message.evaluate
             if task.task_id in stream.cancelled:
                 continue
-            base = stream.models.get(int(task.model_version))
-            if base is None or stream.layout is None:
+            model = stream.models.model
+            if model is None or model.version != task.model_version:
                 self._fail(stream, task.task_id, f"model version {task.model_version} missing")
                 continue
             try:
                 if message.WhichOneof("body") == "train":
-                    result, chunks = self._fit(stream, message.train, base, stream.layout)
+                    result, chunks = self._fit(stream, message.train, model)
                 else:
-                    result, chunks = self._evaluate(message.evaluate, base, stream.layout), []
+                    result, chunks = self._evaluate(message.evaluate, model), []
             except Exception as error:  # the learner's own code failed: report, keep serving
                 log.exception("task_failed task_id=%s", task.task_id)
                 self._fail(stream, task.task_id, f"{type(error).__name__}: {error}")
@@ -318,7 +414,7 @@ class LearnerRunner:
         )
 
     def _fit(
-        self, stream: _Stream, task: pb.TrainTask, base: wire.FloatVector, layout: pb.ModelLayout
+        self, stream: _Stream, task: pb.TrainTask, model: HeldModel
     ) -> tuple[pb.TaskResult, list[pb.Chunk]]:
         c = task.config
         config = FitConfig(
@@ -331,16 +427,19 @@ class LearnerRunner:
             extra=dict(c.extra),
             time_budget_seconds=c.time_budget_seconds,
         )
-        params = [np.array(a) for a in wire.unflatten(base, layout)]
         started = time.perf_counter()
-        trained, num_examples, metrics = self.learner.fit(params, config)
+        trained, num_examples, metrics = self.learner.fit(model.parameters(), config)
         seconds = time.perf_counter() - started
-        new = wire.flatten(trained, layout)
+        new = wire.flatten(trained, model.layout)
         if task.upload_delta:
-            np.subtract(new, base, out=new)
+            np.subtract(new, model.flat, out=new)
         kind = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
         header, chunks = wire.make_payload(
-            new, next(self._payload_ids), kind, layout.layout_id, stream.max_chunk_bytes
+            new,
+            next(self._payload_ids),
+            kind,
+            model.layout.layout_id,
+            stream.models.max_chunk_bytes,
         )
         batches_per_epoch = max(1, -(-int(num_examples) // config.batch_size))
         steps = int(metrics.get("steps", c.local_steps or config.epochs * batches_per_epoch))
@@ -358,14 +457,12 @@ class LearnerRunner:
         )
         return result, list(chunks)
 
-    def _evaluate(
-        self, task: pb.EvaluateTask, base: wire.FloatVector, layout: pb.ModelLayout
-    ) -> pb.TaskResult:
-        params = [np.array(a) for a in wire.unflatten(base, layout)]
+    def _evaluate(self, task: pb.EvaluateTask, model: HeldModel) -> pb.TaskResult:
+        # batch_size 0: the learner's choice (EvaluateConfig's default)
         config = EvaluateConfig(
             model_version=int(task.model_version), batch_size=task.batch_size or 256
         )
-        loss, num_examples, metrics = self.learner.evaluate(params, config)
+        loss, num_examples, metrics = self.learner.evaluate(model.parameters(), config)
         values = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
         return pb.TaskResult(
             task_id=task.task_id,
@@ -385,10 +482,11 @@ def run_learner(
     stop: threading.Event | None = None,
     seed: int | None = None,
 ) -> RunSummary:
-    """Connect `learner` to the controller at `address` and serve tasks until shutdown.
+    """Connect `learner` to the controller at `address` and serve tasks until the run ends.
 
-    Reconnects with jittered exponential backoff when the stream breaks; raises `LearnerStopped`
-    on a fatal status (bad token) or after `backoff.max_attempts` consecutive failed attempts.
+    Reconnects with jittered exponential backoff when the stream breaks or the controller drains;
+    raises `LearnerStopped` on a fatal status (bad token) or after `backoff.max_attempts`
+    consecutive failed attempts.
     """
     runner = LearnerRunner(
         address, learner, learner_id=learner_id, token=token, backoff=backoff, stop=stop, seed=seed

@@ -1,0 +1,130 @@
+"""Models on the learner side: the one it holds, and the downloads of one session.
+
+A learner keeps the last model it received (`HeldModel`) across reconnects and announces it in
+`Hello`, so a controller of the same run can skip the resend. `ModelReceiver` checks everything a
+session delivers (layout, model header, chunks) against the wire contract and raises
+`wire.WireError` on any deviation; the run loop turns that into a clean reconnect.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from metis_async import wire
+from metis_async.client.learner import NDArrays
+from metis_async.v1 import controller_pb2 as pb
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """A complete model version the learner holds.
+
+    Attributes:
+        version: the controller's version number.
+        run_id: `Welcome.run_id` of the session that delivered it ("" from older controllers).
+        layout: its layout (shapes, original dtypes, byte offsets).
+        flat: the float32 wire buffer; never modified after assembly.
+    """
+
+    version: int
+    run_id: str
+    layout: pb.ModelLayout
+    flat: wire.FloatVector
+
+    def parameters(self) -> NDArrays:
+        """The model as fresh arrays in the layout's shapes and dtypes, the caller's to keep."""
+        return [np.array(a) for a in wire.unflatten(self.flat, self.layout)]
+
+
+def check_layout(layout: pb.ModelLayout, max_model_bytes: int = 0) -> None:
+    """Raise `wire.WireError` unless `layout` describes consecutive float32 segments.
+
+    Args:
+        layout: the layout to check.
+        max_model_bytes: largest model accepted (bytes); 0 = no limit.
+    """
+    offset = 0
+    for spec in layout.tensors:
+        count = math.prod(int(s) for s in spec.shape)
+        if spec.offset != offset or spec.nbytes != count * wire.WIRE_DTYPE.itemsize:
+            raise wire.WireError(
+                f"layout tensor {spec.name!r} is inconsistent: offset {spec.offset} "
+                f"(expected {offset}), {spec.nbytes} bytes for shape {tuple(spec.shape)}"
+            )
+        offset += int(spec.nbytes)
+    if offset != layout.total_bytes:
+        raise wire.WireError(f"layout totals {offset} bytes but announces {layout.total_bytes}")
+    if max_model_bytes and layout.total_bytes > max_model_bytes:
+        raise wire.WireError(
+            f"layout has {layout.total_bytes} bytes, the controller's limit is {max_model_bytes}"
+        )
+
+
+class ModelReceiver:
+    """Layouts, models and chunks of one session, checked as they arrive.
+
+    Args:
+        held: the model kept from an earlier session; it stays usable only if this session's
+            Welcome carries the same run id and any layout sent matches it.
+    """
+
+    def __init__(self, held: HeldModel | None) -> None:
+        self.layout: pb.ModelLayout | None = held.layout if held is not None else None
+        self.model = held  # newest complete model valid on this session (read by the worker)
+        self.run_id = ""
+        self.max_chunk_bytes = wire.MAX_CHUNK_BYTES
+        self.max_model_bytes = 0
+        self._pending: tuple[int, wire.PayloadAssembler] | None = None
+
+    def on_welcome(self, welcome: pb.Welcome) -> None:
+        """Adopt the session's limits; forget a held model of another (or unknown) run."""
+        self.run_id = welcome.run_id
+        self.max_chunk_bytes = welcome.max_chunk_bytes or wire.MAX_CHUNK_BYTES
+        self.max_model_bytes = int(welcome.max_model_bytes)
+        if self.model is not None and (not welcome.run_id or welcome.run_id != self.model.run_id):
+            self.model = None  # its version numbers belong to another run
+
+    def on_layout(self, layout: pb.ModelLayout) -> None:
+        """A layout for the models that follow."""
+        if self._pending is not None:
+            raise wire.WireError("layout arrived while a model's chunks were incomplete")
+        check_layout(layout, self.max_model_bytes)
+        if self.model is not None and self.model.layout.layout_id != layout.layout_id:
+            self.model = None
+        self.layout = layout
+
+    def on_model(self, model: pb.Model) -> HeldModel | None:
+        """A model header; returns the model at once if it has no chunks (an empty model)."""
+        if self.layout is None:
+            raise wire.WireError("model arrived before its layout")
+        if self._pending is not None:
+            raise wire.WireError(
+                "model announced while the previous model's chunks were incomplete"
+            )
+        if model.payload.kind != pb.PAYLOAD_KIND_WEIGHTS:
+            raise wire.WireError(
+                f"model payload kind is {model.payload.kind}, expected PAYLOAD_KIND_WEIGHTS"
+            )
+        assembler = wire.PayloadAssembler(
+            model.payload, int(self.layout.total_bytes), self.layout.layout_id, self.max_chunk_bytes
+        )
+        self._pending = (int(model.version), assembler)
+        return self._complete() if assembler.done else None
+
+    def on_chunk(self, chunk: pb.Chunk) -> HeldModel | None:
+        """One chunk of the announced model; returns the model when it is complete."""
+        if self._pending is None:
+            raise wire.WireError(f"chunk of payload {chunk.payload_id} with no model announced")
+        self._pending[1].add(chunk)
+        return self._complete() if self._pending[1].done else None
+
+    def _complete(self) -> HeldModel:
+        assert self._pending is not None
+        assert self.layout is not None
+        version, assembler = self._pending
+        self._pending = None
+        self.model = HeldModel(version, self.run_id, self.layout, assembler.result())
+        return self.model
