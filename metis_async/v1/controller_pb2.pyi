@@ -426,10 +426,13 @@ class Status(_message.Message):
     LEARNERS_CONNECTED_FIELD_NUMBER: _builtins.int
     LEARNERS_NEEDED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    NEED_INITIAL_MODEL_FIELD_NUMBER: _builtins.int
     state: Global___FederationState.ValueType
     learners_connected: _builtins.int
     learners_needed: _builtins.int
     message: _builtins.str
+    need_initial_model: _builtins.bool
+    """addressed to one learner: send the initial model now"""
     def __init__(
         self,
         *,
@@ -437,10 +440,11 @@ class Status(_message.Message):
         learners_connected: _builtins.int = ...,
         learners_needed: _builtins.int = ...,
         message: _builtins.str = ...,
+        need_initial_model: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "message", b"message", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "message", b"message", "need_initial_model", b"need_initial_model", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
