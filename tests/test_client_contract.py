@@ -496,3 +496,69 @@ def test_status_messages_are_logged(scripted, caplog: pytest.LogCaptureFixture) 
     run(scripted(script))
 
     assert "federation_status state=waiting_for_learners connected=2 needed=3" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- initial model
+
+
+def _receive_initial_model(c: Conversation, max_chunk_bytes: int) -> None:
+    layout = c.receive("layout").layout
+    header = c.receive("initial_model").initial_model.payload
+    assembler = wire.PayloadAssembler(
+        header, int(layout.total_bytes), layout.layout_id, max_chunk_bytes
+    )
+    while not assembler.done:
+        assembler.add(c.receive("chunk").chunk)
+        c.upload_chunks += 1
+    c.upload = assembler.result().copy()
+
+
+def test_welcome_asking_for_the_initial_model_gets_it_in_announced_chunks(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, need_initial_model=True, max_chunk_bytes=4)
+        _receive_initial_model(c, max_chunk_bytes=4)
+        yield finished()
+
+    controller = scripted(script)
+
+    run(controller)
+
+    conversation = controller.conversations[0]
+    assert conversation.upload_chunks == 4  # 16 bytes in chunks of 4
+    np.testing.assert_array_equal(conversation.upload, np.zeros(4, np.float32))
+
+
+def test_status_asking_a_waiting_learner_for_the_initial_model_gets_it(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c)
+        status = pb.Status(state=pb.FEDERATION_STATE_WAITING_FOR_MODEL, need_initial_model=True)
+        yield pb.ControllerMessage(status=status)
+        _receive_initial_model(c, wire.MAX_CHUNK_BYTES)
+        yield finished()
+
+    controller = scripted(script)
+
+    run(controller)
+
+    np.testing.assert_array_equal(controller.conversations[0].upload, np.zeros(4, np.float32))
+
+
+class NoModelLearner(RecordingLearner):
+    def get_parameters(self) -> NDArrays:
+        raise RuntimeError("no local model yet")
+
+
+def test_learner_that_cannot_provide_a_model_says_so_and_stays(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, need_initial_model=True)
+        c.receive("error")
+        yield finished()
+
+    controller = scripted(script)
+
+    summary = run(controller, NoModelLearner())
+
+    [error] = [m.error for m in controller.conversations[0].received if m.HasField("error")]
+    assert error.task_id == ""
+    assert "no local model yet" in error.message
+    assert summary.shutdown_reason == "done"

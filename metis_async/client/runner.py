@@ -96,6 +96,7 @@ class _Stream:
         self.closed = threading.Event()
         self.models = models
         self.welcomed = False
+        self.sent_initial_model = False
         self.cancelled: set[str] = set()
         self.heartbeat_seconds = 5.0
         self.send(pb.LearnerMessage(hello=hello))
@@ -273,6 +274,8 @@ class LearnerRunner:
                 stream.cancelled.add(message.cancel.task_id)
             elif kind == "status":
                 self._on_status(message.status)
+                if message.status.need_initial_model:
+                    self._send_initial_model(stream)
             elif kind == "error":
                 _log(
                     "controller_error", task_id=message.error.task_id, message=message.error.message
@@ -330,21 +333,37 @@ class LearnerRunner:
             state=_state_name(welcome.state),
         )
         if welcome.need_initial_model:
+            self._send_initial_model(stream)
+        return None
+
+    def _send_initial_model(self, stream: _Stream) -> None:
+        """Answer a request for the first model: layout, header, chunks; or an Error saying why
+        not (empty task id), so the controller asks another learner."""
+        if stream.sent_initial_model:
+            return  # asked twice on one stream: the first answer stands
+        stream.sent_initial_model = True
+        try:
             arrays = self.learner.get_parameters()
             layout = wire.make_layout(arrays)
             flat = wire.flatten(arrays, layout)
-            header, chunks = wire.make_payload(
-                flat,
-                next(self._payload_ids),
-                pb.PAYLOAD_KIND_WEIGHTS,
-                layout.layout_id,
-                stream.models.max_chunk_bytes,
+        except Exception as error:  # the learner's own code or model: refuse, keep serving
+            log.exception("initial_model_failed")
+            reason = f"{type(error).__name__}: {error}"
+            stream.send(
+                pb.LearnerMessage(error=pb.Error(code=pb.ERROR_CODE_TASK_FAILED, message=reason))
             )
-            stream.send(pb.LearnerMessage(layout=layout))
-            stream.send(pb.LearnerMessage(initial_model=pb.InitialModel(payload=header)))
-            for chunk in chunks:
-                stream.send(pb.LearnerMessage(chunk=chunk))
-        return None
+            return
+        header, chunks = wire.make_payload(
+            flat,
+            next(self._payload_ids),
+            pb.PAYLOAD_KIND_WEIGHTS,
+            layout.layout_id,
+            stream.models.max_chunk_bytes,
+        )
+        stream.send(pb.LearnerMessage(layout=layout))
+        stream.send(pb.LearnerMessage(initial_model=pb.InitialModel(payload=header)))
+        for chunk in chunks:
+            stream.send(pb.LearnerMessage(chunk=chunk))
 
     def _received(self, model: HeldModel | None) -> None:
         if model is not None:
