@@ -6,9 +6,15 @@ close as soon as nobody is left working.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
+from metis_async.aggregation.compatibility import check_compatible
+from metis_async.aggregation.server_step import AggregationSettings, ServerStep
 from metis_async.protocols import (
+    AcceptUpdate,
     AssignTask,
     AsynchronousPolicy,
     AsynchronousSettings,
@@ -23,9 +29,12 @@ from metis_async.protocols import (
     RejectUpdate,
     SemiSynchronousPolicy,
     SemiSynchronousSettings,
+    StalenessFunction,
     SynchronousPolicy,
     SynchronousSettings,
     TaskKind,
+    Tick,
+    TrainSettings,
     UpdateArrived,
 )
 
@@ -67,7 +76,7 @@ def test_failed_round_commit_is_uncounted_abandoned_and_the_next_round_starts(
     settings_class = (
         SemiSynchronousSettings if policy_class is SemiSynchronousPolicy else SynchronousSettings
     )
-    policy = policy_class(settings_class(min_learners=2))  # type: ignore[arg-type]
+    policy = policy_class(settings_class(min_learners=2))
     after = _commit_round(policy, _train(_join(policy, "ab")))
     dropped = {t.task.task_id for t in _train(after).values()}
     assert policy.version == 1
@@ -189,3 +198,247 @@ def test_evaluation_tasks_go_only_to_learners_that_can_evaluate() -> None:
     ]
     assert evaluations == ["both"]
     assert sorted(_train(decisions)) == ["both", "trainer"]
+
+
+# ------------------------------------------------------------- FedBuff staleness with weights
+
+
+def _buffered_step_norm(weighting: str, staleness: int) -> float:
+    """Norm of the model step of a K = 1 buffer whose one update is `staleness` versions old."""
+    policy = BufferedPolicy(BufferedSettings(buffer_size=1, weighting=weighting))  # type: ignore[arg-type]
+    tasks = _train(_join(policy, "ab"))
+    fast = tasks["a"]
+    for _ in range(staleness):  # "a" commits a version per update while "b" trains from 0
+        fast = _train(policy.handle(_done(fast)))["a"]
+    decisions = policy.handle(_done(tasks["b"], examples=40))
+    step = ServerStep(3)
+    new = np.zeros(3, np.float32)
+    for d in decisions:
+        if isinstance(d, AcceptUpdate):
+            step.add(np.ones(3, np.float32), d.weight)
+        elif isinstance(d, CommitVersion):
+            new = step.commit(new, d.scale, d.normalize, d.relative)
+    return float(np.linalg.norm(new))
+
+
+@pytest.mark.parametrize("weighting", ["examples", "steps", "uniform"])
+def test_buffered_stale_step_keeps_the_inverse_sqrt_penalty_under_any_weighting(
+    weighting: str,
+) -> None:
+    fresh = _buffered_step_norm(weighting, 0)
+
+    stale = _buffered_step_norm(weighting, 100)
+
+    assert stale / fresh == pytest.approx(1 / math.sqrt(101))
+
+
+# ------------------------------------------------------------ aggregation compatibility
+
+
+def test_krum_with_rounds_smaller_than_2f_plus_3_is_refused_naming_the_settings() -> None:
+    policy = SynchronousPolicy(SynchronousSettings(learners_per_round=8, min_update_fraction=0.5))
+
+    with pytest.raises(ValueError, match=r"byzantine=1 needs at least 2f \+ 3 = 5.*commit with 4"):
+        check_compatible(policy, AggregationSettings(robust="krum", byzantine=1))
+
+
+def test_multi_krum_with_a_buffer_smaller_than_2f_plus_3_is_refused() -> None:
+    policy = BufferedPolicy(BufferedSettings(buffer_size=4))
+
+    with pytest.raises(ValueError, match="buffer_size=4"):
+        check_compatible(policy, AggregationSettings(robust="multi_krum", byzantine=1))
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multi_krum"])
+def test_fedasync_refuses_every_robust_rule(rule: str) -> None:
+    with pytest.raises(ValueError, match="no robustness with one update per version"):
+        check_compatible(AsynchronousPolicy(), AggregationSettings(robust=rule))  # type: ignore[arg-type]
+
+
+def test_krum_with_large_enough_rounds_and_uniform_weights_has_no_warning() -> None:
+    policy = SynchronousPolicy(
+        SynchronousSettings(learners_per_round=10, min_update_fraction=1.0, weighting="uniform")
+    )
+
+    assert check_compatible(policy, AggregationSettings(robust="krum", byzantine=2)) == []
+
+
+def test_trimmed_mean_that_trims_nothing_is_warned_about() -> None:
+    policy = BufferedPolicy(BufferedSettings(buffer_size=5))
+
+    warnings = check_compatible(policy, AggregationSettings(robust="trimmed_mean", trim_beta=0.1))
+
+    assert len(warnings) == 1
+    assert "trims nothing" in warnings[0]
+
+
+def test_robust_rule_with_example_weighting_warns_that_it_is_unweighted() -> None:
+    policy = SynchronousPolicy(SynchronousSettings(learners_per_round=10, weighting="examples"))
+
+    warnings = check_compatible(policy, AggregationSettings(robust="median"))
+
+    assert any("unweighted" in w and "'examples'" in w for w in warnings)
+
+
+def test_plain_mean_is_compatible_with_every_protocol() -> None:
+    for policy in (SynchronousPolicy(), BufferedPolicy(), AsynchronousPolicy()):
+        assert check_compatible(policy, AggregationSettings()) == []
+
+
+# ------------------------------------------------------------------ hinge staleness defaults
+
+
+def test_hinge_defaults_are_the_papers_however_it_is_spelled() -> None:
+    made = StalenessFunction("hinge")
+
+    parsed = StalenessFunction.parse("hinge")
+
+    assert made == parsed == StalenessFunction("hinge", 10.0, 4.0)
+    assert made(6) == pytest.approx(1 / 21)
+
+
+def test_polynomial_default_exponent_is_one_half() -> None:
+    assert StalenessFunction().a == StalenessFunction.parse("polynomial").a == 0.5
+
+
+# ------------------------------------------------------------- semi-synchronous probes
+
+
+def _semi_round(policy: SemiSynchronousPolicy, now: float) -> dict[str, AssignTask]:
+    return _train(_join(policy, "fs", now=now))
+
+
+def test_semi_sync_probe_of_an_unmeasured_learner_has_a_budget_that_fits_the_round() -> None:
+    train = TrainSettings(batch_size=10)
+    policy = SemiSynchronousPolicy(
+        SemiSynchronousSettings(min_learners=2, round_deadline_seconds=4.0, train=train)
+    )
+
+    tasks = _semi_round(policy, 0.0)
+
+    deadline = policy.next_wakeup()
+    assert deadline is not None
+    for task in tasks.values():
+        assert 0 < task.task.time_budget_seconds < deadline
+
+
+def test_semi_sync_learner_slower_than_the_round_is_measured_and_then_gets_steps_that_fit() -> None:
+    train = TrainSettings(batch_size=10)
+    policy = SemiSynchronousPolicy(
+        SemiSynchronousSettings(
+            min_learners=2, round_deadline_seconds=4.0, budget_factor=2.0, train=train
+        )
+    )
+    tasks = _semi_round(policy, 0.0)
+    # 10 examples per learner, batch 10: an epoch is one batch. "s" needs 10 s a batch, longer
+    # than the 4 s round; with the probe's budget it stops after 3.2 s and reports its speed.
+    budget = tasks["s"].task.time_budget_seconds
+    assert 0 < budget < 4.0
+    policy.handle(_done(tasks["f"], now=0.2, completed_steps=1, seconds_per_batch=0.1))
+    decisions = policy.handle(
+        _done(tasks["s"], now=budget, completed_steps=1, train_seconds=10.0, seconds_per_batch=10.0)
+    )
+
+    assert any(isinstance(d, CommitVersion) for d in decisions)
+    assert policy.seconds_per_batch["s"] == pytest.approx(10.0)
+    steps = {lid: t.task.settings.local_steps for lid, t in _train(decisions).items()}  # type: ignore[union-attr]
+    assert steps == {"f": 200, "s": 2}  # budget 2 x 10 s epoch = 20 s: 200 fast steps (cap), 2 slow
+
+
+# --------------------------------------------------------- synchronous: nobody left working
+
+
+def test_round_whose_last_worker_is_rejected_as_stale_closes_at_once() -> None:
+    policy = SynchronousPolicy(SynchronousSettings(min_learners=2))
+    tasks = _train(_join(policy, "ab"))
+    policy.handle(_done(tasks["a"]))
+    b = tasks["b"].task
+
+    decisions = policy.handle(UpdateArrived(1.5, "b", b.task_id, b.version + 3, 10))
+
+    assert isinstance(decisions[0], RejectUpdate)
+    assert any(isinstance(d, CommitVersion) for d in decisions)
+    assert policy.version == 1
+
+
+# ------------------------------------------------------------- round-less task deadlines
+
+
+def test_round_less_tasks_carry_the_default_deadline() -> None:
+    policy = BufferedPolicy()
+
+    task = _train(_join(policy, "a", now=5.0))["a"]
+
+    assert task.task.deadline_seconds == 600.0
+    assert policy.next_wakeup() == pytest.approx(605.0)
+
+
+@pytest.mark.parametrize("policy_class", [AsynchronousPolicy, BufferedPolicy])
+def test_expired_task_is_cancelled_and_its_slot_goes_to_another_learner(
+    policy_class: type[AsynchronousPolicy] | type[BufferedPolicy],
+) -> None:
+    settings_class = (
+        AsynchronousSettings if policy_class is AsynchronousPolicy else BufferedSettings
+    )
+    policy = policy_class(settings_class(concurrency=1, task_deadline_seconds=10.0))  # type: ignore[arg-type]
+    hung = _train(_join(policy, "h"))["h"]
+    _join(policy, "o", now=1.0)  # idle: the one slot is taken
+
+    decisions = policy.handle(Tick(10.0))
+
+    assert CancelTask("h", hung.task.task_id, "no result within 10 s") in decisions
+    assert list(_train(decisions)) == ["o"]
+    assert policy.next_wakeup() == pytest.approx(20.0)
+    assert isinstance(policy.handle(_done(hung, now=11.0))[0], RejectUpdate)
+
+
+def test_expired_task_of_the_only_learner_is_given_back_to_it() -> None:
+    policy = AsynchronousPolicy(AsynchronousSettings(task_deadline_seconds=10.0))
+    _join(policy, "a")
+
+    decisions = policy.handle(Tick(12.0))
+
+    assert any(isinstance(d, CancelTask) for d in decisions)
+    assert list(_train(decisions)) == ["a"]
+    assert policy.next_wakeup() == pytest.approx(22.0)
+
+
+def test_tick_before_any_deadline_cancels_nothing() -> None:
+    policy = BufferedPolicy(BufferedSettings(task_deadline_seconds=10.0))
+    _join(policy, "a")
+
+    assert policy.handle(Tick(9.0)) == []
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf])
+def test_task_deadline_must_be_finite_and_positive(value: float) -> None:
+    with pytest.raises(ValueError, match="task_deadline_seconds"):
+        BufferedSettings(task_deadline_seconds=value)
+
+
+def test_deadline_heap_stays_bounded_by_outstanding_tasks() -> None:
+    policy = BufferedPolicy(BufferedSettings(concurrency=2))
+    pending = _train(_join(policy, "abcd"))
+
+    for step in range(2000):
+        task = pending.pop(sorted(pending)[step % len(pending)])
+        pending.update(_train(policy.handle(_done(task, now=float(step)))))
+
+    assert len(policy._deadlines) <= 2 * 2 + 64 + 1
+
+
+# ----------------------------------------------------------------- bounded staleness counters
+
+
+def test_round_less_policies_keep_bounded_staleness_counters_not_lists() -> None:
+    policy = AsynchronousPolicy()
+    tasks = _train(_join(policy, "ab"))
+    fast = _train(policy.handle(_done(tasks["a"])))["a"]
+    policy.handle(_done(fast))
+
+    policy.handle(_done(tasks["b"]))  # 2 versions stale
+
+    info = policy.describe()
+    assert (info["staleness_max"], info["staleness_mean"]) == (2, pytest.approx(2 / 3))
+    assert not hasattr(policy, "staleness_seen")
+    assert not hasattr(policy, "alphas")

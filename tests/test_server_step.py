@@ -246,7 +246,7 @@ def test_fedasync_clip_norm_clips_the_move_not_the_uploaded_model(fold_window: i
     new = step.commit(base, scale=0.6, relative=True)
 
     move = upload.astype(np.float64) - base
-    expected = base + 0.6 * move * min(1.0, 0.5 / np.linalg.norm(move))
+    expected = base + 0.6 * move * min(1.0, 0.5 / float(np.linalg.norm(move)))
     np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -3,8 +3,14 @@
 Every round gets the same wall-clock training budget, λ × the slowest connected learner's measured
 time per epoch, and each learner runs as many local steps as fit its own measured speed:
 ceil(budget / its seconds per batch), capped by `max_local_steps` (very fast learners otherwise
-drift on non-IID data). Learners without a measurement yet train one epoch, which measures them.
-Speeds are re-measured every round, or kept from the first measurement, by config.
+drift on non-IID data). Speeds are re-measured every round, or kept from the first measurement,
+by config.
+
+A learner without a measurement yet gets a probe: one epoch (or `probe_steps` steps) with a time
+budget of `partial_budget_fraction` × the time left in the round, after which it stops and
+uploads what it did. A learner slower than the round is therefore still measured (and its partial
+work counts), and from the next round on gets the steps that fit; without the budget it would be
+cancelled at every deadline and never measured.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ class SemiSynchronousSettings(SynchronousSettings):
         max_local_steps: cap on the local steps of any learner.
         recompute_every_round: re-measure speeds from every round's results (else only once).
         round_deadline_seconds: here the slack added to the budget for transfers and start-up.
+        probe_steps: local steps of an unmeasured learner's probe; 0 = one epoch. The probe
+            always has a time budget that fits the round.
     """
 
     budget_factor: float = 2.0
     max_local_steps: int = 200
     recompute_every_round: bool = True
+    probe_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +46,8 @@ class SemiSynchronousSettings(SynchronousSettings):
             raise ValueError(f"budget_factor must be > 0, got {self.budget_factor}")
         if self.max_local_steps < 1:
             raise ValueError(f"max_local_steps must be >= 1, got {self.max_local_steps}")
+        if self.probe_steps < 0:
+            raise ValueError(f"probe_steps must be >= 0, got {self.probe_steps}")
 
 
 class SemiSynchronousPolicy(SynchronousPolicy):
@@ -80,11 +91,12 @@ class SemiSynchronousPolicy(SynchronousPolicy):
         return self.budget_seconds + self.semi.round_deadline_seconds
 
     def task_settings(self, learner_id: str, round_seconds: float) -> tuple[TrainSettings, float]:
-        """ceil(budget / seconds per batch) steps, capped; one epoch if not measured yet."""
+        """ceil(budget / seconds per batch) steps, capped; a time-bounded probe if not measured."""
         per_batch = self.seconds_per_batch.get(learner_id)
         if per_batch is None or self.budget_seconds <= 0:
-            self.assigned_steps[learner_id] = 0
-            return replace(self.semi.train, local_steps=0, epochs=1), 0.0
+            self.assigned_steps[learner_id] = self.semi.probe_steps
+            probe = replace(self.semi.train, local_steps=self.semi.probe_steps, epochs=1)
+            return probe, round_seconds * self.semi.partial_budget_fraction
         steps = min(self.semi.max_local_steps, max(1, math.ceil(self.budget_seconds / per_batch)))
         self.assigned_steps[learner_id] = steps
         _, budget = super().task_settings(learner_id, round_seconds)
