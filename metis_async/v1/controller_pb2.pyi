@@ -3,14 +3,65 @@
 isort:skip_file
 The wire contract between a metis-async controller and its learners.
 
-Each learner dials out and opens one long-lived bidirectional `Join` stream. The controller
-pushes models and tasks down the same stream; the learner answers with results and heartbeats.
+This file is the whole contract: a learner can be written from it alone. The Python client in
+`metis_async/client/` is the reference learner; `tests/test_client_contract.py` drives it
+against a scripted controller, case by case.
 
-Models and updates travel as one flat little-endian buffer described by a `ModelLayout`
-(sent once per session). A buffer is announced by a header message (`Model` from the
-controller, `TaskResult` from a learner) whose `payload` says how many bytes and chunks
-follow; exactly `payload.num_chunks` `Chunk` messages with the same `payload_id` come next,
-in order, each at most `Welcome.max_chunk_bytes` (4 MiB) long.
+STREAM
+Each learner dials out and opens one long-lived bidirectional `Join` stream. The learner's first
+message is `Hello`; the controller answers `Welcome`, then pushes layouts, models, tasks and
+status down the same stream while the learner answers with results, errors and heartbeats. A
+learner keeps one stream at a time: a second stream with the same `learner_id` replaces the
+first (the old one ends with ALREADY_EXISTS).
+
+ONE SESSION, IN ORDER (controller -> learner)
+  Welcome                            always first
+  ModelLayout                        once per stream, before the first Model
+  Model + Model.payload.num_chunks x Chunk
+                                     a version, before the tasks that need it; skipped when the
+                                     controller trusts the learner's held model (Hello)
+  TrainTask / EvaluateTask / CancelTask / Status / Error   in any order
+  Shutdown                           last; the controller then ends the stream with status OK
+
+FLAT BUFFERS
+Models and updates travel as ONE flat buffer of little-endian IEEE-754 float32 values
+(`Payload.dtype` is always DTYPE_FLOAT32 in this version), described by a `ModelLayout`: each
+tensor is a consecutive segment of it. Tensors of other dtypes are carried as float32 and cast
+back to `TensorSpec.dtype` on arrival. A buffer is announced by a header (`Model` from the
+controller; `TaskResult` or `InitialModel` from a learner) whose `Payload` gives its size; then
+exactly `payload.num_chunks` `Chunk` messages with the same `payload_id` follow, in index order
+0, 1, 2, ..., each at most `Welcome.max_chunk_bytes` bytes of data, in both directions. Chunks
+are byte slices (one may end inside a float32 value); together they hold `total_bytes` bytes.
+
+LIMITS (defaults of the reference controller in brackets)
+  Welcome.max_chunk_bytes [4 MiB]: largest Chunk.data either side sends. Any other message must
+    fit in max_chunk_bytes + 1 MiB (the gRPC message limit of the controller), so a learner sets
+    its gRPC receive and send limits to at least that.
+  Welcome.max_model_bytes [2 GiB]: largest ModelLayout.total_bytes.
+  Hello.learner_id: at most 128 bytes of UTF-8.
+  num_examples (Hello and TaskResult): at most the controller's max_num_examples [10^9].
+  Hello within hello_timeout [10 s] of opening the stream.
+  Some message at least every Welcome.heartbeat_interval_seconds [5 s]: any message counts; a
+    learner silent for heartbeat_timeout [30 s] is dropped (UNAVAILABLE) and its tasks void.
+  The controller's send queue per stream [1024 messages]: a learner that reads too slowly is
+    dropped (RESOURCE_EXHAUSTED). HTTP/2 keepalive pings are allowed, at most every 5 s.
+
+HOW A STREAM ENDS (gRPC status of the Join call)
+  OK                  after Shutdown, or when the controller closes normally.
+  INVALID_ARGUMENT    the learner broke this contract; the status message names the rule.
+  RESOURCE_EXHAUSTED  the learner read too slowly, or sent a message over the gRPC limit.
+  UNAUTHENTICATED     missing or wrong token: retrying with the same token is pointless.
+  ALREADY_EXISTS      a newer stream with the same learner_id replaced this one.
+  DEADLINE_EXCEEDED   no Hello within the hello timeout.
+  UNAVAILABLE         no message within the heartbeat timeout (also: controller unreachable).
+  INTERNAL            a controller bug.
+Problems that do NOT end the stream come in-band as `Error` (see ErrorCode).
+
+RECONNECTING
+A learner reconnects after any ending except UNAUTHENTICATED (and PERMISSION_DENIED), and
+after Shutdown DRAINING, with jittered exponential backoff (thousands of learners reconnect at
+once after a controller restart), reusing its learner_id and announcing the model it holds.
+It stops after Shutdown FINISHED.
 
 Regenerate the Python code with `python scripts/gen_proto.py` after any change here.
 """
@@ -38,20 +89,30 @@ class _FederationState:
 class _FederationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FederationState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FEDERATION_STATE_UNSPECIFIED: _FederationState.ValueType  # 0
+    """older controllers"""
     FEDERATION_STATE_WAITING_FOR_MODEL: _FederationState.ValueType  # 1
+    """no model yet: a learner is asked to provide it"""
     FEDERATION_STATE_WAITING_FOR_LEARNERS: _FederationState.ValueType  # 2
+    """fewer learners connected than the policy needs"""
     FEDERATION_STATE_TRAINING: _FederationState.ValueType  # 3
     FEDERATION_STATE_FINISHED: _FederationState.ValueType  # 4
+    """the policy finished; Shutdown FINISHED follows"""
     FEDERATION_STATE_DRAINING: _FederationState.ValueType  # 5
+    """the controller stops; Shutdown DRAINING follows"""
 
 class FederationState(_FederationState, metaclass=_FederationStateEnumTypeWrapper): ...
 
 FEDERATION_STATE_UNSPECIFIED: FederationState.ValueType  # 0
+"""older controllers"""
 FEDERATION_STATE_WAITING_FOR_MODEL: FederationState.ValueType  # 1
+"""no model yet: a learner is asked to provide it"""
 FEDERATION_STATE_WAITING_FOR_LEARNERS: FederationState.ValueType  # 2
+"""fewer learners connected than the policy needs"""
 FEDERATION_STATE_TRAINING: FederationState.ValueType  # 3
 FEDERATION_STATE_FINISHED: FederationState.ValueType  # 4
+"""the policy finished; Shutdown FINISHED follows"""
 FEDERATION_STATE_DRAINING: FederationState.ValueType  # 5
+"""the controller stops; Shutdown DRAINING follows"""
 Global___FederationState: _TypeAlias = FederationState  # noqa: Y015
 
 class _DType:
@@ -71,6 +132,9 @@ class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
     Flat model buffers
     ---------------------------------------------------------------------------------------------
+
+    Element types. On the wire every buffer is DTYPE_FLOAT32 in this version; the other values name
+    a tensor's original dtype in TensorSpec.dtype (cast back on arrival).
     """
 
 DTYPE_UNSPECIFIED: DType.ValueType  # 0
@@ -89,17 +153,17 @@ class _PayloadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadKi
     DESCRIPTOR: _descriptor.EnumDescriptor
     PAYLOAD_KIND_UNSPECIFIED: _PayloadKind.ValueType  # 0
     PAYLOAD_KIND_WEIGHTS: _PayloadKind.ValueType  # 1
-    """full model weights"""
+    """full model weights (models, initial model, upload_delta = false)"""
     PAYLOAD_KIND_DELTA: _PayloadKind.ValueType  # 2
-    """trained weights minus the base version's weights"""
+    """trained weights minus the base version's weights (upload_delta)"""
 
 class PayloadKind(_PayloadKind, metaclass=_PayloadKindEnumTypeWrapper): ...
 
 PAYLOAD_KIND_UNSPECIFIED: PayloadKind.ValueType  # 0
 PAYLOAD_KIND_WEIGHTS: PayloadKind.ValueType  # 1
-"""full model weights"""
+"""full model weights (models, initial model, upload_delta = false)"""
 PAYLOAD_KIND_DELTA: PayloadKind.ValueType  # 2
-"""trained weights minus the base version's weights"""
+"""trained weights minus the base version's weights (upload_delta)"""
 Global___PayloadKind: _TypeAlias = PayloadKind  # noqa: Y015
 
 class _ErrorCode:
@@ -110,27 +174,43 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
     ERROR_CODE_INVALID_ARGUMENT: _ErrorCode.ValueType  # 1
+    """From a learner: it is about to close the stream because the controller broke this contract."""
     ERROR_CODE_STALE_TASK: _ErrorCode.ValueType  # 2
-    """result for a task whose round already closed"""
+    """From the controller, non-fatal: a result for a task that closed (cancelled, round over,
+    past its deadline), or an update the policy rejected (e.g. too stale). When the task was
+    already closed as the result header arrived, the result's chunks are skipped.
+    """
     ERROR_CODE_DUPLICATE: _ErrorCode.ValueType  # 3
-    """result already received for this task"""
+    """From the controller, non-fatal: a result for a task whose result was already received."""
     ERROR_CODE_TASK_FAILED: _ErrorCode.ValueType  # 4
-    """the learner failed to run the task"""
+    """From a learner: it could not run task `task_id` (or, with an empty task id, could not
+    provide the initial model it was asked for).
+    """
     ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 5
+    """reserved: authentication failures end the stream instead"""
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 6
+    """reserved"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
 ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
 ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 1
+"""From a learner: it is about to close the stream because the controller broke this contract."""
 ERROR_CODE_STALE_TASK: ErrorCode.ValueType  # 2
-"""result for a task whose round already closed"""
+"""From the controller, non-fatal: a result for a task that closed (cancelled, round over,
+past its deadline), or an update the policy rejected (e.g. too stale). When the task was
+already closed as the result header arrived, the result's chunks are skipped.
+"""
 ERROR_CODE_DUPLICATE: ErrorCode.ValueType  # 3
-"""result already received for this task"""
+"""From the controller, non-fatal: a result for a task whose result was already received."""
 ERROR_CODE_TASK_FAILED: ErrorCode.ValueType  # 4
-"""the learner failed to run the task"""
+"""From a learner: it could not run task `task_id` (or, with an empty task id, could not
+provide the initial model it was asked for).
+"""
 ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 5
+"""reserved: authentication failures end the stream instead"""
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 6
+"""reserved"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _ShutdownKind:
@@ -140,14 +220,28 @@ class _ShutdownKind:
 class _ShutdownKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShutdownKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SHUTDOWN_KIND_UNSPECIFIED: _ShutdownKind.ValueType  # 0
+    """Controllers older than this field: treat as FINISHED."""
     SHUTDOWN_KIND_FINISHED: _ShutdownKind.ValueType  # 1
+    """The federation is over: the learner stops (and does not reconnect). Learners that announced
+    "final_model" received the final version (final_version) before this, unless they held it.
+    """
     SHUTDOWN_KIND_DRAINING: _ShutdownKind.ValueType  # 2
+    """The controller is stopping or restarting: the learner reconnects with backoff, not before
+    retry_after_seconds, keeping its learner_id and held model.
+    """
 
 class ShutdownKind(_ShutdownKind, metaclass=_ShutdownKindEnumTypeWrapper): ...
 
 SHUTDOWN_KIND_UNSPECIFIED: ShutdownKind.ValueType  # 0
+"""Controllers older than this field: treat as FINISHED."""
 SHUTDOWN_KIND_FINISHED: ShutdownKind.ValueType  # 1
+"""The federation is over: the learner stops (and does not reconnect). Learners that announced
+"final_model" received the final version (final_version) before this, unless they held it.
+"""
 SHUTDOWN_KIND_DRAINING: ShutdownKind.ValueType  # 2
+"""The controller is stopping or restarting: the learner reconnects with backoff, not before
+retry_after_seconds, keeping its learner_id and held model.
+"""
 Global___ShutdownKind: _TypeAlias = ShutdownKind  # noqa: Y015
 
 @_typing.final
@@ -155,6 +249,8 @@ class LearnerMessage(_message.Message):
     """---------------------------------------------------------------------------------------------
     Envelopes
     ---------------------------------------------------------------------------------------------
+
+    Everything a learner sends. A message with no body ends the stream (INVALID_ARGUMENT).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -168,26 +264,32 @@ class LearnerMessage(_message.Message):
     INITIAL_MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
-        """first message on every stream"""
+        """first message on every stream, and only there"""
 
     @_builtins.property
     def result(self) -> Global___TaskResult:
         """followed by result.payload.num_chunks chunks"""
 
     @_builtins.property
-    def chunk(self) -> Global___Chunk: ...
+    def chunk(self) -> Global___Chunk:
+        """of the last announced result or initial model"""
+
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """keeps the session alive when nothing else is sent"""
+
     @_builtins.property
     def error(self) -> Global___Error:
-        """the learner could not run a task"""
+        """a task failed, or the learner refuses / gives up (see Error)"""
 
     @_builtins.property
     def layout(self) -> Global___ModelLayout:
-        """answer to Welcome.need_initial_model, before its chunks"""
+        """answer to a request for the initial model, before its header"""
 
     @_builtins.property
-    def initial_model(self) -> Global___InitialModel: ...
+    def initial_model(self) -> Global___InitialModel:
+        """after `layout`; followed by its chunks"""
+
     def __init__(
         self,
         *,
@@ -211,6 +313,8 @@ Global___LearnerMessage: _TypeAlias = LearnerMessage  # noqa: Y015
 
 @_typing.final
 class ControllerMessage(_message.Message):
+    """Everything the controller sends. Learners ignore bodies they do not know (newer controllers)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
@@ -226,18 +330,20 @@ class ControllerMessage(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
-        """answer to Hello"""
+        """answer to Hello; always the first message"""
 
     @_builtins.property
     def layout(self) -> Global___ModelLayout:
-        """once per session, before the first model"""
+        """once per stream, before the first model"""
 
     @_builtins.property
     def model(self) -> Global___Model:
         """followed by model.payload.num_chunks chunks"""
 
     @_builtins.property
-    def chunk(self) -> Global___Chunk: ...
+    def chunk(self) -> Global___Chunk:
+        """of the last announced model"""
+
     @_builtins.property
     def train(self) -> Global___TrainTask: ...
     @_builtins.property
@@ -247,18 +353,20 @@ class ControllerMessage(_message.Message):
         """a task the learner need not finish (its round closed)"""
 
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """may be sent; needs no answer"""
+
     @_builtins.property
     def error(self) -> Global___Error:
         """a problem that does not end the stream"""
 
     @_builtins.property
     def shutdown(self) -> Global___Shutdown:
-        """the federation is over or the controller drains"""
+        """the federation is over, or the controller drains"""
 
     @_builtins.property
     def status(self) -> Global___Status:
-        """the federation's state changed"""
+        """the federation's state changed (or: send the initial model)"""
 
     def __init__(
         self,
@@ -290,6 +398,8 @@ class Hello(_message.Message):
     """---------------------------------------------------------------------------------------------
     Session set-up
     ---------------------------------------------------------------------------------------------
+
+    The learner's first message on every stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -325,16 +435,28 @@ class Hello(_message.Message):
     HELD_RUN_ID_FIELD_NUMBER: _builtins.int
     HELD_LAYOUT_ID_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
-    """Stable identity chosen by the learner (reused across reconnects); empty asks the controller
-    to assign one, which the learner should then reuse.
+    """Stable identity chosen by the learner and reused across reconnects, at most 128 bytes of
+    UTF-8. Empty asks the controller to assign one (returned in Welcome.learner_id), which the
+    learner then reuses. A new stream with the id of a live one replaces it (ALREADY_EXISTS on
+    the old stream). With authentication on, the id must be one the controller has a token for.
     """
     token: _builtins.str
-    """per-learner credential; empty when auth is off"""
+    """Per-learner credential, compared with the controller's token for learner_id; empty when
+    authentication is off. Wrong or missing: the stream ends with UNAUTHENTICATED.
+    """
     num_examples: _builtins.int
-    """training examples held by this learner"""
+    """Training examples held by this learner (at most the controller's max_num_examples, else
+    INVALID_ARGUMENT); policies may use it to select learners.
+    """
     client_version: _builtins.str
+    """informational, e.g. "metis-async" """
     held_version: _builtins.int
-    """The model version the learner already holds, if any (lets the controller skip a resend)."""
+    """The model the learner holds from an earlier session, so the controller can skip a resend.
+    The controller trusts `held_version` only when `holds_model` is set, `held_run_id` equals its
+    Welcome.run_id and `held_layout_id` equals its layout's id; otherwise it sends the model it
+    means before the first task. A learner announces a model only if it knows its run id (a model
+    from a controller without run ids could be mistaken for the same number of another run).
+    """
     holds_model: _builtins.bool
     held_run_id: _builtins.str
     """Welcome.run_id of the session that delivered the held model"""
@@ -342,11 +464,19 @@ class Hello(_message.Message):
     """layout_id of the held model"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """e.g. "train", "evaluate", "delta" """
+        """What this learner can do:
+          "train"        runs TrainTasks.
+          "evaluate"     runs EvaluateTasks; a learner that does not announce it gets none.
+          "delta"        can upload PAYLOAD_KIND_DELTA (trained minus base) when upload_delta is set.
+          "final_model"  wants the final model: before Shutdown FINISHED the controller sends it
+                         (ModelLayout if not sent yet, Model + chunks) unless the learner holds it.
+        An empty list means "train", "evaluate", "delta" (learners older than this list).
+        Unknown strings are ignored.
+        """
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """free-form labels (device class, region)"""
+        """free-form labels (device class, region); informational"""
 
     def __init__(
         self,
@@ -372,6 +502,8 @@ Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):
+    """The controller's answer to Hello; the settings hold for this stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LEARNER_ID_FIELD_NUMBER: _builtins.int
@@ -384,19 +516,34 @@ class Welcome(_message.Message):
     MAX_MODEL_BYTES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
+    """the id to reuse (assigned if Hello's was empty)"""
     session_id: _builtins.str
-    """new for every stream"""
+    """new for every stream; informational"""
     heartbeat_interval_seconds: _builtins.float
-    """send a Heartbeat at least this often"""
+    """Send some message (a Heartbeat when idle) at least this often; the controller drops a
+    learner silent for its heartbeat timeout (30 s by default, always longer than this).
+    """
     max_chunk_bytes: _builtins.int
+    """Largest Chunk.data either side may send on this stream (bytes); 0 (old controllers): 4 MiB.
+    Downloads come in chunks of up to this size, uploads must not exceed it.
+    """
     protocol: _builtins.str
-    """policy name, e.g. "synchronous" """
+    """policy name, e.g. "synchronous"; informational"""
     need_initial_model: _builtins.bool
-    """The controller has no model yet: the learner sends `layout`, `initial_model` and chunks."""
+    """The controller has no model yet and asks this learner for one: the learner sends its
+    `layout`, then an `initial_model` header, then its chunks (or an Error with an empty task
+    id if it cannot). If the learner leaves or its model is refused, the controller asks another
+    waiting learner (Status.need_initial_model). Its model becomes version 0.
+    """
     run_id: _builtins.str
-    """identifies this controller run's version sequence"""
+    """Identifies this controller run's version sequence: versions are comparable only within one
+    run id. It changes when a controller restarts without a checkpoint (versions start over);
+    empty from controllers older than this field.
+    """
     max_model_bytes: _builtins.int
+    """Largest model (ModelLayout.total_bytes) this controller accepts or holds; 0 = not stated."""
     state: Global___FederationState.ValueType
+    """the federation's state when the learner joined"""
     def __init__(
         self,
         *,
@@ -420,6 +567,10 @@ Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
 class Status(_message.Message):
+    """The federation's state, sent to every learner when it changes, and to a learner joining while
+    the federation is not training. Informational, except `need_initial_model`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
@@ -430,9 +581,13 @@ class Status(_message.Message):
     state: Global___FederationState.ValueType
     learners_connected: _builtins.int
     learners_needed: _builtins.int
+    """what the policy needs to start or continue"""
     message: _builtins.str
+    """human-readable, e.g. "waiting for learners: 2 connected, ..." """
     need_initial_model: _builtins.bool
-    """addressed to one learner: send the initial model now"""
+    """Addressed to one waiting learner: send the initial model now, exactly as for
+    Welcome.need_initial_model (the learner it asked first left or was refused).
+    """
     def __init__(
         self,
         *,
@@ -452,6 +607,8 @@ Global___Status: _TypeAlias = Status  # noqa: Y015
 
 @_typing.final
 class TensorSpec(_message.Message):
+    """One tensor of the model: a consecutive segment of the flat float32 buffer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -460,10 +617,15 @@ class TensorSpec(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """free-form (the reference client uses "t0", "t1", ...)"""
     dtype: Global___DType.ValueType
+    """the tensor's original dtype; its values cross as float32"""
     offset: _builtins.int
-    """bytes from the start of the flat buffer"""
+    """Byte offset in the float32 WIRE buffer (not in the original dtype): the first tensor starts
+    at 0 and each next one where the previous ends (no gaps, in order).
+    """
     nbytes: _builtins.int
+    """4 x product(shape): bytes of the float32 wire buffer"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -485,14 +647,26 @@ Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015
 
 @_typing.final
 class ModelLayout(_message.Message):
+    """The architecture of the model: sent by the controller once per stream before the first Model,
+    and by the model's provider (the learner asked for the initial model) before InitialModel.
+    The controller refuses (INVALID_ARGUMENT) a layout with no tensors, with offsets/nbytes that
+    are not consecutive 4 x product(shape) segments, whose total differs from the sum, or larger
+    than Welcome.max_model_bytes.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LAYOUT_ID_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     layout_id: _builtins.int
-    """changes only when the architecture changes"""
+    """Chosen by the model's provider: a hash of the tensors' names, shapes and dtypes, so it
+    changes only when the architecture changes (the reference client: 64-bit BLAKE2b over
+    "name:shape:dtype;" per tensor, shifted right by one bit). Every Payload's layout_id must
+    equal it, in both directions, and Hello.held_layout_id is compared with it.
+    """
     total_bytes: _builtins.int
+    """sum of the tensors' nbytes"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     def __init__(
@@ -523,13 +697,16 @@ class Payload(_message.Message):
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
     LAYOUT_ID_FIELD_NUMBER: _builtins.int
     payload_id: _builtins.int
-    """unique per sender and stream"""
+    """chosen by the sender, unique per sender and stream"""
     kind: Global___PayloadKind.ValueType
     dtype: Global___DType.ValueType
-    """element type on the wire"""
+    """element type on the wire: DTYPE_FLOAT32 (anything else is refused)"""
     total_bytes: _builtins.int
+    """must equal the model layout's total_bytes"""
     num_chunks: _builtins.int
+    """At least ceil(total_bytes / max_chunk_bytes), at most max(total_bytes, 1)."""
     layout_id: _builtins.int
+    """must equal the model's ModelLayout.layout_id"""
     def __init__(
         self,
         *,
@@ -556,9 +733,11 @@ class Chunk(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     payload_id: _builtins.int
+    """the payload_id of the header it belongs to"""
     index: _builtins.int
-    """0-based, in order"""
+    """0-based, consecutive, in order"""
     data: _builtins.bytes
+    """at most max_chunk_bytes bytes; all chunks together: total_bytes"""
     def __init__(
         self,
         *,
@@ -576,7 +755,11 @@ Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
-    """A committed global model version, pushed before tasks that train or evaluate it."""
+    """A committed global model version, pushed before the tasks that train or evaluate it (and, for
+    learners with "final_model", the final version before Shutdown FINISHED). Within one run,
+    versions start at 0 (the initial model) and grow by one per commit. A learner keeps the
+    newest model it received, with the run id and layout it came with.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -584,7 +767,9 @@ class Model(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     @_builtins.property
-    def payload(self) -> Global___Payload: ...
+    def payload(self) -> Global___Payload:
+        """kind PAYLOAD_KIND_WEIGHTS"""
+
     def __init__(
         self,
         *,
@@ -601,13 +786,19 @@ Global___Model: _TypeAlias = Model  # noqa: Y015
 
 @_typing.final
 class InitialModel(_message.Message):
-    """A learner's proposal for the first model, when the controller starts without one."""
+    """A learner's proposal for the first model, when the controller asked for it (Welcome or
+    Status.need_initial_model). Sent after `layout`; its chunks follow. Every value must be finite
+    and the size within max_model_bytes, else the stream ends with INVALID_ARGUMENT and the
+    controller asks another learner.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PAYLOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def payload(self) -> Global___Payload: ...
+    def payload(self) -> Global___Payload:
+        """kind PAYLOAD_KIND_WEIGHTS, layout_id of the layout just sent"""
+
     def __init__(
         self,
         *,
@@ -661,6 +852,7 @@ class TrainConfig(_message.Message):
     """minibatch steps; 0 = use `epochs`"""
     epochs: _builtins.int
     batch_size: _builtins.int
+    """0 = the learner's choice"""
     learning_rate: _builtins.float
     proximal_mu: _builtins.float
     """FedProx mu; 0 = plain local SGD"""
@@ -691,6 +883,10 @@ Global___TrainConfig: _TypeAlias = TrainConfig  # noqa: Y015
 
 @_typing.final
 class TrainTask(_message.Message):
+    """Train from a model version the learner holds and upload the result (TaskResult + chunks).
+    A learner that lacks `model_version` (it should not happen) answers Error TASK_FAILED.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -700,11 +896,11 @@ class TrainTask(_message.Message):
     UPLOAD_DELTA_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     model_version: _builtins.int
-    """the version to start from (already sent as a Model)"""
+    """the version to start from (already sent as a Model, or held)"""
     deadline_seconds: _builtins.float
-    """relative; results after it may be discarded"""
+    """relative; results after it may be discarded (STALE_TASK)"""
     upload_delta: _builtins.bool
-    """upload trained - base (true) or full weights (false)"""
+    """upload trained - base (DELTA) or full weights (WEIGHTS)"""
     @_builtins.property
     def config(self) -> Global___TrainConfig: ...
     def __init__(
@@ -726,6 +922,10 @@ Global___TrainTask: _TypeAlias = TrainTask  # noqa: Y015
 
 @_typing.final
 class EvaluateTask(_message.Message):
+    """Evaluate a model version the learner holds; answer with a TaskResult without payload. Only
+    learners that announce "evaluate" receive these.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -734,6 +934,7 @@ class EvaluateTask(_message.Message):
     task_id: _builtins.str
     model_version: _builtins.int
     batch_size: _builtins.int
+    """set by the controller; 0 = the learner's choice"""
     def __init__(
         self,
         *,
@@ -751,6 +952,10 @@ Global___EvaluateTask: _TypeAlias = EvaluateTask  # noqa: Y015
 
 @_typing.final
 class CancelTask(_message.Message):
+    """The learner need not finish `task_id` (its round closed). A result sent anyway is answered
+    with Error STALE_TASK and its chunks are skipped; the stream stays open.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -773,6 +978,27 @@ Global___CancelTask: _TypeAlias = CancelTask  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):
+    """A learner's answer to a task. Uploads are sequential on a stream: a new TaskResult before the
+    previous one's chunks are complete ends the stream (INVALID_ARGUMENT).
+
+    Checked (a violation ends the stream with INVALID_ARGUMENT and a message):
+      task_id        an outstanding task of THIS learner. A task that was assigned to it but has
+                     closed (cancelled, round over, result already received) is non-fatal: Error
+                     STALE_TASK or DUPLICATE, and the result's chunks are skipped. An id never
+                     assigned to this learner is fatal.
+      base_version   equals the task's model_version (train results).
+      payload        train results: kind DELTA if the task's upload_delta is set, else WEIGHTS;
+                     dtype DTYPE_FLOAT32; total_bytes equals the model's; layout_id the model's;
+                     num_chunks in range; chunks in order with the same payload_id, each at most
+                     max_chunk_bytes, summing to total_bytes; every value finite (no NaN/inf,
+                     checked chunk by chunk). Evaluation results carry no payload (0 chunks).
+      num_examples   at most the controller's max_num_examples.
+    Used but not checked: num_examples is the aggregation weight (train) or evaluation weight;
+    completed_steps, train_seconds, seconds_per_batch and seconds_per_epoch go to the policy (the
+    semi-synchronous policy sizes later tasks' budgets from the measured speeds); metrics are
+    logged and averaged per version (weighted by num_examples).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -810,6 +1036,7 @@ class TaskResult(_message.Message):
     num_examples: _builtins.int
     """examples used (train) or evaluated (evaluate)"""
     completed_steps: _builtins.int
+    """minibatch steps run (fewer than asked under a time budget)"""
     train_seconds: _builtins.float
     """wall time spent on the task"""
     seconds_per_batch: _builtins.float
@@ -821,7 +1048,7 @@ class TaskResult(_message.Message):
 
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """e.g. loss, accuracy"""
+        """e.g. loss, accuracy (the reference client adds "loss")"""
 
     def __init__(
         self,
@@ -849,6 +1076,8 @@ class Heartbeat(_message.Message):
     """---------------------------------------------------------------------------------------------
     Liveness and errors
     ---------------------------------------------------------------------------------------------
+
+    Liveness when nothing else is sent; the receiver needs no answer.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -870,6 +1099,12 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class Error(_message.Message):
+    """An in-band problem; the stream stays open. From a learner with a task id: that task failed
+    (the policy is told; no result follows). From a learner with an empty task id: an answer to a
+    request for the initial model that it cannot provide (the controller asks another learner), or
+    the reason it is about to close the stream. From the controller: see ErrorCode.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
@@ -895,6 +1130,8 @@ Global___Error: _TypeAlias = Error  # noqa: Y015
 
 @_typing.final
 class Shutdown(_message.Message):
+    """The last message on a stream; the controller then ends the stream with status OK."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
@@ -902,9 +1139,12 @@ class Shutdown(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """human-readable"""
     final_version: _builtins.int
+    """the newest committed version"""
     kind: Global___ShutdownKind.ValueType
     retry_after_seconds: _builtins.float
+    """DRAINING: wait at least this long before reconnecting"""
     def __init__(
         self,
         *,
