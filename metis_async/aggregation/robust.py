@@ -6,6 +6,13 @@ parameters (20 updates of 10M parameters: 800 MB), plus the float32 result. They
 rounds and FedBuff with a large enough buffer, not FedAsync. Without an attack they cost 1–3
 accuracy points under non-IID data, so do not make them the default.
 
+The rules are unweighted: every update counts once (``ServerStep`` multiplies the updates by
+their weights first only for an unnormalized, FedBuff-style commit). The trimmed mean drops
+``⌊beta·n⌋`` values at each end, none at all when ``beta·n < 1``.
+``metis_async.aggregation.compatibility.check_compatible`` refuses a rule a protocol cannot
+commit with (Krum / Multi-Krum below ``2f + 3`` updates, any rule under FedAsync) and warns
+about the other two cases when the settings are made.
+
 Every function takes ``updates`` as a list of 1-D arrays or a 2-D array with one update per row.
 Float32 C-contiguous inputs are borrowed by Rust without copying; anything else (float64, a
 strided view, another float dtype) is first converted to a float32 copy, which costs another
