@@ -1,6 +1,8 @@
-"""The `metis-async` command: `serve`, `learner`, `demo`.
+"""The `metis-async` command: `serve`, `config`, `learner`, `demo`.
 
-Every setting is a flag with a sensible default; `metis-async COMMAND --help` lists them.
+`serve` takes its settings from `--config FILE` (TOML), `METIS_ASYNC_<SECTION>__<KEY>`
+environment variables and flags, in rising precedence; the flags are generated from the schema in
+`metis_async.config`. `metis-async COMMAND --help` lists every setting with its default.
 """
 
 from __future__ import annotations
@@ -9,157 +11,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from metis_async.aggregation.server_step import AggregationSettings
+from metis_async import config as settings_schema
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
-
-
-def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
-    """Protocol flags; unset ones keep the protocol's own default (see `policy_settings`)."""
-    g = parser.add_argument_group("protocol (all)")
-    g.add_argument("--protocol", default="synchronous", choices=POLICY_NAMES)
-    g.add_argument("--rounds", type=int, help="versions to commit; 0 = run forever")
-    g.add_argument("--min-learners", type=int, help="connected learners needed to start")
-    g.add_argument("--seed", type=int)
-    s = parser.add_argument_group("synchronous and semi_synchronous")
-    s.add_argument(
-        "--learners-per-round",
-        type=int,
-        help="goal count of updates per round; 0 = every connected learner",
-    )
-    s.add_argument(
-        "--over-selection", type=float, help="select this many times the goal (1.3 = 130%%)"
-    )
-    s.add_argument(
-        "--round-deadline",
-        type=float,
-        metavar="SECONDS",
-        dest="round_deadline_seconds",
-        help="close a round this long after it starts (semi-sync: slack over the budget)",
-    )
-    s.add_argument(
-        "--min-update-fraction",
-        type=float,
-        help="fraction of the goal needed to commit a round at its deadline",
-    )
-    s.add_argument("--weighting", choices=["examples", "steps", "uniform"])
-    s.add_argument("--late-learners", choices=["drop", "accept_partial"])
-    s.add_argument(
-        "--evaluate-every", type=int, help="federated evaluation of every n-th version; 0 = never"
-    )
-    s.add_argument("--budget-factor", type=float, help="semi-sync λ: budget = λ × slowest epoch")
-    s.add_argument("--max-local-steps", type=int, help="semi-sync cap on local steps")
-    s.add_argument(
-        "--measure-once",
-        action="store_const",
-        const=False,
-        dest="recompute_every_round",
-        help="semi-sync: measure learner speeds only once",
-    )
-    a = parser.add_argument_group("asynchronous and buffered")
-    a.add_argument("--concurrency", type=int, help="learners training at once; 0 = all")
-    a.add_argument("--max-staleness", type=int, help="reject older updates; 0 = no limit")
-    a.add_argument("--staleness", help="constant | polynomial[:a] | hinge[:a[:b]] | inverse_sqrt")
-    a.add_argument("--alpha", type=float, help="FedAsync mixing rate")
-    a.add_argument("--buffer-size", type=int, help="FedBuff K")
-    a.add_argument("--server-lr", type=float, dest="server_learning_rate", help="FedBuff η")
-    o = parser.add_argument_group("server optimizer and robust aggregation")
-    o.add_argument(
-        "--optimizer",
-        default="fedavg",
-        choices=["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"],
-    )
-    o.add_argument("--optimizer-lr", type=float, help="server optimizer learning rate η")
-    o.add_argument("--beta1", type=float, help="FedAdam/Yogi/Adagrad β1")
-    o.add_argument("--beta2", type=float, help="FedAdam/Yogi β2")
-    o.add_argument("--tau", type=float, help="adaptivity τ of FedAdam/Yogi/Adagrad")
-    o.add_argument("--momentum", type=float, help="FedAvgM momentum β")
-    o.add_argument(
-        "--robust",
-        choices=["median", "trimmed_mean", "krum", "multi_krum"],
-        help="robust rule instead of the mean (keeps all updates of a version in memory)",
-    )
-    o.add_argument("--trim-beta", type=float, default=0.1, help="trimmed mean: β per side")
-    o.add_argument("--byzantine", type=int, default=0, help="Krum: Byzantine learners f")
-    o.add_argument("--clip-norm", type=float, default=0.0, help="clip updates to this L2 norm")
-    t = parser.add_argument_group("local training (sent with every task)")
-    t.add_argument("--local-steps", type=int, default=20)
-    t.add_argument("--epochs", type=int, default=1, help="used when --local-steps is 0")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=0.1, help="local learning rate")
-    t.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx mu; 0 = off")
-
-
-POLICY_FLAGS = (
-    "rounds",
-    "min_learners",
-    "seed",
-    "learners_per_round",
-    "over_selection",
-    "round_deadline_seconds",
-    "min_update_fraction",
-    "weighting",
-    "late_learners",
-    "evaluate_every",
-    "budget_factor",
-    "max_local_steps",
-    "recompute_every_round",
-    "concurrency",
-    "max_staleness",
-    "staleness",
-    "alpha",
-    "buffer_size",
-    "server_learning_rate",
-)
-
-
-def aggregation_settings(args: argparse.Namespace) -> AggregationSettings:
-    """The server optimizer, robust rule and clipping the user chose."""
-    from metis_async.aggregation.server_step import AggregationSettings
-
-    options = {
-        name: float(value)
-        for name, value in (
-            ("lr", args.optimizer_lr),
-            ("beta1", args.beta1),
-            ("beta2", args.beta2),
-            ("tau", args.tau),
-            ("momentum", args.momentum),
-        )
-        if value is not None
-    }
-    return AggregationSettings(
-        optimizer=args.optimizer,
-        optimizer_options=options,
-        robust=args.robust,
-        trim_beta=args.trim_beta,
-        byzantine=args.byzantine,
-        clip_norm=args.clip_norm,
-    )
-
-
-def policy_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The protocol settings the user gave (unset flags keep the protocol's defaults)."""
-    from metis_async.protocols import StalenessFunction, TrainSettings
-
-    settings: dict[str, object] = {
-        name: getattr(args, name) for name in POLICY_FLAGS if getattr(args, name, None) is not None
-    }
-    if isinstance(settings.get("staleness"), str):
-        settings["staleness"] = StalenessFunction.parse(str(settings["staleness"]))
-    settings["train"] = TrainSettings(
-        local_steps=args.local_steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        proximal_mu=args.proximal_mu,
-    )
-    return settings
 
 
 def _add_log_flags(parser: argparse.ArgumentParser, default: str = "info") -> None:
@@ -177,19 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"metis-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the controller")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument(
-        "--init-model",
-        metavar="NPZ",
-        help="first model as .npz (arr_0, arr_1, ...); default: ask a learner",
+    serve = sub.add_parser(
+        "serve",
+        help="run the controller",
+        description="Run the controller. Precedence: defaults < --config file < environment "
+        "(METIS_ASYNC_<SECTION>__<KEY>) < flags.",
     )
-    serve.add_argument("--save-model", metavar="NPZ", help="write the final model here")
-    serve.add_argument("--heartbeat-interval", type=float, default=5.0, metavar="SECONDS")
-    serve.add_argument("--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS")
-    _add_policy_flags(serve)
-    _add_log_flags(serve)
+    serve.add_argument(
+        "--config", metavar="TOML", help="settings file (see deploy/controller.toml)"
+    )
+    settings_schema.add_flags(serve)
+
+    config = sub.add_parser("config", help="check or show a controller settings file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check", help="print each problem with its key and line; exit 0 and 'ok' if none"
+    )
+    check.add_argument("file", metavar="TOML")
+    show = config_sub.add_parser(
+        "show", help="print the effective settings (defaults, file, environment) as TOML"
+    )
+    show.add_argument("file", metavar="TOML", nargs="?")
 
     learner = sub.add_parser("learner", help="run the built-in example learner (digits)")
     learner.add_argument("--address", default="127.0.0.1:50051")
@@ -241,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "config":
+            return _config(args)
         if args.command == "learner":
             return _learner(args)
         return _demo(args)
@@ -252,28 +119,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from metis_async.protocols import make_policy
-    from metis_async.server import Controller, ControllerConfig, run_event_loop, serve
+    import os
+
+    from metis_async.server import Controller, run_event_loop, serve
     from metis_async.telemetry import configure_logging
 
-    configure_logging(args.log_level, args.log_json)
-    policy = make_policy(args.protocol, **policy_settings(args))
+    settings = settings_schema.load_settings(
+        args.config, os.environ, settings_schema.flag_overrides(args)
+    )
+    for warning in settings.warnings():
+        print(f"metis-async: warning: {warning}", file=sys.stderr)
+    configure_logging(settings.log.level, settings.log.json_lines)
     initial = None
-    if args.init_model:
-        with np.load(args.init_model) as npz:
+    if settings.model.init_model:
+        with np.load(settings.model.init_model) as npz:
             initial = [npz[k] for k in sorted(npz.files, key=_npz_order)]
-    config = ControllerConfig(
-        host=args.host,
-        port=args.port,
-        heartbeat_interval_seconds=args.heartbeat_interval,
-        heartbeat_timeout_seconds=args.heartbeat_timeout,
-    )
     controller = Controller(
-        policy, config, initial_model=initial, aggregation=aggregation_settings(args)
+        settings.policy(),
+        settings.controller_config(),
+        initial_model=initial,
+        aggregation=settings.aggregation_settings(),
     )
-    run_event_loop(serve(controller, until_finished=bool(args.rounds)))
-    if args.save_model and controller.store.ready:
-        np.savez(args.save_model, *controller.store.parameters())
+    run_event_loop(serve(controller, until_finished=bool(settings.protocol.rounds)))
+    if settings.model.save_model and controller.store.ready:
+        np.savez(settings.model.save_model, *controller.store.parameters())
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    import os
+
+    if args.config_command == "show":
+        print(settings_schema.load_settings(args.file, os.environ).to_toml(), end="")
+        return 0
+    problems, warnings = settings_schema.check_file(args.file, os.environ)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("ok")
     return 0
 
 
