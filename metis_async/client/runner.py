@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from metis_async import wire
-from metis_async.client.learner import EvaluateConfig, FitConfig, Learner
+from metis_async.client.learner import Learner
 from metis_async.client.models import HeldModel, ModelReceiver
+from metis_async.client.stream import LearnerStream
 from metis_async.client.summary import Backoff, RunSummary
+from metis_async.client.tasks import TaskWorker
 from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
@@ -88,34 +89,6 @@ def _state_name(state: int) -> str:
         return f"state_{state}"
 
 
-class _Stream:
-    """One session: the outbox feeding the request stream, and what arrived on it."""
-
-    def __init__(self, hello: pb.Hello, models: ModelReceiver) -> None:
-        self.outbox: queue.SimpleQueue[pb.LearnerMessage | None] = queue.SimpleQueue()
-        self.closed = threading.Event()
-        self.models = models
-        self.welcomed = False
-        self.sent_initial_model = False
-        self.cancelled: set[str] = set()
-        self.heartbeat_seconds = 5.0
-        self.send(pb.LearnerMessage(hello=hello))
-
-    def send(self, message: pb.LearnerMessage) -> None:
-        if not self.closed.is_set():
-            self.outbox.put(message)
-
-    def close(self) -> None:
-        """End the request stream (a half-close: the controller sees end-of-stream)."""
-        if not self.closed.is_set():
-            self.closed.set()
-            self.outbox.put(None)
-
-    def requests(self) -> Iterator[pb.LearnerMessage]:
-        while (message := self.outbox.get()) is not None:
-            yield message
-
-
 class LearnerRunner:
     """Runs a `Learner` against a controller; `run_learner` is the one-call form.
 
@@ -150,6 +123,7 @@ class LearnerRunner:
         self._payload_ids = itertools.count(1)
         self._chunk_limit = CHANNEL_CHUNK_BYTES
         self._held: HeldModel | None = None  # last model received, kept across sessions
+        self._worker = TaskWorker(learner, self.summary, self._payload_ids)
 
     def run(self) -> RunSummary:
         """Serve tasks until the controller finishes the federation or `stop` is set.
@@ -221,7 +195,7 @@ class LearnerRunner:
         # A model from a controller without run ids could be mistaken for the same version
         # number of a restarted run, so only a model with a run id is carried over.
         held = self._held if self._held is not None and self._held.run_id else None
-        stream = _Stream(self._hello(held), ModelReceiver(held))
+        stream = LearnerStream(self._hello(held), ModelReceiver(held))
         tasks: queue.SimpleQueue[pb.ControllerMessage | None] = queue.SimpleQueue()
         with grpc.insecure_channel(self.address, options=self._channel_options()) as channel:
             join = channel.stream_stream(
@@ -230,7 +204,7 @@ class LearnerRunner:
                 response_deserializer=pb.ControllerMessage.FromString,
             )
             responses = join(stream.requests())
-            worker = threading.Thread(target=self._work, args=(stream, tasks), daemon=True)
+            worker = threading.Thread(target=self._worker.run, args=(stream, tasks), daemon=True)
             worker.start()
             try:
                 try:
@@ -246,7 +220,7 @@ class LearnerRunner:
 
     def _serve(
         self,
-        stream: _Stream,
+        stream: LearnerStream,
         responses: Iterator[pb.ControllerMessage],
         tasks: queue.SimpleQueue[pb.ControllerMessage | None],
     ) -> _Outcome:
@@ -289,7 +263,7 @@ class LearnerRunner:
 
     def _abandon(
         self,
-        stream: _Stream,
+        stream: LearnerStream,
         responses: Iterator[pb.ControllerMessage],
         cancel: Callable[[], object],
         error: wire.WireError,
@@ -313,7 +287,7 @@ class LearnerRunner:
         finally:
             timer.cancel()
 
-    def _on_welcome(self, stream: _Stream, welcome: pb.Welcome) -> _Outcome | None:
+    def _on_welcome(self, stream: LearnerStream, welcome: pb.Welcome) -> _Outcome | None:
         self.summary.learner_id = welcome.learner_id
         chunk_bytes = welcome.max_chunk_bytes or wire.MAX_CHUNK_BYTES
         if chunk_bytes + FRAMING_BYTES > _GRPC_MAX_MESSAGE:
@@ -336,7 +310,7 @@ class LearnerRunner:
             self._send_initial_model(stream)
         return None
 
-    def _send_initial_model(self, stream: _Stream) -> None:
+    def _send_initial_model(self, stream: LearnerStream) -> None:
         """Answer a request for the first model: layout, header, chunks; or an Error saying why
         not (empty task id), so the controller asks another learner."""
         if stream.sent_initial_model:
@@ -379,7 +353,7 @@ class LearnerRunner:
             message=repr(status.message),
         )
 
-    def _on_shutdown(self, stream: _Stream, shutdown: pb.Shutdown) -> _Outcome:
+    def _on_shutdown(self, stream: LearnerStream, shutdown: pb.Shutdown) -> _Outcome:
         if shutdown.kind == pb.SHUTDOWN_KIND_DRAINING:
             retry = shutdown.retry_after_seconds
             retry = min(retry, _MAX_RETRY_AFTER_SECONDS) if math.isfinite(retry) else 0.0
@@ -393,102 +367,9 @@ class LearnerRunner:
         _log("shutdown", reason=repr(self.summary.shutdown_reason), final=shutdown.final_version)
         return _Outcome(_End.FINISHED)
 
-    def _heartbeat(self, stream: _Stream) -> None:
+    def _heartbeat(self, stream: LearnerStream) -> None:
         while not stream.closed.wait(stream.heartbeat_seconds):
             stream.send(pb.LearnerMessage(heartbeat=pb.Heartbeat(sent_unix_seconds=time.time())))
-
-    # ------------------------------------------------------------------------------ tasks
-
-    def _work(self, stream: _Stream, tasks: queue.SimpleQueue[pb.ControllerMessage | None]) -> None:
-        while (message := tasks.get()) is not None:
-            task = message.train if message.WhichOneof("body") == "train" else message.evaluate
-            if task.task_id in stream.cancelled:
-                continue
-            model = stream.models.model
-            if model is None or model.version != task.model_version:
-                self._fail(stream, task.task_id, f"model version {task.model_version} missing")
-                continue
-            try:
-                if message.WhichOneof("body") == "train":
-                    result, chunks = self._fit(stream, message.train, model)
-                else:
-                    result, chunks = self._evaluate(message.evaluate, model), []
-            except Exception as error:  # the learner's own code failed: report, keep serving
-                log.exception("task_failed task_id=%s", task.task_id)
-                self._fail(stream, task.task_id, f"{type(error).__name__}: {error}")
-                continue
-            if task.task_id in stream.cancelled:
-                continue  # the round closed while we trained: don't upload
-            stream.send(pb.LearnerMessage(result=result))
-            for chunk in chunks:
-                stream.send(pb.LearnerMessage(chunk=chunk))
-            self.summary.tasks_completed += 1
-
-    def _fail(self, stream: _Stream, task_id: str, reason: str) -> None:
-        self.summary.tasks_failed += 1
-        stream.send(
-            pb.LearnerMessage(
-                error=pb.Error(code=pb.ERROR_CODE_TASK_FAILED, message=reason, task_id=task_id)
-            )
-        )
-
-    def _fit(
-        self, stream: _Stream, task: pb.TrainTask, model: HeldModel
-    ) -> tuple[pb.TaskResult, list[pb.Chunk]]:
-        c = task.config
-        config = FitConfig(
-            model_version=int(task.model_version),
-            local_steps=c.local_steps,
-            epochs=c.epochs,
-            batch_size=c.batch_size or 32,
-            learning_rate=c.learning_rate,
-            proximal_mu=c.proximal_mu,
-            extra=dict(c.extra),
-            time_budget_seconds=c.time_budget_seconds,
-        )
-        started = time.perf_counter()
-        trained, num_examples, metrics = self.learner.fit(model.parameters(), config)
-        seconds = time.perf_counter() - started
-        new = wire.flatten(trained, model.layout)
-        if task.upload_delta:
-            np.subtract(new, model.flat, out=new)
-        kind = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
-        header, chunks = wire.make_payload(
-            new,
-            next(self._payload_ids),
-            kind,
-            model.layout.layout_id,
-            stream.models.max_chunk_bytes,
-        )
-        batches_per_epoch = max(1, -(-int(num_examples) // config.batch_size))
-        steps = int(metrics.get("steps", c.local_steps or config.epochs * batches_per_epoch))
-        per_batch = seconds / steps if steps else 0.0
-        result = pb.TaskResult(
-            task_id=task.task_id,
-            base_version=task.model_version,
-            payload=header,
-            num_examples=int(num_examples),
-            completed_steps=steps,
-            metrics={k: float(v) for k, v in metrics.items()},
-            train_seconds=seconds,
-            seconds_per_batch=per_batch,
-            seconds_per_epoch=per_batch * batches_per_epoch,
-        )
-        return result, list(chunks)
-
-    def _evaluate(self, task: pb.EvaluateTask, model: HeldModel) -> pb.TaskResult:
-        # batch_size 0: the learner's choice (EvaluateConfig's default)
-        config = EvaluateConfig(
-            model_version=int(task.model_version), batch_size=task.batch_size or 256
-        )
-        loss, num_examples, metrics = self.learner.evaluate(model.parameters(), config)
-        values = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
-        return pb.TaskResult(
-            task_id=task.task_id,
-            base_version=task.model_version,
-            num_examples=int(num_examples),
-            metrics=values,
-        )
 
 
 def run_learner(
