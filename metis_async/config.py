@@ -195,6 +195,9 @@ class ProtocolSection(_Section):
         default=None,
         description="semi-sync: re-measure speeds every round (flag: measure only once)",
     )
+    probe_steps: int | None = Field(
+        default=None, description="semi-sync: local steps of an unmeasured learner; 0 = an epoch"
+    )
     concurrency: int | None = Field(default=None, description="learners training at once; 0 = all")
     max_staleness: int | None = Field(
         default=None, description="reject updates older than this; 0 = no limit"
