@@ -1,32 +1,62 @@
-"""The policy driver: delivers events to the policy and carries out its decisions.
+"""The federation core: one synchronous, deterministic owner of all federation state.
 
-`Federation` owns what a federation is made of apart from the network: the task table, the
-aggregate of the open version, the model store and the policy's clock. It knows sessions only as
-queues to put serialized messages on, so the same driver can later sit behind ingest workers that
-forward partial sums (ARCHITECTURE.md, decision 9).
+`FederationCore` holds the policy, the single task table, the model and its version, the
+aggregate of the open version (`ServerStep`, over the Rust accumulator), evaluation averaging,
+the counters, per-learner memory (closed tasks, participation) and the record of which updates
+each version folded in. It takes events (a learner joined or was lost, an update or evaluation
+arrived with its payload already validated, time passed) and returns addressed effects
+(`metis_async.effects`): send version V to learner L, send a task, cancel one, answer a result,
+shut down, a version was committed. It holds no sockets and no sessions, so the gRPC server, the
+ingest workers and the simulator drive the same object, and one recorded event trace gives the
+same versions and bit-identical models through any of them.
 
-Events reach the policy one at a time under one lock, and the decisions of one event are executed,
-in order, before the next event: accepted updates are folded into the Rust accumulator off the
-event loop, and a commit turns the aggregate into a new version that is serialized once.
+Decisions of one event are carried out in order before the next event. A `CommitVersion` that
+cannot be carried out (nothing accepted, or a model that would not be finite) is refused: the
+model and version stay, the decisions after it in the same list are dropped, and the policy is
+told with `CommitFailed` next. Nothing here sleeps or does I/O; O(model) work (folding, the
+commit) runs in Rust with the GIL released, and drivers call the core from one thread that is
+not the event loop.
+
+Task ids on the wire are the policy's ids prefixed with the run id, so they are unique across
+controller restarts; a learner's closed-task memory is kept by learner id, bounded, across
+reconnects.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import math
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-import numpy.typing as npt
 import structlog
 
 from metis_async import wire
+from metis_async.aggregation.compatibility import check_compatible
 from metis_async.aggregation.server_step import AggregationSettings, ServerStep
+from metis_async.effects import (
+    CommitRecord,
+    CommitRefused,
+    Effect,
+    FederationFinished,
+    FederationState,
+    Notice,
+    RequestInitialModel,
+    SendCancel,
+    SendModel,
+    SendNotice,
+    SendStatus,
+    SendTask,
+    Shutdown,
+    VersionCommitted,
+)
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
     CancelTask,
+    CommitFailed,
     CommitVersion,
     Decision,
     DiscardAggregate,
@@ -43,342 +73,639 @@ from metis_async.protocols import (
     Tick,
     UpdateArrived,
 )
-from metis_async.session import Session, controller_message
-from metis_async.store import ModelStore
 from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
 
 log = structlog.get_logger("metis_async.federation")
 
 RESULT_RECEIVED = "result already received"
+DEFAULT_CAPABILITIES = frozenset({"train", "evaluate", "delta"})
 
-CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
-Updates = dict[str, tuple[Session, wire.FloatVector]]
+_Updates = dict[str, tuple[str, wire.FloatVector]]  # policy task id -> (learner id, update)
+
+Publish = Callable[[int, wire.FloatVector], object]
+"""Called in the core's thread with each new version and its model; returns what the driver
+needs to send it (the gRPC driver: encoded messages). Must not modify the model."""
 
 
-class Federation:
-    """Runs `policy` over the learners in `sessions` and the model in `store`.
+@dataclass(frozen=True)
+class UpdateReport:
+    """The metadata of a training result whose payload the driver has validated.
+
+    Attributes:
+        task_id: the task on the wire (run id prefix included).
+        base_version: version the learner trained from.
+        num_examples: examples used (the aggregation weight under example weighting).
+        completed_steps: local steps run.
+        train_seconds: wall time of the task (seconds).
+        seconds_per_batch: measured speed (seconds).
+        seconds_per_epoch: measured epoch time (seconds).
+        metrics: the learner's training metrics.
+    """
+
+    task_id: str
+    base_version: int
+    num_examples: int
+    completed_steps: int = 0
+    train_seconds: float = 0.0
+    seconds_per_batch: float = 0.0
+    seconds_per_epoch: float = 0.0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LearnerRecord:
+    """What the core remembers of one learner id (across its sessions)."""
+
+    learner_id: str
+    num_examples: int = 0
+    capabilities: frozenset[str] = DEFAULT_CAPABILITIES
+    connected: bool = False
+    admitted: bool = False  # the policy knows it is connected
+    held_version: int | None = None  # the version its current session holds
+    tasks: set[str] = field(default_factory=set)  # outstanding wire task ids
+    closed: OrderedDict[str, str] = field(default_factory=OrderedDict)  # task id -> why
+    tasks_assigned: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    evaluations: int = 0
+
+
+@dataclass(frozen=True)
+class TaskLookup:
+    """What the core knows of a task id a learner answers: outstanding, closed, or unknown."""
+
+    task: Task | None = None
+    closed_reason: str | None = None
+
+
+class FederationCore:
+    """The one executor of a federation's decisions (see the module docstring).
 
     Args:
         policy: the protocol deciding who trains what and when versions commit.
-        store: the global model (may be empty until a learner provides one).
-        stats: counters to update.
-        sessions: the live sessions by learner id (owned by the server; read here).
-        on_commit: called with each new version and its arrays (in a thread if not async).
         aggregation: server optimizer, robust rule, clipping (FedAvg with a streaming mean).
+        run_id: identity of this run's version sequence (prefix of every task id); a fresh one
+            by default.
+        publish: called with every new version in the core's thread (see `Publish`).
+        stats: counters to update (a fresh set by default).
+        initial_model_timeout_seconds: how long a learner asked for the first model may take
+            before another waiting learner is asked.
+        closed_tasks_kept: closed task ids remembered per learner (for stale/duplicate answers).
+        learners_remembered: disconnected learner ids remembered (oldest forgotten first).
+        commits_kept: recent commit records kept in memory.
     """
 
     def __init__(
         self,
         policy: Policy,
-        store: ModelStore,
-        stats: ControllerStats,
-        sessions: Mapping[str, Session],
-        on_commit: CommitHook | None = None,
+        *,
         aggregation: AggregationSettings | None = None,
+        run_id: str | None = None,
+        publish: Publish | None = None,
+        stats: ControllerStats | None = None,
+        initial_model_timeout_seconds: float = 60.0,
+        closed_tasks_kept: int = 256,
+        learners_remembered: int = 1_000_000,
+        commits_kept: int = 1024,
     ) -> None:
         self.policy = policy
         self.aggregation = aggregation or AggregationSettings()
-        self.store = store
-        self.stats = stats
-        self.evaluations: dict[int, dict[str, float]] = {}  # version -> weighted mean metrics
-        self._sessions = sessions
-        self._on_commit = on_commit
-        self._tasks: dict[str, tuple[Session, Task]] = {}
+        for warning in check_compatible(policy, self.aggregation):  # raises if impossible
+            log.warning("settings_warning", protocol=policy.name, warning=warning)
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.stats = stats or ControllerStats()
+        self.evaluations: OrderedDict[int, dict[str, float]] = OrderedDict()
+        self.commits: deque[CommitRecord] = deque(maxlen=commits_kept)
+        self.finished = False
+        self.events_handled = 0
+        self._prefix = f"{self.run_id}-"
+        self._publish = publish
+        self._initial_timeout = initial_model_timeout_seconds
+        self._closed_kept = closed_tasks_kept
+        self._remembered = learners_remembered
+        self._layout: pb.ModelLayout | None = None
+        self._flat: wire.FloatVector | None = None
+        self.version = 0
         self._step: ServerStep | None = None
+        self._open: list[str] = []  # wire task ids folded into the open aggregate
+        self._learners: dict[str, LearnerRecord] = {}
+        self._departed: OrderedDict[str, None] = OrderedDict()  # disconnected ids, oldest first
+        self._connected = 0
+        self._tasks: dict[str, Task] = {}  # outstanding tasks by wire id
         self._evaluation_sums: dict[int, dict[str, float]] = {}
-        self._lock = asyncio.Lock()
-        self._finished = asyncio.Event()
-        self._wakeup: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        if store.ready:
-            self.model_ready()
+        self._provider: str | None = None  # asked for the initial model
+        self._provider_deadline: float | None = None
+        self._failed_providers: set[str] = set()
+        self._state: FederationState | None = None
 
-    # ------------------------------------------------------------------------------ state
-
-    def model_ready(self) -> None:
-        """The store holds its first model: size the aggregate to it."""
-        assert self.store.layout is not None
-        self._step = ServerStep(wire.num_parameters(self.store.layout), self.aggregation)
+    # ------------------------------------------------------------------------------ queries
 
     @property
-    def finished(self) -> bool:
-        """Whether the policy has finished the federation."""
-        return self._finished.is_set()
+    def ready(self) -> bool:
+        """Whether a model exists."""
+        return self._flat is not None
 
-    async def wait_finished(self, timeout: float | None = None) -> bool:
-        """Wait until the policy finishes; False on timeout (seconds)."""
-        try:
-            await asyncio.wait_for(self._finished.wait(), timeout)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            return False
-        return True
+    @property
+    def model(self) -> wire.FloatVector:
+        """The current model (read-only; a new array on every commit)."""
+        if self._flat is None:
+            raise RuntimeError("the federation has no model yet")
+        return self._flat
 
-    def task_of(self, session: Session, task_id: str) -> Task | None:
-        """The outstanding task `task_id` if it belongs to `session`."""
-        entry = self._tasks.get(task_id)
-        return entry[1] if entry is not None and entry[0] is session else None
+    @property
+    def layout(self) -> pb.ModelLayout | None:
+        """The model's layout, once a model exists."""
+        return self._layout
 
-    def _pop_task(self, task_id: str) -> tuple[Session, Task] | None:
-        """Remove an outstanding task from the table and from its session's set."""
-        entry = self._tasks.pop(task_id, None)
-        if entry is not None:
-            entry[0].tasks.discard(task_id)
-        return entry
+    @property
+    def connected(self) -> int:
+        """Learners connected now."""
+        return self._connected
 
-    def forget(self, session: Session) -> None:
-        """Drop the outstanding tasks of a session that ended."""
-        for task_id in list(session.tasks):
-            self._pop_task(task_id)
+    @property
+    def provider(self) -> str | None:
+        """The learner asked for the initial model, if one is being waited for."""
+        return self._provider
 
-    def close(self) -> None:
-        """Stop timers and background work (the server is going away)."""
-        if self._wakeup is not None:
-            self._wakeup.cancel()
-        for task in list(self._background):
-            task.cancel()
+    def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
+        """Whether `task_id` is outstanding for `learner_id`, closed (and why), or unknown."""
+        task = self._tasks.get(task_id)
+        if task is not None and task.learner_id == learner_id:
+            return TaskLookup(task=task)
+        record = self._learners.get(learner_id)
+        reason = record.closed.get(task_id) if record is not None else None
+        return TaskLookup(closed_reason=reason)
 
-    # ------------------------------------------------------------------------------ inputs
+    def participation(self) -> dict[str, dict[str, int]]:
+        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
+        return {
+            lid: {
+                "tasks_assigned": r.tasks_assigned,
+                "updates_accepted": r.updates_accepted,
+                "updates_rejected": r.updates_rejected,
+                "evaluations": r.evaluations,
+            }
+            for lid, r in self._learners.items()
+        }
 
-    async def dispatch(self, event: Event) -> None:
-        """Deliver one event to the policy and execute its decisions."""
-        async with self._lock:
-            await self._run_policy(event, {})
+    def next_wakeup(self) -> float | None:
+        """Earliest time (the events' clock) at which the core wants `tick`."""
+        times = [t for t in (self.policy.next_wakeup(), self._provider_deadline) if t is not None]
+        return None if self.finished or not times else min(times)
 
-    async def learner_joined(self, session: Session) -> None:
-        """A session can take tasks."""
-        await self.dispatch(LearnerJoined(_now(), session.learner_id, session.num_examples))
+    # ------------------------------------------------------------------------------ model
 
-    async def learner_lost(self, session: Session, reason: str) -> None:
-        """A session ended; its tasks are void."""
-        self.forget(session)
-        await self.dispatch(LearnerLost(_now(), session.learner_id, reason))
+    def initialize_model(
+        self, now: float, layout: pb.ModelLayout, flat: wire.FloatVector, source: str = ""
+    ) -> list[Effect]:
+        """Adopt the first model (from a file, the operator, or a learner), checked by the caller.
 
-    async def update_arrived(
-        self, session: Session, task: Task, result: pb.TaskResult, update: wire.FloatVector
-    ) -> None:
-        """A complete, validated training update for `task` arrived on `session`."""
-        async with self._lock:
-            if self.task_of(session, task.task_id) is None:  # cancelled while uploading
-                reason = session.closed_tasks.get(task.task_id, "closed")
-                session.send_error(
-                    pb.ERROR_CODE_STALE_TASK,
-                    f"task {task.task_id!r} closed while uploading ({reason})",
-                    task.task_id,
-                )
-                return
-            self._pop_task(task.task_id)
-            session.remember_closed(task.task_id, RESULT_RECEIVED)
-            self.stats.updates_received_total += 1
-            event = UpdateArrived(
-                _now(),
-                session.learner_id,
-                task.task_id,
-                int(result.base_version),
-                int(result.num_examples),
-                int(result.completed_steps),
-                float(result.train_seconds),
-                dict(result.metrics),
-                float(result.seconds_per_batch),
-                float(result.seconds_per_epoch),
+        Every learner that joined while there was no model is handed to the policy.
+        """
+        if self._flat is not None:
+            raise RuntimeError("the federation already has a model")
+        self._layout = layout
+        self._flat = flat
+        self._flat.flags.writeable = False
+        self._step = ServerStep(wire.num_parameters(layout), self.aggregation)
+        self._provider = None
+        self._provider_deadline = None
+        effects: list[Effect] = []
+        if source:
+            log.info(
+                "model_initialized",
+                source=source,
+                parameters=wire.num_parameters(layout),
+                tensors=len(layout.tensors),
             )
-            await self._run_policy(event, {task.task_id: (session, update)})
+        published = self._publish(0, flat) if self._publish is not None else None
+        effects.append(VersionCommitted(self._record(0, (), 0.0, "initial model"), flat, published))
+        for record in list(self._learners.values()):
+            if record.connected and not record.admitted:
+                effects += self._admit(now, record)
+        effects += self._status(now)
+        return effects
 
-    async def evaluation_arrived(self, session: Session, task: Task, result: pb.TaskResult) -> None:
-        """An evaluation result for `task` arrived on `session`."""
-        self._pop_task(task.task_id)
-        session.remember_closed(task.task_id, RESULT_RECEIVED)
-        self._record_evaluation(task.version, result)
-        await self.dispatch(
+    # ------------------------------------------------------------------------------ learners
+
+    def learner_joined(
+        self,
+        now: float,
+        learner_id: str,
+        num_examples: int = 0,
+        capabilities: frozenset[str] = DEFAULT_CAPABILITIES,
+        held: tuple[str, int, int] | None = None,
+    ) -> list[Effect]:
+        """A learner's session can take tasks.
+
+        `held` is its claim (run id, version, layout id) of a model it already holds; the claim
+        is trusted only for this run and this model's layout.
+        """
+        self.events_handled += 1
+        record = self._learners.get(learner_id)
+        if record is None:
+            record = self._learners[learner_id] = LearnerRecord(learner_id)
+        elif record.connected:
+            raise RuntimeError(
+                f"learner {learner_id!r} joined twice; the driver must drop it first"
+            )
+        self._departed.pop(learner_id, None)
+        record.connected = True
+        record.admitted = False
+        record.num_examples = num_examples
+        record.capabilities = capabilities
+        record.held_version = None
+        if held is not None and self._layout is not None:
+            run, version, layout_id = held
+            if run == self.run_id and layout_id == self._layout.layout_id:
+                record.held_version = version
+        self._connected += 1
+        if self.finished:
+            return [Shutdown(learner_id, True, "federation finished", self.version, True)]
+        effects: list[Effect] = []
+        if self._flat is None:
+            if self._provider is None:
+                effects += self._ask_provider(now)
+            return effects + self._status(now, learner_id)
+        effects += self._admit(now, record)
+        return effects + self._status(now, learner_id)
+
+    def learner_lost(self, now: float, learner_id: str, reason: str = "") -> list[Effect]:
+        """A learner's session ended; its outstanding tasks are void."""
+        self.events_handled += 1
+        record = self._learners.get(learner_id)
+        if record is None or not record.connected:
+            return []
+        record.connected = False
+        record.held_version = None
+        self._connected -= 1
+        for task_id in record.tasks:
+            self._tasks.pop(task_id, None)
+            self._remember_closed(record, task_id, f"learner lost: {reason or 'disconnected'}")
+        record.tasks.clear()
+        self._departed[learner_id] = None
+        while len(self._departed) > self._remembered:
+            old, _ = self._departed.popitem(last=False)
+            self._learners.pop(old, None)
+        effects: list[Effect] = []
+        if self._provider == learner_id:
+            self._provider = None
+            self._provider_deadline = None
+            effects += self._ask_provider(now)
+        if record.admitted:
+            record.admitted = False
+            effects += self._deliver(LearnerLost(now, learner_id, reason))
+        return effects + self._status(now)
+
+    def _admit(self, now: float, record: LearnerRecord) -> list[Effect]:
+        record.admitted = True
+        can_evaluate = "evaluate" in record.capabilities
+        return self._deliver(
+            LearnerJoined(now, record.learner_id, record.num_examples, can_evaluate=can_evaluate)
+        )
+
+    def _ask_provider(self, now: float) -> list[Effect]:
+        """Ask the longest-waiting connected learner that has not failed for the first model."""
+        waiting = [r.learner_id for r in self._learners.values() if r.connected]
+        fresh = [lid for lid in waiting if lid not in self._failed_providers]
+        if not fresh and waiting:
+            self._failed_providers.clear()  # everyone failed once: try them all again
+            fresh = waiting
+        if not fresh:
+            return []
+        self._provider = fresh[0]
+        self._provider_deadline = now + self._initial_timeout
+        log.info("initial_model_requested", learner_id=self._provider)
+        return [RequestInitialModel(self._provider)]
+
+    def initial_model_refused(self, now: float, learner_id: str, reason: str) -> list[Effect]:
+        """The provider's proposal was refused (or it reported it cannot): ask another."""
+        self.events_handled += 1
+        if self._provider != learner_id:
+            return []
+        log.warning("initial_model_refused", learner_id=learner_id, reason=reason)
+        self._failed_providers.add(learner_id)
+        self._provider = None
+        self._provider_deadline = None
+        return self._ask_provider(now)
+
+    # ------------------------------------------------------------------------------ results
+
+    def update_arrived(
+        self, now: float, learner_id: str, report: UpdateReport, update: wire.FloatVector
+    ) -> list[Effect]:
+        """A complete, validated training update for `report.task_id` arrived."""
+        self.events_handled += 1
+        task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
+        if task is None:
+            return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
+        self.stats.updates_received_total += 1
+        event = UpdateArrived(
+            now,
+            learner_id,
+            self._policy_id(report.task_id),
+            report.base_version,
+            report.num_examples,
+            report.completed_steps,
+            report.train_seconds,
+            dict(report.metrics),
+            report.seconds_per_batch,
+            report.seconds_per_epoch,
+        )
+        return self._deliver(event, {event.task_id: (learner_id, update)})
+
+    def evaluation_arrived(
+        self,
+        now: float,
+        learner_id: str,
+        task_id: str,
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> list[Effect]:
+        """An evaluation result for `task_id` arrived."""
+        self.events_handled += 1
+        task = self._close_task(learner_id, task_id, RESULT_RECEIVED)
+        if task is None:
+            return [self._stale_answer(learner_id, task_id, "closed before its result")]
+        self._learners[learner_id].evaluations += 1
+        self.stats.evaluations_received_total += 1
+        self._record_evaluation(task.version, num_examples, metrics)
+        return self._deliver(
             EvaluationArrived(
-                _now(),
-                session.learner_id,
-                task.task_id,
-                task.version,
-                int(result.num_examples),
-                dict(result.metrics),
+                now, learner_id, self._policy_id(task_id), task.version, num_examples, metrics
             )
         )
 
-    async def task_failed(self, session: Session, task_id: str, message: str) -> None:
+    def task_failed(self, now: float, learner_id: str, task_id: str, reason: str) -> list[Effect]:
         """The learner reported that it could not run `task_id`."""
-        if self.task_of(session, task_id) is None:
-            return
-        self._pop_task(task_id)
-        session.remember_closed(task_id, "learner reported failure")
-        await self.dispatch(TaskFailed(_now(), session.learner_id, task_id, message))
+        self.events_handled += 1
+        if self._close_task(learner_id, task_id, "learner reported failure") is None:
+            return []
+        return self._deliver(TaskFailed(now, learner_id, self._policy_id(task_id), reason))
+
+    def tick(self, now: float) -> list[Effect]:
+        """Time passed (the driver calls at `next_wakeup()`)."""
+        self.events_handled += 1
+        effects: list[Effect] = []
+        if self._provider_deadline is not None and now >= self._provider_deadline:
+            stalled = self._provider
+            log.warning("initial_model_timeout", learner_id=stalled)
+            if stalled is not None:
+                self._failed_providers.add(stalled)
+            self._provider = None
+            self._provider_deadline = None
+            effects += self._ask_provider(now)
+        if self._flat is not None and not self.finished:
+            effects += self._deliver(Tick(now))
+        return effects
+
+    def drain(self, reason: str = "controller stopping") -> list[Effect]:
+        """The controller stops: learners are told to come back later."""
+        self._state = FederationState.DRAINING
+        log.info("draining", reason=reason, learners=self._connected, version=self.version)
+        return [Shutdown(None, False, reason, self.version)]
+
+    def _close_task(self, learner_id: str, task_id: str, reason: str) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is None or task.learner_id != learner_id:
+            return None
+        del self._tasks[task_id]
+        record = self._learners[learner_id]
+        record.tasks.discard(task_id)
+        self._remember_closed(record, task_id, reason)
+        return task
+
+    def _stale_answer(self, learner_id: str, task_id: str, what: str) -> SendNotice:
+        record = self._learners.get(learner_id)
+        reason = (record.closed.get(task_id) if record else None) or "closed"
+        notice = Notice.DUPLICATE if reason == RESULT_RECEIVED else Notice.STALE
+        return SendNotice(learner_id, task_id, notice, f"task {task_id!r} {what} ({reason})")
+
+    def _remember_closed(self, record: LearnerRecord, task_id: str, reason: str) -> None:
+        record.closed[task_id] = reason
+        while len(record.closed) > self._closed_kept:
+            record.closed.popitem(last=False)
 
     # ------------------------------------------------------------------------------ decisions
 
-    async def _run_policy(self, event: Event, updates: Updates) -> None:
-        pending: list[Event] = [event]
+    def _deliver(self, event: Event, updates: _Updates | None = None) -> list[Effect]:
+        """Hand events to the policy and carry out its decisions, in order."""
+        effects: list[Effect] = []
+        updates = updates if updates is not None else {}
+        pending: deque[Event] = deque([event])
         while pending:
-            for decision in self.policy.handle(pending.pop(0)):
-                pending += await self._execute(decision, updates)
-        self._schedule_wakeup()
-
-    async def _execute(self, decision: Decision, updates: Updates) -> list[Event]:
-        """Carry out one decision; returns follow-up events (e.g. a task that could not go out)."""
-        if isinstance(decision, AssignTask):
-            return self._assign(decision.task)
-        if isinstance(decision, AcceptUpdate):
-            _, update = updates.pop(decision.task_id)
-            # The server checked every value when the upload completed.
-            await asyncio.to_thread(self._aggregate.add, update, decision.weight, True)
-            self.stats.updates_accepted_total += 1
-        elif isinstance(decision, RejectUpdate):
-            if decision.task_id in updates:
-                session, _ = updates.pop(decision.task_id)
-                self.stats.updates_rejected_total += 1
-                session.send_error(pb.ERROR_CODE_STALE_TASK, decision.reason, decision.task_id)
-        elif isinstance(decision, CancelTask):
-            entry = self._pop_task(decision.task_id)
-            holder = self._sessions.get(decision.learner_id)
-            if holder is not None:
-                holder.remember_closed(decision.task_id, decision.reason)
-                if entry is not None:
-                    cancel = pb.CancelTask(task_id=decision.task_id, reason=decision.reason)
-                    holder.send(controller_message(cancel=cancel))
-        elif isinstance(decision, CommitVersion):
-            await self._commit(decision)
-        elif isinstance(decision, DiscardAggregate):
-            self._aggregate.reset()
-            log.info("aggregate_discarded", reason=decision.reason, version=self.store.version)
-        elif isinstance(decision, Finish):
-            self._finish(decision.reason)
-        return []
-
-    def _assign(self, task: Task) -> list[Event]:
-        session = self._sessions.get(task.learner_id)
-        if session is None or session.closing.is_set():
-            return [TaskFailed(_now(), task.learner_id, task.task_id, "learner gone")]
-        if task.version != self.store.version:
+            current = pending.popleft()
+            for decision in self.policy.handle(current):
+                follow = self._execute(decision, current.now, updates, effects)
+                if isinstance(follow, CommitFailed):
+                    pending.append(follow)  # the rest of this decision list is void
+                    break
+                pending.extend(follow)
+        for task_id in updates:  # the policy neither accepted nor rejected: say so, loudly
+            log.error("update_unanswered", task_id=task_id, protocol=self.policy.name)
+        if self.policy.version != self.version:
             raise RuntimeError(
-                f"policy assigned version {task.version}, the store holds {self.store.version}"
+                f"{self.policy.name} counts version {self.policy.version}, "
+                f"the federation holds {self.version}"
             )
-        if session.held_version != task.version:
-            session.send(*self.store.broadcast())
-            session.held_version = task.version
-        if task.kind is TaskKind.TRAIN:
-            s = task.settings
-            assert s is not None
-            config = pb.TrainConfig(
-                local_steps=s.local_steps,
-                epochs=s.epochs,
-                batch_size=s.batch_size,
-                learning_rate=s.learning_rate,
-                proximal_mu=s.proximal_mu,
-                extra=dict(s.extra),
-                time_budget_seconds=task.time_budget_seconds,
-            )
-            train = pb.TrainTask(
-                task_id=task.task_id,
-                model_version=task.version,
-                config=config,
-                deadline_seconds=task.deadline_seconds,
-                upload_delta=task.upload_delta,
-            )
-            message = controller_message(train=train)
-        else:
-            evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version)
-            message = controller_message(evaluate=evaluate)
-        self._tasks[task.task_id] = (session, task)
-        session.tasks.add(task.task_id)
-        if not session.send(message):
-            self._pop_task(task.task_id)
-            return [TaskFailed(_now(), task.learner_id, task.task_id, "send queue full")]
+        return effects
+
+    def _execute(
+        self,
+        decision: Decision,
+        now: float,
+        updates: _Updates,
+        effects: list[Effect],
+    ) -> list[Event] | CommitFailed:
+        if isinstance(decision, AssignTask):
+            return self._assign(decision.task, now, effects)
+        if isinstance(decision, AcceptUpdate):
+            self._accept(decision, updates)
+        elif isinstance(decision, RejectUpdate):
+            answered = updates.pop(decision.task_id, None)
+            if answered is not None:
+                lid = answered[0]
+                self.stats.updates_rejected_total += 1
+                self._learners[lid].updates_rejected += 1
+                wire_id = self._wire_id(decision.task_id)
+                effects.append(SendNotice(lid, wire_id, Notice.STALE, decision.reason))
+        elif isinstance(decision, CancelTask):
+            wire_id = self._wire_id(decision.task_id)
+            if self._close_task(decision.learner_id, wire_id, decision.reason) is not None:
+                effects.append(SendCancel(decision.learner_id, wire_id, decision.reason))
+        elif isinstance(decision, CommitVersion):
+            refused = self._commit(decision, effects)
+            if refused is not None:
+                policy_ids = tuple(self._policy_id(t) for t in refused.task_ids)
+                return CommitFailed(now, refused.version, refused.reason, policy_ids)
+        elif isinstance(decision, DiscardAggregate):
+            self._discard(decision.reason)
+        elif isinstance(decision, Finish):
+            self._finish(decision.reason, effects)
         return []
 
-    async def _commit(self, decision: CommitVersion) -> None:
-        step = self._aggregate
-        updates, weight = step.count, step.total_weight
-        try:
-            new = await asyncio.to_thread(
-                step.commit,
-                self.store.flat,
-                decision.scale,
-                decision.normalize,
-                decision.relative,
+    def _assign(self, task: Task, now: float, effects: list[Effect]) -> list[Event]:
+        record = self._learners.get(task.learner_id)
+        if record is None or not record.connected:
+            return [TaskFailed(now, task.learner_id, task.task_id, "learner gone")]
+        if task.kind is TaskKind.EVALUATE and "evaluate" not in record.capabilities:
+            return [TaskFailed(now, task.learner_id, task.task_id, "learner cannot evaluate")]
+        if task.version != self.version:
+            raise RuntimeError(
+                f"{self.policy.name} assigned version {task.version}, the model is {self.version}"
             )
+        wired = replace(task, task_id=self._wire_id(task.task_id))
+        if record.held_version != task.version:
+            effects.append(SendModel(task.learner_id, task.version))
+            record.held_version = task.version
+        self._tasks[wired.task_id] = wired
+        record.tasks.add(wired.task_id)
+        record.tasks_assigned += 1
+        effects.append(SendTask(wired))
+        return []
+
+    def _accept(self, decision: AcceptUpdate, updates: _Updates) -> None:
+        lid, update = updates.pop(decision.task_id)
+        # The driver checked every value when the upload arrived: the fold does not re-read.
+        self._aggregate.add(update, decision.weight, True)
+        self._open.append(self._wire_id(decision.task_id))
+        self.stats.updates_accepted_total += 1
+        self._learners[lid].updates_accepted += 1
+
+    def _commit(self, decision: CommitVersion, effects: list[Effect]) -> CommitRefused | None:
+        target = self.version + 1
+        step = self._aggregate
+        folded, weight = tuple(self._open), step.total_weight
+        self._open = []
+        try:
+            new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
+            bad = _first_non_finite(new)
+            if bad is not None:
+                raise ValueError(f"the new model is not finite at value {bad}")
         except ValueError as error:
-            # The policy believed it had updates the aggregate lacks. Keep the parameters but
-            # still advance the version, so the store and the policy agree on version numbers.
-            log.error("commit_failed", reason=str(error), version=self.store.version)
             step.reset()
-            new = self.store.flat.copy()
-        version = self.store.version + 1
-        await asyncio.to_thread(self.store.commit, new, version)
+            self.stats.commits_refused_total += 1
+            self.stats.updates_discarded_total += len(folded)
+            log.error(
+                "commit_failed",
+                version=target,
+                reason=str(error),
+                updates=len(folded),
+                task_ids=list(folded[:32]),
+            )
+            refused = CommitRefused(target, str(error), folded)
+            effects.append(refused)
+            return refused
+        new.flags.writeable = False
+        self._flat = new
+        self.version = target
+        record = self._record(target, folded, weight, decision.reason)
         self.stats.versions_committed_total += 1
+        published = self._publish(target, new) if self._publish is not None else None
+        effects.append(VersionCommitted(record, new, published))
         log.info(
             "version_committed",
-            version=version,
-            updates=updates,
+            version=target,
+            updates=len(folded),
             total_weight=weight,
             reason=decision.reason,
         )
-        if self._on_commit is not None:
-            self._spawn(self._run_commit_hook(version))
+        return None
 
-    async def _run_commit_hook(self, version: int) -> None:
-        hook = self._on_commit
-        if hook is None or version != self.store.version:
-            return  # a newer version already replaced it
-        params = self.store.parameters()
-        if inspect.iscoroutinefunction(hook):
-            await hook(version, params)
+    def _record(
+        self, version: int, task_ids: tuple[str, ...], weight: float, reason: str
+    ) -> CommitRecord:
+        record = CommitRecord(version, task_ids, weight, reason)
+        self.commits.append(record)
+        return record
+
+    def _discard(self, reason: str) -> None:
+        dropped = len(self._open)
+        self._aggregate.reset()
+        self._open = []
+        self.stats.updates_discarded_total += dropped
+        log.info("aggregate_discarded", reason=reason, version=self.version, updates=dropped)
+
+    def _finish(self, reason: str, effects: list[Effect]) -> None:
+        self.finished = True
+        self._state = FederationState.FINISHED
+        log.info("federation_finished", reason=reason, version=self.version)
+        effects.append(Shutdown(None, True, reason, self.version, True))
+        effects.append(FederationFinished(reason, self.version))
+
+    # ------------------------------------------------------------------------------ status
+
+    def learners_needed(self) -> int:
+        """Connected learners the policy waits for before it hands out work."""
+        settings = getattr(self.policy, "settings", None)
+        needed = int(getattr(settings, "min_learners", 1))
+        return max(needed, int(getattr(settings, "learners_per_round", 0) or 0))
+
+    def _status(self, now: float, joined: str | None = None) -> list[Effect]:
+        """Say when the federation starts or stops waiting; tell a new learner if it waits."""
+        if self.finished or self._state is FederationState.DRAINING:
+            return []
+        needed = self.learners_needed()
+        if self._flat is None:
+            state = FederationState.WAITING_FOR_MODEL
+            message = "waiting for the initial model"
+        elif self._connected < needed:
+            state = FederationState.WAITING_FOR_LEARNERS
+            message = f"waiting for learners: {self._connected} connected, {needed} needed"
         else:
-            await asyncio.to_thread(hook, version, params)
+            state = FederationState.TRAINING
+            message = "training"
+        changed = state is not self._state
+        self._state = state
+        if changed and state is FederationState.WAITING_FOR_LEARNERS:
+            log.warning("waiting_for_learners", connected=self._connected, needed=needed)
+        elif changed and state is FederationState.TRAINING:
+            log.info("learners_sufficient", connected=self._connected, needed=needed)
+        if changed and state is not FederationState.WAITING_FOR_MODEL:
+            return [SendStatus(None, state, self._connected, needed, message)]
+        if joined is not None and state is not FederationState.TRAINING:
+            return [SendStatus(joined, state, self._connected, needed, message)]
+        return []
 
-    def _finish(self, reason: str) -> None:
-        log.info("federation_finished", reason=reason, version=self.store.version)
-        shutdown = pb.Shutdown(reason=reason, final_version=self.store.version)
-        message = controller_message(shutdown=shutdown)
-        for session in self._sessions.values():
-            session.send(message)
-            session.finish()
-        self._finished.set()
+    # ------------------------------------------------------------------------------ evaluation
 
-    def _record_evaluation(self, version: int, result: pb.TaskResult) -> None:
+    def _record_evaluation(
+        self, version: int, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
         """Fold one evaluation into the example-weighted mean metrics of its version."""
-        n = float(max(result.num_examples, 1))
+        n = float(max(num_examples, 1))
         sums = self._evaluation_sums.setdefault(version, {"learners": 0.0, "examples": 0.0})
         sums["learners"] += 1
         sums["examples"] += n
-        for name, value in result.metrics.items():
+        for name, value in metrics.items():
             if math.isfinite(value):
                 sums[name] = sums.get(name, 0.0) + n * value
         weight = sums["examples"]
         summary = {k: (v if k in ("learners", "examples") else v / weight) for k, v in sums.items()}
         self.evaluations[version] = summary
+        while len(self.evaluations) > 4096:
+            old, _ = self.evaluations.popitem(last=False)
+            self._evaluation_sums.pop(old, None)
         log.info("evaluation_received", version=version, **summary)
 
-    # ------------------------------------------------------------------------------ timers
+    # ------------------------------------------------------------------------------ helpers
 
-    def _schedule_wakeup(self) -> None:
-        when = self.policy.next_wakeup()
-        if self._wakeup is not None:
-            self._wakeup.cancel()
-            self._wakeup = None
-        if when is None or self.finished:
-            return
-        loop = asyncio.get_running_loop()
-        self._wakeup = loop.call_later(max(0.0, when - loop.time()), self._tick)
+    def _wire_id(self, policy_task_id: str) -> str:
+        return self._prefix + policy_task_id
 
-    def _tick(self) -> None:
-        self._wakeup = None
-        self._spawn(self.dispatch(Tick(_now())))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _policy_id(self, wire_task_id: str) -> str:
+        return wire_task_id[len(self._prefix) :]
 
     @property
     def _aggregate(self) -> ServerStep:
-        assert self._step is not None, "no model yet"
+        if self._step is None:
+            raise RuntimeError("no model yet")
         return self._step
 
 
-def _now() -> float:
-    """The policy clock: the event loop's monotonic time (seconds)."""
-    return asyncio.get_running_loop().time()
+def _first_non_finite(model: wire.FloatVector) -> int | None:
+    from metis_async._core import first_non_finite
+
+    bad = first_non_finite(np.asarray(model))
+    return None if bad is None else int(bad)

@@ -1,20 +1,24 @@
-"""The controller service: a grpc.aio server on uvloop holding one stream per learner.
+"""The controller service: a grpc.aio server on uvloop, a thin driver of the federation core.
 
 Learners dial out and keep one `Join` stream each. For every stream a `Session` reads messages,
-checks them against the wire contract, and reassembles uploads chunk by chunk into a preallocated
-buffer; complete, validated updates go to the `Federation` (the policy driver). Learners that
-break the contract get a gRPC status naming the problem; nothing they send reaches the global
-model before it has been fully validated.
+checks them against the wire contract (`proto/metis_async/v1/controller.proto`) and reassembles
+uploads chunk by chunk in Rust (decode, copy, NaN/inf check in one pass with the GIL released,
+off the loop for large chunks). Complete, validated updates become events for the
+`FederationCore`, which runs on its own thread (`delivery.CoreRunner`); its effects come back to
+the loop as messages on the sessions' queues. Learners that break the contract get a gRPC status
+naming the problem; nothing they send reaches the global model before it has been validated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import math
 import signal
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,19 +28,22 @@ import numpy.typing as npt
 import structlog
 
 from metis_async import wire
-from metis_async._core import first_non_finite
 from metis_async.aggregation.server_step import AggregationSettings
-from metis_async.federation import RESULT_RECEIVED, CommitHook, Federation
+from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
+from metis_async.effects import Effect
+from metis_async.federation import DEFAULT_CAPABILITIES, FederationCore, UpdateReport
 from metis_async.protocols import Policy, TaskKind
 from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
-from metis_async.store import ModelStore
-from metis_async.telemetry import ControllerStats
+from metis_async.store import ModelStore, encode_version
+from metis_async.telemetry import ControllerStats, LogLimiter, short_id
 from metis_async.v1 import controller_pb2 as pb
 
 log = structlog.get_logger("metis_async.server")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+OFF_LOOP_CHUNK_BYTES = 256 * 1024
+"""Chunks at least this large are copied and checked in a worker thread, not on the loop."""
 
 T = TypeVar("T")
 
@@ -58,6 +65,8 @@ class ControllerConfig:
         max_learner_id_length: longest `Hello.learner_id` accepted (UTF-8 bytes).
         max_num_examples: largest `num_examples` a learner may claim (hello or result); it is
             the aggregation weight, so an unbounded claim would let one learner own a round.
+        initial_model_timeout_seconds: how long the learner asked for the first model may take
+            before another waiting learner is asked.
         tokens: learner id -> token; None disables authentication.
     """
 
@@ -71,6 +80,7 @@ class ControllerConfig:
     max_model_bytes: int = 2 * 1024**3
     max_learner_id_length: int = 128
     max_num_examples: int = 10**9
+    initial_model_timeout_seconds: float = 60.0
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -92,14 +102,16 @@ class ControllerConfig:
 
 
 class Controller:
-    """The controller service: learner streams in front of a `Federation`.
+    """The controller service: learner streams in front of a `FederationCore`.
 
     Args:
         policy: the protocol deciding who trains what and when versions commit.
-        config: network and liveness settings.
-        initial_model: the first model; None asks the first learner to provide it.
+        config: network, liveness and limit settings.
+        initial_model: the first model; None asks a learner to provide it.
         on_commit: called with each new version and its arrays (in a thread if not async).
         aggregation: server optimizer, robust rule, clipping (FedAvg with a streaming mean).
+        run_id: identity of this run's version sequence; fresh by default.
+        clock: the federation's clock (seconds, monotonic); the event loop's by default.
     """
 
     def __init__(
@@ -109,28 +121,46 @@ class Controller:
         initial_model: Sequence[npt.NDArray[np.generic]] | None = None,
         on_commit: CommitHook | None = None,
         aggregation: AggregationSettings | None = None,
+        run_id: str | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config or ControllerConfig()
         self.store = ModelStore(self.config.max_chunk_bytes)
         self.stats = ControllerStats()
-        if initial_model is not None:
-            self.store.initialize_from_arrays(initial_model)
-        self._sessions: dict[str, Session] = {}
-        self.federation = Federation(
-            policy, self.store, self.stats, self._sessions, on_commit, aggregation
+        self.core = FederationCore(
+            policy,
+            aggregation=aggregation,
+            run_id=run_id,
+            publish=self._encode,
+            stats=self.stats,
+            initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
         )
-        self._waiting: list[Session] = []  # joined before any model existed
-        self._model_provider: Session | None = None
-        self._initial: tuple[pb.ModelLayout, wire.PayloadAssembler | None] | None = None
+        self._initial = initial_model
+        self._sessions: dict[str, Session] = {}
+        self._finished = asyncio.Event()
+        self._delivery = EffectDelivery(self._sessions, self.store, on_commit, self._finished)
+        self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
+        self._ingest = ThreadPoolExecutor(2, thread_name_prefix="ingest")
+        self._clock = clock
+        self._wakeup: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
-        self._admitting: set[asyncio.Task[None]] = set()
+        self._limiter = LogLimiter()
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> int:
-        """Bind and start serving; returns the bound port."""
+        """Adopt the initial model (if given), bind and start serving; returns the bound port."""
+        if self._initial is not None:
+            layout = wire.make_layout(self._initial)
+            self._check_model_size(int(layout.total_bytes))
+            flat = wire.flatten(self._initial, layout)
+            bad = wire_first_non_finite(flat)
+            if bad is not None:
+                raise ValueError(f"the initial model is not finite (first at value {bad})")
+            await self._call(self.core.initialize_model, layout, flat)
+            self._initial = None
         server = grpc.aio.server(options=self.config.grpc_options())
         handler = grpc.stream_stream_rpc_method_handler(self._join)  # raw bytes both ways
         service = grpc.method_handlers_generic_handler(
@@ -149,50 +179,94 @@ class Controller:
             address=f"{self.config.host}:{self.port}",
             protocol=self.policy.name,
             model_ready=self.store.ready,
+            run_id=self.core.run_id,
         )
         return self.port
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
         """Wait until the policy finishes the federation; False on timeout (seconds)."""
-        return await self.federation.wait_finished(timeout)
+        try:
+            await asyncio.wait_for(self._finished.wait(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            return False
+        return True
 
     @property
     def finished(self) -> bool:
         """Whether the policy has finished the federation."""
-        return self.federation.finished
+        return self._finished.is_set()
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
-        """Tell learners to stop, then close the server (waiting `grace_seconds` for streams)."""
-        shutdown = pb.Shutdown(reason="controller stopping", final_version=self.store.version)
-        message = controller_message(shutdown=shutdown)
+        """Tell learners to come back later (or that it is over), then close the server."""
+        if not self.finished:
+            await self._call_raw(self.core.drain)
         for session in list(self._sessions.values()):
-            session.send(message)
             session.finish()
-        self.federation.close()
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        self._delivery.close()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._server is not None:
             await self._server.stop(grace_seconds)
+        self._runner.close()
+        self._ingest.shutdown(wait=False, cancel_futures=True)
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
 
     @property
     def policy(self) -> Policy:
         """The federation's policy."""
-        return self.federation.policy
+        return self.core.policy
 
     @property
     def version(self) -> int:
-        """The current global model version."""
+        """The published global model version."""
         return self.store.version
 
     @property
     def evaluations(self) -> dict[int, dict[str, float]]:
         """Example-weighted mean evaluation metrics by model version."""
-        return self.federation.evaluations
+        return dict(self.core.evaluations)
 
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""
         return [s.describe() for s in self._sessions.values()]
+
+    async def tick(self) -> None:
+        """Deliver the passing of time to the core now (the wake-up timer does it on its own)."""
+        await self._call(self.core.tick)
+
+    # ------------------------------------------------------------------------------ the core
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    async def _call(self, method: Callable[..., list[Effect]], *args: Any) -> list[Effect]:
+        """A core event at the current time (the first argument of every event method)."""
+        return await self._runner.call(method, self._now(), *args)
+
+    async def _call_raw(self, method: Callable[..., list[Effect]], *args: Any) -> list[Effect]:
+        return await self._runner.call(method, *args)
+
+    def _encode(self, version: int, flat: wire.FloatVector) -> object:
+        """Publish hook (core thread): encode the version once for every stream."""
+        layout = self.core.layout
+        assert layout is not None
+        return encode_version(layout, version, flat, self.config.max_chunk_bytes)
+
+    def _reschedule(self, when: float | None) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        if when is None or self.finished:
+            return
+        loop = asyncio.get_running_loop()
+        self._wakeup = loop.call_later(max(0.0, when - self._now()), self._on_wakeup)
+
+    def _on_wakeup(self) -> None:
+        self._wakeup = None
+        task = asyncio.ensure_future(self.tick())
+        task.add_done_callback(_log_failure)
 
     # ------------------------------------------------------------------------------ streams
 
@@ -218,44 +292,40 @@ class Controller:
     def _close_on_error(self, session: Session, error: BaseException | None) -> None:
         if isinstance(error, ProtocolViolation):
             self.stats.protocol_errors_total += 1
-            log.warning(
-                "protocol_violation",
-                learner_id=session.learner_id,
-                code=error.code.name,
-                message=error.message,
-            )
+            if self._limiter.allow(session.learner_id, "protocol_violation"):
+                log.warning(
+                    "protocol_violation",
+                    learner_id=short_id(session.learner_id),
+                    code=error.code.name,
+                    message=error.message,
+                    suppressed=self._limiter.suppressed(session.learner_id, "protocol_violation"),
+                )
             session.close(error.code, error.message)
         elif error is not None:
-            log.error("session_failed", learner_id=session.learner_id, error=repr(error))
+            log.error("session_failed", learner_id=short_id(session.learner_id), error=repr(error))
             session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
 
     async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
         hello = await self._read_hello(context)
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
-        tokens = self.config.tokens
-        if tokens is not None and tokens.get(learner_id) != hello.token:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, f"invalid token for learner {learner_id!r}"
-            )
+        await self._check_hello(hello, learner_id, context)
+        capabilities = frozenset(hello.capabilities) or DEFAULT_CAPABILITIES
         session = Session(
             learner_id,
             uuid.uuid4().hex,
-            int(hello.num_examples),
             asyncio.get_running_loop().time(),
             self.config.send_queue_limit,
+            capabilities,
             peer=context.peer(),
         )
-        if hello.holds_model:
-            session.held_version = int(hello.held_version)
         old = self._sessions.get(learner_id)
         if old is not None:
             old.close(grpc.StatusCode.ALREADY_EXISTS, "replaced by a newer session")
             await self._close_session(old)
         self._sessions[learner_id] = session
         self.stats.sessions_opened_total += 1
-        need_model = not self.store.ready and self._model_provider is None
-        if need_model:
-            self._model_provider = session
+        need_model = not self.core.ready and self.core.provider is None
+        session.asked_for_model = need_model
         welcome = pb.Welcome(
             learner_id=learner_id,
             session_id=session.session_id,
@@ -263,24 +333,46 @@ class Controller:
             max_chunk_bytes=self.config.max_chunk_bytes,
             protocol=self.policy.name,
             need_initial_model=need_model,
+            run_id=self.core.run_id,
+            max_model_bytes=self.config.max_model_bytes,
         )
         session.send(controller_message(welcome=welcome))
         log.info(
             "learner_joined",
-            learner_id=learner_id,
+            learner_id=short_id(learner_id),
             peer=session.peer,
-            num_examples=session.num_examples,
+            num_examples=int(hello.num_examples),
             sessions=len(self._sessions),
         )
-        if self.finished:
-            shutdown = pb.Shutdown(reason="federation finished", final_version=self.version)
-            session.send(controller_message(shutdown=shutdown))
-            session.finish()
-        elif self.store.ready:
-            await self._admit(session)
-        else:
-            self._waiting.append(session)
+        held = None
+        if hello.holds_model:
+            held = (hello.held_run_id, int(hello.held_version), int(hello.held_layout_id))
+        await self._call(
+            self.core.learner_joined, learner_id, int(hello.num_examples), capabilities, held
+        )
         return session
+
+    async def _check_hello(
+        self, hello: pb.Hello, learner_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        limit = self.config.max_learner_id_length
+        if len(learner_id.encode()) > limit:
+            await context.abort(INVALID, f"learner_id is longer than {limit} bytes")
+        if hello.num_examples > self.config.max_num_examples:
+            await context.abort(
+                INVALID,
+                f"num_examples {hello.num_examples} exceeds the controller's limit "
+                f"{self.config.max_num_examples}",
+            )
+        tokens = self.config.tokens
+        if tokens is not None:
+            expected = tokens.get(learner_id, "")
+            # Constant time whatever the token; an unknown id compares against "" and fails.
+            if not (expected and hmac.compare_digest(expected.encode(), hello.token.encode())):
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"invalid token for learner {short_id(learner_id)!r}",
+                )
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
         try:
@@ -300,35 +392,19 @@ class Controller:
             await context.abort(INVALID, f"the first message on a stream must be hello, got {kind}")
         return msg.hello
 
-    async def _admit(self, session: Session) -> None:
-        """Send the layout and let the policy know the learner can take tasks."""
-        if not session.has_layout:
-            session.send(self.store.layout_message)
-            session.has_layout = True
-        if not session.joined_policy and not session.closing.is_set():
-            session.joined_policy = True
-            await self.federation.learner_joined(session)
-
     async def _close_session(self, session: Session) -> None:
         if self._sessions.get(session.learner_id) is not session:
             return
         del self._sessions[session.learner_id]
-        if session in self._waiting:
-            self._waiting.remove(session)
-        if self._model_provider is session:
-            self._model_provider = None
-            self._initial = None
         reason = session.close_message or "stream ended"
         log.info(
             "learner_left",
-            learner_id=session.learner_id,
+            learner_id=short_id(session.learner_id),
             reason=reason,
             sessions=len(self._sessions),
         )
-        if session.joined_policy:
-            await self.federation.learner_lost(session, reason)
-        else:
-            self.federation.forget(session)
+        with contextlib.suppress(RuntimeError):  # the core thread is gone after stop()
+            await self._call(self.core.learner_lost, session.learner_id, reason)
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         while (message := await session.queue.get()) is not None:
@@ -339,13 +415,15 @@ class Controller:
         while (raw := await context.read()) is not grpc.aio.EOF:
             session.last_seen = loop.time()
             self.stats.bytes_received_total += len(raw)
+            chunk = wire.peek_chunk(raw)
+            if chunk is not None:
+                await self._on_chunk(session, raw, chunk)
+                continue
             msg = _parse(raw)
             kind = msg.WhichOneof("body")
             if kind == "heartbeat":
                 continue
-            if kind == "chunk":
-                await self._on_chunk(session, msg.chunk)
-            elif kind == "result":
+            if kind == "result":
                 await self._on_result(session, msg.result)
             elif kind == "error":
                 await self._on_learner_error(session, msg.error)
@@ -355,6 +433,8 @@ class Controller:
                 self._on_initial_model(session, msg.initial_model)
             elif kind == "hello":
                 raise ProtocolViolation(INVALID, "hello sent twice on one stream")
+            elif kind == "chunk":  # a chunk the Rust decoder could not read as one
+                raise ProtocolViolation(INVALID, "malformed chunk message")
             else:
                 raise ProtocolViolation(INVALID, "message has no body")
 
@@ -376,14 +456,28 @@ class Controller:
                 f"result for {result.task_id!r} started before the chunks of "
                 f"{session.pending.task.task_id!r} were complete",
             )
-        task = self.federation.task_of(session, result.task_id)
+        found = self.core.lookup(session.learner_id, result.task_id)
+        task = found.task
         if task is None:
-            self._answer_closed_task(session, result)
+            self._answer_closed_task(session, result, found.closed_reason)
             return
+        if result.num_examples > self.config.max_num_examples:
+            raise ProtocolViolation(
+                INVALID,
+                f"result for {task.task_id!r} claims {result.num_examples} examples; the "
+                f"controller's limit is {self.config.max_num_examples}",
+            )
         if task.kind is TaskKind.EVALUATE:
             if result.payload.num_chunks:
                 raise ProtocolViolation(INVALID, "evaluation results carry no payload")
-            await self.federation.evaluation_arrived(session, task, result)
+            metrics = {k: float(v) for k, v in result.metrics.items()}
+            await self._call(
+                self.core.evaluation_arrived,
+                session.learner_id,
+                task.task_id,
+                int(result.num_examples),
+                metrics,
+            )
             return
         if result.base_version != task.version:
             raise ProtocolViolation(
@@ -398,22 +492,24 @@ class Controller:
                 f"task {task.task_id!r} asked for a {pb.PayloadKind.Name(expected)} payload, "
                 f"got {pb.PayloadKind.Name(result.payload.kind)}",
             )
-        assert self.store.layout is not None
+        layout = self.store.layout
+        assert layout is not None
         try:
-            assembler = wire.PayloadAssembler(
-                result.payload,
-                self.store.nbytes,
-                self.store.layout.layout_id,
-                self.config.max_chunk_bytes,
-                check=first_non_finite,  # each chunk while in cache: never re-read for this
+            upload = wire.Upload(
+                result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
-        session.pending = PendingUpload(task, result, assembler)
+        session.pending = PendingUpload(task, result, upload)
+        if upload.done:
+            await self._upload_complete(session)
 
-    def _answer_closed_task(self, session: Session, result: pb.TaskResult) -> None:
-        """A result for a task this session no longer holds: explain, and skip its chunks."""
-        reason = session.closed_tasks.get(result.task_id)
+    def _answer_closed_task(
+        self, session: Session, result: pb.TaskResult, reason: str | None
+    ) -> None:
+        """A result for a task this learner no longer holds: explain, and skip its chunks."""
+        from metis_async.federation import RESULT_RECEIVED
+
         if reason is None:
             raise ProtocolViolation(
                 INVALID,
@@ -424,96 +520,141 @@ class Controller:
         session.discard_payload_id = int(result.payload.payload_id)
         code = pb.ERROR_CODE_DUPLICATE if reason == RESULT_RECEIVED else pb.ERROR_CODE_STALE_TASK
         message = f"task {result.task_id!r} is closed ({reason}); result discarded"
-        log.info(
-            "result_discarded", learner_id=session.learner_id, task_id=result.task_id, reason=reason
-        )
+        if self._limiter.allow(session.learner_id, "result_discarded"):
+            log.info(
+                "result_discarded",
+                learner_id=short_id(session.learner_id),
+                task_id=result.task_id,
+                reason=reason,
+            )
         session.send_error(code, message, result.task_id)
 
-    async def _on_chunk(self, session: Session, chunk: pb.Chunk) -> None:
-        if session.discard_chunks and chunk.payload_id == session.discard_payload_id:
+    async def _on_chunk(self, session: Session, raw: bytes, chunk: tuple[int, int, int]) -> None:
+        payload_id, _, nbytes = chunk
+        if session.discard_chunks and payload_id == session.discard_payload_id:
             session.discard_chunks -= 1
             return
-        if session.pending is None:
-            if self._model_provider is session and self._initial is not None:
-                self._on_initial_chunk(session, chunk)
-                return
+        upload = session.pending.upload if session.pending is not None else None
+        if upload is None:
+            upload = session.initial_upload
+        if upload is None:
             raise ProtocolViolation(
-                INVALID, f"chunk of payload {chunk.payload_id} arrived with no payload announced"
+                INVALID, f"chunk of payload {payload_id} arrived with no payload announced"
             )
-        pending = session.pending
         try:
-            pending.assembler.add(chunk)
+            if nbytes >= OFF_LOOP_CHUNK_BYTES:  # copy and check in a worker, GIL released
+                loop = asyncio.get_running_loop()
+                done = await loop.run_in_executor(self._ingest, upload.add, raw)
+            else:
+                done = upload.add(raw)
         except wire.WireError as error:
-            raise ProtocolViolation(INVALID, f"task {pending.task.task_id!r}: {error}") from None
-        if not pending.assembler.done:
+            what = (
+                "initial model" if session.pending is None else repr(session.pending.task.task_id)
+            )
+            raise ProtocolViolation(INVALID, f"{what}: {error}") from None
+        if not done:
             return
+        if session.pending is not None:
+            await self._upload_complete(session)
+        else:
+            await self._initial_model_complete(session)
+
+    async def _upload_complete(self, session: Session) -> None:
+        pending = session.pending
+        assert pending is not None
         session.pending = None
-        update = pending.assembler.result()  # every value already checked, chunk by chunk
-        await self.federation.update_arrived(session, pending.task, pending.result, update)
+        result = pending.result
+        report = UpdateReport(
+            task_id=pending.task.task_id,
+            base_version=int(result.base_version),
+            num_examples=int(result.num_examples),
+            completed_steps=int(result.completed_steps),
+            train_seconds=float(result.train_seconds),
+            seconds_per_batch=float(result.seconds_per_batch),
+            seconds_per_epoch=float(result.seconds_per_epoch),
+            metrics={k: float(v) for k, v in result.metrics.items()},
+        )
+        # every value was checked chunk by chunk on arrival
+        await self._call(
+            self.core.update_arrived, session.learner_id, report, pending.upload.take()
+        )
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
-        log.warning(
-            "learner_error",
-            learner_id=session.learner_id,
-            task_id=error.task_id,
-            message=error.message,
-        )
-        await self.federation.task_failed(session, error.task_id, error.message)
+        if self._limiter.allow(session.learner_id, "learner_error"):
+            log.warning(
+                "learner_error",
+                learner_id=short_id(session.learner_id),
+                task_id=error.task_id,
+                message=error.message[:256],
+                suppressed=self._limiter.suppressed(session.learner_id, "learner_error"),
+            )
+        if session.asked_for_model and not self.core.ready and not error.task_id:
+            await self._call(self.core.initial_model_refused, session.learner_id, error.message)
+            return
+        await self._call(self.core.task_failed, session.learner_id, error.task_id, error.message)
 
     # ------------------------------------------------------------------------------ first model
 
+    def _check_model_size(self, nbytes: int) -> None:
+        if nbytes > self.config.max_model_bytes:
+            raise ProtocolViolation(
+                INVALID,
+                f"model of {nbytes} bytes exceeds the controller's limit "
+                f"max_model_bytes={self.config.max_model_bytes}",
+            )
+
     def _on_initial_layout(self, session: Session, layout: pb.ModelLayout) -> None:
-        if self._model_provider is not session or self.store.ready:
+        if (
+            not session.asked_for_model
+            or self.core.ready
+            or self.core.provider
+            not in (
+                None,
+                session.learner_id,
+            )
+        ):
             raise ProtocolViolation(INVALID, "the controller did not ask this learner for a model")
         _check_layout(layout)
-        self._initial = (layout, None)
+        self._check_model_size(int(layout.total_bytes))
+        session.initial_layout = layout
+        session.initial_upload = None
 
     def _on_initial_model(self, session: Session, initial: pb.InitialModel) -> None:
-        if self._model_provider is not session or self._initial is None:
+        layout = session.initial_layout
+        if not session.asked_for_model or layout is None:
             raise ProtocolViolation(INVALID, "initial model sent before its layout")
-        layout = self._initial[0]
         try:
-            assembler = wire.PayloadAssembler(
+            session.initial_upload = wire.Upload(
                 initial.payload,
                 int(layout.total_bytes),
                 layout.layout_id,
                 self.config.max_chunk_bytes,
-                check=first_non_finite,
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"initial model: {error}") from None
-        self._initial = (layout, assembler)
 
-    def _on_initial_chunk(self, session: Session, chunk: pb.Chunk) -> None:
-        assert self._initial is not None
-        layout, assembler = self._initial
-        if assembler is None:
-            raise ProtocolViolation(INVALID, "initial model chunk before its header")
-        try:
-            assembler.add(chunk)
-        except wire.WireError as error:
-            raise ProtocolViolation(INVALID, f"initial model: {error}") from None
-        if not assembler.done:
-            return
-        flat = assembler.result().copy()  # every value already checked, chunk by chunk
-        self._initial = None
-        self.store.initialize(layout, flat)
-        self.federation.model_ready()
-        log.info(
-            "model_initialized",
-            source=session.learner_id,
-            parameters=wire.num_parameters(layout),
-            tensors=len(layout.tensors),
-        )
-        waiting, self._waiting = self._waiting, []
-        task = asyncio.ensure_future(self._admit_all(waiting))
-        self._admitting.add(task)
-        task.add_done_callback(self._admitting.discard)
+    async def _initial_model_complete(self, session: Session) -> None:
+        upload, layout = session.initial_upload, session.initial_layout
+        assert upload is not None
+        assert layout is not None
+        session.initial_upload = session.initial_layout = None
+        flat = upload.take()  # every value already checked, chunk by chunk
+        if self.core.ready:
+            return  # another learner's model arrived first
+        await self._call(self.core.initialize_model, layout, flat, session.learner_id)
 
-    async def _admit_all(self, sessions: list[Session]) -> None:
-        for session in sessions:
-            if self._sessions.get(session.learner_id) is session:
-                await self._admit(session)
+
+def wire_first_non_finite(flat: wire.FloatVector) -> int | None:
+    """Index of the first NaN/inf in `flat` (Rust, parallel), None if all finite."""
+    from metis_async._core import first_non_finite
+
+    bad = first_non_finite(flat)
+    return None if bad is None else int(bad)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("tick_failed", error=repr(task.exception()))
 
 
 def _parse(raw: bytes) -> pb.LearnerMessage:
@@ -556,8 +697,9 @@ async def serve(
 ) -> str:
     """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
 
-    On a signal (systemd's stop, Ctrl-C) the controller drains: every learner is told to stop,
-    streams get `grace_seconds` to finish, then the server closes. Returns why it stopped.
+    On a signal (systemd's stop, Ctrl-C) the controller drains: every learner is told to come
+    back later (`Shutdown` of kind DRAINING), streams get `grace_seconds` to finish, then the
+    server closes. Returns why it stopped.
     """
     await controller.start()
     loop = asyncio.get_running_loop()

@@ -1,14 +1,17 @@
-"""One learner's stream: identity, liveness, bounded send queue, and upload in progress.
+"""One learner's stream: transport state only.
 
-A `Session` lives exactly as long as one `Join` stream. Sends never block the caller: messages
-(already serialized, often shared by many sessions) go into a bounded queue drained by the
-stream's writer; a learner too slow to drain it is disconnected rather than stalling the others.
+A `Session` lives exactly as long as one `Join` stream and holds nothing the federation needs to
+remember: its identity on the wire, liveness, the bounded send queue, the upload being
+reassembled and what this stream has already been sent (the layout). Tasks, held versions,
+closed-task memory and participation live in the federation core, by learner id, and survive
+reconnects. Sends never block the caller: messages (already serialized, often shared by many
+sessions) go into a bounded queue drained by the stream's writer; a learner too slow to drain it
+is disconnected rather than stalling the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +19,7 @@ import grpc
 
 from metis_async.protocols import Task
 from metis_async.v1 import controller_pb2 as pb
-from metis_async.wire import PayloadAssembler
+from metis_async.wire import Upload
 
 
 def controller_message(**body: Any) -> bytes:
@@ -39,44 +42,42 @@ class PendingUpload:
 
     task: Task
     result: pb.TaskResult
-    assembler: PayloadAssembler
+    upload: Upload
 
 
 class Session:
-    """State of one learner stream.
+    """Transport state of one learner stream.
 
     Args:
         learner_id: the learner's stable identity.
         session_id: unique id of this stream.
-        num_examples: training examples the learner reported.
         now: loop time of creation (seconds).
         queue_limit: most messages waiting to be written before the learner is dropped.
+        capabilities: what the learner announced in its hello.
+        peer: the peer address gRPC reports.
     """
-
-    CLOSED_TASKS_KEPT = 256
 
     def __init__(
         self,
         learner_id: str,
         session_id: str,
-        num_examples: int,
         now: float,
         queue_limit: int,
+        capabilities: frozenset[str] = frozenset(),
         peer: str = "",
     ) -> None:
         self.learner_id = learner_id
         self.session_id = session_id
-        self.num_examples = num_examples
+        self.capabilities = capabilities
         self.peer = peer
         self.last_seen = now
-        self.held_version: int | None = None
         self.has_layout = False
-        self.joined_policy = False
+        self.asked_for_model = False  # this stream was asked for the initial model
+        self.initial_layout: pb.ModelLayout | None = None
+        self.initial_upload: Upload | None = None
         self.pending: PendingUpload | None = None
         self.discard_chunks = 0  # chunks of a stale result still to skip
         self.discard_payload_id = 0
-        self.tasks: set[str] = set()  # outstanding task ids (kept by the federation)
-        self.closed_tasks: OrderedDict[str, str] = OrderedDict()  # task id -> why it closed
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
         self.closing = asyncio.Event()
         self.close_code: grpc.StatusCode | None = None
@@ -116,19 +117,12 @@ class Session:
         error = pb.Error(code=code, message=message, task_id=task_id)
         self.send(controller_message(error=error))
 
-    def remember_closed(self, task_id: str, reason: str) -> None:
-        """Record a task that ended without a result, so a late result gets a clear answer."""
-        self.closed_tasks[task_id] = reason
-        while len(self.closed_tasks) > self.CLOSED_TASKS_KEPT:
-            self.closed_tasks.popitem(last=False)
-
     def describe(self) -> dict[str, object]:
         """A summary for logs and the dashboard."""
         return {
             "learner_id": self.learner_id,
             "session_id": self.session_id,
             "peer": self.peer,
-            "num_examples": self.num_examples,
-            "held_version": self.held_version,
+            "capabilities": sorted(self.capabilities),
             "queued": self.queue.qsize(),
         }

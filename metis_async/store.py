@@ -1,23 +1,58 @@
-"""The global model: current version, flat parameters, and its broadcast serialized once.
+"""The published model: the version every stream is sent, encoded once.
 
-Every committed version is serialized exactly once into the byte strings of its `Model` header and
-chunks; each stream that needs the version gets the same bytes objects (no per-stream copies).
-Checkpoints to disk come with the persistence work (ARCHITECTURE.md, decision 8).
+`encode_version` turns a committed version into the `ControllerMessage` bytes that deliver it
+(a `Model` header, then its chunks). It runs in the federation core's thread as the commit's
+publish hook; the chunk messages are built in Rust with the GIL released, so the event loop keeps
+running while a large model is encoded. `ModelStore` lives on the event loop: it switches to a
+new version's bytes exactly where the `VersionCommitted` effect stands in the effect order, so a
+`SendModel` effect always finds the bytes of the version it names, and every stream that needs
+the version gets the same bytes objects (no per-stream copies). Checkpoints to disk come with
+the persistence work (ARCHITECTURE.md, decision 9).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from metis_async import wire
+from metis_async._core import encode_chunk_messages
 from metis_async.v1 import controller_pb2 as pb
+
+CONTROLLER_CHUNK_FIELD = pb.ControllerMessage.DESCRIPTOR.fields_by_name["chunk"].number
+
+
+@dataclass(frozen=True)
+class EncodedVersion:
+    """A version's layout and the serialized messages (header, then chunks) that deliver it."""
+
+    layout: pb.ModelLayout
+    messages: list[bytes]
+
+
+def encode_version(
+    layout: pb.ModelLayout, version: int, flat: wire.FloatVector, max_chunk_bytes: int
+) -> EncodedVersion:
+    """The messages that deliver `flat` as model `version`."""
+    data = np.ascontiguousarray(flat, dtype=wire.WIRE_DTYPE)
+    header = pb.Payload(
+        payload_id=version,
+        kind=pb.PAYLOAD_KIND_WEIGHTS,
+        dtype=pb.DTYPE_FLOAT32,
+        total_bytes=data.nbytes,
+        num_chunks=wire.chunk_count(data.nbytes, max_chunk_bytes),
+        layout_id=layout.layout_id,
+    )
+    model = pb.ControllerMessage(model=pb.Model(version=version, payload=header))
+    # Built in Rust, in parallel, with the GIL released: the event loop keeps running.
+    chunks = encode_chunk_messages(data, version, max_chunk_bytes, CONTROLLER_CHUNK_FIELD)
+    return EncodedVersion(layout, [model.SerializeToString(), *chunks])
 
 
 class ModelStore:
-    """Holds the current global model version and its ready-to-send messages.
+    """The published version, its layout and its ready-to-send messages (event-loop side).
 
     Args:
         max_chunk_bytes: chunk size of the broadcast (bytes).
@@ -33,12 +68,12 @@ class ModelStore:
 
     @property
     def ready(self) -> bool:
-        """Whether a model exists yet."""
+        """Whether a model has been published."""
         return self._flat is not None
 
     @property
     def flat(self) -> wire.FloatVector:
-        """The current parameters as one float32 vector (read-only view)."""
+        """The published parameters as one float32 vector (read-only view)."""
         if self._flat is None:
             raise RuntimeError("the controller has no model yet")
         view = self._flat.view()
@@ -51,42 +86,26 @@ class ModelStore:
         return 0 if self.layout is None else int(self.layout.total_bytes)
 
     def parameters(self) -> list[npt.NDArray[np.generic]]:
-        """The current model as a list of arrays in the layout's shapes (copies)."""
-        assert self.layout is not None
+        """The published model as a list of arrays in the layout's shapes (copies)."""
+        if self.layout is None:
+            raise RuntimeError("the controller has no model yet")
         return [np.array(a) for a in wire.unflatten(self.flat, self.layout)]
 
-    def initialize(self, layout: pb.ModelLayout, flat: wire.FloatVector, version: int = 0) -> None:
-        """Adopt a first model (from a file, the operator, or a learner)."""
-        self.layout = layout
-        self.layout_message = pb.ControllerMessage(layout=layout).SerializeToString()
-        self.commit(flat, version)
-
-    def initialize_from_arrays(self, arrays: Sequence[npt.NDArray[np.generic]]) -> None:
-        """Adopt a first model given as a list of arrays."""
-        layout = wire.make_layout(arrays)
-        self.initialize(layout, wire.flatten(arrays, layout))
-
-    def commit(self, flat: wire.FloatVector, version: int) -> None:
-        """Make `flat` the current model at `version` and serialize its broadcast once."""
-        assert self.layout is not None
-        if flat.dtype != np.float32 or flat.nbytes != self.layout.total_bytes:
-            raise ValueError(
-                f"new model has {flat.nbytes} bytes of {flat.dtype}, "
-                f"expected {self.layout.total_bytes} bytes of float32"
-            )
-        header, chunks = wire.make_payload(
-            flat,
-            payload_id=version,
-            kind=pb.PAYLOAD_KIND_WEIGHTS,
-            layout_id=self.layout.layout_id,
-            max_chunk_bytes=self.max_chunk_bytes,
-        )
-        messages = [pb.ControllerMessage(model=pb.Model(version=version, payload=header))]
-        messages += [pb.ControllerMessage(chunk=c) for c in chunks]
-        self._broadcast = [m.SerializeToString() for m in messages]
+    def publish(
+        self,
+        layout: pb.ModelLayout,
+        version: int,
+        flat: wire.FloatVector,
+        messages: list[bytes],
+    ) -> None:
+        """Make `version` (its model and encoded `messages`) the one streams are sent."""
+        if self.layout is None or self.layout.layout_id != layout.layout_id:
+            self.layout = layout
+            self.layout_message = pb.ControllerMessage(layout=layout).SerializeToString()
         self._flat = flat
+        self._broadcast = messages
         self.version = version
 
     def broadcast(self) -> list[bytes]:
-        """Serialized messages (header, then chunks) that deliver the current version."""
+        """Serialized messages (header, then chunks) that deliver the published version."""
         return self._broadcast

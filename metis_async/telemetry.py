@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import structlog
@@ -47,10 +49,69 @@ class ControllerStats:
     updates_received_total: int = 0
     updates_accepted_total: int = 0
     updates_rejected_total: int = 0
+    updates_discarded_total: int = 0  # accepted, then dropped: round abandoned, commit refused
+    evaluations_received_total: int = 0
     versions_committed_total: int = 0
+    commits_refused_total: int = 0
     protocol_errors_total: int = 0
     bytes_received_total: int = 0
 
     def snapshot(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return asdict(self)
+
+
+ID_LOG_CHARS = 64
+"""Learner ids longer than this are shortened in logs."""
+
+
+def short_id(learner_id: str) -> str:
+    """`learner_id` for a log line: long (possibly hostile) identities are truncated."""
+    if len(learner_id) <= ID_LOG_CHARS:
+        return learner_id
+    return f"{learner_id[:ID_LOG_CHARS]}...(+{len(learner_id) - ID_LOG_CHARS})"
+
+
+class LogLimiter:
+    """Rate-limits repeated log events per learner: a token bucket per (learner, event).
+
+    A learner that repeats an error thousands of times a second costs at most `burst` lines,
+    then `per_minute` lines a minute; the next line it gets says how many were suppressed.
+
+    Args:
+        burst: lines allowed at once (per learner and event).
+        per_minute: sustained lines a minute (per learner and event).
+        tracked: (learner, event) pairs remembered, oldest forgotten first.
+    """
+
+    def __init__(self, burst: int = 5, per_minute: float = 6.0, tracked: int = 10_000) -> None:
+        self._burst = float(burst)
+        self._rate = per_minute / 60.0
+        self._tracked = tracked
+        self._buckets: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+
+    def allow(self, learner_id: str, event: str) -> bool:
+        """Whether to log `event` for `learner_id` now (counts it as suppressed if not)."""
+        key = (learner_id, event)
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self._burst, now, 0.0]
+            while len(self._buckets) > self._tracked:
+                self._buckets.popitem(last=False)
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return True
+        bucket[0] = tokens
+        bucket[2] += 1
+        return False
+
+    def suppressed(self, learner_id: str, event: str) -> int:
+        """Lines suppressed since the last call for this learner and event (then reset)."""
+        bucket = self._buckets.get((learner_id, event))
+        if bucket is None:
+            return 0
+        count, bucket[2] = int(bucket[2]), 0.0
+        return count

@@ -142,6 +142,31 @@ def make_payload(
     return header, chunks()
 
 
+def check_header(
+    header: pb.Payload, expected_bytes: int, layout_id: int, max_chunk_bytes: int
+) -> None:
+    """Check a payload announcement against the model; raises `WireError` naming the problem."""
+    if header.dtype != pb.DTYPE_FLOAT32:
+        raise WireError(
+            f"payload dtype is {dtype_name(header.dtype)}, this controller accepts DTYPE_FLOAT32"
+        )
+    if header.total_bytes != expected_bytes:
+        raise WireError(
+            f"payload has {header.total_bytes} bytes, the model has {expected_bytes} "
+            f"({expected_bytes // WIRE_DTYPE.itemsize} float32 values)"
+        )
+    if header.layout_id != layout_id:
+        raise WireError(
+            f"payload layout {header.layout_id} does not match the model layout {layout_id}"
+        )
+    expected_chunks = chunk_count(expected_bytes, max_chunk_bytes)
+    if header.num_chunks < expected_chunks or header.num_chunks > max(expected_bytes, 1):
+        raise WireError(
+            f"payload announces {header.num_chunks} chunks; {expected_bytes} bytes need at "
+            f"least {expected_chunks} of at most {max_chunk_bytes} bytes"
+        )
+
+
 class PayloadAssembler:
     """Reassembles one announced payload from its chunks into a preallocated float32 vector.
 
@@ -162,26 +187,7 @@ class PayloadAssembler:
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         check: Callable[[FloatVector], int | None] | None = None,
     ) -> None:
-        if header.dtype != pb.DTYPE_FLOAT32:
-            raise WireError(
-                f"payload dtype is {dtype_name(header.dtype)}, "
-                "this controller accepts DTYPE_FLOAT32"
-            )
-        if header.total_bytes != expected_bytes:
-            raise WireError(
-                f"payload has {header.total_bytes} bytes, the model has {expected_bytes} "
-                f"({expected_bytes // WIRE_DTYPE.itemsize} float32 values)"
-            )
-        if header.layout_id != layout_id:
-            raise WireError(
-                f"payload layout {header.layout_id} does not match the model layout {layout_id}"
-            )
-        expected_chunks = chunk_count(expected_bytes, max_chunk_bytes)
-        if header.num_chunks < expected_chunks or header.num_chunks > max(expected_bytes, 1):
-            raise WireError(
-                f"payload announces {header.num_chunks} chunks; {expected_bytes} bytes need at "
-                f"least {expected_chunks} of at most {max_chunk_bytes} bytes"
-            )
+        check_header(header, expected_bytes, layout_id, max_chunk_bytes)
         self.header = header
         self._max_chunk_bytes = max_chunk_bytes
         self._buffer = np.empty(expected_bytes, dtype=np.uint8)
@@ -232,3 +238,71 @@ class PayloadAssembler:
                 f"payload incomplete: {self._next_index} of {self.header.num_chunks} chunks"
             )
         return self._buffer.view(WIRE_DTYPE).astype(np.float32, copy=False)
+
+
+LEARNER_CHUNK_FIELD = pb.LearnerMessage.DESCRIPTOR.fields_by_name["chunk"].number
+"""Field number of `chunk` in `LearnerMessage` (the envelope of upload chunks)."""
+
+
+def peek_chunk(raw: bytes) -> tuple[int, int, int] | None:
+    """(payload id, index, data bytes) if the serialized `LearnerMessage` is a chunk, else None.
+
+    Decoded in Rust from the wire format, so chunk messages are never parsed by protobuf.
+    """
+    from metis_async._core import WireFormatError
+    from metis_async._core import peek_chunk as _peek
+
+    try:
+        return _peek(raw, LEARNER_CHUNK_FIELD)
+    except WireFormatError:
+        return None  # not a well-formed chunk: protobuf parsing will name the problem
+
+
+class Upload:
+    """One announced float32 payload, reassembled from raw chunk messages in Rust.
+
+    Each `add` is one Rust call that decodes the chunk envelope, checks it against the
+    announcement, copies the data into place and checks the completed values for NaN/inf, in one
+    parallel pass with the GIL released (so it may run in a worker thread).
+
+    Args:
+        header: the announcement (checked here against the model).
+        expected_bytes: the model's size in bytes.
+        layout_id: the model's layout id.
+        max_chunk_bytes: largest chunk accepted (bytes).
+        envelope_field: field number of `chunk` in the envelope message.
+    """
+
+    def __init__(
+        self,
+        header: pb.Payload,
+        expected_bytes: int,
+        layout_id: int,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        envelope_field: int = LEARNER_CHUNK_FIELD,
+    ) -> None:
+        from metis_async._core import ChunkAssembler
+
+        check_header(header, expected_bytes, layout_id, max_chunk_bytes)
+        self.header = header
+        self._assembler = ChunkAssembler(
+            expected_bytes, header.payload_id, header.num_chunks, max_chunk_bytes, envelope_field
+        )
+        self.done = header.num_chunks == 0
+
+    def add(self, raw: bytes) -> bool:
+        """Add one raw chunk message; True once the payload is complete. Raises `WireError`."""
+        from metis_async._core import WireFormatError
+
+        try:
+            self.done = bool(self._assembler.add_message(raw))
+        except WireFormatError as error:
+            raise WireError(str(error)) from None
+        return self.done
+
+    def take(self) -> FloatVector:
+        """The assembled vector (handed over without a copy; once)."""
+        if not self.done:
+            raise WireError(f"payload {self.header.payload_id} is incomplete")
+        vector: FloatVector = self._assembler.take()
+        return vector

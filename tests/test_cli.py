@@ -129,36 +129,49 @@ def test_serve_rejects_bad_settings_with_a_clear_message() -> None:
     assert "over_selection must be >= 1.0" in result.stderr
 
 
-def test_serve_drains_on_sigterm_and_tells_learners_to_stop() -> None:
+def test_serve_drains_on_sigterm_and_learners_come_back_after_a_restart() -> None:
     port = _free_port()
+    serve = [*CLI, "serve", "--port", str(port), "--log-json"]
     server = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--min-learners", "5", "--log-json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [*serve, "--min-learners", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     learner = subprocess.Popen(
-        [*CLI, "learner", "--address", f"127.0.0.1:{port}", "--log-level", "warning"],
+        [*CLI, "learner", "--address", f"127.0.0.1:{port}", "--log-level", "info"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    restarted: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until the learner has joined
-            time.sleep(0.2)
-            line = server.stderr.readline() if server.stderr else ""
-            if '"learner_joined"' in line:
-                break
+        _wait_for_line(server, '"learner_joined"')
         server.send_signal(signal.SIGTERM)
         _, server_log = server.communicate(timeout=30)
+        # systemctl restart: a new controller on the same port; the learner comes back to it.
+        restarted = subprocess.Popen(
+            [*serve, "--rounds", "1", "--min-learners", "1", "--local-steps", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, restarted_log = restarted.communicate(timeout=60)
         learner_out, _ = learner.communicate(timeout=30)
     finally:
-        for p in (server, learner):
-            if p.poll() is None:
+        for p in (server, learner, restarted):
+            if p is not None and p.poll() is None:
                 p.kill()
 
     assert server.returncode == 0, server_log
     assert '"draining"' in server_log
+    assert restarted.returncode == 0, restarted_log
     summary = json.loads(learner_out.strip().splitlines()[-1])
-    assert summary["shutdown_reason"] == "controller stopping"
+    assert summary["sessions"] == 2
+    assert summary["shutdown_reason"] == "1 versions committed"
+
+
+def _wait_for_line(process: subprocess.Popen[str], text: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = process.stderr.readline() if process.stderr else ""
+        if text in line:
+            return
+    raise AssertionError(f"no {text} from the process in {seconds} s")

@@ -103,6 +103,14 @@ class Recorder(Policy):
     def next_wakeup(self) -> float | None:
         return self.inner.next_wakeup()
 
+    @property  # type: ignore[override]
+    def version(self) -> int:  # the federation core checks the policy's version count
+        return self.inner.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        pass  # Policy.__init__ sets it; the inner policy counts
+
 
 class OneTaskPolicy(Policy):
     """Gives the first learner to join one training task, then commits its update with `commit`."""

@@ -1,11 +1,11 @@
-"""A federation on a simulated clock: a real policy, real training, no sockets and no sleeping.
+"""A federation on a simulated clock: the real federation core, real training, no sockets.
 
-`SimulatedFederation` plays the part of the controller (`metis_async.federation.Federation`) and of
-every learner at once. It delivers events to the policy one at a time and carries out its
-decisions in order, folding accepted updates into the same `ServerStep` (the Rust accumulator) the
-server uses, so a policy behaves here as it does in the server. Time is a priority queue of
-occurrences (a task finishes, a learner drops out or comes back, the policy's wake-up), and the
-clock jumps from one to the next.
+`SimulatedFederation` is a driver of `metis_async.federation.FederationCore`, like the gRPC
+server: it plays the network and every learner, and carries out the core's effects on simulated
+learners. The policy, the task table, the aggregation (the Rust accumulator through `ServerStep`)
+and every commit are the production code's, so the evidence a simulation produces is evidence
+about the controller. Time is a priority queue of occurrences (a task finishes, a learner drops
+out or comes back, the core's wake-up), and the clock jumps from one to the next.
 
 Learners behave like the real learner client (see `learners.SimulatedLearner`) and really train,
 from the version the task names, when the task's simulated time is up; the work of cancelled and
@@ -23,26 +23,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from metis_async import wire
-from metis_async.aggregation.server_step import AggregationSettings, ServerStep
+from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.client.learner import Learner, NDArrays
-from metis_async.protocols import (
-    AcceptUpdate,
-    AssignTask,
-    CancelTask,
-    CommitVersion,
-    Decision,
-    DiscardAggregate,
-    Event,
-    Finish,
-    LearnerJoined,
-    LearnerLost,
-    Policy,
-    RejectUpdate,
-    Task,
-    TaskFailed,
-    TaskKind,
-    Tick,
+from metis_async.effects import (
+    Effect,
+    FederationFinished,
+    SendCancel,
+    SendNotice,
+    SendTask,
+    VersionCommitted,
 )
+from metis_async.federation import FederationCore, UpdateReport
+from metis_async.protocols import Policy, TaskKind, UpdateArrived
 from metis_async.simulation.learners import Job, SimulatedLearner
 from metis_async.simulation.result import EvaluationSchedule, HistoryPoint, SimulationResult
 from metis_async.simulation.speeds import SpeedModel
@@ -80,7 +72,7 @@ _Updates = dict[str, tuple[wire.FloatVector, int]]  # task id -> (upload, base v
 
 
 class SimulatedFederation:
-    """Runs `policy` over simulated `learners` on a simulated clock.
+    """Runs `policy`, through the federation core, over simulated `learners` on a simulated clock.
 
     Args:
         policy: the protocol under test; the same object the server would run.
@@ -93,6 +85,7 @@ class SimulatedFederation:
         aggregation: server optimizer, robust rule and clipping, as in the server (FedAvg with a
             streaming mean by default).
         seed: seed of the speeds, the join order and the dropouts.
+        run_id: the core's run id (task ids are prefixed with it).
     """
 
     def __init__(
@@ -106,14 +99,16 @@ class SimulatedFederation:
         evaluation: EvaluationSchedule | None = None,
         aggregation: AggregationSettings | None = None,
         seed: int = 0,
+        run_id: str = "sim",
     ) -> None:
         self.policy = policy
         self.speeds = speeds or SpeedModel()
         self.evaluation = evaluation or EvaluationSchedule()
         self._score = score
+        self.core = FederationCore(policy, aggregation=aggregation, run_id=run_id)
         self._layout = wire.make_layout(initial_parameters)
-        self._model = wire.flatten(initial_parameters, self._layout)
-        self._step = ServerStep(self._model.size, aggregation)
+        self._now = 0.0
+        self._finished_at: float | None = None
         speed_rng, order_rng, self._dropout_rng = (
             np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
         )
@@ -125,7 +120,6 @@ class SimulatedFederation:
             )
             for i, learner in enumerate(learners)
         }
-        self._now = 0.0
         self._seq = 0
         self._queue: list[tuple[float, int, _Occurrence]] = []
         for index in order_rng.permutation(len(learners)).tolist():
@@ -134,15 +128,13 @@ class SimulatedFederation:
         self._wakeup_token = 0
         self._wakeup_at: float | None = None
         self._ticks_at: tuple[float, int] = (-1.0, 0)
-        self._version = 0
-        self._finished_at: float | None = None
         self._cpu_seconds = 0.0
+        flat = wire.flatten(initial_parameters, self._layout)
+        self._apply(self.core.initialize_model(0.0, self._layout, flat))
         self._history = [HistoryPoint(0.0, 0, self._score(self.parameters()))]
-        self._accepted = 0
+        self._staleness: Counter[int] = Counter()
         self._rejected = 0
-        self._staleness: list[int] = []
         self._events: Counter[str] = Counter()
-        self._decisions: Counter[str] = Counter()
 
     # ------------------------------------------------------------------------------ public
 
@@ -154,11 +146,11 @@ class SimulatedFederation:
     @property
     def version(self) -> int:
         """The newest committed model version."""
-        return self._version
+        return self.core.version
 
     def parameters(self) -> NDArrays:
         """A copy of the current global model as a list of arrays."""
-        return [np.array(a) for a in wire.unflatten(self._model, self._layout)]
+        return [np.array(a) for a in wire.unflatten(self.core.model, self._layout)]
 
     def run(self, seconds: float) -> SimulationResult:
         """Advance the clock to `seconds` (simulated, from the start) or until the policy finishes.
@@ -173,24 +165,26 @@ class SimulatedFederation:
             self._occur(occurrence)
         if self._finished_at is None:
             self._now = max(self._now, seconds)
-        if self._history[-1].version != self._version:
+        if self._history[-1].version != self.version:
             self._history.append(
-                HistoryPoint(self._now, self._version, self._score(self.parameters()))
+                HistoryPoint(self._now, self.version, self._score(self.parameters()))
             )
         self._cpu_seconds += time.process_time() - started
+        stats = self.core.stats
+        staleness = sorted(self._staleness.elements())
         return SimulationResult(
             protocol=self.policy.name,
             history=list(self._history),
             simulated_seconds=self._now,
             cpu_seconds=self._cpu_seconds,
-            versions=self._version,
-            updates_accepted=self._accepted,
-            updates_rejected=self._rejected,
-            staleness=list(self._staleness),
+            versions=self.version,
+            updates_accepted=stats.updates_accepted_total,
+            updates_rejected=stats.updates_rejected_total,
+            staleness=staleness,
             events=dict(self._events),
-            decisions=dict(self._decisions),
             finished=self._finished_at is not None,
             settings=self.policy.describe(),
+            participation=self.core.participation(),
         )
 
     # ------------------------------------------------------------------------------ the clock
@@ -200,10 +194,12 @@ class SimulatedFederation:
         heapq.heappush(self._queue, (when, self._seq, occurrence))
 
     def _occur(self, occurrence: _Occurrence) -> None:
+        now = self._now
         if isinstance(occurrence, _Join):
             learner = self.learners[occurrence.learner_id]
             learner.online = True
-            self._deliver(LearnerJoined(self._now, learner.learner_id, learner.num_examples))
+            self._count("LearnerJoined")
+            self._apply(self.core.learner_joined(now, learner.learner_id, learner.num_examples))
         elif isinstance(occurrence, _Done):
             learner = self.learners[occurrence.learner_id]
             if occurrence.generation == learner.generation:
@@ -216,8 +212,8 @@ class SimulatedFederation:
             self._tick()
 
     def _schedule_wakeup(self) -> None:
-        """Keep one live wake-up at `policy.next_wakeup()` (older ones are void by token)."""
-        when = self.policy.next_wakeup()
+        """Keep one live wake-up at the core's next wake-up (older ones are void by token)."""
+        when = self.core.next_wakeup()
         if when is not None:
             when = max(when, self._now)
         if self._finished_at is not None:
@@ -236,7 +232,11 @@ class SimulatedFederation:
         if count > _MAX_TICKS_AT_ONE_TIME:
             raise RuntimeError(f"{self.policy.name} keeps asking for a Tick at {self._now} s")
         self._ticks_at = (self._now, count)
-        self._deliver(Tick(self._now))
+        self._count("Tick")
+        self._apply(self.core.tick(self._now))
+
+    def _count(self, event: str) -> None:
+        self._events[event] += 1
 
     # ------------------------------------------------------------------------------ learners
 
@@ -261,15 +261,26 @@ class SimulatedFederation:
         if job.cancelled:
             return  # the round closed while the learner trained: the client does not upload
         del self._jobs[job.task.task_id]
-        if job.task.kind is TaskKind.TRAIN:
-            event, upload = learner.train(job, self._now, self._layout)
-            if not np.isfinite(upload).all():
-                # The server ends such a learner's session; the client reconnects later.
-                self._drop(learner, "update contains NaN or infinite values")
-                return
-            self._deliver(event, {job.task.task_id: (upload, job.task.version)})
-        else:
-            self._deliver(learner.evaluate(job, self._now, self._layout))
+        if job.task.kind is not TaskKind.TRAIN:
+            e = learner.evaluate(job, self._now, self._layout)
+            self._count("EvaluationArrived")
+            self._apply(
+                self.core.evaluation_arrived(
+                    self._now, learner.learner_id, job.task.task_id, e.num_examples, e.metrics
+                )
+            )
+            return
+        event, upload = learner.train(job, self._now, self._layout)
+        if wire_first_non_finite(upload) is not None:
+            # The server ends such a learner's session; the client reconnects later.
+            self._drop(learner, "update contains NaN or infinite values")
+            return
+        self._count("UpdateArrived")
+        staleness = self.version - job.task.version
+        accepted = self.core.stats.updates_accepted_total
+        self._apply(self.core.update_arrived(self._now, learner.learner_id, _report(event), upload))
+        if self.core.stats.updates_accepted_total > accepted:
+            self._staleness[staleness] += 1
 
     def _drop(self, learner: SimulatedLearner, reason: str = "simulated dropout") -> None:
         """The learner disconnects: its tasks are void; it comes back after a downtime."""
@@ -277,71 +288,62 @@ class SimulatedFederation:
             self._jobs.pop(job.task.task_id, None)
         downtime = self.speeds.downtime(self._dropout_rng)
         self._schedule(self._now + downtime, _Join(learner.learner_id))
-        self._deliver(LearnerLost(self._now, learner.learner_id, reason))
+        self._count("LearnerLost")
+        self._apply(self.core.learner_lost(self._now, learner.learner_id, reason))
 
-    # ------------------------------------------------------------------------------ the policy
+    # ------------------------------------------------------------------------------ effects
 
-    def _deliver(self, event: Event, updates: _Updates | None = None) -> None:
-        """Hand one event to the policy and carry out its decisions, like `Federation`."""
-        updates = updates if updates is not None else {}
-        pending: list[Event] = [event]
-        while pending and self._finished_at is None:
-            current = pending.pop(0)
-            self._events[type(current).__name__] += 1
-            for decision in self.policy.handle(current):
-                self._decisions[type(decision).__name__] += 1
-                pending += self._execute(decision, updates)
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out the core's effects on the simulated learners."""
+        for effect in effects:
+            if isinstance(effect, SendTask):
+                self._assign(effect)
+            elif isinstance(effect, SendCancel):
+                job = self._jobs.pop(effect.task_id, None)
+                if job is not None:
+                    job.cancelled = True
+            elif isinstance(effect, SendNotice):
+                self._rejected += 1
+            elif isinstance(effect, VersionCommitted):
+                self._committed(effect.record.version)
+            elif isinstance(effect, FederationFinished):
+                self._finished_at = self._now
+            # SendModel: a simulated learner reads the version from its job; SendStatus,
+            # RequestInitialModel, CommitRefused, Shutdown: nothing to simulate.
         self._schedule_wakeup()
 
-    def _execute(self, decision: Decision, updates: _Updates) -> list[Event]:
-        """Carry out one decision; returns follow-up events (a task for a learner that is gone)."""
-        if isinstance(decision, AssignTask):
-            return self._assign(decision.task)
-        if isinstance(decision, AcceptUpdate):
-            upload, base_version = updates.pop(decision.task_id)
-            self._step.add(upload, decision.weight)
-            self._accepted += 1
-            self._staleness.append(self._version - base_version)
-        elif isinstance(decision, RejectUpdate):
-            if updates.pop(decision.task_id, None) is not None:
-                self._rejected += 1
-        elif isinstance(decision, CancelTask):
-            job = self._jobs.pop(decision.task_id, None)
-            if job is not None:
-                job.cancelled = True
-        elif isinstance(decision, CommitVersion):
-            self._commit(decision)
-        elif isinstance(decision, DiscardAggregate):
-            self._step.reset()
-        elif isinstance(decision, Finish):
-            self._finished_at = self._now
-        return []
-
-    def _assign(self, task: Task) -> list[Event]:
-        learner = self.learners.get(task.learner_id)
-        if learner is None or not learner.online:
-            return [TaskFailed(self._now, task.learner_id, task.task_id, "learner gone")]
-        if task.version != self._version:
-            raise RuntimeError(
-                f"policy assigned version {task.version}, the model is at {self._version}"
-            )
-        job = Job(task, self._model)  # commits make new arrays: this one stays as it is
+    def _assign(self, effect: SendTask) -> None:
+        task = effect.task
+        learner = self.learners[task.learner_id]
+        job = Job(task, self.core.model)  # commits make new arrays: this one stays as it is
         self._jobs[task.task_id] = job
         learner.queue.append(job)
         self._start_next(learner)
-        return []
 
-    def _commit(self, decision: CommitVersion) -> None:
-        if self._step.count == 0:
-            # The server logs this and commits the unchanged model as the next version; in a
-            # simulation it is a policy bug, so fail here, where it happened.
-            raise RuntimeError(f"{self.policy.name} committed an empty aggregate: {decision}")
-        self._model = self._step.commit(
-            self._model, decision.scale, decision.normalize, decision.relative
-        )
-        self._version += 1
+    def _committed(self, version: int) -> None:
+        if version == 0:
+            return
         last = self._history[-1]
-        if self.evaluation.due(self._version - last.version, self._now - last.seconds):
-            self._history.append(
-                HistoryPoint(self._now, self._version, self._score(self.parameters()))
-            )
+        if self.evaluation.due(version - last.version, self._now - last.seconds):
+            self._history.append(HistoryPoint(self._now, version, self._score(self.parameters())))
+
+
+def _report(event: UpdateArrived) -> UpdateReport:
+    return UpdateReport(
+        task_id=event.task_id,
+        base_version=event.base_version,
+        num_examples=event.num_examples,
+        completed_steps=event.completed_steps,
+        train_seconds=event.train_seconds,
+        seconds_per_batch=event.seconds_per_batch,
+        seconds_per_epoch=event.seconds_per_epoch,
+        metrics=dict(event.metrics),
+    )
+
+
+def wire_first_non_finite(values: wire.FloatVector) -> int | None:
+    """Index of the first NaN/inf (the server's check, in Rust), None if all finite."""
+    from metis_async._core import first_non_finite
+
+    bad = first_non_finite(np.ascontiguousarray(values, dtype=np.float32))
+    return None if bad is None else int(bad)

@@ -64,11 +64,12 @@ class SimulationResult:
         updates_accepted: updates folded into an aggregate.
         updates_rejected: updates the policy rejected.
         staleness: versions committed between each accepted update's base version and the
-            version it was accepted into, in acceptance order.
-        events: events delivered to the policy, by event class name.
-        decisions: decisions the policy made, by decision class name.
+            version it was accepted into, in ascending order.
+        events: events the driver delivered to the federation core, by event name.
         finished: whether the policy finished the federation before the time ran out.
         settings: the policy's `describe()` at the end.
+        participation: per learner, tasks assigned and updates accepted/rejected: over-selection
+            and round-less policies can silently exclude slow learners (and their data).
     """
 
     protocol: str
@@ -80,9 +81,9 @@ class SimulationResult:
     updates_rejected: int
     staleness: list[int] = field(default_factory=list)
     events: dict[str, int] = field(default_factory=dict)
-    decisions: dict[str, int] = field(default_factory=dict)
     finished: bool = False
     settings: dict[str, object] = field(default_factory=dict)
+    participation: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def final_accuracy(self) -> float:
@@ -133,6 +134,23 @@ class SimulationResult:
         total += value * (end - start)
         return total / (end - since_seconds)
 
+    def participation_summary(self) -> dict[str, object]:
+        """How evenly learners contributed: accepted updates per learner (min, median, max),
+        learners that never contributed, and the share of updates from the top 10% learners."""
+        accepted = sorted(p["updates_accepted"] for p in self.participation.values())
+        if not accepted:
+            return {"learners": 0}
+        total = sum(accepted) or 1
+        top = accepted[-max(1, len(accepted) // 10) :]
+        return {
+            "learners": len(accepted),
+            "never_contributed": sum(1 for a in accepted if a == 0),
+            "accepted_min": accepted[0],
+            "accepted_median": statistics.median(accepted),
+            "accepted_max": accepted[-1],
+            "top_decile_share": sum(top) / total,
+        }
+
     def to_dict(self, target: float = 0.90) -> dict[str, object]:
         """A JSON-ready summary (with `seconds_to_target` for `target`) and the history."""
         return {
@@ -149,5 +167,6 @@ class SimulationResult:
             "max_staleness": self.max_staleness,
             "finished": self.finished,
             "events": dict(self.events),
+            "participation": self.participation_summary(),
             "history": [[p.seconds, p.version, p.accuracy] for p in self.history],
         }

@@ -1,0 +1,285 @@
+"""The gRPC driver's side of the federation core: one core thread, effects onto streams.
+
+`CoreRunner` runs every call into the `FederationCore` on one dedicated thread, so O(model) work
+(folding updates, committing, encoding a new version) never runs on the event loop, and calls
+are serialized: the core stays single-threaded and deterministic. The effects of each call are
+handed back to the loop with `call_soon_threadsafe` before the call's future resolves, so they
+are carried out on the loop in exactly the order the core produced them.
+
+`EffectDelivery` carries effects out on the loop: it turns each into serialized
+`ControllerMessage` bytes on the addressed sessions' bounded queues (never blocking), publishes
+new versions to the `ModelStore`, and runs the commit hook off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from metis_async import wire
+from metis_async.effects import (
+    CommitRefused,
+    Effect,
+    FederationFinished,
+    FederationState,
+    Notice,
+    RequestInitialModel,
+    SendCancel,
+    SendModel,
+    SendNotice,
+    SendStatus,
+    SendTask,
+    Shutdown,
+    VersionCommitted,
+)
+from metis_async.federation import FederationCore
+from metis_async.protocols import Task, TaskKind
+from metis_async.session import Session, controller_message
+from metis_async.store import EncodedVersion, ModelStore
+from metis_async.v1 import controller_pb2 as pb
+
+log = structlog.get_logger("metis_async.server")
+
+T = TypeVar("T")
+CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
+
+_NOTICE_CODES = {Notice.STALE: pb.ERROR_CODE_STALE_TASK, Notice.DUPLICATE: pb.ERROR_CODE_DUPLICATE}
+_STATES = {
+    FederationState.WAITING_FOR_MODEL: pb.FEDERATION_STATE_WAITING_FOR_MODEL,
+    FederationState.WAITING_FOR_LEARNERS: pb.FEDERATION_STATE_WAITING_FOR_LEARNERS,
+    FederationState.TRAINING: pb.FEDERATION_STATE_TRAINING,
+    FederationState.FINISHED: pb.FEDERATION_STATE_FINISHED,
+    FederationState.DRAINING: pb.FEDERATION_STATE_DRAINING,
+}
+DRAIN_RETRY_SECONDS = 5.0
+"""How long draining learners are asked to wait before they reconnect (seconds)."""
+
+
+class CoreRunner:
+    """Runs calls into `core` on one thread; effects are carried out on the loop, in order.
+
+    Args:
+        core: the federation core (touched only from the runner's thread after start).
+        deliver: carries out a list of effects on the loop.
+        reschedule: called on the loop after each call with the core's next wake-up time.
+    """
+
+    def __init__(
+        self,
+        core: FederationCore,
+        deliver: Callable[[list[Effect]], None],
+        reschedule: Callable[[float | None], None],
+    ) -> None:
+        self.core = core
+        self._deliver = deliver
+        self._reschedule = reschedule
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="federation-core")
+
+    async def call(self, method: Callable[..., list[Effect]], *args: Any) -> list[Effect]:
+        """Run `method(*args)` (a core method returning effects) on the core thread."""
+        loop = asyncio.get_running_loop()
+
+        def run() -> list[Effect]:
+            effects = method(*args)
+            wakeup = self.core.next_wakeup()
+            loop.call_soon_threadsafe(self._apply, effects, wakeup)
+            return effects
+
+        return await loop.run_in_executor(self._thread, run)
+
+    async def query(self, fn: Callable[[], T]) -> T:
+        """Run a read-only `fn` on the core thread (a consistent view of core state)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def _apply(self, effects: list[Effect], wakeup: float | None) -> None:
+        self._deliver(effects)
+        self._reschedule(wakeup)
+
+    def close(self) -> None:
+        """Stop the core thread once the calls in flight are done."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+class EffectDelivery:
+    """Carries out the core's effects on the sessions of one controller process.
+
+    Args:
+        sessions: the live sessions by learner id (owned by the server).
+        store: the published model.
+        on_commit: called with each new version and its arrays (in a thread if not async).
+        finished: set when the federation finishes.
+    """
+
+    def __init__(
+        self,
+        sessions: Mapping[str, Session],
+        store: ModelStore,
+        on_commit: CommitHook | None,
+        finished: asyncio.Event,
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._on_commit = on_commit
+        self._finished = finished
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __call__(self, effects: list[Effect]) -> None:
+        """Carry out `effects` in order (on the event loop; never blocks)."""
+        for effect in effects:
+            self._one(effect)
+
+    def _one(self, effect: Effect) -> None:
+        if isinstance(effect, SendModel):
+            self._send_model(effect)
+        elif isinstance(effect, SendTask):
+            self._send(effect.task.learner_id, task_message(effect.task))
+        elif isinstance(effect, SendCancel):
+            cancel = pb.CancelTask(task_id=effect.task_id, reason=effect.reason)
+            self._send(effect.learner_id, controller_message(cancel=cancel))
+        elif isinstance(effect, SendNotice):
+            session = self._sessions.get(effect.learner_id)
+            if session is not None:
+                session.send_error(_NOTICE_CODES[effect.notice], effect.message, effect.task_id)
+        elif isinstance(effect, SendStatus):
+            self._send_status(effect)
+        elif isinstance(effect, RequestInitialModel):
+            self._request_model(effect.learner_id)
+        elif isinstance(effect, VersionCommitted):
+            self._publish(effect)
+        elif isinstance(effect, Shutdown):
+            self._shutdown(effect)
+        elif isinstance(effect, FederationFinished):
+            self._finished.set()
+        elif isinstance(effect, CommitRefused):
+            pass  # logged by the core; the policy was told
+        else:  # pragma: no cover - the Effect union is closed
+            raise TypeError(f"unknown effect {effect!r}")
+
+    def _send(self, learner_id: str, message: bytes) -> None:
+        session = self._sessions.get(learner_id)
+        if session is not None:
+            session.send(message)
+
+    def _send_model(self, effect: SendModel) -> None:
+        session = self._sessions.get(effect.learner_id)
+        if session is None:
+            return
+        if self._store.version != effect.version:  # effects run in core order: cannot happen
+            log.error("model_out_of_order", wanted=effect.version, published=self._store.version)
+            return
+        if not session.has_layout:
+            session.has_layout = session.send(self._store.layout_message)
+        session.send(*self._store.broadcast())
+
+    def _send_status(self, effect: SendStatus) -> None:
+        status = pb.Status(
+            state=_STATES[effect.state],
+            learners_connected=effect.learners_connected,
+            learners_needed=effect.learners_needed,
+            message=effect.message,
+        )
+        message = controller_message(status=status)
+        if effect.learner_id is not None:
+            self._send(effect.learner_id, message)
+            return
+        for session in self._sessions.values():
+            session.send(message)
+
+    def _request_model(self, learner_id: str) -> None:
+        session = self._sessions.get(learner_id)
+        if session is None or session.asked_for_model:
+            return  # its Welcome already asked
+        session.asked_for_model = True
+        status = pb.Status(
+            state=pb.FEDERATION_STATE_WAITING_FOR_MODEL,
+            message="send the initial model",
+            need_initial_model=True,
+        )
+        session.send(controller_message(status=status))
+
+    def _publish(self, effect: VersionCommitted) -> None:
+        encoded = effect.published
+        if not isinstance(encoded, EncodedVersion):
+            raise TypeError("the controller's publish hook must produce an EncodedVersion")
+        record, layout = effect.record, encoded.layout
+        self._store.publish(layout, record.version, effect.model, encoded.messages)
+        if self._on_commit is not None and record.version > 0:
+            self._spawn(self._run_commit_hook(record.version, effect.model, layout))
+
+    async def _run_commit_hook(
+        self, version: int, model: wire.FloatVector, layout: pb.ModelLayout
+    ) -> None:
+        hook = self._on_commit
+        if hook is None or version != self._store.version:
+            return  # a newer version already replaced it
+        # The copy into per-tensor arrays is O(model): off the loop.
+        params = await asyncio.to_thread(
+            lambda: [np.array(a) for a in wire.unflatten(model, layout)]
+        )
+        if inspect.iscoroutinefunction(hook):
+            await hook(version, params)
+        else:
+            await asyncio.to_thread(hook, version, params)
+
+    def _shutdown(self, effect: Shutdown) -> None:
+        kind = pb.SHUTDOWN_KIND_FINISHED if effect.finished else pb.SHUTDOWN_KIND_DRAINING
+        shutdown = pb.Shutdown(
+            reason=effect.reason,
+            final_version=effect.final_version,
+            kind=kind,
+            retry_after_seconds=0.0 if effect.finished else DRAIN_RETRY_SECONDS,
+        )
+        message = controller_message(shutdown=shutdown)
+        targets = (
+            list(self._sessions.values())
+            if effect.learner_id is None
+            else [s for s in (self._sessions.get(effect.learner_id),) if s is not None]
+        )
+        for session in targets:
+            session.send(message)
+            session.finish()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def close(self) -> None:
+        """Cancel background work (the controller is going away)."""
+        for task in list(self._background):
+            task.cancel()
+
+
+def task_message(task: Task) -> bytes:
+    """The serialized `ControllerMessage` carrying `task`."""
+    if task.kind is TaskKind.TRAIN:
+        s = task.settings
+        if s is None:
+            raise ValueError(f"train task {task.task_id!r} has no settings")
+        config = pb.TrainConfig(
+            local_steps=s.local_steps,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            proximal_mu=s.proximal_mu,
+            extra=dict(s.extra),
+            time_budget_seconds=task.time_budget_seconds,
+        )
+        train = pb.TrainTask(
+            task_id=task.task_id,
+            model_version=task.version,
+            config=config,
+            deadline_seconds=task.deadline_seconds,
+            upload_delta=task.upload_delta,
+        )
+        return controller_message(train=train)
+    batch = task.settings.batch_size if task.settings is not None else 0
+    evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version, batch_size=batch)
+    return controller_message(evaluate=evaluate)
