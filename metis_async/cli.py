@@ -189,9 +189,12 @@ def _learner(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    try:
+        from rich.console import Console
 
-    from metis_async.demo import DemoOptions, compare_protocols, comparison_table, run_demo
+        from metis_async.demo import DemoOptions, compare_protocols, comparison_table, run_demo
+    except ModuleNotFoundError as error:  # rich and scikit-learn come with the demo extra
+        raise ValueError(f"the demo needs {error.name}: pip install 'metis-async[demo]'") from None
 
     defaults = DemoOptions()
     options = DemoOptions(

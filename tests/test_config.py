@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -576,3 +578,26 @@ def test_settings_that_work_but_do_less_give_warnings(tmp_path: Path) -> None:
 
     assert problems == []
     assert any("no robustness" in w for w in warnings)
+
+
+def test_serve_and_config_work_without_the_demo_packages() -> None:
+    # structlog imports rich when it is there; the controller must not need it.
+    code = """
+import sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("rich", "sklearn"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+from metis_async import cli, config, server
+args = cli.build_parser().parse_args(["serve", "--protocol", "buffered", "--log-json"])
+settings = config.load_settings(None, None, config.flag_overrides(args))
+server.Controller(settings.policy(), settings.controller_config())
+print("ok")
+"""
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+    assert out.stdout.strip() == "ok", out.stderr
