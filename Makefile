@@ -34,7 +34,7 @@ lint: ## ruff, rustfmt, clippy
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: typecheck
-typecheck: ## mypy --strict on metis_async and the stub of the Rust module
+typecheck: ## mypy --strict on metis_async (as Python 3.10) and the stub of the Rust module
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest metis_async._core
 
@@ -49,3 +49,13 @@ bench: ## aggregation benchmark (writes benches/results/aggregation.json)
 .PHONY: demo
 demo: ## the digits demo: controller + 10 learner processes
 	.venv/bin/metis-async demo
+
+.PHONY: demo-check
+demo-check: ## demo run that must reach 0.90 test accuracy (JSON result)
+	.venv/bin/metis-async demo --json --no-progress | tail -n 1 | $(PY) -c 'import json, sys; \
+	result = json.loads(sys.stdin.read()); print(result); \
+	assert result["final_accuracy"] >= 0.90, result'
+
+.PHONY: config-check
+config-check: ## the example controller settings (deploy/controller.toml) pass `config check`
+	.venv/bin/metis-async config check deploy/controller.toml
