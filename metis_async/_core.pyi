@@ -1,4 +1,4 @@
-"""Aggregation core of metis-async, implemented in Rust (``rust/src``).
+"""Aggregation core of metis-async, implemented in Rust (``rust/core``; bindings ``rust/python``).
 
 Private: import from :mod:`metis_async.aggregation` instead. Arrays are borrowed without copying
 and must be 1-D, C-contiguous, float32 or float64. Every call that is O(model size) releases the
@@ -22,6 +22,14 @@ __all__ = [
 
 __version__: str
 build_profile: Literal["debug", "release"]
+
+class WireFormatError(ValueError):
+    """A chunk message that is not valid protobuf or does not fit the announced payload.
+
+    Raised by :class:`ChunkAssembler`, :func:`peek_chunk` and :func:`encode_chunk_messages`;
+    the message names the problem as ``metis_async.wire.PayloadAssembler`` does (e.g. "chunk 3
+    arrived, expected chunk 2").
+    """
 
 class AggregationError(ValueError):
     """Invalid input to the aggregation core; raised before any state changes.
@@ -82,6 +90,27 @@ class Accumulator:
         is not changed.
         """
 
+    def export(self) -> tuple[NDArray[np.float64], float, int]:
+        """The partial sum ``(sum, total_weight, count)``; ``sum`` is a float64 copy.
+
+        Give it to :meth:`merge` of another accumulator (in another process, say) to combine
+        partial aggregates exactly: the result equals one accumulator over all the updates up to
+        the order of the float64 additions.
+        """
+
+    def merge(self, sum: NDArray[np.float64], total_weight: float, count: int) -> None:
+        """Add a partial sum from :meth:`export`.
+
+        ``sum`` must be a 1-D C-contiguous float64 array of ``len(self)`` finite values;
+        ``total_weight`` finite and > 0 when ``count`` > 0, and 0 (with an all-zero ``sum``)
+        when ``count`` is 0. Merging into an empty accumulator, or an empty partial, is exact.
+        Validated before anything changes; raises :class:`AggregationError`.
+        """
+
+    def merge_from(self, other: Accumulator) -> None:
+        """:meth:`merge` the partial sum of ``other`` without copying it (``other`` is not
+        changed; it may be ``self``, which doubles the sums and counters)."""
+
     def reset(self) -> None:
         """Clear the sum, total weight and count (keeps the memory)."""
 
@@ -112,7 +141,7 @@ def weighted_average(
     :meth:`Accumulator.mean`.
     """
 
-# --- server optimizers (rust/src/optim/) and robust rules (rust/src/robust/) ------------------
+# --- server optimizers (rust/core/src/optim/) and robust rules (rust/core/src/robust/) --------
 
 __all__ += [
     "ServerOptimizer",
@@ -225,3 +254,91 @@ def multi_krum(updates: _Updates, f: int, m: int | None = None) -> NDArray[np.fl
 
 def clip_by_norm(update: NDArray[np.float32], max_norm: float) -> NDArray[np.float32]:
     """A new array ``update·min(1, max_norm/‖update‖)``; ``max_norm`` finite and > 0."""
+
+# --- chunk messages (rust/core/src/wire/) ----------------------------------------------------
+
+__all__ += ["ChunkAssembler", "WireFormatError", "encode_chunk_messages", "peek_chunk"]
+
+@final
+class ChunkAssembler:
+    """Reassembles one announced float32 payload from its raw chunk messages.
+
+    Each :meth:`add_message` takes the serialized envelope (``LearnerMessage``, chunk in field
+    3, or ``ControllerMessage``, field 4), finds the ``Chunk`` in it without a protobuf parser,
+    validates it against the announcement, and copies its data into a preallocated buffer while
+    checking the values completed so far for NaN and infinity, in one parallel pass with the GIL
+    released. Any problem raises :class:`WireFormatError`, after which the payload is rejected
+    for good (every later call raises too).
+    """
+
+    def __new__(
+        cls,
+        total_bytes: int,
+        payload_id: int,
+        num_chunks: int,
+        max_chunk_bytes: int,
+        envelope_field: int,
+        check_finite: bool = True,
+    ) -> ChunkAssembler:
+        """An assembler for payload ``payload_id`` of ``total_bytes`` bytes (a multiple of 4)
+        announced as ``num_chunks`` chunks of at most ``max_chunk_bytes`` bytes each, carried in
+        field ``envelope_field`` of the envelope messages.
+
+        ``num_chunks`` must be at least ``ceil(total_bytes / max_chunk_bytes)`` and at most
+        ``max(total_bytes, 1)``. ``check_finite=False`` skips the NaN/infinity check.
+        """
+
+    def add_message(self, raw: bytes) -> bool:
+        """Add the chunk in the serialized envelope message ``raw``; True once complete.
+
+        The chunk must belong to this payload, come in order, be at most ``max_chunk_bytes``
+        long and not overflow ``total_bytes``; the last one must fill it exactly. Unknown fields
+        are tolerated. Raises :class:`WireFormatError` otherwise, and for malformed protobuf,
+        an envelope whose body is not a chunk, or (with ``check_finite``) a NaN or infinity,
+        named by its value index even when its bytes were split across two chunks.
+        """
+
+    def take(self) -> NDArray[np.float32]:
+        """The assembled values, handed over without copying; raises :class:`WireFormatError`
+        before the last chunk and on a second call."""
+
+    @property
+    def done(self) -> bool:
+        """Whether every announced chunk has arrived."""
+
+    @property
+    def received(self) -> int:
+        """Chunks received so far."""
+
+    @property
+    def total_bytes(self) -> int:
+        """The announced payload size in bytes."""
+
+    @property
+    def payload_id(self) -> int:
+        """The payload's id."""
+
+    @property
+    def num_chunks(self) -> int:
+        """The announced number of chunks."""
+
+def peek_chunk(raw: bytes, envelope_field: int) -> tuple[int, int, int] | None:
+    """``(payload_id, index, data_len)`` of the chunk in the serialized envelope ``raw`` (chunk
+    body in field ``envelope_field``), or None when its body is another message.
+
+    Reads only field headers, so a server can route chunk messages without protobuf parsing.
+    An unknown length-delimited envelope field after the chunk counts as another body (None):
+    fall back to protobuf then. Raises :class:`WireFormatError` for malformed input.
+    """
+
+def encode_chunk_messages(
+    data: NDArray[np.float32], payload_id: int, max_chunk_bytes: int, envelope_field: int
+) -> list[bytes]:
+    """The serialized envelope messages ``{chunk: Chunk{payload_id, index, data}}`` (chunk body
+    in field ``envelope_field``) carrying ``data`` (1-D C-contiguous float32) in chunks of at
+    most ``max_chunk_bytes`` bytes; none for an empty array.
+
+    Bit-identical to ``pb.ControllerMessage(chunk=pb.Chunk(...)).SerializeToString()`` for
+    ``envelope_field=4``. The data is copied into the messages in parallel with the GIL
+    released.
+    """

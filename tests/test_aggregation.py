@@ -20,7 +20,7 @@ from metis_async import _core
 from metis_async._core import first_non_finite
 from metis_async.aggregation import Accumulator, AggregationError, weighted_average
 
-PARALLEL_MIN = 1 << 16  # the core switches to rayon at this length (rust/src/accumulate.rs)
+PARALLEL_MIN = 1 << 16  # the core switches to rayon at this length (rust/core/src/accumulate.rs)
 
 F32 = NDArray[np.float32]
 Updates = list[NDArray[np.floating]]
@@ -397,3 +397,80 @@ def test_first_non_finite_finds_the_first_bad_value_or_none() -> None:
     values[90_000] = np.nan
 
     assert first_non_finite(values) == 70_001
+
+
+# --- partial sums: export / merge -----------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(length=lengths, weights=weight_lists, seed=seeds, cut=st.integers(0, 5))
+def test_merged_partials_equal_one_accumulator(
+    length: int, weights: list[float], seed: int, cut: int
+) -> None:
+    updates = make_updates(seed, len(weights), length, np.float32)
+    cut = min(cut, len(weights))
+    left, right = Accumulator(length), Accumulator(length)
+    for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+        (left if i < cut else right).add(update, weight)
+
+    left.merge(*right.export())
+
+    assert left.count == len(weights)
+    assert_close(
+        left.mean(), reference_mean(updates, weights), len(weights), magnitude(updates, weights)
+    )
+
+
+def test_export_is_a_float64_copy_of_the_sum() -> None:
+    acc = filled([np.array([1.0, 2.0], dtype=np.float32)], [0.5])
+
+    total, total_weight, count = acc.export()
+    total[0] = 99.0
+
+    np.testing.assert_array_equal(acc.export()[0], [0.5, 1.0])
+    assert total.dtype == np.float64
+    assert (total_weight, count) == (0.5, 1)
+
+
+def test_merge_into_an_empty_accumulator_is_exact() -> None:
+    updates = make_updates(3, 3, 1000, np.float32)
+    full = filled(updates, [1.0, 2.0, 3.0])
+    empty = Accumulator(1000)
+
+    empty.merge_from(full)
+
+    np.testing.assert_array_equal(empty.export()[0], full.export()[0])
+    assert (empty.count, empty.total_weight) == (3, 6.0)
+
+
+def test_merge_from_itself_doubles() -> None:
+    acc = filled([np.array([1.0, -2.0], dtype=np.float32)], [2.0])
+
+    acc.merge_from(acc)
+
+    np.testing.assert_array_equal(acc.export()[0], [4.0, -8.0])
+    assert (acc.count, acc.total_weight) == (2, 4.0)
+
+
+@pytest.mark.parametrize(
+    ("total", "total_weight", "count", "message"),
+    [
+        (np.zeros(3), 1.0, 1, "sum has 3 values, accumulator expects 4"),
+        (np.array([0, 0, np.nan, 0]), 1.0, 1, r"non-finite values \(first at index 2\)"),
+        (np.zeros(4), 0.0, 1, "total_weight must be finite and > 0"),
+        (np.zeros(4), np.inf, 1, "total_weight must be finite and > 0"),
+        (np.zeros(4), 1.0, 0, "total_weight must be finite and > 0"),
+        (np.ones(4), 0.0, 0, "partial sum of 0 updates is not zero"),
+        (np.zeros(4, dtype=np.float32), 1.0, 1, "sum must be float64, got float32"),
+    ],
+)
+def test_merge_validates_before_changing_anything(
+    total: NDArray[np.floating], total_weight: float, count: int, message: str
+) -> None:
+    acc = filled([np.ones(4, dtype=np.float32)], [1.0])
+    before = snapshot(acc)
+
+    with pytest.raises(AggregationError, match=message):
+        acc.merge(total, total_weight, count)
+
+    assert snapshot(acc) == before

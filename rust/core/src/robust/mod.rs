@@ -42,8 +42,8 @@ pub use krum::{
 /// Values per parallel chunk of the mean, the norm and the scaling.
 const CHUNK: usize = 1 << 14;
 
-/// Everything that can go wrong in a robust rule. Converted into the shared
-/// [`AggregationError`](crate::error::AggregationError) at the boundary.
+/// Everything that can go wrong in a robust rule. The bindings turn it into a Python exception
+/// (with their own input errors) in one place.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum RobustError {
     /// A rule called with no updates.
@@ -85,18 +85,6 @@ pub enum RobustError {
     /// An output buffer of the wrong length (a bug in the caller).
     #[error("output has {got} values, expected {expected}")]
     OutputLength { got: usize, expected: usize },
-
-    /// An array of a dtype other than float32 (raised by the bindings).
-    #[error("{what} must be float32, got {got}")]
-    NotFloat32 { what: &'static str, got: String },
-
-    /// `updates` that are neither a 2-D array nor a sequence of arrays (raised by the bindings).
-    #[error("updates must be a 2-D float32 array or a sequence of 1-D float32 arrays, got {0}")]
-    NotUpdates(String),
-
-    /// A negative count (raised by the bindings, which take Python ints).
-    #[error("{name} must be >= 0, got {value}")]
-    Negative { name: &'static str, value: i64 },
 }
 
 /// Result alias of this module.

@@ -7,12 +7,13 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMapping, PyMappingMethods};
 
-use crate::error::AggregationError;
-use crate::optim::{self, Hyperparameters, OptimError, Rule};
+use metis_async_core::optim::{self, Hyperparameters, OptimError, Rule};
+
+use crate::error::{BindingError, Result};
 use crate::py_arrays::{borrow_error, detached, readonly, readwrite, type_name, values};
 
-fn not_f32(what: &'static str, got: String) -> AggregationError {
-    OptimError::NotFloat32 { what, got }.into()
+fn not_f32(what: &'static str, got: String) -> BindingError {
+    BindingError::not_float32(what, got)
 }
 
 /// A server optimizer that owns its moment vectors (float32, next to the model): FedAvg, FedAvgM,
@@ -30,8 +31,10 @@ pub struct PyServerOptimizer {
 }
 
 impl PyServerOptimizer {
-    fn locked(&self) -> Result<MutexGuard<'_, optim::ServerOptimizer>, OptimError> {
-        self.state.lock().map_err(|_| OptimError::Poisoned)
+    fn locked(&self) -> Result<MutexGuard<'_, optim::ServerOptimizer>> {
+        self.state
+            .lock()
+            .map_err(|_| BindingError::OptimizerPoisoned)
     }
 }
 
@@ -49,7 +52,7 @@ impl PyServerOptimizer {
         beta1: Option<f64>,
         beta2: Option<f64>,
         tau: Option<f64>,
-    ) -> PyResult<Self> {
+    ) -> Result<Self> {
         let hyper = Hyperparameters {
             lr,
             momentum,
@@ -73,7 +76,7 @@ impl PyServerOptimizer {
         py: Python<'_>,
         params: &Bound<'_, PyAny>,
         delta: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let delta = readonly(delta, "delta", not_f32)?;
         let delta = values(&delta)?;
         let mut params = readwrite(params, "params", not_f32)?;
@@ -82,16 +85,16 @@ impl PyServerOptimizer {
             let mut state = self.locked()?;
             state.step(params, delta)?;
             self.steps.store(state.steps(), Ordering::Relaxed);
-            Ok::<_, OptimError>(())
+            Ok::<_, BindingError>(())
         })
     }
 
     /// A copy of the moment vectors the kind keeps (float32): `m`, and `v` where kept.
-    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn state<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyDict>> {
         let (m, v) = detached(py, || {
             let state = self.locked()?;
             let saved = state.state();
-            Ok::<_, OptimError>((saved.m.map(<[f32]>::to_vec), saved.v.map(<[f32]>::to_vec)))
+            Ok::<_, BindingError>((saved.m.map(<[f32]>::to_vec), saved.v.map(<[f32]>::to_vec)))
         })?;
         let dict = PyDict::new(py);
         for (name, values) in [("m", m), ("v", v)] {
@@ -106,11 +109,11 @@ impl PyServerOptimizer {
     /// Restores the moments from `state()` of an optimizer of the same kind and length, and
     /// the step count; on error nothing changes. Also recovers from a poisoned lock.
     #[pyo3(signature = (state, steps = 0))]
-    fn load_state(&self, py: Python<'_>, state: &Bound<'_, PyAny>, steps: u64) -> PyResult<()> {
+    fn load_state(&self, py: Python<'_>, state: &Bound<'_, PyAny>, steps: u64) -> Result<()> {
         let kind = self.rule.name();
         let items = state
             .cast::<PyMapping>()
-            .map_err(|_| OptimError::NotAState(type_name(state)))?
+            .map_err(|_| BindingError::NotAState(type_name(state)))?
             .items()?;
         let (mut m, mut v) = (None, None);
         for item in items.iter() {
@@ -129,7 +132,7 @@ impl PyServerOptimizer {
             state.load_state(optim::State { steps, m, v })?;
             self.state.clear_poison();
             self.steps.store(steps, Ordering::Relaxed);
-            Ok::<_, OptimError>(())
+            Ok::<_, BindingError>(())
         })
     }
 
@@ -141,7 +144,7 @@ impl PyServerOptimizer {
 
     /// The hyperparameters this kind uses, defaults filled in.
     #[getter]
-    fn hyperparameters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn hyperparameters<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
         for (name, value) in self.rule.hyperparameters() {
             dict.set_item(name, value)?;

@@ -11,12 +11,15 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use crate::error::AggregationError;
-use crate::py_arrays::{borrow_error, detached, filled_array, readonly, type_name, values};
-use crate::robust::{self, RobustError};
+use metis_async_core::robust;
 
-fn not_f32(what: &'static str, got: String) -> AggregationError {
-    RobustError::NotFloat32 { what, got }.into()
+use crate::error::{BindingError, Result};
+use crate::py_arrays::{
+    borrow_error, detached, dtype_name, filled_array, readonly, type_name, values,
+};
+
+fn not_f32(what: &'static str, got: String) -> BindingError {
+    BindingError::not_float32(what, got)
 }
 
 /// The updates of one call, borrowed.
@@ -26,45 +29,41 @@ enum Updates<'py> {
 }
 
 impl<'py> Updates<'py> {
-    fn borrow(object: &Bound<'py, PyAny>) -> Result<Self, AggregationError> {
+    fn borrow(object: &Bound<'py, PyAny>) -> Result<Self> {
         if let Ok(untyped) = object.cast::<PyUntypedArray>() {
             if untyped.ndim() != 2 {
                 let got = format!("a {}-D array", untyped.ndim());
-                return Err(RobustError::NotUpdates(got).into());
+                return Err(BindingError::NotUpdates(got));
             }
             if !untyped.dtype().is_equiv_to(&dtype::<f32>(object.py())) {
-                let name = untyped
-                    .dtype()
-                    .str()
-                    .map_or_else(|_| "?".into(), |s| s.to_string());
-                return Err(not_f32("updates", name));
+                return Err(not_f32("updates", dtype_name(&untyped.dtype())));
             }
             if !untyped.is_c_contiguous() {
-                return Err(AggregationError::NotContiguous);
+                return Err(BindingError::NotContiguous);
             }
             let stack = object
                 .cast::<PyArray2<f32>>()
-                .map_err(|_| AggregationError::NotAnArray(type_name(object)))?;
+                .map_err(|_| BindingError::NotAnArray(type_name(object)))?;
             return Ok(Self::Stack(stack.try_readonly().map_err(borrow_error)?));
         }
         let rows: Vec<Bound<'py, PyAny>> = object
             .extract()
-            .map_err(|_| RobustError::NotUpdates(type_name(object)))?;
+            .map_err(|_| BindingError::NotUpdates(type_name(object)))?;
         rows.iter()
             .enumerate()
             .map(|(i, row)| readonly(row, "update", not_f32).map_err(|e| e.in_update(i)))
-            .collect::<Result<_, _>>()
+            .collect::<Result<_>>()
             .map(Self::Rows)
     }
 
     /// One slice per update.
-    fn rows(&self) -> Result<Vec<&[f32]>, AggregationError> {
+    fn rows(&self) -> Result<Vec<&[f32]>> {
         match self {
             Self::Stack(stack) => {
                 let [n, d] = [stack.shape()[0], stack.shape()[1]];
                 let data = stack
                     .as_slice()
-                    .map_err(|_| AggregationError::Borrow("array data is misaligned".into()))?;
+                    .map_err(|_| BindingError::Borrow("array data is misaligned".into()))?;
                 Ok(if d == 0 {
                     vec![&data[..0]; n]
                 } else {
@@ -77,8 +76,8 @@ impl<'py> Updates<'py> {
 }
 
 /// A count given as a Python int, checked to be >= 0.
-fn count(name: &'static str, value: i64) -> Result<usize, AggregationError> {
-    usize::try_from(value).map_err(|_| RobustError::Negative { name, value }.into())
+fn count(name: &'static str, value: i64) -> Result<usize> {
+    usize::try_from(value).map_err(|_| BindingError::Negative { name, value })
 }
 
 /// The per-coordinate median of the updates (mean of the two middle values for even n).
@@ -86,7 +85,7 @@ fn count(name: &'static str, value: i64) -> Result<usize, AggregationError> {
 pub fn coordinate_median<'py>(
     py: Python<'py>,
     updates: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Result<Bound<'py, PyArray1<f32>>> {
     let updates = Updates::borrow(updates)?;
     let rows = updates.rows()?;
     let len = rows.first().map_or(0, |r| r.len());
@@ -99,7 +98,7 @@ pub fn trimmed_mean<'py>(
     py: Python<'py>,
     updates: &Bound<'py, PyAny>,
     beta: f64,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Result<Bound<'py, PyArray1<f32>>> {
     let updates = Updates::borrow(updates)?;
     let rows = updates.rows()?;
     let len = rows.first().map_or(0, |r| r.len());
@@ -112,7 +111,7 @@ pub fn krum_scores<'py>(
     py: Python<'py>,
     updates: &Bound<'py, PyAny>,
     f: i64,
-) -> PyResult<Bound<'py, PyArray1<f64>>> {
+) -> Result<Bound<'py, PyArray1<f64>>> {
     let f = count("f", f)?;
     let updates = Updates::borrow(updates)?;
     let rows = updates.rows()?;
@@ -122,7 +121,7 @@ pub fn krum_scores<'py>(
 
 /// Krum: the index of the update with the lowest score.
 #[pyfunction]
-pub fn krum(py: Python<'_>, updates: &Bound<'_, PyAny>, f: i64) -> PyResult<usize> {
+pub fn krum(py: Python<'_>, updates: &Bound<'_, PyAny>, f: i64) -> Result<usize> {
     let f = count("f", f)?;
     let updates = Updates::borrow(updates)?;
     let rows = updates.rows()?;
@@ -137,7 +136,7 @@ pub fn multi_krum<'py>(
     updates: &Bound<'py, PyAny>,
     f: i64,
     m: Option<i64>,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Result<Bound<'py, PyArray1<f32>>> {
     let f = count("f", f)?;
     let m = m.map(|m| count("m", m)).transpose()?;
     let updates = Updates::borrow(updates)?;
@@ -152,7 +151,7 @@ pub fn clip_by_norm<'py>(
     py: Python<'py>,
     update: &Bound<'py, PyAny>,
     max_norm: f64,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Result<Bound<'py, PyArray1<f32>>> {
     let array = readonly(update, "update", not_f32)?;
     let update = values(&array)?;
     Ok(filled_array(py, update.len(), |out| {

@@ -44,8 +44,8 @@ pub use rule::{defaults, Adaptive, Hyperparameters, Rule};
 /// Parameters per parallel work item: 16 Ki values are 64 KiB of each of `x`, `d`, `m`, `v`.
 const CHUNK: usize = 1 << 14;
 
-/// Everything that can go wrong creating or stepping a server optimizer. Converted into the
-/// shared [`AggregationError`](crate::error::AggregationError) at the boundary.
+/// Everything that can go wrong creating or stepping a server optimizer. The bindings turn it
+/// into a Python exception (with their own input errors) in one place.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum OptimError {
     /// A kind name that is not one of the known optimizers.
@@ -109,18 +109,6 @@ pub enum OptimError {
     /// Memory for the state vectors could not be allocated.
     #[error("cannot allocate optimizer state of {values} float32 values")]
     Allocation { values: usize },
-
-    /// An array of a dtype other than float32 (raised by the bindings).
-    #[error("{what} must be float32, got {got}")]
-    NotFloat32 { what: &'static str, got: String },
-
-    /// A state that is not a mapping (raised by the bindings).
-    #[error("state must be a mapping as returned by state(), got {0}")]
-    NotAState(String),
-
-    /// A panic poisoned the optimizer's lock (raised by the bindings).
-    #[error("optimizer state is poisoned by an earlier panic; restore it with load_state()")]
-    Poisoned,
 }
 
 /// Result alias of this module.

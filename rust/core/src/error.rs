@@ -1,7 +1,8 @@
 //! Errors of the aggregation core.
 //!
-//! Pure Rust: functions return [`AggregationError`] and use `?`; the bindings turn it into the
-//! Python exception `metis_async._core.AggregationError` (a `ValueError`) in one place.
+//! Pure Rust: functions return [`AggregationError`] and use `?`; the bindings add their own input
+//! errors (not an array, wrong dtype, ...) and turn both into the Python exception
+//! `metis_async._core.AggregationError` (a `ValueError`) in one place.
 
 use thiserror::Error;
 
@@ -62,41 +63,30 @@ pub enum AggregationError {
     #[error("got {updates} updates but {weights} weights")]
     WeightCount { updates: usize, weights: usize },
 
-    /// An input that is not a numpy array.
-    #[error("expected a numpy.ndarray, got {0}")]
-    NotAnArray(String),
+    /// A partial sum to merge whose total weight does not fit its count: not finite and > 0
+    /// for `count` > 0, or not 0 for `count` = 0.
+    #[error(
+        "total_weight must be finite and > 0 for a partial sum of {count} updates (0 for none), \
+         got {}",
+        Num(*total_weight)
+    )]
+    InvalidPartial { count: u64, total_weight: f64 },
 
-    /// An array with the wrong number of dimensions.
-    #[error("expected a 1-D array, got {0}-D")]
-    NotOneDimensional(usize),
+    /// A partial sum to merge with NaN or infinity in it.
+    #[error("partial sum contains non-finite values (first at index {index})")]
+    NonFiniteSum { index: usize },
 
-    /// An array of a dtype other than float32 or float64.
-    #[error("expected a float32 or float64 array, got {0}")]
-    DType(String),
+    /// A partial sum of no updates whose sums are not all zero.
+    #[error("partial sum of 0 updates is not zero (first at index {index})")]
+    NonzeroEmptySum { index: usize },
 
-    /// A base model that is not float32 (the model's own dtype).
-    #[error("base must be a float32 array, got {0}")]
-    BaseDType(String),
-
-    /// An array whose values are not C-contiguous (a strided view, for instance).
-    #[error("array must be C-contiguous (use numpy.ascontiguousarray)")]
-    NotContiguous,
-
-    /// An array that cannot be borrowed (mutably borrowed elsewhere, or misaligned).
-    #[error("cannot borrow array: {0}")]
-    Borrow(String),
-
-    /// A batch call mixing float32 and float64 updates.
-    #[error("updates mix float32 and float64 (updates[{index}] differs from updates[0])")]
-    MixedDTypes { index: usize },
+    /// Merging would overflow the update count.
+    #[error("update count would overflow")]
+    CountOverflow,
 
     /// Memory for an accumulator of this many values could not be allocated.
     #[error("cannot allocate a float64 accumulator of {values} values")]
     Allocation { values: usize },
-
-    /// A panic poisoned the accumulator's lock; its state may be inconsistent.
-    #[error("accumulator state is poisoned by an earlier panic; call reset()")]
-    Poisoned,
 
     /// Wraps an error with the position of the update that caused it in a batch call.
     #[error("updates[{index}]: {source}")]
@@ -104,14 +94,6 @@ pub enum AggregationError {
         index: usize,
         source: Box<AggregationError>,
     },
-
-    /// A server optimizer error (`optim`), passed through so Python sees one exception type.
-    #[error(transparent)]
-    Optimizer(#[from] crate::optim::OptimError),
-
-    /// A robust-rule error (`robust`), passed through so Python sees one exception type.
-    #[error(transparent)]
-    Robust(#[from] crate::robust::RobustError),
 }
 
 impl AggregationError {

@@ -253,6 +253,82 @@ impl Accumulator {
         }
     }
 
+    /// The partial sum as `(sum, total_weight, count)`: a copy of the float64 sums that
+    /// [`merge`](Self::merge) into another accumulator adds exactly as the updates themselves
+    /// would have (up to the order of the float64 additions).
+    pub fn export(&self) -> (Vec<f64>, f64, u64) {
+        (self.sum.clone(), self.total_weight, self.count)
+    }
+
+    /// Adds a partial sum exported by another accumulator (of `count` updates weighing
+    /// `total_weight` in all) to this one. Each sum is then the float64 sum of the same terms,
+    /// added in another order; merging into an empty accumulator, or merging an empty partial,
+    /// is exact. Everything is validated first (length, finite sums, a weight that is finite
+    /// and > 0 exactly when `count` > 0, an empty partial's sums all zero, no overflow of the
+    /// totals); on error nothing changes.
+    pub fn merge(&mut self, sum: &[f64], total_weight: f64, count: u64) -> Result<()> {
+        check_len("sum", sum.len(), self.len())?;
+        let consistent = if count == 0 {
+            total_weight == 0.0
+        } else {
+            total_weight.is_finite() && total_weight > 0.0
+        };
+        if !consistent {
+            return Err(AggregationError::InvalidPartial {
+                count,
+                total_weight,
+            });
+        }
+        let total = self.total_weight + total_weight;
+        if !total.is_finite() {
+            return Err(AggregationError::WeightOverflow {
+                total: self.total_weight,
+                weight: total_weight,
+            });
+        }
+        let merged_count = self
+            .count
+            .checked_add(count)
+            .ok_or(AggregationError::CountOverflow)?;
+        if let Some(index) = first_non_finite(sum) {
+            return Err(AggregationError::NonFiniteSum { index });
+        }
+        if count == 0 {
+            return match sum.iter().position(|&s| s != 0.0) {
+                Some(index) => Err(AggregationError::NonzeroEmptySum { index }),
+                None => Ok(()),
+            };
+        }
+        // An empty accumulator holds zeros: copying is exact, adding to 0.0 would be too except
+        // that it turns -0.0 into 0.0.
+        let empty = self.count == 0;
+        let merge_chunk = |(own, theirs): (&mut [f64], &[f64])| {
+            if empty {
+                own.copy_from_slice(theirs);
+            } else {
+                for (s, &t) in own.iter_mut().zip(theirs) {
+                    *s += t;
+                }
+            }
+        };
+        if self.len() >= PARALLEL_MIN {
+            self.sum
+                .par_chunks_mut(CHUNK)
+                .zip(sum.par_chunks(CHUNK))
+                .for_each(merge_chunk);
+        } else {
+            merge_chunk((&mut self.sum, sum));
+        }
+        self.total_weight = total;
+        self.count = merged_count;
+        Ok(())
+    }
+
+    /// [`merge`](Self::merge)s the partial sum of `other`.
+    pub fn merge_from(&mut self, other: &Accumulator) -> Result<()> {
+        self.merge(&other.sum, other.total_weight, other.count)
+    }
+
     /// Clears the sum, the total weight and the count; keeps the allocation.
     pub fn reset(&mut self) {
         if self.len() >= PARALLEL_MIN {
@@ -593,6 +669,65 @@ mod tests {
     }
 
     #[test]
+    fn merging_into_an_empty_accumulator_or_an_empty_partial_is_exact() {
+        let (updates, weights) = case(PARALLEL_MIN + 3, 3, 4);
+        let full = filled(&updates, &weights);
+
+        let mut into_empty = Accumulator::new(full.len());
+        into_empty.merge_from(&full).unwrap();
+        let mut with_empty = full.clone();
+        with_empty
+            .merge_from(&Accumulator::new(full.len()))
+            .unwrap();
+
+        assert_eq!(into_empty, full);
+        assert_eq!(with_empty, full);
+    }
+
+    #[test]
+    fn merge_validates_before_changing_anything() {
+        let (updates, weights) = case(8, 2, 2);
+        let mut acc = filled(&updates, &weights);
+        let before = acc.clone();
+        let mut bad = vec![1.0; 8];
+        bad[5] = f64::NAN;
+
+        let errors = [
+            acc.merge(&[1.0; 7], 1.0, 1).unwrap_err(),
+            acc.merge(&bad, 1.0, 1).unwrap_err(),
+            acc.merge(&[1.0; 8], 0.0, 1).unwrap_err(),
+            acc.merge(&[1.0; 8], f64::NAN, 1).unwrap_err(),
+            acc.merge(&[0.0; 8], 2.0, 0).unwrap_err(),
+            acc.merge(&[1.0; 8], 0.0, 0).unwrap_err(),
+            acc.merge(&[1.0; 8], 1.0, u64::MAX).unwrap_err(),
+        ];
+
+        assert_eq!(acc, before);
+        assert!(matches!(
+            errors[0],
+            AggregationError::LengthMismatch { what: "sum", .. }
+        ));
+        assert_eq!(errors[1], AggregationError::NonFiniteSum { index: 5 });
+        assert!(matches!(
+            errors[2],
+            AggregationError::InvalidPartial { count: 1, .. }
+        ));
+        assert!(matches!(errors[3], AggregationError::InvalidPartial { .. }));
+        assert!(matches!(
+            errors[4],
+            AggregationError::InvalidPartial { count: 0, .. }
+        ));
+        assert_eq!(errors[5], AggregationError::NonzeroEmptySum { index: 0 });
+        assert_eq!(errors[6], AggregationError::CountOverflow);
+        let mut heavy = Accumulator::new(8);
+        heavy.merge(&[1.0; 8], f64::MAX, 1).unwrap();
+        assert!(matches!(
+            heavy.merge(&[1.0; 8], f64::MAX, 1),
+            Err(AggregationError::WeightOverflow { .. })
+        ));
+    }
+
+    #[test]
     fn reset_clears_everything() {
         let (updates, weights) = case(PARALLEL_MIN + 1, 2, 3);
         let mut acc = filled(&updates, &weights);
@@ -753,6 +888,44 @@ mod tests {
 
             prop_assert_eq!(acc.mean().unwrap(), reference_mean(&updates, &weights));
             prop_assert_eq!(acc.sum(), &reference_sum(&updates, &weights)[..]);
+        }
+
+        /// Partial sums of any split of the updates, merged, equal one accumulator over all of
+        /// them up to the order of the float64 additions: within a few ulps of Σ|wᵢ·xᵢ|.
+        #[test]
+        fn merged_partials_equal_one_accumulator(
+            len in prop_oneof![1_usize..300, PARALLEL_MIN..PARALLEL_MIN + 2 * CHUNK + 7],
+            weights in prop::collection::vec(1e-3_f64..1e3, 1..7),
+            split in any::<prop::sample::Index>(),
+            seed in any::<u64>(),
+        ) {
+            let updates: Vec<Vec<f32>> =
+                (0..weights.len()).map(|i| values(len, seed ^ i as u64)).collect();
+            let cut = split.index(weights.len() + 1);
+            let mut left = Accumulator::new(len);
+            let mut right = Accumulator::new(len);
+            for (i, (update, &weight)) in updates.iter().zip(&weights).enumerate() {
+                let side = if i < cut { &mut left } else { &mut right };
+                side.add(update, weight).unwrap();
+            }
+            let all = filled(&updates, &weights);
+
+            let (sum, total_weight, count) = right.export();
+            left.merge(&sum, total_weight, count).unwrap();
+
+            prop_assert_eq!(left.count(), all.count());
+            let magnitude: Vec<f64> = (0..len)
+                .map(|j| updates.iter().zip(&weights).map(|(u, &w)| (w * f64::from(u[j])).abs()).sum())
+                .collect();
+            for ((&merged, &single), &scale) in left.sum().iter().zip(all.sum()).zip(&magnitude) {
+                prop_assert!((merged - single).abs() <= 8.0 * f64::EPSILON * scale,
+                    "{merged} vs {single}");
+            }
+            let tw = all.total_weight();
+            prop_assert!((left.total_weight() - tw).abs() <= 8.0 * f64::EPSILON * tw);
+            if cut == 0 || cut == weights.len() {
+                prop_assert_eq!(left.sum(), all.sum());
+            }
         }
 
         #[test]

@@ -1,52 +1,36 @@
-//! Python bindings: the only module besides `lib.rs` that says `pyo3`.
+//! Python binding of the streaming accumulator (`accumulate`): the `Accumulator` class,
+//! `weighted_average` and `first_non_finite`.
 //!
 //! Arrays are borrowed zero-copy and every O(model) call runs with the GIL released through
-//! [`detached`]. Rust errors become `AggregationError` (a `ValueError`) in one place, the `From`
-//! impl below; that includes wrong dtype, dimensionality and layout, so callers catch one type.
+//! [`detached`]. Errors are [`BindingError`]s, so wrong dtype, dimensionality and layout reach
+//! Python as the same `AggregationError` as the core's own errors.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use metis_async_core::accumulate;
 use numpy::{
     dtype, PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArray,
     PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
-use crate::accumulate;
-use crate::error::AggregationError;
-use crate::py_arrays;
+use crate::error::{BindingError, Result};
+use crate::py_arrays::{self, dtype_name, type_name};
 
-/// The Python exception type, in its own module so its name can match the Rust enum's.
-pub mod exceptions {
-    pyo3::create_exception!(
-        metis_async._core,
-        AggregationError,
-        pyo3::exceptions::PyValueError,
-        "Invalid input to the aggregation core; raised before any state changes."
-    );
-}
-
-impl From<AggregationError> for PyErr {
-    fn from(error: AggregationError) -> Self {
-        exceptions::AggregationError::new_err(error.to_string())
-    }
-}
-
-/// Runs `work` with the GIL released, through the crate's one door ([`py_arrays::detached`]);
-/// typed to this module's error so closures using `?` infer it.
-fn detached<T, F>(py: Python<'_>, work: F) -> PyResult<T>
+/// Runs `work` with the GIL released ([`py_arrays::detached`]), typed to the bindings' error so
+/// closures using `?` on core and binding errors alike infer it.
+fn detached<T, F>(py: Python<'_>, work: F) -> Result<T>
 where
-    F: Send + FnOnce() -> Result<T, AggregationError>,
+    F: Send + FnOnce() -> Result<T>,
     T: Send,
 {
     py_arrays::detached(py, work)
 }
 
-/// A new float32 array of `len` values, filled by `fill` with the GIL released (see
-/// [`py_arrays::filled_array`], which also serves the optimizer and robust-rule bindings).
-fn filled_array<'py, F>(py: Python<'py>, len: usize, fill: F) -> PyResult<Bound<'py, PyArray1<f32>>>
+/// A new float32 array of `len` values, filled by `fill` with the GIL released.
+fn filled_array<'py, F>(py: Python<'py>, len: usize, fill: F) -> Result<Bound<'py, PyArray1<f32>>>
 where
-    F: Send + FnOnce(&mut [f32]) -> Result<(), AggregationError>,
+    F: Send + FnOnce(&mut [f32]) -> Result<()>,
 {
     py_arrays::filled_array(py, len, fill).map(|(array, ())| array)
 }
@@ -74,22 +58,21 @@ impl Values<'_> {
 }
 
 impl<'py> Array<'py> {
-    fn borrow(object: &Bound<'py, PyAny>) -> Result<Self, AggregationError> {
+    fn borrow(object: &Bound<'py, PyAny>) -> Result<Self> {
         let untyped = object
             .cast::<PyUntypedArray>()
-            .map_err(|_| AggregationError::NotAnArray(type_name(object)))?;
+            .map_err(|_| BindingError::NotAnArray(type_name(object)))?;
         if untyped.ndim() != 1 {
-            return Err(AggregationError::NotOneDimensional(untyped.ndim()));
+            return Err(BindingError::NotOneDimensional(untyped.ndim()));
         }
         let py = object.py();
         let descr = untyped.dtype();
         let is_f32 = descr.is_equiv_to(&dtype::<f32>(py));
         if !is_f32 && !descr.is_equiv_to(&dtype::<f64>(py)) {
-            let name = descr.str().map(|s| s.to_string());
-            return Err(AggregationError::DType(name.unwrap_or_else(|_| "?".into())));
+            return Err(BindingError::DType(dtype_name(&descr)));
         }
         if !untyped.is_c_contiguous() {
-            return Err(AggregationError::NotContiguous);
+            return Err(BindingError::NotContiguous);
         }
         Ok(if is_f32 {
             Self::F32(readonly(object)?)
@@ -98,8 +81,8 @@ impl<'py> Array<'py> {
         })
     }
 
-    fn values(&self) -> Result<Values<'_>, AggregationError> {
-        let misaligned = |_| AggregationError::Borrow("array data is misaligned".into());
+    fn values(&self) -> Result<Values<'_>> {
+        let misaligned = |_| BindingError::Borrow("array data is misaligned".into());
         Ok(match self {
             Self::F32(array) => Values::F32(array.as_slice().map_err(misaligned)?),
             Self::F64(array) => Values::F64(array.as_slice().map_err(misaligned)?),
@@ -109,20 +92,13 @@ impl<'py> Array<'py> {
 
 fn readonly<'py, T: numpy::Element>(
     object: &Bound<'py, PyAny>,
-) -> Result<PyReadonlyArray1<'py, T>, AggregationError> {
+) -> Result<PyReadonlyArray1<'py, T>> {
     let array = object
         .cast::<PyArray1<T>>()
-        .map_err(|_| AggregationError::NotAnArray(type_name(object)))?;
+        .map_err(|_| BindingError::NotAnArray(type_name(object)))?;
     array
         .try_readonly()
-        .map_err(|e| AggregationError::Borrow(e.to_string()))
-}
-
-fn type_name(object: &Bound<'_, PyAny>) -> String {
-    object
-        .get_type()
-        .name()
-        .map_or_else(|_| "?".into(), |n| n.to_string())
+        .map_err(|e| BindingError::Borrow(e.to_string()))
 }
 
 /// Counters mirrored out of the locked state after every change, so `count` and `total_weight`
@@ -145,8 +121,10 @@ pub struct PyAccumulator {
 }
 
 impl PyAccumulator {
-    fn state(&self) -> Result<MutexGuard<'_, accumulate::Accumulator>, AggregationError> {
-        self.state.lock().map_err(|_| AggregationError::Poisoned)
+    fn state(&self) -> Result<MutexGuard<'_, accumulate::Accumulator>> {
+        self.state
+            .lock()
+            .map_err(|_| BindingError::AccumulatorPoisoned)
     }
 
     fn counters(&self) -> Counters {
@@ -165,8 +143,8 @@ impl PyAccumulator {
 #[pymethods]
 impl PyAccumulator {
     #[new]
-    fn new(py: Python<'_>, length: usize) -> PyResult<Self> {
-        let state = detached(py, || accumulate::Accumulator::try_new(length))?;
+    fn new(py: Python<'_>, length: usize) -> Result<Self> {
+        let state = detached(py, || Ok(accumulate::Accumulator::try_new(length)?))?;
         Ok(Self {
             len: length,
             state: Mutex::new(state),
@@ -175,7 +153,7 @@ impl PyAccumulator {
     }
 
     /// Adds `weight * values`; on error nothing changes.
-    fn add(&self, py: Python<'_>, values: &Bound<'_, PyAny>, weight: f64) -> PyResult<()> {
+    fn add(&self, py: Python<'_>, values: &Bound<'_, PyAny>, weight: f64) -> Result<()> {
         let array = Array::borrow(values)?;
         let values = array.values()?;
         detached(py, || {
@@ -199,16 +177,16 @@ impl PyAccumulator {
         updates: Vec<Bound<'_, PyAny>>,
         weights: Vec<f64>,
         check_finite: bool,
-    ) -> PyResult<()> {
+    ) -> Result<()> {
         let arrays = updates
             .iter()
             .enumerate()
             .map(|(i, update)| Array::borrow(update).map_err(|e| e.in_update(i)))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let values = arrays
             .iter()
             .map(Array::values)
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>>>()?;
         detached(py, || {
             let mut state = self.state()?;
             match values.first() {
@@ -233,13 +211,15 @@ impl PyAccumulator {
     }
 
     /// The weighted mean `sum / total_weight` as float32.
-    fn mean<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        filled_array(py, self.len, |out| self.state()?.mean_into(out))
+    fn mean<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyArray1<f32>>> {
+        filled_array(py, self.len, |out| Ok(self.state()?.mean_into(out)?))
     }
 
     /// The weighted sum as float32.
-    fn weighted_sum<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        filled_array(py, self.len, |out| self.state()?.weighted_sum_into(out))
+    fn weighted_sum<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyArray1<f32>>> {
+        filled_array(py, self.len, |out| {
+            Ok(self.state()?.weighted_sum_into(out)?)
+        })
     }
 
     /// `base + scale * (mean if normalize else sum)`, computed in float64.
@@ -250,18 +230,82 @@ impl PyAccumulator {
         base: &Bound<'py, PyAny>,
         scale: f64,
         normalize: bool,
-    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    ) -> Result<Bound<'py, PyArray1<f32>>> {
         let array = Array::borrow(base)?;
         let Values::F32(base) = array.values()? else {
-            return Err(AggregationError::BaseDType("float64".into()).into());
+            return Err(BindingError::BaseDType("float64".into()));
         };
         filled_array(py, self.len, |out| {
-            self.state()?.apply_into(base, scale, normalize, out)
+            Ok(self.state()?.apply_into(base, scale, normalize, out)?)
+        })
+    }
+
+    /// The partial sum `(sum, total_weight, count)`, `sum` a float64 copy, for
+    /// [`merge`](Self::merge) into another accumulator (another process's, say).
+    fn export<'py>(&self, py: Python<'py>) -> Result<(Bound<'py, PyArray1<f64>>, f64, u64)> {
+        let (array, (total_weight, count)) = py_arrays::filled_array(py, self.len, |out| {
+            let state = self.state()?;
+            out.copy_from_slice(state.sum());
+            Ok::<_, BindingError>((state.total_weight(), state.count()))
+        })?;
+        Ok((array, total_weight, count))
+    }
+
+    /// Adds an exported partial sum: `sum` float64 of `len(self)` finite values, and the
+    /// `total_weight` and `count` of the updates in it. Validated first; on error nothing
+    /// changes.
+    fn merge(
+        &self,
+        py: Python<'_>,
+        sum: &Bound<'_, PyAny>,
+        total_weight: f64,
+        count: u64,
+    ) -> Result<()> {
+        let array: PyReadonlyArray1<'_, f64> =
+            py_arrays::readonly(sum, "sum", |what, got| BindingError::WrongDType {
+                what,
+                expected: "float64",
+                got,
+            })?;
+        let sum = py_arrays::values(&array)?;
+        detached(py, || {
+            let mut state = self.state()?;
+            state.merge(sum, total_weight, count)?;
+            self.publish(&state);
+            Ok(())
+        })
+    }
+
+    /// Adds the partial sum of `other` (which is not changed; it may be `self`, which doubles
+    /// the sums and counters).
+    fn merge_from(&self, py: Python<'_>, other: &Bound<'_, PyAccumulator>) -> Result<()> {
+        let other = other.get();
+        detached(py, || {
+            if std::ptr::eq(self, other) {
+                let mut state = self.state()?;
+                let (sum, total_weight, count) = state.export();
+                state.merge(&sum, total_weight, count)?;
+                self.publish(&state);
+                return Ok(());
+            }
+            // Both locks, always in address order, so two threads merging a into b and b into
+            // a cannot deadlock.
+            let (mut state, theirs) = if (self as *const Self) < (other as *const Self) {
+                let state = self.state()?;
+                (state, other.state()?)
+            } else {
+                let theirs = other.state()?;
+                (self.state()?, theirs)
+            };
+            state.merge_from(&theirs)?;
+            drop(theirs);
+            self.publish(&state);
+            Ok(())
         })
     }
 
     /// Clears the sum, total weight and count (also recovers from a poisoned lock).
-    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+    fn reset(&self, py: Python<'_>) -> Result<()> {
         detached(py, || {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.reset();
@@ -305,16 +349,16 @@ pub fn weighted_average<'py>(
     py: Python<'py>,
     updates: Vec<Bound<'py, PyAny>>,
     weights: Vec<f64>,
-) -> PyResult<Bound<'py, PyArray1<f32>>> {
+) -> Result<Bound<'py, PyArray1<f32>>> {
     let arrays = updates
         .iter()
         .enumerate()
         .map(|(i, update)| Array::borrow(update).map_err(|e| e.in_update(i)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let values = arrays
         .iter()
         .map(Array::values)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>>>()?;
     let len = values.first().map_or(0, Values::len);
     match values.first() {
         Some(Values::F64(_)) => {
@@ -323,7 +367,7 @@ pub fn weighted_average<'py>(
                 Values::F32(_) => None,
             })?;
             filled_array(py, len, |out| {
-                accumulate::weighted_average_into(&slices, &weights, out)
+                Ok(accumulate::weighted_average_into(&slices, &weights, out)?)
             })
         }
         _ => {
@@ -332,7 +376,7 @@ pub fn weighted_average<'py>(
                 Values::F64(_) => None,
             })?;
             filled_array(py, len, |out| {
-                accumulate::weighted_average_into(&slices, &weights, out)
+                Ok(accumulate::weighted_average_into(&slices, &weights, out)?)
             })
         }
     }
@@ -342,18 +386,18 @@ pub fn weighted_average<'py>(
 fn same_dtype<'a, T>(
     values: &[Values<'a>],
     pick: impl Fn(Values<'a>) -> Option<&'a [T]>,
-) -> Result<Vec<&'a [T]>, AggregationError> {
+) -> Result<Vec<&'a [T]>> {
     values
         .iter()
         .enumerate()
-        .map(|(index, &v)| pick(v).ok_or(AggregationError::MixedDTypes { index }))
+        .map(|(index, &v)| pick(v).ok_or(BindingError::MixedDTypes { index }))
         .collect()
 }
 
 /// Index of the first NaN or infinity in a float32 or float64 1-D array, or None if all are
 /// finite. Checked in parallel with the GIL released, without allocating.
 #[pyfunction]
-pub fn first_non_finite(py: Python<'_>, values: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+pub fn first_non_finite(py: Python<'_>, values: &Bound<'_, PyAny>) -> Result<Option<usize>> {
     let array = Array::borrow(values)?;
     let values = array.values()?;
     detached(py, || {

@@ -1,0 +1,554 @@
+//! [`ChunkAssembler`]: one announced float32 payload, reassembled from its chunk messages into a
+//! preallocated buffer.
+//!
+//! Each chunk is copied once, straight into place, and its values are checked for NaN and
+//! infinity in the same pass, block by block while the block is still in L1: the copy and the
+//! check together read the chunk once and write the buffer once. Large chunks are split into
+//! 256 KiB regions filled in parallel. A chunk may end inside a float32 value; that value is
+//! checked when the chunk that completes it arrives.
+
+use rayon::prelude::*;
+
+use super::protobuf::{check_field, peek_chunk, ChunkRef};
+use super::{chunk_count, WireError};
+
+// The bytes on the wire are little-endian float32 and are copied into native floats as is.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "needs a little-endian target"
+);
+
+/// Values per parallel region: 64 Ki float32 = 256 KiB of each of source and destination.
+const REGION: usize = 1 << 16;
+
+/// Values per block copied and then checked while in L1 (16 KiB).
+const BLOCK: usize = 1 << 12;
+
+/// Buffers at least this large are asked to use transparent huge pages (as numpy does): their
+/// first touch then faults 2 MiB at a time instead of 4 KiB.
+const HUGE_PAGE_MIN: usize = 4 << 20;
+
+/// Reassembles one announced float32 payload from its chunks, in order.
+#[derive(Debug)]
+pub struct ChunkAssembler {
+    values: Vec<f32>,
+    total_bytes: u64,
+    payload_id: u64,
+    num_chunks: u32,
+    max_chunk_bytes: usize,
+    envelope_field: u32,
+    check_finite: bool,
+    /// Bytes received so far.
+    filled: usize,
+    next_index: u32,
+    /// The first error; every later call reports it.
+    rejected: Option<Box<WireError>>,
+    taken: bool,
+}
+
+impl ChunkAssembler {
+    /// An assembler for the payload `payload_id` of `total_bytes` (a multiple of 4) announced
+    /// in `num_chunks` chunks of at most `max_chunk_bytes`, carried in field `envelope_field` of
+    /// the envelope messages. With `check_finite` every value is checked for NaN and infinity
+    /// as it arrives. Fails for an inconsistent announcement or if memory runs out.
+    pub fn new(
+        total_bytes: u64,
+        payload_id: u64,
+        num_chunks: u32,
+        max_chunk_bytes: usize,
+        envelope_field: u32,
+        check_finite: bool,
+    ) -> Result<Self, WireError> {
+        check_field(envelope_field)?;
+        if max_chunk_bytes == 0 {
+            return Err(WireError::ZeroChunkLimit);
+        }
+        if total_bytes % 4 != 0 {
+            return Err(WireError::NotFloat32(total_bytes));
+        }
+        let needed = chunk_count(total_bytes, max_chunk_bytes);
+        // Every chunk but an empty payload's single one must carry at least one byte.
+        if u64::from(num_chunks) < needed || u64::from(num_chunks) > total_bytes.max(1) {
+            return Err(WireError::ChunkCount {
+                announced: num_chunks.into(),
+                total: total_bytes,
+                needed,
+                limit: max_chunk_bytes,
+            });
+        }
+        let len =
+            usize::try_from(total_bytes / 4).map_err(|_| WireError::Allocation(total_bytes))?;
+        Ok(Self {
+            values: zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
+            total_bytes,
+            payload_id,
+            num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            check_finite,
+            filled: 0,
+            next_index: 0,
+            rejected: None,
+            taken: false,
+        })
+    }
+
+    /// Whether every announced chunk has arrived.
+    pub fn is_done(&self) -> bool {
+        self.next_index == self.num_chunks
+    }
+
+    /// Chunks received so far.
+    pub fn received(&self) -> u32 {
+        self.next_index
+    }
+
+    /// Adds the chunk carried by the serialized envelope message `raw`; returns whether the
+    /// payload is complete. After an error the payload is rejected for good.
+    pub fn add_message(&mut self, raw: &[u8]) -> Result<bool, WireError> {
+        self.guarded(|this| {
+            let chunk = peek_chunk(raw, this.envelope_field)?
+                .ok_or(WireError::NotAChunk(this.envelope_field))?;
+            this.add_chunk(chunk)
+        })
+    }
+
+    /// Adds one decoded chunk; returns whether the payload is complete. After an error the
+    /// payload is rejected for good.
+    pub fn add(&mut self, chunk: ChunkRef<'_>) -> Result<bool, WireError> {
+        self.guarded(|this| this.add_chunk(chunk))
+    }
+
+    /// Hands the assembled values over (once, after the last chunk). Asking too early or twice
+    /// is the caller's mistake, not the payload's: it does not reject the payload.
+    pub fn take(&mut self) -> Result<Vec<f32>, WireError> {
+        if let Some(first) = &self.rejected {
+            return Err(WireError::Rejected(first.clone()));
+        }
+        if self.taken {
+            return Err(WireError::Taken);
+        }
+        if !self.is_done() {
+            return Err(WireError::Incomplete {
+                received: self.next_index,
+                num_chunks: self.num_chunks,
+            });
+        }
+        self.taken = true;
+        Ok(std::mem::take(&mut self.values))
+    }
+
+    /// Runs `op` unless an earlier call failed, and remembers its error.
+    fn guarded<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, WireError>,
+    ) -> Result<T, WireError> {
+        if let Some(first) = &self.rejected {
+            return Err(WireError::Rejected(first.clone()));
+        }
+        let result = op(self);
+        if let Err(error) = &result {
+            self.rejected = Some(Box::new(error.clone()));
+        }
+        result
+    }
+
+    fn add_chunk(&mut self, chunk: ChunkRef<'_>) -> Result<bool, WireError> {
+        if chunk.payload_id != self.payload_id {
+            return Err(WireError::WrongPayload {
+                got: chunk.payload_id,
+                expected: self.payload_id,
+            });
+        }
+        if self.is_done() {
+            return Err(WireError::ExtraChunk {
+                index: chunk.index,
+                num_chunks: self.num_chunks,
+            });
+        }
+        if chunk.index != self.next_index {
+            return Err(WireError::OutOfOrder {
+                got: chunk.index,
+                expected: self.next_index,
+            });
+        }
+        if chunk.data.len() > self.max_chunk_bytes {
+            return Err(WireError::ChunkTooLarge {
+                got: chunk.data.len(),
+                limit: self.max_chunk_bytes,
+            });
+        }
+        let end = self.filled + chunk.data.len();
+        if end as u64 > self.total_bytes {
+            return Err(WireError::Overflow(self.total_bytes));
+        }
+        let bad = copy_and_check(&mut self.values, self.filled, chunk.data, self.check_finite);
+        if let Some(index) = bad {
+            return Err(WireError::NonFinite(index as u64));
+        }
+        self.filled = end;
+        self.next_index += 1;
+        if self.is_done() && end as u64 != self.total_bytes {
+            return Err(WireError::Short {
+                filled: end as u64,
+                total: self.total_bytes,
+            });
+        }
+        Ok(self.is_done())
+    }
+}
+
+/// `len` zeroed floats from the allocator's zeroed path (fresh pages are not touched until the
+/// copy writes them), or `None` if the memory is not available.
+fn zeroed(len: usize) -> Option<Vec<f32>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(len).ok()?;
+    // SAFETY: `layout` has a non-zero size. A non-null result points to `len` zeroed (hence
+    // valid) f32 values allocated by the global allocator with exactly the layout `Vec` uses
+    // for a capacity of `len`, so `Vec` may own and free it.
+    let values = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        if ptr.is_null() {
+            return None;
+        }
+        Vec::from_raw_parts(ptr, len, len)
+    };
+    advise_huge_pages(&values);
+    Some(values)
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(values: &[f32]) {
+    const HUGE: usize = 2 << 20;
+    let bytes = std::mem::size_of_val(values);
+    if bytes < HUGE_PAGE_MIN {
+        return;
+    }
+    let start = values.as_ptr() as usize;
+    let first = start.next_multiple_of(HUGE);
+    let stop = (start + bytes) / HUGE * HUGE;
+    if stop > first {
+        // SAFETY: the range lies inside our own allocation; MADV_HUGEPAGE only changes how the
+        // kernel backs it, never its contents. Failure (THP disabled) is harmless.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                stop - first,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_values: &[f32]) {}
+
+/// Copies `src` into the bytes of `values` starting at byte `filled`, and with `check` returns
+/// the index of the first non-finite value completed by it.
+fn copy_and_check(values: &mut [f32], filled: usize, src: &[u8], check: bool) -> Option<usize> {
+    let mut src = src;
+    let mut at = filled;
+    // The value an earlier chunk left half-written.
+    let offset = at % 4;
+    if offset != 0 && !src.is_empty() {
+        let index = at / 4;
+        let take = (4 - offset).min(src.len());
+        let mut bytes = values[index].to_le_bytes();
+        bytes[offset..offset + take].copy_from_slice(&src[..take]);
+        values[index] = f32::from_le_bytes(bytes);
+        src = &src[take..];
+        at += take;
+        if at % 4 == 0 && check && !values[index].is_finite() {
+            return Some(index);
+        }
+    }
+    if src.is_empty() {
+        return None;
+    }
+    let start = at / 4;
+    let dst = &mut values[start..start + src.len().div_ceil(4)];
+    let region = |(r, (dst, src)): (usize, (&mut [f32], &[u8]))| {
+        fill_region(dst, src, check).map(|i| start + r * REGION + i)
+    };
+    if dst.len() >= 2 * REGION {
+        dst.par_chunks_mut(REGION)
+            .zip(src.par_chunks(4 * REGION))
+            .enumerate()
+            .filter_map(region)
+            .min()
+    } else {
+        region((0, (dst, src)))
+    }
+}
+
+/// Copies `src` into the first bytes of `dst` (`dst` has `ceil(src.len() / 4)` values), block
+/// by block, checking each block's complete values right after copying it.
+fn fill_region(dst: &mut [f32], src: &[u8], check: bool) -> Option<usize> {
+    for (b, (dst, src)) in dst.chunks_mut(BLOCK).zip(src.chunks(4 * BLOCK)).enumerate() {
+        as_bytes_mut(dst)[..src.len()].copy_from_slice(src);
+        if check {
+            let complete = &dst[..src.len() / 4];
+            if !all_finite(complete) {
+                let at = complete.iter().position(|x| !x.is_finite());
+                return at.map(|i| b * BLOCK + i);
+            }
+        }
+    }
+    None
+}
+
+/// The bytes of `values`.
+fn as_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    let len = std::mem::size_of_val(values);
+    // SAFETY: same memory and lifetime as `values`; u8 has alignment 1, and every byte pattern
+    // is a valid f32, so writes through the byte view cannot make `values` invalid.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) }
+}
+
+/// Whether no value has an all-ones exponent (NaN, ±∞), without a branch per value: adding
+/// 2^23 to the masked exponent carries into bit 31 exactly for an all-ones exponent, and the
+/// flags are OR-ed over sixteen independent lanes (integer SIMD on any x86-64 or aarch64).
+#[inline]
+fn all_finite(values: &[f32]) -> bool {
+    const LANES: usize = 16;
+    const EXPONENT: u32 = 0x7f80_0000;
+    let flag = |x: f32| (x.to_bits() & EXPONENT).wrapping_add(0x0080_0000);
+    let mut lanes = [0u32; LANES];
+    let mut blocks = values.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (lane, &x) in lanes.iter_mut().zip(block) {
+            *lane |= flag(x);
+        }
+    }
+    let tail = blocks.remainder().iter().fold(0, |acc, &x| acc | flag(x));
+    (lanes.iter().fold(tail, |acc, &l| acc | l) & 0x8000_0000) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bytes_of(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn chunk(payload_id: u64, index: u32, data: &[u8]) -> ChunkRef<'_> {
+        ChunkRef {
+            payload_id,
+            index,
+            data,
+        }
+    }
+
+    /// An assembler for `values` in chunks of `limit` bytes, fed all chunks; returns it with
+    /// the result of the last add.
+    fn assemble(values: &[f32], limit: usize) -> (ChunkAssembler, Result<bool, WireError>) {
+        let data = bytes_of(values);
+        let n = chunk_count(data.len() as u64, limit) as u32;
+        let mut asm = ChunkAssembler::new(data.len() as u64, 9, n, limit, 4, true).unwrap();
+        let mut last = Ok(asm.is_done());
+        for (i, piece) in data.chunks(limit).enumerate() {
+            last = asm.add(chunk(9, i as u32, piece));
+            if last.is_err() {
+                break;
+            }
+        }
+        (asm, last)
+    }
+
+    #[test]
+    fn all_finite_matches_is_finite_for_special_values() {
+        let specials = [
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+            1e-45,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffc0_0000),
+        ];
+        for x in specials {
+            assert_eq!(all_finite(&[x]), x.is_finite(), "{x:?}");
+            assert_eq!(
+                all_finite(&[1.0; 40].map(|v| if v > 2.0 { v } else { x })),
+                x.is_finite()
+            );
+        }
+    }
+
+    #[test]
+    fn reassembles_the_values_across_parallel_regions() {
+        let values: Vec<f32> = (0..5 * REGION + 3).map(|i| i as f32 * 0.5).collect();
+
+        let (mut asm, last) = assemble(&values, 4 * REGION * 2 + 7);
+
+        assert_eq!(last, Ok(true));
+        assert_eq!(asm.take().unwrap(), values);
+    }
+
+    #[test]
+    fn a_nan_split_across_chunks_is_found_where_it_completes() {
+        let mut values = vec![1.0_f32; 8];
+        values[2] = f32::NAN;
+        let data = bytes_of(&values);
+        let mut asm = ChunkAssembler::new(32, 1, 4, 10, 4, true).unwrap();
+
+        assert_eq!(asm.add(chunk(1, 0, &data[..10])), Ok(false)); // ends inside value 2
+        assert_eq!(
+            asm.add(chunk(1, 1, &data[10..20])),
+            Err(WireError::NonFinite(2))
+        );
+    }
+
+    #[test]
+    fn without_check_non_finite_values_pass() {
+        let data = bytes_of(&[f32::INFINITY, 1.0]);
+        let mut asm = ChunkAssembler::new(8, 0, 1, 8, 3, false).unwrap();
+
+        assert_eq!(asm.add(chunk(0, 0, &data)), Ok(true));
+        assert!(asm.take().unwrap()[0].is_infinite());
+    }
+
+    #[test]
+    fn announcement_errors() {
+        let new = |total, chunks, limit| ChunkAssembler::new(total, 0, chunks, limit, 4, true);
+        assert_eq!(new(6, 1, 8).unwrap_err(), WireError::NotFloat32(6));
+        assert_eq!(new(8, 1, 0).unwrap_err(), WireError::ZeroChunkLimit);
+        assert!(matches!(
+            new(16, 1, 8),
+            Err(WireError::ChunkCount { needed: 2, .. })
+        ));
+        assert!(matches!(
+            new(8, 9, 8),
+            Err(WireError::ChunkCount { announced: 9, .. })
+        ));
+        assert!(new(0, 0, 8).unwrap().is_done());
+        assert!(!new(0, 1, 8).unwrap().is_done());
+        assert_eq!(
+            ChunkAssembler::new(8, 0, 1, 8, 0, true).unwrap_err(),
+            WireError::EnvelopeField(0)
+        );
+    }
+
+    #[test]
+    fn chunk_errors_name_the_problem_and_stick() {
+        let data = [0u8; 12];
+        let fresh = || ChunkAssembler::new(16, 5, 2, 8, 4, true).unwrap();
+        let first = |chunk: ChunkRef<'_>| fresh().add(chunk).unwrap_err();
+
+        assert_eq!(
+            first(chunk(6, 0, &data[..8])),
+            WireError::WrongPayload {
+                got: 6,
+                expected: 5
+            }
+        );
+        assert_eq!(
+            first(chunk(5, 1, &data[..8])),
+            WireError::OutOfOrder {
+                got: 1,
+                expected: 0
+            }
+        );
+        assert_eq!(
+            first(chunk(5, 0, &data[..9])),
+            WireError::ChunkTooLarge { got: 9, limit: 8 }
+        );
+        let mut asm = fresh();
+        asm.add(chunk(5, 0, &data[..4])).unwrap();
+        assert_eq!(
+            asm.add(chunk(5, 1, &data[..4])),
+            Err(WireError::Short {
+                filled: 8,
+                total: 16
+            })
+        );
+        assert!(matches!(
+            asm.add(chunk(5, 2, &data[..4])),
+            Err(WireError::Rejected(_))
+        ));
+        assert!(matches!(asm.take(), Err(WireError::Rejected(_))));
+    }
+
+    #[test]
+    fn overflow_extra_chunks_and_take_misuse() {
+        let data = [0u8; 8];
+        let mut asm = ChunkAssembler::new(12, 0, 2, 8, 4, true).unwrap();
+        asm.add(chunk(0, 0, &data)).unwrap();
+        assert_eq!(asm.add(chunk(0, 1, &data)), Err(WireError::Overflow(12)));
+
+        let mut asm = ChunkAssembler::new(8, 0, 1, 8, 4, true).unwrap();
+        assert_eq!(
+            asm.take(),
+            Err(WireError::Incomplete {
+                received: 0,
+                num_chunks: 1
+            })
+        );
+        asm.add(chunk(0, 0, &data)).unwrap();
+        assert_eq!(asm.take(), Ok(vec![0.0, 0.0]));
+        assert_eq!(asm.take(), Err(WireError::Taken));
+        assert_eq!(asm.take(), Err(WireError::Taken));
+        assert!(matches!(
+            asm.add(chunk(0, 1, &data)),
+            Err(WireError::ExtraChunk { .. })
+        ));
+    }
+
+    #[test]
+    fn add_message_reads_the_envelope() {
+        let mut raw = vec![0x1a, 0x0a, 0x08, 0x03, 0x1a, 0x06]; // field 3: Chunk{1: 3, 3: 6 B}
+        raw.extend(bytes_of(&[2.5]));
+        raw.extend([0, 0]);
+        let mut asm = ChunkAssembler::new(8, 3, 2, 6, 3, true).unwrap();
+
+        assert_eq!(asm.add_message(&raw), Ok(false));
+        assert_eq!(
+            ChunkAssembler::new(8, 3, 2, 6, 4, true)
+                .unwrap()
+                .add_message(&raw),
+            Err(WireError::NotAChunk(4))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any split into chunks gives back the values, and the first non-finite value is
+        /// reported at its index however the chunks cut through values.
+        #[test]
+        fn chunked_copy_matches_the_plain_definition(
+            len in 0usize..3000,
+            limit in 1usize..700,
+            bad in proptest::option::of((0usize..3000, 0usize..3)),
+        ) {
+            let mut values: Vec<f32> = (0..len).map(|i| (i as f32).sin() * 1e30).collect();
+            if let Some((at, kind)) = bad {
+                if at < len {
+                    values[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][kind];
+                }
+            }
+            let expected_bad = values.iter().position(|x| !x.is_finite());
+
+            let (mut asm, last) = assemble(&values, limit);
+
+            match expected_bad {
+                Some(at) => prop_assert_eq!(last, Err(WireError::NonFinite(at as u64))),
+                None => {
+                    prop_assert_eq!(last, Ok(true));
+                    prop_assert_eq!(
+                        asm.take().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+}
