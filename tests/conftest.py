@@ -43,10 +43,13 @@ class ControllerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         config.setdefault("port", 0)
+        extra = {k: config.pop(k) for k in ("run_id", "clock", "on_commit") if k in config}
         cfg = ControllerConfig(host="127.0.0.1", **config)
 
         async def make() -> Controller:
-            return Controller(policy, cfg, initial_model=initial_model, aggregation=aggregation)
+            return Controller(
+                policy, cfg, initial_model=initial_model, aggregation=aggregation, **extra
+            )
 
         self.controller = self.call(make())
         self.port = self.call(self.controller.start())

@@ -313,9 +313,9 @@ class SynchronousPolicy(Policy):
         return min(available, math.ceil(goal * self.settings.over_selection))
 
     def _maybe_start_round(self, now: float) -> list[Decision]:
-        available = sorted(self._learners)
-        if len(available) < max(self.settings.min_learners, self.settings.learners_per_round):
-            return []
+        if len(self._learners) < max(self.settings.min_learners, self.settings.learners_per_round):
+            return []  # checked before sorting: a join below the quorum costs O(1)
+        available = sorted(self._learners)  # sorted: the pick depends on the seed, not on timing
         goal = self.settings.learners_per_round or len(available)
         goal = min(goal, len(available))
         self.round_started(now)

@@ -14,6 +14,7 @@ lost tasks is never computed.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import time
 from collections import Counter
@@ -41,6 +42,36 @@ from metis_async.simulation.speeds import SpeedModel
 
 Score = Callable[[NDArrays], float]
 """Scores a global model on held-out data (higher is better, e.g. accuracy 0..1)."""
+
+_EVENT_NAMES = {
+    "learner_joined": "LearnerJoined",
+    "learner_lost": "LearnerLost",
+    "update_arrived": "UpdateArrived",
+    "evaluation_arrived": "EvaluationArrived",
+    "tick": "Tick",
+}
+
+
+@dataclass(frozen=True)
+class TraceStep:
+    """One event delivered to the federation core, and the state it left.
+
+    Attributes:
+        method: the `FederationCore` method called (`learner_joined`, `update_arrived`, ...).
+        args: its arguments, the time first (uploads included as the exact arrays).
+        version: the core's version after the event.
+        model_digest: blake2b digest of the model's bytes after the event.
+    """
+
+    method: str
+    args: tuple[object, ...]
+    version: int
+    model_digest: str
+
+
+def _digest(model: wire.FloatVector) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(model).tobytes(), digest_size=16).hexdigest()
+
 
 _MAX_TICKS_AT_ONE_TIME = 1000  # a policy that keeps asking for a Tick "now" would never let go
 
@@ -86,6 +117,8 @@ class SimulatedFederation:
             streaming mean by default).
         seed: seed of the speeds, the join order and the dropouts.
         run_id: the core's run id (task ids are prefixed with it).
+        record: keep every event delivered to the core in `trace` (with the version and a digest
+            of the model after it), so the run can be replayed through another driver.
     """
 
     def __init__(
@@ -100,12 +133,14 @@ class SimulatedFederation:
         aggregation: AggregationSettings | None = None,
         seed: int = 0,
         run_id: str = "sim",
+        record: bool = False,
     ) -> None:
         self.policy = policy
         self.speeds = speeds or SpeedModel()
         self.evaluation = evaluation or EvaluationSchedule()
         self._score = score
         self.core = FederationCore(policy, aggregation=aggregation, run_id=run_id)
+        self.trace: list[TraceStep] | None = [] if record else None
         self._layout = wire.make_layout(initial_parameters)
         self._now = 0.0
         self._finished_at: float | None = None
@@ -198,8 +233,7 @@ class SimulatedFederation:
         if isinstance(occurrence, _Join):
             learner = self.learners[occurrence.learner_id]
             learner.online = True
-            self._count("LearnerJoined")
-            self._apply(self.core.learner_joined(now, learner.learner_id, learner.num_examples))
+            self._event("learner_joined", now, learner.learner_id, learner.num_examples)
         elif isinstance(occurrence, _Done):
             learner = self.learners[occurrence.learner_id]
             if occurrence.generation == learner.generation:
@@ -232,11 +266,15 @@ class SimulatedFederation:
         if count > _MAX_TICKS_AT_ONE_TIME:
             raise RuntimeError(f"{self.policy.name} keeps asking for a Tick at {self._now} s")
         self._ticks_at = (self._now, count)
-        self._count("Tick")
-        self._apply(self.core.tick(self._now))
+        self._event("tick", self._now)
 
-    def _count(self, event: str) -> None:
-        self._events[event] += 1
+    def _event(self, method: str, *args: object) -> None:
+        """Deliver one event to the core (recording it when asked) and carry out its effects."""
+        self._events[_EVENT_NAMES[method]] += 1
+        effects = getattr(self.core, method)(*args)
+        if self.trace is not None:
+            self.trace.append(TraceStep(method, args, self.core.version, _digest(self.core.model)))
+        self._apply(effects)
 
     # ------------------------------------------------------------------------------ learners
 
@@ -263,22 +301,17 @@ class SimulatedFederation:
         del self._jobs[job.task.task_id]
         if job.task.kind is not TaskKind.TRAIN:
             e = learner.evaluate(job, self._now, self._layout)
-            self._count("EvaluationArrived")
-            self._apply(
-                self.core.evaluation_arrived(
-                    self._now, learner.learner_id, job.task.task_id, e.num_examples, e.metrics
-                )
-            )
+            args = (learner.learner_id, job.task.task_id, e.num_examples, dict(e.metrics))
+            self._event("evaluation_arrived", self._now, *args)
             return
         event, upload = learner.train(job, self._now, self._layout)
         if wire_first_non_finite(upload) is not None:
             # The server ends such a learner's session; the client reconnects later.
             self._drop(learner, "update contains NaN or infinite values")
             return
-        self._count("UpdateArrived")
         staleness = self.version - job.task.version
         accepted = self.core.stats.updates_accepted_total
-        self._apply(self.core.update_arrived(self._now, learner.learner_id, _report(event), upload))
+        self._event("update_arrived", self._now, learner.learner_id, _report(event), upload)
         if self.core.stats.updates_accepted_total > accepted:
             self._staleness[staleness] += 1
 
@@ -288,8 +321,7 @@ class SimulatedFederation:
             self._jobs.pop(job.task.task_id, None)
         downtime = self.speeds.downtime(self._dropout_rng)
         self._schedule(self._now + downtime, _Join(learner.learner_id))
-        self._count("LearnerLost")
-        self._apply(self.core.learner_lost(self._now, learner.learner_id, reason))
+        self._event("learner_lost", self._now, learner.learner_id, reason)
 
     # ------------------------------------------------------------------------------ effects
 
