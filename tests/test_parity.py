@@ -198,7 +198,7 @@ def _replay(trace: list[TraceStep], policy: Policy) -> ControllerThread:
                 ct.call(ct.controller.tick())
             else:
                 raise AssertionError(f"unknown step {step.method}")
-            _wait(lambda: ct.read(lambda: ct.controller.core.events_handled) >= expected)
+            _wait(lambda n=expected: ct.read(lambda: ct.controller.core.events_handled) >= n)
             state = ct.read(lambda: (ct.controller.core.version, _digest(ct.controller.core.model)))
             assert state == (step.version, step.model_digest), f"step {index}: {step.method}"
     finally:
