@@ -316,3 +316,18 @@ def test_inconsistent_announcements_are_rejected(
 ) -> None:
     with pytest.raises(WireFormatError, match=message):
         ChunkAssembler(*args)
+
+
+def test_a_recycled_buffer_carries_only_the_new_payload() -> None:
+    first, second = values(300_000, seed=4), values(300_000, seed=5)  # pooled sizes (>= 1 MiB)
+    limit = 1 << 20
+    asm_first = assembler(first, limit)
+    for message in encode_chunk_messages(first, 7, limit, CONTROLLER_CHUNK):
+        asm_first.add_message(message)
+    asm_first.take()  # freed at once: its buffer goes back to the pool
+    asm = assembler(second, limit)
+
+    for message in encode_chunk_messages(second, 7, limit, CONTROLLER_CHUNK):
+        asm.add_message(message)
+
+    np.testing.assert_array_equal(asm.take(), second)

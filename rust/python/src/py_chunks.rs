@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use metis_async_core::wire::pool::RECYCLED;
 use metis_async_core::wire::{encode, peek_chunk as peek, ChunkAssembler};
 use numpy::PyArray1;
 use pyo3::prelude::*;
@@ -82,10 +83,10 @@ impl PyChunkAssembler {
     }
 
     /// The assembled float32 values, handed over without copying (once, after the last chunk).
+    /// When the array is freed its buffer goes back to the pool for the next payload.
     fn take<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyArray1<f32>>> {
         let values = detached(py, || Ok::<_, BindingError>(self.locked()?.take()?))?;
-        // The Vec's memory becomes the array's: no copy.
-        Ok(PyArray1::from_vec(py, values))
+        recycled_array(py, values)
     }
 
     /// Whether every announced chunk has arrived.
@@ -127,6 +128,44 @@ impl PyChunkAssembler {
             self.num_chunks
         )
     }
+}
+
+/// The owner of a numpy array's memory that hands the buffer back to [`RECYCLED`] when numpy
+/// frees the array. Holds the `Vec`'s raw parts, like numpy's own `from_vec` container, so no
+/// Rust reference to the values exists while numpy reads and writes them.
+#[pyclass(frozen, name = "_RecycledBuffer", module = "metis_async._core")]
+struct RecycledBuffer {
+    ptr: *mut f32,
+    len: usize,
+    capacity: usize,
+}
+
+// SAFETY: the buffer is plain heap memory owned by this object alone (no thread affinity).
+unsafe impl Send for RecycledBuffer {}
+unsafe impl Sync for RecycledBuffer {}
+
+impl Drop for RecycledBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the parts of a Vec<f32> taken apart in `recycled_array` and used by nothing
+        // else now: numpy drops the base object after the last array viewing it.
+        let values = unsafe { Vec::from_raw_parts(self.ptr, self.len, self.capacity) };
+        RECYCLED.give(values);
+    }
+}
+
+/// A 1-D numpy array over `values` without copying, whose buffer is recycled when freed.
+fn recycled_array(py: Python<'_>, values: Vec<f32>) -> Result<Bound<'_, PyArray1<f32>>> {
+    let mut values = std::mem::ManuallyDrop::new(values);
+    let (ptr, len, capacity) = (values.as_mut_ptr(), values.len(), values.capacity());
+    // On failure the initializer drops the RecycledBuffer, which frees (recycles) the Vec.
+    let owner = Bound::new(py, RecycledBuffer { ptr, len, capacity })?;
+    // SAFETY: `ptr` points to `len` initialized f32 values (or is dangling with len 0), which
+    // stay alive as long as `owner`, and `owner` becomes the array's base object.
+    let array = unsafe {
+        let view = numpy::ndarray::ArrayView1::from_shape_ptr(len, ptr.cast_const());
+        PyArray1::borrow_from_array(&view, owner.into_any())
+    };
+    Ok(array)
 }
 
 /// `(payload_id, index, data_len)` of the chunk in the serialized envelope `raw` (chunk body in

@@ -5,10 +5,12 @@
 //! infinity in the same pass, block by block while the block is still in L1: the copy and the
 //! check together read the chunk once and write the buffer once. Large chunks are split into
 //! 256 KiB regions filled in parallel. A chunk may end inside a float32 value; that value is
-//! checked when the chunk that completes it arrives.
+//! checked when the chunk that completes it arrives. Buffers come from the [`RECYCLED`] pool when
+//! one of the right size is there.
 
 use rayon::prelude::*;
 
+use super::pool::RECYCLED;
 use super::protobuf::{check_field, peek_chunk, ChunkRef};
 use super::{chunk_count, WireError};
 
@@ -78,8 +80,13 @@ impl ChunkAssembler {
         }
         let len =
             usize::try_from(total_bytes / 4).map_err(|_| WireError::Allocation(total_bytes))?;
+        // A recycled buffer's stale contents are never seen: `take` needs every byte received.
+        let values = match RECYCLED.take(len) {
+            Some(values) => values,
+            None => zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
+        };
         Ok(Self {
-            values: zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
+            values,
             total_bytes,
             payload_id,
             num_chunks,

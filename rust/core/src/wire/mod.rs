@@ -7,6 +7,7 @@
 
 pub mod assemble;
 pub mod encode;
+pub mod pool;
 pub mod protobuf;
 
 pub use assemble::ChunkAssembler;
