@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import json
 import re
 import sys
@@ -758,13 +757,9 @@ def flag_overrides(args: argparse.Namespace) -> Layer:
 
 def _compatibility(policy: Policy, aggregation: AggregationSettings) -> list[str]:
     """Warnings of `aggregation.compatibility.check_compatible` (ValueError: impossible)."""
-    try:
-        module = importlib.import_module("metis_async.aggregation.compatibility")
-    except ModuleNotFoundError as error:
-        if error.name != "metis_async.aggregation.compatibility":
-            raise
-        return []  # not there yet: no cross-checks beyond each section's own
-    return [str(w) for w in module.check_compatible(policy, aggregation)]
+    from metis_async.aggregation.compatibility import check_compatible
+
+    return check_compatible(policy, aggregation)
 
 
 def _staleness_text(function: StalenessFunction) -> str:
