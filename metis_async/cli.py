@@ -184,7 +184,7 @@ def _learner(args: argparse.Namespace) -> int:
         x, y, seed=args.seed + args.index, step_delay_seconds=args.step_delay
     )
     summary = run_learner(args.address, learner, learner_id=args.learner_id, token=args.token)
-    print(json.dumps(summary.__dict__))
+    print(json.dumps(summary.as_dict()))
     return 0
 
 

@@ -92,7 +92,10 @@ class CoreRunner:
             loop.call_soon_threadsafe(self._apply, effects, wakeup)
             return effects
 
-        return await loop.run_in_executor(self._thread, run)
+        # Shielded: a stream cancelled while its event waits in the queue (a learner that
+        # vanishes) must still have that event reach the core, or the core would never learn
+        # that the learner left.
+        return await asyncio.shield(loop.run_in_executor(self._thread, run))
 
     async def query(self, fn: Callable[[], T]) -> T:
         """Run a read-only `fn` on the core thread (a consistent view of core state)."""

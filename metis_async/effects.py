@@ -133,15 +133,13 @@ class CommitRefused:
 class Shutdown:
     """End the federation for learners; `learner_id` None means every connected learner.
 
-    `final_model` asks the driver to send the final version first to learners that announced
-    the `final_model` capability and do not hold it.
+    Learners that announced the `final_model` capability were sent the final version before.
     """
 
     learner_id: str | None
     finished: bool  # True: the federation is over; False: the controller drains (come back)
     reason: str
     final_version: int
-    final_model: bool = False
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,10 @@ class FederationCore:
                 record.held_version = version
         self._connected += 1
         if self.finished:
-            return [Shutdown(learner_id, True, "federation finished", self.version, True)]
+            return [
+                *self._final_model(record),
+                Shutdown(learner_id, True, "federation finished", self.version),
+            ]
         effects: list[Effect] = []
         if self._flat is None:
             if self._provider is None:
@@ -631,8 +634,18 @@ class FederationCore:
         self.finished = True
         self._state = FederationState.FINISHED
         log.info("federation_finished", reason=reason, version=self.version)
-        effects.append(Shutdown(None, True, reason, self.version, True))
+        for record in self._learners.values():
+            if record.connected:
+                effects += self._final_model(record)
+        effects.append(Shutdown(None, True, reason, self.version))
         effects.append(FederationFinished(reason, self.version))
+
+    def _final_model(self, record: LearnerRecord) -> list[Effect]:
+        """The final version, for a learner that asked for it and does not hold it."""
+        if "final_model" not in record.capabilities or record.held_version == self.version:
+            return []
+        record.held_version = self.version
+        return [SendModel(record.learner_id, self.version)]
 
     # ------------------------------------------------------------------------------ status
 

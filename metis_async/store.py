@@ -76,7 +76,7 @@ class ModelStore:
         """The published parameters as one float32 vector (read-only view)."""
         if self._flat is None:
             raise RuntimeError("the controller has no model yet")
-        view = self._flat.view()
+        view: wire.FloatVector = self._flat.view()
         view.flags.writeable = False
         return view
 

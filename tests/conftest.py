@@ -141,15 +141,16 @@ class ShiftLearner(Learner):
 class RawLearner:
     """A hand-driven stream for speaking the wire protocol directly (good and bad messages)."""
 
-    def __init__(self, address: str, learner_id: str = "raw", num_examples: int = 1) -> None:
+    def __init__(
+        self, address: str, learner_id: str = "raw", num_examples: int = 1, **hello: Any
+    ) -> None:
         self.channel = grpc.insecure_channel(address)
         self._out: list[bytes | None] = []
         self._cv = threading.Condition()
         join = self.channel.stream_stream("/metis_async.v1.Controller/Join")
         self.responses = join(self._requests())
-        self.send(
-            pb.LearnerMessage(hello=pb.Hello(learner_id=learner_id, num_examples=num_examples))
-        )
+        greeting = pb.Hello(learner_id=learner_id, num_examples=num_examples, **hello)
+        self.send(pb.LearnerMessage(hello=greeting))
 
     def _requests(self) -> Iterator[bytes]:
         while True:
