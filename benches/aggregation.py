@@ -12,6 +12,15 @@ times one whole round (reset, fold every update, produce the float32 mean) per m
   ``np.add(acc, tmp, out=acc)``) and the same in L2-sized blocks so the temporary stays in cache.
 - ``numpy_average``: ``np.average(stack, axis=0, weights=w)`` over a stacked 2-D array.
 
+Then the receive pipeline the controller really runs (``pipeline`` in the JSON): 100 uploads of
+10M float32 (16 x 1M with ``--quick``), each arriving as raw serialized 4 MiB ``LearnerMessage``
+chunk messages, reassembled and checked by ``ChunkAssembler`` and folded 8 at a time with
+``Accumulator.add_many(..., check_finite=False)``, against numpy copying the chunk data into
+reused buffers, checking it with ``np.isfinite`` and folding it with an in-place axpy.
+
+Run it from an installed package (``pip install ".[bench]"`` or ``maturin develop --release``):
+it imports ``metis_async`` as installed, never from the source folder.
+
 Updates are distinct memory (rows of one C-contiguous stack, filled from a pool of 8 random
 vectors with a per-row scale), so every method reads every byte from DRAM as a real controller
 would. When the stack does not fit the memory budget, the streaming methods cycle through the pool
@@ -44,14 +53,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-
 from metis_async import _core
-from metis_async._core import first_non_finite
+from metis_async._core import ChunkAssembler, encode_chunk_messages, first_non_finite
 from metis_async.aggregation import Accumulator, weighted_average
 
 FULL_CASES = [(10, 1_000_000), (100, 1_000_000), (10, 10_000_000), (100, 10_000_000)]
 QUICK_CASES = [(10, 1_000_000), (10, 10_000_000)]
+# The receive-to-model path: uploads of params float32, each as raw chunk messages.
+FULL_PIPELINE = (100, 10_000_000)
+QUICK_PIPELINE = (16, 1_000_000)
+CHUNK_BYTES = 4 << 20  # Welcome.max_chunk_bytes
+LEARNER_CHUNK_FIELD = 3  # LearnerMessage.chunk
 POOL = 8
 BLOCK = 1 << 15  # numpy blocked axpy: 32 Ki float64 temporaries = 256 KiB, fits L2
 WINDOW = 8  # updates folded per Accumulator.add_many in the streaming path (ServerStep default)
@@ -71,6 +83,21 @@ DEFINITIONS = {
     "fold; per window 16 B/param for the float64 sums) / s / copy bandwidth",
     "receive_check_s": "extra seconds per update for the NaN/inf check the controller runs on "
     "each 4 MiB chunk as it copies it into place (copy+check minus copy, medians)",
+    "pipeline.rust_s": "median seconds per round of the controller's receive path: every upload "
+    "arrives as raw serialized LearnerMessage chunk messages (4 MiB of data each); one "
+    "ChunkAssembler per upload reassembles it (protobuf decode, copy and NaN/inf check fused, "
+    "GIL released), then Accumulator.add_many(..., check_finite=False) folds WINDOW uploads at "
+    "a time; ends with the float32 mean",
+    "pipeline.numpy_s": "the same round in the best numpy: each upload's chunk data (already "
+    "extracted from the messages, which numpy would need protobuf for: a head start) copied "
+    "into one of WINDOW reused buffers, checked with np.isfinite(...).all() per chunk, folded "
+    "with np.multiply(u, w, out=tmp64) + np.add(acc, tmp64, out=acc); ends with the mean",
+    "pipeline.speedup": "pipeline.numpy_s / pipeline.rust_s",
+    "pipeline.receive_rust_s": "median seconds to reassemble and check one upload (ChunkAssembler)",
+    "pipeline.receive_numpy_s": "median seconds for numpy to copy one upload's chunks into a "
+    "reused buffer and check them with np.isfinite",
+    "pipeline.receive_numpy_first_non_finite_s": "the same with the core's first_non_finite as "
+    "the check (what metis_async.wire.PayloadAssembler does today)",
     "numpy_axpy_s": "median seconds per round, best in-place numpy loop (whole or blocked)",
     "numpy_average_s": "median seconds: np.average(stack, axis=0, weights=w) to float32",
     "numpy_s": "best of numpy_axpy_s and numpy_average_s",
@@ -356,6 +383,137 @@ def add_fractions(case: dict[str, Any], copy_gbps: float) -> None:
         case["rust_batch_GBps"] = case["batch_bandwidth_fraction"] = None
 
 
+# --- receive pipeline -------------------------------------------------------------------------
+
+
+def upload_messages(pool: list[F32], params: int) -> list[list[bytes]]:
+    """Each pool vector's upload as serialized LearnerMessage chunk messages."""
+    return [
+        encode_chunk_messages(row[:params], i + 1, CHUNK_BYTES, LEARNER_CHUNK_FIELD)
+        for i, row in enumerate(pool)
+    ]
+
+
+def rust_receive(messages: list[bytes], payload_id: int, nbytes: int) -> F32:
+    assembler = ChunkAssembler(nbytes, payload_id, len(messages), CHUNK_BYTES, LEARNER_CHUNK_FIELD)
+    for message in messages:
+        assembler.add_message(message)
+    return assembler.take()
+
+
+def numpy_receive(chunks: list[bytes], out: NDArray[np.uint8], check: Callable[[F32], bool]) -> F32:
+    """Copy chunk data into `out` and check every completed float32 value as it lands."""
+    filled = checked = 0
+    for data in chunks:
+        end = filled + len(data)
+        out[filled:end] = np.frombuffer(data, dtype=np.uint8)
+        complete = end // 4
+        if not check(out[checked * 4 : complete * 4].view(np.float32)):
+            raise ValueError("benchmark data must be finite")
+        filled, checked = end, complete
+    return out.view(np.float32)
+
+
+def numpy_is_finite(values: F32) -> bool:
+    return bool(np.isfinite(values).all())
+
+
+def core_is_finite(values: F32) -> bool:
+    return first_non_finite(values) is None
+
+
+def run_pipeline(updates: int, params: int, repeats: int, pool: list[F32]) -> dict[str, Any]:
+    """100 uploads of 10M float32 (full size), from raw chunk messages to the new mean."""
+    rng = np.random.default_rng(7)
+    weights = [float(w) for w in rng.uniform(0.5, 2.0, updates)]
+    nbytes = params * 4
+    messages = upload_messages(pool, params)
+    chunk_data = [
+        [row[:params].tobytes()[s : s + CHUNK_BYTES] for s in range(0, nbytes, CHUNK_BYTES)]
+        for row in pool
+    ]
+    acc = Accumulator(params)
+    acc64, tmp = np.zeros(params), np.zeros(params)
+    buffers = [np.empty(nbytes, dtype=np.uint8) for _ in range(WINDOW)]
+
+    def rust() -> F32:
+        acc.reset()
+        window: list[F32] = []
+        for i in range(updates):
+            window.append(rust_receive(messages[i % POOL], i % POOL + 1, nbytes))
+            if len(window) == WINDOW or i == updates - 1:
+                start = i + 1 - len(window)
+                acc.add_many(window, weights[start : i + 1], False)
+                window = []
+        return acc.mean()
+
+    def numpy() -> F32:
+        acc64.fill(0.0)
+        for i in range(updates):
+            update = numpy_receive(chunk_data[i % POOL], buffers[i % WINDOW], numpy_is_finite)
+            np.multiply(update, weights[i], out=tmp)
+            np.add(acc64, tmp, out=acc64)
+        np.multiply(acc64, 1.0 / sum(weights), out=acc64)
+        return acc64.astype(np.float32)
+
+    np.testing.assert_allclose(rust(), numpy(), rtol=1e-6, atol=1e-6)
+    rust_s = statistics.median(timed(rust) for _ in range(repeats))
+    numpy_s = statistics.median(timed(numpy) for _ in range(repeats))
+
+    receive_repeats = max(repeats, 10)
+    row = messages[0]
+    receive_rust = statistics.median(
+        timed(lambda: rust_receive(row, 1, nbytes)) for _ in range(receive_repeats)
+    )
+
+    def numpy_receive_seconds(check: Callable[[F32], bool]) -> float:
+        return statistics.median(
+            timed(lambda: numpy_receive(chunk_data[0], buffers[0], check))
+            for _ in range(receive_repeats)
+        )
+
+    receive_numpy = {
+        "isfinite": numpy_receive_seconds(numpy_is_finite),
+        "core": numpy_receive_seconds(core_is_finite),
+    }
+    return {
+        "updates": updates,
+        "params": params,
+        "chunk_bytes": CHUNK_BYTES,
+        "window": WINDOW,
+        "repeats": repeats,
+        "rust_s": rust_s,
+        "numpy_s": numpy_s,
+        "speedup": numpy_s / rust_s,
+        "receive_rust_s": receive_rust,
+        "receive_numpy_s": receive_numpy["isfinite"],
+        "receive_numpy_first_non_finite_s": receive_numpy["core"],
+        "receive_speedup": receive_numpy["isfinite"] / receive_rust,
+        "receive_speedup_vs_first_non_finite": receive_numpy["core"] / receive_rust,
+    }
+
+
+def print_pipeline(pipeline: dict[str, Any]) -> None:
+    name = f"{pipeline['updates']} x {pipeline['params'] / 1e6:g}M"
+    print()
+    print(
+        f"receive pipeline {name} (raw {pipeline['chunk_bytes'] >> 20} MiB chunk messages -> "
+        f"ChunkAssembler -> add_many window {pipeline['window']}, vs numpy copy + isfinite + "
+        "axpy):"
+    )
+    print(
+        f"  round: rust {ms(pipeline['rust_s'])} ms, numpy {ms(pipeline['numpy_s'])} ms, "
+        f"speedup {ratio(pipeline['speedup'])}"
+    )
+    print(
+        f"  one upload received and checked: rust {ms(pipeline['receive_rust_s'])} ms, numpy "
+        f"isfinite {ms(pipeline['receive_numpy_s'])} ms "
+        f"({ratio(pipeline['receive_speedup'])}), numpy copy + first_non_finite "
+        f"{ms(pipeline['receive_numpy_first_non_finite_s'])} ms "
+        f"({ratio(pipeline['receive_speedup_vs_first_non_finite'])})"
+    )
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -440,6 +598,8 @@ def main() -> None:
         results.append(run_case(updates, params, repeats, view))
     for case in results:
         add_fractions(case, reference["copy_GBps"])
+    pipe_updates, pipe_params = QUICK_PIPELINE if args.quick else FULL_PIPELINE
+    pipeline = run_pipeline(pipe_updates, pipe_params, repeats, pool)
     # CPU time other processes took during the run: the honest measure of how noisy it was.
     others = (busy_cpu_seconds() - busy_before) - (own_cpu_seconds() - own_before)
     wall = time.time() - wall_before
@@ -461,8 +621,10 @@ def main() -> None:
         "bandwidth_reference": reference,
         "definitions": DEFINITIONS,
         "cases": results,
+        "pipeline": pipeline,
     }
     print_table(result)
+    print_pipeline(pipeline)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -471,6 +471,6 @@ def test_merge_validates_before_changing_anything(
     before = snapshot(acc)
 
     with pytest.raises(AggregationError, match=message):
-        acc.merge(total, total_weight, count)
+        acc.merge(total, total_weight, count)  # type: ignore[arg-type]  # float32 on purpose
 
     assert snapshot(acc) == before

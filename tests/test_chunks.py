@@ -73,7 +73,7 @@ def test_an_empty_array_has_no_messages() -> None:
 
 def test_encode_rejects_arrays_it_cannot_borrow() -> None:
     with pytest.raises(AggregationError, match="data must be float32, got float64"):
-        encode_chunk_messages(np.zeros(4), 1, 16, CONTROLLER_CHUNK)
+        encode_chunk_messages(np.zeros(4), 1, 16, CONTROLLER_CHUNK)  # type: ignore[arg-type]
     with pytest.raises(AggregationError, match="C-contiguous"):
         encode_chunk_messages(np.zeros(8, np.float32)[::2], 1, 16, CONTROLLER_CHUNK)
 
