@@ -25,6 +25,7 @@ reconnects.
 from __future__ import annotations
 
 import math
+import random
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -154,6 +155,8 @@ class FederationCore:
         closed_tasks_kept: closed task ids remembered per learner (for stale/duplicate answers).
         learners_remembered: disconnected learner ids remembered (oldest forgotten first).
         commits_kept: recent commit records kept in memory.
+        rng: the generator of every random choice the policy makes (which learners train);
+            None keeps the policy's own, seeded from its settings (the same in every driver).
     """
 
     def __init__(
@@ -168,8 +171,11 @@ class FederationCore:
         closed_tasks_kept: int = 256,
         learners_remembered: int = 1_000_000,
         commits_kept: int = 1024,
+        rng: random.Random | None = None,
     ) -> None:
         self.policy = policy
+        if rng is not None:
+            policy.rng = rng
         self.aggregation = aggregation or AggregationSettings()
         for warning in check_compatible(policy, self.aggregation):  # raises if impossible
             log.warning("settings_warning", protocol=policy.name, warning=warning)

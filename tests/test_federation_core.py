@@ -285,3 +285,28 @@ def test_a_commit_that_would_overflow_is_refused_and_the_model_stays(
     assert ct.read(lambda: ct.controller.stats.commits_refused_total) == 1
     np.testing.assert_array_equal(ct.model(), start)
     raw.close()
+
+
+# ------------------------------------------------------------------------------ randomness
+
+
+def _picks(seed: int) -> list[str]:
+    import random
+
+    from metis_async.effects import SendTask
+    from metis_async.federation import FederationCore
+
+    policy = BufferedPolicy(BufferedSettings(concurrency=3, buffer_size=2, min_learners=20))
+    core = FederationCore(policy, rng=random.Random(seed), run_id="r")
+    model = [np.zeros(4, np.float32)]
+    layout = wire.make_layout(model)
+    core.initialize_model(0.0, layout, wire.flatten(model, layout))
+    effects = []
+    for i in range(20):
+        effects += core.learner_joined(0.0, f"l{i:02d}", 1)
+    return [e.task.learner_id for e in effects if isinstance(e, SendTask)]
+
+
+def test_learner_picks_follow_the_generator_the_driver_passes() -> None:
+    assert _picks(1) == _picks(1)
+    assert _picks(1) != _picks(2)

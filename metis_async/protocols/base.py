@@ -23,6 +23,7 @@ commit in the same list, after it.
 from __future__ import annotations
 
 import abc
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -274,6 +275,9 @@ class Policy(abc.ABC):
         self.version = 0
         self.finished = False
         self.commits_failed = 0
+        # Every random choice (which learners train) draws from this generator: subclasses seed
+        # it from their settings, and a driver may hand in its own (FederationCore(rng=...)).
+        self.rng = random.Random(0)
         self._finished_by: int | None = None  # version whose commit made the policy finish
 
     def finish(self, reason: str) -> Finish:

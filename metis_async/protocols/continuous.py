@@ -92,7 +92,7 @@ class ContinuousPolicy(Policy):
     def __init__(self, settings: ContinuousSettings) -> None:
         super().__init__()
         self.base_settings = settings
-        self._rng = random.Random(settings.seed)
+        self.rng = random.Random(settings.seed)
         self._learners: dict[str, int] = {}  # connected learner id -> examples
         self._busy: dict[str, str] = {}  # learner id -> outstanding task id
         self._tasks: dict[str, str] = {}  # outstanding task id -> learner id
@@ -296,7 +296,7 @@ class ContinuousPolicy(Policy):
             self._drop_idle(str(exclude))
         decisions: list[Decision] = []
         while self._idle and len(self._busy) < limit:
-            lid = self._idle[self._rng.randrange(len(self._idle))]
+            lid = self._idle[self.rng.randrange(len(self._idle))]
             self._drop_idle(lid)
             self._task_seq += 1
             task_id = f"v{self.version}-t{self._task_seq}"

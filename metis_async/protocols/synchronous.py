@@ -139,7 +139,7 @@ class SynchronousPolicy(Policy):
     def __init__(self, settings: SynchronousSettings | None = None) -> None:
         super().__init__()
         self.settings = settings or SynchronousSettings()
-        self._rng = random.Random(self.settings.seed)
+        self.rng = random.Random(self.settings.seed)
         self._learners: dict[str, int] = {}  # connected learner id -> examples held
         self._evaluators: set[str] = set()  # connected learners that can evaluate
         self._round: _Round | None = None
@@ -319,7 +319,7 @@ class SynchronousPolicy(Policy):
         goal = self.settings.learners_per_round or len(available)
         goal = min(goal, len(available))
         self.round_started(now)
-        chosen = self._rng.sample(available, self._selection_size(goal, len(available)))
+        chosen = self.rng.sample(available, self._selection_size(goal, len(available)))
         self._rounds_started += 1
         rnd = _Round(
             number=self._rounds_started,
