@@ -5,14 +5,17 @@
 A real `Controller` (synchronous policy: one round of `--learners` updates) runs on uvloop in
 this process, with a probe task that sleeps 2 ms in a loop and records how late it wakes up:
 that lateness is what every other stream waits while the loop is busy. Learner processes
-(`--processes`, loopback gRPC, one stream per learner) wait for their task and upload a
-precomputed delta of `--params` float32 in 4 MiB chunks, all at once.
+(`--processes`, loopback gRPC, one stream per learner) join holding the current model (as after
+its broadcast), wait for their task and upload a precomputed delta of `--params` float32 in
+4 MiB chunks, all at once.
 
 Side by side in one run:
 - `controller`: the controller as it runs (chunks decoded, copied and checked in Rust in a
   worker thread; the federation core on its own thread);
 - `controller_inline`: the same controller with every chunk copied and checked on the event
   loop (the way uploads were handled before the federation-core change);
+- `controller_download`: `controller`, but the learners do not hold the model yet, so the
+  window also covers sending every learner the 40 MB model (gRPC copies each write on the loop);
 - `bare_grpc`: a bare grpc.aio server that reads the same uploads and drops them: the floor
   (gRPC's own receive work on the loop).
 
@@ -52,19 +55,23 @@ RESULTS = Path(__file__).resolve().parent / "results" / "loop_lag.json"
 JOIN = "/metis_async.v1.Controller/Join"
 LEARNER_CHUNK_FIELD = pb.LearnerMessage.DESCRIPTOR.fields_by_name["chunk"].number
 PROBE_SECONDS = 0.002
+RUN_ID = "loop-lag"
 DEADLINE_SECONDS = 600.0
 
 
 # ------------------------------------------------------------------------------ learners
 
 
-async def _learner(address: str, learner_id: str, chunks: list[bytes], nbytes: int) -> float:
+async def _learner(
+    address: str, learner_id: str, chunks: list[bytes], nbytes: int, held: pb.Hello
+) -> float:
     """One learner: join, wait for the train task, upload the delta; returns upload seconds."""
     limit = 8 * 1024 * 1024
     options = [("grpc.max_receive_message_length", limit), ("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = channel.stream_stream(JOIN)()
         hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=["train", "delta"])
+        hello.MergeFrom(held)
         await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
         layout_id = 0
         while True:
@@ -104,20 +111,28 @@ async def _learner(address: str, learner_id: str, chunks: list[bytes], nbytes: i
         return seconds
 
 
-def _learner_process(address: str, first: int, count: int, params: int) -> None:
+def _learner_process(address: str, first: int, count: int, params: int, download: bool) -> None:
     delta = np.full(params, 1e-3, dtype=np.float32)
     chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, LEARNER_CHUNK_FIELD)
+    held = pb.Hello()
+    if not download:  # the learners hold version 0 already (as after a broadcast)
+        layout = wire.make_layout([np.zeros(params, dtype=np.float32)])
+        held = pb.Hello(
+            holds_model=True, held_version=0, held_run_id=RUN_ID, held_layout_id=layout.layout_id
+        )
 
     async def main() -> None:
         await asyncio.gather(
-            *(_learner(address, f"l{first + i}", chunks, delta.nbytes) for i in range(count)),
+            *(_learner(address, f"l{first + i}", chunks, delta.nbytes, held) for i in range(count)),
             return_exceptions=True,  # the bare server just goes away at the end
         )
 
     asyncio.run(main())
 
 
-def _start_learners(address: str, learners: int, processes: int, params: int) -> list[Any]:
+def _start_learners(
+    address: str, learners: int, processes: int, params: int, download: bool = False
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     per = -(-learners // processes)
     started = []
@@ -125,7 +140,9 @@ def _start_learners(address: str, learners: int, processes: int, params: int) ->
         count = min(per, learners - p * per)
         if count <= 0:
             break
-        proc = ctx.Process(target=_learner_process, args=(address, p * per, count, params))
+        proc = ctx.Process(
+            target=_learner_process, args=(address, p * per, count, params, download)
+        )
         proc.start()
         started.append(proc)
     return started
@@ -173,7 +190,9 @@ class LagProbe:
 # ------------------------------------------------------------------------------ cases
 
 
-async def _controller_case(args: argparse.Namespace, inline: bool) -> dict[str, Any]:
+async def _controller_case(
+    args: argparse.Namespace, inline: bool, download: bool = False
+) -> dict[str, Any]:
     saved = server_module.OFF_LOOP_CHUNK_BYTES
     if inline:
         server_module.OFF_LOOP_CHUNK_BYTES = 1 << 62  # every chunk copied on the loop
@@ -186,15 +205,21 @@ async def _controller_case(args: argparse.Namespace, inline: bool) -> dict[str, 
             min_update_fraction=1.0,
             train=TrainSettings(local_steps=1),
         )
-        config = ControllerConfig(port=0, heartbeat_timeout_seconds=DEADLINE_SECONDS)
+        config = ControllerConfig(
+            port=0,
+            heartbeat_timeout_seconds=DEADLINE_SECONDS,
+            max_uploads_in_flight=args.uploads_in_flight,
+        )
         model = [np.zeros(args.params, dtype=np.float32)]
-        controller = Controller(SynchronousPolicy(settings), config, initial_model=model)
+        policy = SynchronousPolicy(settings)
+        controller = Controller(policy, config, initial_model=model, run_id=RUN_ID)
         port = await controller.start()
         probe = LagProbe()
         probe.start()
-        procs = _start_learners(f"127.0.0.1:{port}", args.learners, args.processes, args.params)
+        address = f"127.0.0.1:{port}"
+        procs = _start_learners(address, args.learners, args.processes, args.params, download)
         loop = asyncio.get_running_loop()
-        while controller.stats.sessions_opened_total < args.learners:
+        while controller.stats.sessions_opened_total < args.learners:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         probe.recording = True
         started = loop.time()
@@ -245,7 +270,7 @@ async def _bare_case(args: argparse.Namespace) -> dict[str, Any]:
     probe.start()
     procs = _start_learners(f"127.0.0.1:{port}", args.learners, args.processes, args.params)
     loop = asyncio.get_running_loop()
-    while joined < args.learners:
+    while joined < args.learners:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     probe.recording = True
     started = loop.time()
@@ -269,7 +294,8 @@ def _run(case: str, args: argparse.Namespace) -> dict[str, Any]:
     if case == "bare_grpc":
         result = uvloop.run(_bare_case(args))
     else:
-        result = uvloop.run(_controller_case(args, inline=case == "controller_inline"))
+        inline, download = case == "controller_inline", case == "controller_download"
+        result = uvloop.run(_controller_case(args, inline, download))
     data_mb = args.learners * args.params * 4 / 1e6
     result["update_MBps"] = data_mb / result["seconds"] if result["seconds"] else None
     return result
@@ -280,6 +306,9 @@ def main() -> None:
     parser.add_argument("--learners", type=int, default=100)
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--processes", type=int, default=4, help="learner processes")
+    parser.add_argument(
+        "--uploads-in-flight", type=int, default=ControllerConfig().max_uploads_in_flight
+    )
     parser.add_argument(
         "--cases", default="controller,controller_inline,bare_grpc", help="comma-separated"
     )
@@ -309,6 +338,7 @@ def main() -> None:
         "learners": args.learners,
         "params": args.params,
         "processes": args.processes,
+        "uploads_in_flight": args.uploads_in_flight,
         "target_p99_ms": 20.0,
         "cases": results,
     }

@@ -132,6 +132,16 @@ class ServerSection(_Section):
     max_num_examples: int = Field(
         default=10**9, ge=1, description="largest num_examples a learner may claim (its weight)"
     )
+    initial_model_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="the learner asked for the first model may take this long before another is",
+    )
+    max_uploads_in_flight: int = Field(
+        default=4,
+        ge=1,
+        description="training uploads reassembled at once (memory: a model-sized buffer each)",
+    )
     tokens_file: Annotated[str | None, Flag(metavar="TOML")] = Field(
         default=None,
         description='TOML file of learner_id = "token" lines; unset: no authentication',

@@ -14,7 +14,10 @@ new versions to the `ModelStore`, and runs the commit hook off the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -62,6 +65,29 @@ DRAIN_RETRY_SECONDS = 5.0
 """How long draining learners are asked to wait before they reconnect (seconds)."""
 
 
+BULK_NICE = 10
+"""Nice value of the threads doing bulk byte work (core, ingest, Rust's pool): the event loop
+thread keeps the default, so under CPU pressure the scheduler runs the loop first."""
+
+
+def lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread); no-op elsewhere."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
+
+
+def start_bulk_threads(executor: ThreadPoolExecutor) -> None:
+    """Start Rust's worker pool from a low-priority thread, so its threads inherit that priority.
+
+    Rust (rayon) creates its workers on first use, and a new thread takes its creator's nice
+    value; calling into Rust from `executor`'s (lowered) thread first makes every later parallel
+    copy, check and fold run below the event loop.
+    """
+    from metis_async._core import first_non_finite
+
+    executor.submit(first_non_finite, np.zeros(1 << 16, dtype=np.float32)).result()
+
+
 class CoreRunner:
     """Runs calls into `core` on one thread; effects are carried out on the loop, in order.
 
@@ -80,7 +106,9 @@ class CoreRunner:
         self.core = core
         self._deliver = deliver
         self._reschedule = reschedule
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="federation-core")
+        self._thread = ThreadPoolExecutor(
+            1, thread_name_prefix="federation-core", initializer=lower_thread_priority
+        )
 
     async def call(self, method: Callable[..., list[Effect]], *args: Any) -> list[Effect]:
         """Run `method(*args)` (a core method returning effects) on the core thread."""
@@ -142,7 +170,7 @@ class EffectDelivery:
         if isinstance(effect, SendModel):
             self._send_model(effect)
         elif isinstance(effect, SendTask):
-            self._send(effect.task.learner_id, task_message(effect.task))
+            self._send_task(effect)
         elif isinstance(effect, SendCancel):
             cancel = pb.CancelTask(task_id=effect.task_id, reason=effect.reason)
             self._send(effect.learner_id, controller_message(cancel=cancel))
@@ -169,6 +197,14 @@ class EffectDelivery:
         session = self._sessions.get(learner_id)
         if session is not None:
             session.send(message)
+
+    def _send_task(self, effect: SendTask) -> None:
+        session = self._sessions.get(effect.task.learner_id)
+        if session is None:
+            return
+        if not session.has_layout:  # a learner holding the model still gets the layout once
+            session.has_layout = session.send(self._store.layout_message)
+        session.send(task_message(effect.task))
 
     def _send_model(self, effect: SendModel) -> None:
         session = self._sessions.get(effect.learner_id)

@@ -29,7 +29,13 @@ import structlog
 
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
-from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
+from metis_async.delivery import (
+    CommitHook,
+    CoreRunner,
+    EffectDelivery,
+    lower_thread_priority,
+    start_bulk_threads,
+)
 from metis_async.effects import Effect
 from metis_async.federation import DEFAULT_CAPABILITIES, FederationCore, UpdateReport
 from metis_async.protocols import Policy, TaskKind
@@ -67,6 +73,9 @@ class ControllerConfig:
             the aggregation weight, so an unbounded claim would let one learner own a round.
         initial_model_timeout_seconds: how long the learner asked for the first model may take
             before another waiting learner is asked.
+        max_uploads_in_flight: training uploads reassembled at once (each holds a model-sized
+            buffer); a result beyond it waits with its stream unread, so gRPC flow control holds
+            that learner back and controller memory stays O(model x this).
         tokens: learner id -> token; None disables authentication.
     """
 
@@ -81,6 +90,7 @@ class ControllerConfig:
     max_learner_id_length: int = 128
     max_num_examples: int = 10**9
     initial_model_timeout_seconds: float = 60.0
+    max_uploads_in_flight: int = 4
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -140,12 +150,16 @@ class Controller:
         self._finished = asyncio.Event()
         self._delivery = EffectDelivery(self._sessions, self.store, on_commit, self._finished)
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
-        self._ingest = ThreadPoolExecutor(2, thread_name_prefix="ingest")
+        self._ingest = ThreadPoolExecutor(
+            2, thread_name_prefix="ingest", initializer=lower_thread_priority
+        )
+        start_bulk_threads(self._ingest)
         self._clock = clock
         self._wakeup: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._limiter = LogLimiter()
+        self._upload_slots = asyncio.Semaphore(self.config.max_uploads_in_flight)
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -393,6 +407,7 @@ class Controller:
         return msg.hello
 
     async def _close_session(self, session: Session) -> None:
+        self._release_upload_slot(session)
         if self._sessions.get(session.learner_id) is not session:
             return
         del self._sessions[session.learner_id]
@@ -444,7 +459,7 @@ class Controller:
             await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
             deadline = asyncio.get_running_loop().time() - timeout
             for session in list(self._sessions.values()):
-                if session.last_seen < deadline:
+                if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
 
     # ------------------------------------------------------------------------------ uploads
@@ -495,11 +510,15 @@ class Controller:
         layout = self.store.layout
         assert layout is not None
         try:
-            upload = wire.Upload(
+            wire.check_header(
                 result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
+        await self._take_upload_slot(session)
+        upload = wire.Upload(
+            result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
+        )
         session.pending = PendingUpload(task, result, upload)
         if upload.done:
             await self._upload_complete(session)
@@ -559,10 +578,26 @@ class Controller:
         else:
             await self._initial_model_complete(session)
 
+    async def _take_upload_slot(self, session: Session) -> None:
+        """Wait for one of the `max_uploads_in_flight` slots (not reading the stream meanwhile)."""
+        session.waiting_for_slot = True
+        try:
+            await self._upload_slots.acquire()
+        finally:
+            session.waiting_for_slot = False
+            session.last_seen = asyncio.get_running_loop().time()  # we were not reading it
+        session.holds_slot = True
+
+    def _release_upload_slot(self, session: Session) -> None:
+        if session.holds_slot:
+            session.holds_slot = False
+            self._upload_slots.release()
+
     async def _upload_complete(self, session: Session) -> None:
         pending = session.pending
         assert pending is not None
         session.pending = None
+        self._release_upload_slot(session)
         result = pending.result
         report = UpdateReport(
             task_id=pending.task.task_id,

@@ -76,6 +76,8 @@ class Session:
         self.initial_layout: pb.ModelLayout | None = None
         self.initial_upload: Upload | None = None
         self.pending: PendingUpload | None = None
+        self.waiting_for_slot = False  # its result waits for an upload slot (stream not read)
+        self.holds_slot = False
         self.discard_chunks = 0  # chunks of a stale result still to skip
         self.discard_payload_id = 0
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
