@@ -43,7 +43,7 @@ import numpy as np
 
 # The installed package (`pip install ".[bench]"` or an editable install), never the source
 # folder: a source checkout has no built `_core`.
-from metis_async import server as server_module
+from metis_async import ingest as ingest_module
 from metis_async import wire
 from metis_async._core import encode_chunk_messages
 from metis_async.protocols import SynchronousPolicy, SynchronousSettings, TrainSettings
@@ -193,9 +193,9 @@ class LagProbe:
 async def _controller_case(
     args: argparse.Namespace, inline: bool, download: bool = False
 ) -> dict[str, Any]:
-    saved = server_module.OFF_LOOP_CHUNK_BYTES
+    saved = ingest_module.OFF_LOOP_CHUNK_BYTES
     if inline:
-        server_module.OFF_LOOP_CHUNK_BYTES = 1 << 62  # every chunk copied on the loop
+        ingest_module.OFF_LOOP_CHUNK_BYTES = 1 << 62  # every chunk copied on the loop
     try:
         settings = SynchronousSettings(
             rounds=1,
@@ -235,7 +235,7 @@ async def _controller_case(
         ok = ok and bool(np.allclose(controller.store.flat, expected, atol=1e-6))
         return {**probe.summary(), "seconds": seconds, "ok": ok}
     finally:
-        server_module.OFF_LOOP_CHUNK_BYTES = saved
+        ingest_module.OFF_LOOP_CHUNK_BYTES = saved
 
 
 async def _bare_case(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import structlog
 
 from metis_async import wire
@@ -589,7 +588,7 @@ class FederationCore:
         self._open = []
         try:
             new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
-            bad = _first_non_finite(new)
+            bad = wire.first_non_finite(new)
             if bad is not None:
                 raise ValueError(f"the new model is not finite at value {bad}")
         except ValueError as error:
@@ -721,10 +720,3 @@ class FederationCore:
         if self._step is None:
             raise RuntimeError("no model yet")
         return self._step
-
-
-def _first_non_finite(model: wire.FloatVector) -> int | None:
-    from metis_async._core import first_non_finite
-
-    bad = first_non_finite(np.asarray(model))
-    return None if bad is None else int(bad)

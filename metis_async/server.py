@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import math
 import signal
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,17 +27,12 @@ import structlog
 
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
-from metis_async.delivery import (
-    CommitHook,
-    CoreRunner,
-    EffectDelivery,
-    lower_thread_priority,
-    start_bulk_threads,
-)
+from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
 from metis_async.effects import Effect
-from metis_async.federation import DEFAULT_CAPABILITIES, FederationCore, UpdateReport
-from metis_async.protocols import Policy, TaskKind
-from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
+from metis_async.federation import DEFAULT_CAPABILITIES, FederationCore
+from metis_async.ingest import Ingest, parse_learner_message
+from metis_async.protocols import Policy
+from metis_async.session import ProtocolViolation, Session, controller_message
 from metis_async.store import ModelStore, encode_version
 from metis_async.telemetry import ControllerStats, LogLimiter, short_id
 from metis_async.v1 import controller_pb2 as pb
@@ -48,8 +41,6 @@ log = structlog.get_logger("metis_async.server")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-OFF_LOOP_CHUNK_BYTES = 256 * 1024
-"""Chunks at least this large are copied and checked in a worker thread, not on the loop."""
 
 T = TypeVar("T")
 
@@ -150,16 +141,14 @@ class Controller:
         self._finished = asyncio.Event()
         self._delivery = EffectDelivery(self._sessions, self.store, on_commit, self._finished)
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
-        self._ingest = ThreadPoolExecutor(
-            2, thread_name_prefix="ingest", initializer=lower_thread_priority
-        )
-        start_bulk_threads(self._ingest)
         self._clock = clock
         self._wakeup: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._limiter = LogLimiter()
-        self._upload_slots = asyncio.Semaphore(self.config.max_uploads_in_flight)
+        self._ingest = Ingest(
+            self.config, self.core, self.store, self.stats, self._call, self._limiter
+        )
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -168,9 +157,13 @@ class Controller:
         """Adopt the initial model (if given), bind and start serving; returns the bound port."""
         if self._initial is not None:
             layout = wire.make_layout(self._initial)
-            self._check_model_size(int(layout.total_bytes))
+            if layout.total_bytes > self.config.max_model_bytes:
+                raise ValueError(
+                    f"the initial model has {layout.total_bytes} bytes, more than "
+                    f"max_model_bytes={self.config.max_model_bytes}"
+                )
             flat = wire.flatten(self._initial, layout)
-            bad = wire_first_non_finite(flat)
+            bad = wire.first_non_finite(flat)
             if bad is not None:
                 raise ValueError(f"the initial model is not finite (first at value {bad})")
             await self._call(self.core.initialize_model, layout, flat)
@@ -224,7 +217,7 @@ class Controller:
         if self._server is not None:
             await self._server.stop(grace_seconds)
         self._runner.close()
-        self._ingest.shutdown(wait=False, cancel_futures=True)
+        self._ingest.close()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
 
     @property
@@ -397,7 +390,7 @@ class Controller:
         if raw is grpc.aio.EOF:
             await context.abort(INVALID, "stream closed before hello")
         try:
-            msg = _parse(raw)
+            msg = parse_learner_message(raw)
         except ProtocolViolation as error:
             await context.abort(error.code, error.message)
             raise
@@ -407,7 +400,7 @@ class Controller:
         return msg.hello
 
     async def _close_session(self, session: Session) -> None:
-        self._release_upload_slot(session)
+        self._ingest.release_upload_slot(session)
         if self._sessions.get(session.learner_id) is not session:
             return
         del self._sessions[session.learner_id]
@@ -430,28 +423,7 @@ class Controller:
         while (raw := await context.read()) is not grpc.aio.EOF:
             session.last_seen = loop.time()
             self.stats.bytes_received_total += len(raw)
-            chunk = wire.peek_chunk(raw)
-            if chunk is not None:
-                await self._on_chunk(session, raw, chunk)
-                continue
-            msg = _parse(raw)
-            kind = msg.WhichOneof("body")
-            if kind == "heartbeat":
-                continue
-            if kind == "result":
-                await self._on_result(session, msg.result)
-            elif kind == "error":
-                await self._on_learner_error(session, msg.error)
-            elif kind == "layout":
-                self._on_initial_layout(session, msg.layout)
-            elif kind == "initial_model":
-                self._on_initial_model(session, msg.initial_model)
-            elif kind == "hello":
-                raise ProtocolViolation(INVALID, "hello sent twice on one stream")
-            elif kind == "chunk":  # a chunk the Rust decoder could not read as one
-                raise ProtocolViolation(INVALID, "malformed chunk message")
-            else:
-                raise ProtocolViolation(INVALID, "message has no body")
+            await self._ingest.handle(session, raw)
 
     async def _reap_silent_learners(self) -> None:
         timeout = self.config.heartbeat_timeout_seconds
@@ -462,260 +434,10 @@ class Controller:
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
 
-    # ------------------------------------------------------------------------------ uploads
-
-    async def _on_result(self, session: Session, result: pb.TaskResult) -> None:
-        if session.pending is not None:
-            raise ProtocolViolation(
-                INVALID,
-                f"result for {result.task_id!r} started before the chunks of "
-                f"{session.pending.task.task_id!r} were complete",
-            )
-        found = self.core.lookup(session.learner_id, result.task_id)
-        task = found.task
-        if task is None:
-            self._answer_closed_task(session, result, found.closed_reason)
-            return
-        if result.num_examples > self.config.max_num_examples:
-            raise ProtocolViolation(
-                INVALID,
-                f"result for {task.task_id!r} claims {result.num_examples} examples; the "
-                f"controller's limit is {self.config.max_num_examples}",
-            )
-        if task.kind is TaskKind.EVALUATE:
-            if result.payload.num_chunks:
-                raise ProtocolViolation(INVALID, "evaluation results carry no payload")
-            metrics = {k: float(v) for k, v in result.metrics.items()}
-            await self._call(
-                self.core.evaluation_arrived,
-                session.learner_id,
-                task.task_id,
-                int(result.num_examples),
-                metrics,
-            )
-            return
-        if result.base_version != task.version:
-            raise ProtocolViolation(
-                INVALID,
-                f"result for {task.task_id!r} claims base version "
-                f"{result.base_version}, the task was for version {task.version}",
-            )
-        expected = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
-        if result.payload.kind != expected:
-            raise ProtocolViolation(
-                INVALID,
-                f"task {task.task_id!r} asked for a {pb.PayloadKind.Name(expected)} payload, "
-                f"got {pb.PayloadKind.Name(result.payload.kind)}",
-            )
-        layout = self.store.layout
-        assert layout is not None
-        try:
-            wire.check_header(
-                result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
-            )
-        except wire.WireError as error:
-            raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
-        await self._take_upload_slot(session)
-        upload = wire.Upload(
-            result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
-        )
-        session.pending = PendingUpload(task, result, upload)
-        if upload.done:
-            await self._upload_complete(session)
-
-    def _answer_closed_task(
-        self, session: Session, result: pb.TaskResult, reason: str | None
-    ) -> None:
-        """A result for a task this learner no longer holds: explain, and skip its chunks."""
-        from metis_async.federation import RESULT_RECEIVED
-
-        if reason is None:
-            raise ProtocolViolation(
-                INVALID,
-                f"unknown task id {result.task_id!r}: "
-                "this controller never assigned it to this learner",
-            )
-        session.discard_chunks = int(result.payload.num_chunks)
-        session.discard_payload_id = int(result.payload.payload_id)
-        code = pb.ERROR_CODE_DUPLICATE if reason == RESULT_RECEIVED else pb.ERROR_CODE_STALE_TASK
-        message = f"task {result.task_id!r} is closed ({reason}); result discarded"
-        if self._limiter.allow(session.learner_id, "result_discarded"):
-            log.info(
-                "result_discarded",
-                learner_id=short_id(session.learner_id),
-                task_id=result.task_id,
-                reason=reason,
-            )
-        session.send_error(code, message, result.task_id)
-
-    async def _on_chunk(self, session: Session, raw: bytes, chunk: tuple[int, int, int]) -> None:
-        payload_id, _, nbytes = chunk
-        if session.discard_chunks and payload_id == session.discard_payload_id:
-            session.discard_chunks -= 1
-            return
-        upload = session.pending.upload if session.pending is not None else None
-        if upload is None:
-            upload = session.initial_upload
-        if upload is None:
-            raise ProtocolViolation(
-                INVALID, f"chunk of payload {payload_id} arrived with no payload announced"
-            )
-        try:
-            if nbytes >= OFF_LOOP_CHUNK_BYTES:  # copy and check in a worker, GIL released
-                loop = asyncio.get_running_loop()
-                done = await loop.run_in_executor(self._ingest, upload.add, raw)
-            else:
-                done = upload.add(raw)
-        except wire.WireError as error:
-            what = (
-                "initial model" if session.pending is None else repr(session.pending.task.task_id)
-            )
-            raise ProtocolViolation(INVALID, f"{what}: {error}") from None
-        if not done:
-            return
-        if session.pending is not None:
-            await self._upload_complete(session)
-        else:
-            await self._initial_model_complete(session)
-
-    async def _take_upload_slot(self, session: Session) -> None:
-        """Wait for one of the `max_uploads_in_flight` slots (not reading the stream meanwhile)."""
-        session.waiting_for_slot = True
-        try:
-            await self._upload_slots.acquire()
-        finally:
-            session.waiting_for_slot = False
-            session.last_seen = asyncio.get_running_loop().time()  # we were not reading it
-        session.holds_slot = True
-
-    def _release_upload_slot(self, session: Session) -> None:
-        if session.holds_slot:
-            session.holds_slot = False
-            self._upload_slots.release()
-
-    async def _upload_complete(self, session: Session) -> None:
-        pending = session.pending
-        assert pending is not None
-        session.pending = None
-        self._release_upload_slot(session)
-        result = pending.result
-        report = UpdateReport(
-            task_id=pending.task.task_id,
-            base_version=int(result.base_version),
-            num_examples=int(result.num_examples),
-            completed_steps=int(result.completed_steps),
-            train_seconds=float(result.train_seconds),
-            seconds_per_batch=float(result.seconds_per_batch),
-            seconds_per_epoch=float(result.seconds_per_epoch),
-            metrics={k: float(v) for k, v in result.metrics.items()},
-        )
-        # every value was checked chunk by chunk on arrival
-        await self._call(
-            self.core.update_arrived, session.learner_id, report, pending.upload.take()
-        )
-
-    async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
-        if self._limiter.allow(session.learner_id, "learner_error"):
-            log.warning(
-                "learner_error",
-                learner_id=short_id(session.learner_id),
-                task_id=error.task_id,
-                message=error.message[:256],
-                suppressed=self._limiter.suppressed(session.learner_id, "learner_error"),
-            )
-        if session.asked_for_model and not self.core.ready and not error.task_id:
-            await self._call(self.core.initial_model_refused, session.learner_id, error.message)
-            return
-        await self._call(self.core.task_failed, session.learner_id, error.task_id, error.message)
-
-    # ------------------------------------------------------------------------------ first model
-
-    def _check_model_size(self, nbytes: int) -> None:
-        if nbytes > self.config.max_model_bytes:
-            raise ProtocolViolation(
-                INVALID,
-                f"model of {nbytes} bytes exceeds the controller's limit "
-                f"max_model_bytes={self.config.max_model_bytes}",
-            )
-
-    def _on_initial_layout(self, session: Session, layout: pb.ModelLayout) -> None:
-        if (
-            not session.asked_for_model
-            or self.core.ready
-            or self.core.provider
-            not in (
-                None,
-                session.learner_id,
-            )
-        ):
-            raise ProtocolViolation(INVALID, "the controller did not ask this learner for a model")
-        _check_layout(layout)
-        self._check_model_size(int(layout.total_bytes))
-        session.initial_layout = layout
-        session.initial_upload = None
-
-    def _on_initial_model(self, session: Session, initial: pb.InitialModel) -> None:
-        layout = session.initial_layout
-        if not session.asked_for_model or layout is None:
-            raise ProtocolViolation(INVALID, "initial model sent before its layout")
-        try:
-            session.initial_upload = wire.Upload(
-                initial.payload,
-                int(layout.total_bytes),
-                layout.layout_id,
-                self.config.max_chunk_bytes,
-            )
-        except wire.WireError as error:
-            raise ProtocolViolation(INVALID, f"initial model: {error}") from None
-
-    async def _initial_model_complete(self, session: Session) -> None:
-        upload, layout = session.initial_upload, session.initial_layout
-        assert upload is not None
-        assert layout is not None
-        session.initial_upload = session.initial_layout = None
-        flat = upload.take()  # every value already checked, chunk by chunk
-        if self.core.ready:
-            return  # another learner's model arrived first
-        await self._call(self.core.initialize_model, layout, flat, session.learner_id)
-
-
-def wire_first_non_finite(flat: wire.FloatVector) -> int | None:
-    """Index of the first NaN/inf in `flat` (Rust, parallel), None if all finite."""
-    from metis_async._core import first_non_finite
-
-    bad = first_non_finite(flat)
-    return None if bad is None else int(bad)
-
 
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("tick_failed", error=repr(task.exception()))
-
-
-def _parse(raw: bytes) -> pb.LearnerMessage:
-    msg = pb.LearnerMessage()
-    try:
-        msg.ParseFromString(raw)
-    except Exception as error:  # protobuf raises DecodeError (a Message.Error subclass)
-        raise ProtocolViolation(INVALID, f"could not parse LearnerMessage: {error}") from None
-    return msg
-
-
-def _check_layout(layout: pb.ModelLayout) -> None:
-    offset = 0
-    for spec in layout.tensors:
-        count = math.prod(int(s) for s in spec.shape)
-        if spec.offset != offset or spec.nbytes != count * wire.WIRE_DTYPE.itemsize:
-            raise ProtocolViolation(
-                INVALID,
-                f"layout tensor {spec.name!r} is inconsistent: "
-                f"offset {spec.offset}, {spec.nbytes} bytes",
-            )
-        offset += int(spec.nbytes)
-    if not layout.tensors or offset != layout.total_bytes:
-        raise ProtocolViolation(
-            INVALID, f"layout totals {offset} bytes but announces {layout.total_bytes}"
-        )
 
 
 def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:

@@ -240,6 +240,17 @@ class PayloadAssembler:
         return self._buffer.view(WIRE_DTYPE).astype(np.float32, copy=False)
 
 
+def first_non_finite(values: FloatVector) -> int | None:
+    """Index of the first NaN or infinity in `values` (Rust, parallel), None if all are finite.
+
+    Controller-side only: it needs the compiled extension, which the edge learner does not.
+    """
+    from metis_async._core import first_non_finite as _first
+
+    bad = _first(np.ascontiguousarray(values, dtype=np.float32))
+    return None if bad is None else int(bad)
+
+
 LEARNER_CHUNK_FIELD = pb.LearnerMessage.DESCRIPTOR.fields_by_name["chunk"].number
 """Field number of `chunk` in `LearnerMessage` (the envelope of upload chunks)."""
 

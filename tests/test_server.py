@@ -239,7 +239,9 @@ def test_first_message_must_be_hello(controller_factory: Factory) -> None:
 
 def test_stale_result_gets_in_band_error_and_stream_survives(controller_factory: Factory) -> None:
     # Goal 1 of 2 selected: the fast learner closes the round and the raw learner's task is void.
-    policy = sync_policy(min_learners=2, learners_per_round=1, over_selection=2.0, rounds=3)
+    # rounds=0: the federation never ends, so there is always a next task to wait for (with a
+    # few rounds only, the fast learner could finish them all before the raw one reads on)
+    policy = sync_policy(min_learners=2, learners_per_round=1, over_selection=2.0, rounds=0)
     ct = controller_factory(policy)
     raw = RawLearner(ct.address, "slow")
     _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1), "fast")

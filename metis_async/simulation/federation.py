@@ -305,7 +305,7 @@ class SimulatedFederation:
             self._event("evaluation_arrived", self._now, *args)
             return
         event, upload = learner.train(job, self._now, self._layout)
-        if wire_first_non_finite(upload) is not None:
+        if wire.first_non_finite(upload) is not None:
             # The server ends such a learner's session; the client reconnects later.
             self._drop(learner, "update contains NaN or infinite values")
             return
@@ -371,11 +371,3 @@ def _report(event: UpdateArrived) -> UpdateReport:
         seconds_per_epoch=event.seconds_per_epoch,
         metrics=dict(event.metrics),
     )
-
-
-def wire_first_non_finite(values: wire.FloatVector) -> int | None:
-    """Index of the first NaN/inf (the server's check, in Rust), None if all finite."""
-    from metis_async._core import first_non_finite
-
-    bad = first_non_finite(np.ascontiguousarray(values, dtype=np.float32))
-    return None if bad is None else int(bad)
