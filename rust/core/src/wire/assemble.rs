@@ -291,19 +291,91 @@ fn copy_and_check(values: &mut [f32], filled: usize, src: &[u8], check: bool) ->
 }
 
 /// Copies `src` into the first bytes of `dst` (`dst` has `ceil(src.len() / 4)` values), block
-/// by block, checking each block's complete values right after copying it.
+/// by block, checking each block's complete values as it is read.
+///
+/// The check reads the source block (bringing it into L1), then the copy reads it again from L1
+/// and writes the destination with non-temporal stores where the target has them (x86-64): the
+/// buffer is read next by the fold, long after it has left every cache, so a normal store would
+/// only add a read of each destination line (write-allocate) and evict the cache for nothing.
 fn fill_region(dst: &mut [f32], src: &[u8], check: bool) -> Option<usize> {
+    let mut bad = None;
     for (b, (dst, src)) in dst.chunks_mut(BLOCK).zip(src.chunks(4 * BLOCK)).enumerate() {
-        as_bytes_mut(dst)[..src.len()].copy_from_slice(src);
-        if check {
-            let complete = &dst[..src.len() / 4];
-            if !all_finite(complete) {
-                let at = complete.iter().position(|x| !x.is_finite());
-                return at.map(|i| b * BLOCK + i);
-            }
+        if check && !all_finite_bytes(src) {
+            let at = src
+                .chunks_exact(4)
+                .position(|w| !f32::from_le_bytes([w[0], w[1], w[2], w[3]]).is_finite());
+            bad = at.map(|i| b * BLOCK + i);
+            break;
+        }
+        stream_copy(&mut as_bytes_mut(dst)[..src.len()], src);
+    }
+    store_fence();
+    bad
+}
+
+/// `dst.copy_from_slice(src)`, with non-temporal stores for the 16-byte-aligned middle on x86-64.
+#[cfg(target_arch = "x86_64")]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    let len = dst.len().min(src.len());
+    let head = dst.as_ptr().align_offset(16).min(len);
+    dst[..head].copy_from_slice(&src[..head]);
+    let body = (len - head) / 16 * 16;
+    let (d, s) = (
+        dst[head..head + body].as_mut_ptr(),
+        src[head..head + body].as_ptr(),
+    );
+    let mut i = 0;
+    while i < body {
+        // SAFETY: SSE2 is part of every x86-64 target. `d.add(i)` and `s.add(i)` stay inside
+        // the `body` bytes sliced above (i + 16 <= body); `d` is 16-byte aligned by
+        // `align_offset`, as `_mm_stream_si128` requires, and `_mm_loadu_si128` takes any
+        // alignment. Non-temporal stores are ordered by `store_fence` before the buffer is used.
+        unsafe {
+            _mm_stream_si128(d.add(i).cast::<__m128i>(), _mm_loadu_si128(s.add(i).cast()));
+        }
+        i += 16;
+    }
+    dst[head + body..len].copy_from_slice(&src[head + body..len]);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    dst.copy_from_slice(src);
+}
+
+/// Orders this thread's non-temporal stores before anything it does next.
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of every x86-64 target; `sfence` has no other effect.
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
+    }
+}
+
+/// Whether no complete little-endian float32 value in `bytes` (any alignment) has an all-ones
+/// exponent (NaN, ±∞), without a branch per value: adding 2^23 to the masked exponent carries
+/// into bit 31 exactly for an all-ones exponent, and the flags are OR-ed over sixteen
+/// independent lanes (integer SIMD on any x86-64 or aarch64).
+#[inline]
+fn all_finite_bytes(bytes: &[u8]) -> bool {
+    const LANES: usize = 16;
+    const EXPONENT: u32 = 0x7f80_0000;
+    let flag = |w: &[u8]| {
+        (u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & EXPONENT).wrapping_add(0x0080_0000)
+    };
+    let mut lanes = [0u32; LANES];
+    let mut blocks = bytes.chunks_exact(4 * LANES);
+    for block in &mut blocks {
+        for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+            *lane |= flag(w);
         }
     }
-    None
+    let tail = blocks
+        .remainder()
+        .chunks_exact(4)
+        .fold(0, |acc, w| acc | flag(w));
+    (lanes.iter().fold(tail, |acc, &l| acc | l) & 0x8000_0000) == 0
 }
 
 /// The bytes of `values`.
@@ -312,25 +384,6 @@ fn as_bytes_mut(values: &mut [f32]) -> &mut [u8] {
     // SAFETY: same memory and lifetime as `values`; u8 has alignment 1, and every byte pattern
     // is a valid f32, so writes through the byte view cannot make `values` invalid.
     unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) }
-}
-
-/// Whether no value has an all-ones exponent (NaN, ±∞), without a branch per value: adding
-/// 2^23 to the masked exponent carries into bit 31 exactly for an all-ones exponent, and the
-/// flags are OR-ed over sixteen independent lanes (integer SIMD on any x86-64 or aarch64).
-#[inline]
-fn all_finite(values: &[f32]) -> bool {
-    const LANES: usize = 16;
-    const EXPONENT: u32 = 0x7f80_0000;
-    let flag = |x: f32| (x.to_bits() & EXPONENT).wrapping_add(0x0080_0000);
-    let mut lanes = [0u32; LANES];
-    let mut blocks = values.chunks_exact(LANES);
-    for block in &mut blocks {
-        for (lane, &x) in lanes.iter_mut().zip(block) {
-            *lane |= flag(x);
-        }
-    }
-    let tail = blocks.remainder().iter().fold(0, |acc, &x| acc | flag(x));
-    (lanes.iter().fold(tail, |acc, &l| acc | l) & 0x8000_0000) == 0
 }
 
 #[cfg(test)]
@@ -367,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn all_finite_matches_is_finite_for_special_values() {
+    fn all_finite_bytes_matches_is_finite_for_special_values() {
         let specials = [
             0.0,
             -0.0,
@@ -382,11 +435,14 @@ mod tests {
             f32::from_bits(0xffc0_0000),
         ];
         for x in specials {
-            assert_eq!(all_finite(&[x]), x.is_finite(), "{x:?}");
-            assert_eq!(
-                all_finite(&[1.0; 40].map(|v| if v > 2.0 { v } else { x })),
-                x.is_finite()
-            );
+            assert_eq!(all_finite_bytes(&bytes_of(&[x])), x.is_finite(), "{x:?}");
+            let mut many = [1.0_f32; 40];
+            many[37] = x;
+            assert_eq!(all_finite_bytes(&bytes_of(&many)), x.is_finite());
+            // at any alignment of the bytes
+            let mut shifted = vec![0_u8; 3];
+            shifted.extend(bytes_of(&many));
+            assert_eq!(all_finite_bytes(&shifted[3..]), x.is_finite());
         }
     }
 
