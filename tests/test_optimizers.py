@@ -23,7 +23,7 @@ from metis_async.aggregation.optimizers import (
     make_optimizer,
 )
 
-PARALLEL_MIN = 1 << 16  # the core switches to rayon at this length (rust/src/accumulate.rs)
+PARALLEL_MIN = 1 << 16  # the core switches to rayon at this length (rust/core/src/accumulate.rs)
 KINDS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 DEFAULTS: dict[str, dict[str, float]] = {
     "fedavg": {"lr": 1.0},

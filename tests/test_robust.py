@@ -2,7 +2,7 @@
 
 References compute in float64 (``np.median``, a sorted trimmed mean, Krum from explicit pairwise
 distances); the core rounds its float64 results to float32 once, so results agree to a float32
-ulp. Krum's distances are summed in float32 over short runs (see ``rust/src/robust/krum.rs``),
+ulp. Krum's distances are summed in float32 over short runs (see ``rust/core/src/robust/krum.rs``),
 so scores agree to ~1e-6 relative.
 """
 

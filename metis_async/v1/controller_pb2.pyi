@@ -16,7 +16,7 @@ first (the old one ends with ALREADY_EXISTS).
 
 ONE SESSION, IN ORDER (controller -> learner)
   Welcome                            always first
-  ModelLayout                        once per stream, before the first Model
+  ModelLayout                        once per stream, before the first Model or task
   Model + Model.payload.num_chunks x Chunk
                                      a version, before the tasks that need it; skipped when the
                                      controller trusts the learner's held model (Hello)
@@ -45,6 +45,10 @@ LIMITS (defaults of the reference controller in brackets)
     learner silent for heartbeat_timeout [30 s] is dropped (UNAVAILABLE) and its tasks void.
   The controller's send queue per stream [1024 messages]: a learner that reads too slowly is
     dropped (RESOURCE_EXHAUSTED). HTTP/2 keepalive pings are allowed, at most every 5 s.
+  Uploads received at once [max_uploads_in_flight = 4]: a TaskResult header that arrives while
+    that many training uploads are being received waits, and the controller stops reading that
+    stream meanwhile, so the learner's writes block (HTTP/2 flow control). This is not an error
+    and needs no heartbeat: the learner just keeps writing its chunks.
 
 HOW A STREAM ENDS (gRPC status of the Join call)
   OK                  after Shutdown, or when the controller closes normally.
