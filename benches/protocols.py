@@ -44,6 +44,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one run per process; tiny 
 # folder: a source checkout has no built `_core`.
 from metis_async.profiles import SIMULATION_PROFILES
 from metis_async.simulation import policy_settings, run_digits
+from metis_async.telemetry import configure_logging
 
 TARGET = 0.90
 RESULTS = Path(__file__).resolve().parent / "results" / "protocols.json"
@@ -165,7 +166,10 @@ def main() -> None:
 
     started = time.perf_counter()
     jobs = [(name, seed, seconds) for name in CASES for seed in seeds]
-    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+    # The federation core logs every commit at info: thousands of lines per simulated run.
+    with ProcessPoolExecutor(
+        max(1, args.jobs), initializer=configure_logging, initargs=("warning",)
+    ) as pool:
         runs = list(pool.map(run_case, jobs))
     by_case: dict[str, list[dict[str, Any]]] = {name: [] for name in CASES}
     for (name, _, _), run in zip(jobs, runs, strict=True):

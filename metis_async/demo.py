@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from metis_async.examples import digits
+from metis_async.federation import summarize_participation
 from metis_async.profiles import DEMO_PROFILES, default_demo_settings
 from metis_async.protocols import TrainSettings, make_policy
 from metis_async.server import Controller, ControllerConfig, run_event_loop
@@ -99,6 +100,7 @@ class DemoResult:
     accuracy_history: list[float] = field(default_factory=list)
     updates_accepted: int = 0
     learner_exit_codes: list[int | None] = field(default_factory=list)
+    participation: dict[str, object] = field(default_factory=dict)  # who contributed how much
 
     def as_dict(self) -> dict[str, object]:
         """The result as a JSON-ready dict."""
@@ -203,6 +205,7 @@ async def _run(options: DemoOptions) -> DemoResult:
                     on_commit, controller.version, controller.store.parameters()
                 )
         finally:
+            participation = await controller.participation()
             await controller.stop(grace_seconds=2.0)
             await asyncio.to_thread(_join_all, processes, 10.0)
     final = history[-1] if history else float("nan")
@@ -216,6 +219,7 @@ async def _run(options: DemoOptions) -> DemoResult:
         accuracy_history=[round(a, 4) for a in history],
         updates_accepted=controller.stats.updates_accepted_total,
         learner_exit_codes=[p.exitcode for p in processes],
+        participation=summarize_participation(participation),
     )
 
 

@@ -720,3 +720,24 @@ class FederationCore:
         if self._step is None:
             raise RuntimeError("no model yet")
         return self._step
+
+
+def summarize_participation(participation: Mapping[str, Mapping[str, int]]) -> dict[str, object]:
+    """How evenly learners contributed, from `FederationCore.participation()`.
+
+    Accepted updates per learner (min, median, max), learners that never contributed, and the
+    share of all accepted updates that came from the top 10% of learners: over-selection and
+    round-less policies favour fast learners, and this is where that bias shows.
+    """
+    accepted = sorted(int(p["updates_accepted"]) for p in participation.values())
+    if not accepted:
+        return {"learners": 0}
+    top = accepted[-max(1, len(accepted) // 10) :]
+    return {
+        "learners": len(accepted),
+        "never_contributed": sum(1 for a in accepted if a == 0),
+        "accepted_min": accepted[0],
+        "accepted_median": accepted[len(accepted) // 2],
+        "accepted_max": accepted[-1],
+        "top_decile_share": sum(top) / max(sum(accepted), 1),
+    }

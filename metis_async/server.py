@@ -239,6 +239,10 @@ class Controller:
         """Connected learners, for the dashboard and tests."""
         return [s.describe() for s in self._sessions.values()]
 
+    async def participation(self) -> dict[str, dict[str, int]]:
+        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
+        return await self._runner.query(self.core.participation)
+
     async def tick(self) -> None:
         """Deliver the passing of time to the core now (the wake-up timer does it on its own)."""
         await self._call(self.core.tick)

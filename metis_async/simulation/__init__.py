@@ -7,14 +7,13 @@ log-normal learner speeds, stragglers, latency and dropouts (`SpeedModel`), and 
 
 from __future__ import annotations
 
-from metis_async.simulation.digits import DIGITS_DEFAULTS, policy_settings, run_digits
+from metis_async.simulation.digits import policy_settings, run_digits
 from metis_async.simulation.federation import Score, SimulatedFederation
 from metis_async.simulation.learners import SimulatedLearner
 from metis_async.simulation.result import EvaluationSchedule, HistoryPoint, SimulationResult
 from metis_async.simulation.speeds import LearnerSpeed, SpeedModel
 
 __all__ = [
-    "DIGITS_DEFAULTS",
     "EvaluationSchedule",
     "HistoryPoint",
     "LearnerSpeed",

@@ -18,10 +18,6 @@ from metis_async.simulation.federation import SimulatedFederation
 from metis_async.simulation.result import EvaluationSchedule, SimulationResult
 from metis_async.simulation.speeds import SpeedModel
 
-DIGITS_DEFAULTS = SIMULATION_PROFILES
-"""The tuned settings of `metis_async.profiles.SIMULATION_PROFILES` (re-exported under its old
-name by `metis_async.simulation`)."""
-
 
 def policy_settings(protocol: str, seed: int = 0, **overrides: object) -> dict[str, object]:
     """The digits settings of `protocol`: its `SIMULATION_PROFILES` entry with `overrides` applied.

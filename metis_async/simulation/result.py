@@ -135,21 +135,10 @@ class SimulationResult:
         return total / (end - since_seconds)
 
     def participation_summary(self) -> dict[str, object]:
-        """How evenly learners contributed: accepted updates per learner (min, median, max),
-        learners that never contributed, and the share of updates from the top 10% learners."""
-        accepted = sorted(p["updates_accepted"] for p in self.participation.values())
-        if not accepted:
-            return {"learners": 0}
-        total = sum(accepted) or 1
-        top = accepted[-max(1, len(accepted) // 10) :]
-        return {
-            "learners": len(accepted),
-            "never_contributed": sum(1 for a in accepted if a == 0),
-            "accepted_min": accepted[0],
-            "accepted_median": statistics.median(accepted),
-            "accepted_max": accepted[-1],
-            "top_decile_share": sum(top) / total,
-        }
+        """How evenly learners contributed (see `federation.summarize_participation`)."""
+        from metis_async.federation import summarize_participation
+
+        return summarize_participation(self.participation)
 
     def to_dict(self, target: float = 0.90) -> dict[str, object]:
         """A JSON-ready summary (with `seconds_to_target` for `target`) and the history."""
