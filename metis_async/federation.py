@@ -674,10 +674,12 @@ class FederationCore:
         else:
             state = FederationState.TRAINING
             message = "training"
-        changed = state is not self._state
+        changed, was = state is not self._state, self._state
         self._state = state
         if changed and state is FederationState.WAITING_FOR_LEARNERS:
-            log.warning("waiting_for_learners", connected=self._connected, needed=needed)
+            # a warning when learners were lost mid-training; at start-up it is expected
+            emit = log.warning if was is FederationState.TRAINING else log.info
+            emit("waiting_for_learners", connected=self._connected, needed=needed)
         elif changed and state is FederationState.TRAINING:
             log.info("learners_sufficient", connected=self._connected, needed=needed)
         if changed and state is not FederationState.WAITING_FOR_MODEL:
