@@ -24,12 +24,14 @@ reconnects.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import structlog
 
@@ -52,6 +54,7 @@ from metis_async.effects import (
     Shutdown,
     VersionCommitted,
 )
+from metis_async.learners import DEFAULT_CAPABILITIES, LearnerBook, LearnerRecord
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
@@ -79,9 +82,24 @@ from metis_async.v1 import controller_pb2 as pb
 log = structlog.get_logger("metis_async.federation")
 
 RESULT_RECEIVED = "result already received"
-DEFAULT_CAPABILITIES = frozenset({"train", "evaluate", "delta"})
 
-_Updates = dict[str, tuple[str, wire.FloatVector]]  # policy task id -> (learner id, update)
+_Updates = dict[str, tuple[str, wire.FloatVector]]
+
+_Method = TypeVar("_Method", bound=Callable[..., list[Effect]])
+
+
+def _counted(method: _Method) -> _Method:
+    """Count an event in `events_handled` once it has been fully handled (drivers and tests
+    wait on the count, so it must not move before the state it describes)."""
+
+    @functools.wraps(method)
+    def handle(self: FederationCore, *args: Any, **kwargs: Any) -> list[Effect]:
+        effects = method(self, *args, **kwargs)
+        self.events_handled += 1
+        return effects
+
+    return handle  # type: ignore[return-value]  # policy task id -> (learner id, update)
+
 
 Publish = Callable[[int, wire.FloatVector], object]
 """Called in the core's thread with each new version and its model; returns what the driver
@@ -111,24 +129,6 @@ class UpdateReport:
     seconds_per_batch: float = 0.0
     seconds_per_epoch: float = 0.0
     metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class LearnerRecord:
-    """What the core remembers of one learner id (across its sessions)."""
-
-    learner_id: str
-    num_examples: int = 0
-    capabilities: frozenset[str] = DEFAULT_CAPABILITIES
-    connected: bool = False
-    admitted: bool = False  # the policy knows it is connected
-    held_version: int | None = None  # the version its current session holds
-    tasks: set[str] = field(default_factory=set)  # outstanding wire task ids
-    closed: OrderedDict[str, str] = field(default_factory=OrderedDict)  # task id -> why
-    tasks_assigned: int = 0
-    updates_accepted: int = 0
-    updates_rejected: int = 0
-    evaluations: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,16 +187,12 @@ class FederationCore:
         self._prefix = f"{self.run_id}-"
         self._publish = publish
         self._initial_timeout = initial_model_timeout_seconds
-        self._closed_kept = closed_tasks_kept
-        self._remembered = learners_remembered
         self._layout: pb.ModelLayout | None = None
         self._flat: wire.FloatVector | None = None
         self.version = 0
         self._step: ServerStep | None = None
         self._open: list[str] = []  # wire task ids folded into the open aggregate
-        self._learners: dict[str, LearnerRecord] = {}
-        self._departed: OrderedDict[str, None] = OrderedDict()  # disconnected ids, oldest first
-        self._connected = 0
+        self._learners = LearnerBook(closed_tasks_kept, learners_remembered)
         self._tasks: dict[str, Task] = {}  # outstanding tasks by wire id
         self._evaluation_sums: dict[int, dict[str, float]] = {}
         self._provider: str | None = None  # asked for the initial model
@@ -226,7 +222,7 @@ class FederationCore:
     @property
     def connected(self) -> int:
         """Learners connected now."""
-        return self._connected
+        return self._learners.connected
 
     @property
     def provider(self) -> str | None:
@@ -238,21 +234,11 @@ class FederationCore:
         task = self._tasks.get(task_id)
         if task is not None and task.learner_id == learner_id:
             return TaskLookup(task=task)
-        record = self._learners.get(learner_id)
-        reason = record.closed.get(task_id) if record is not None else None
-        return TaskLookup(closed_reason=reason)
+        return TaskLookup(closed_reason=self._learners.closed_reason(learner_id, task_id))
 
     def participation(self) -> dict[str, dict[str, int]]:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
-        return {
-            lid: {
-                "tasks_assigned": r.tasks_assigned,
-                "updates_accepted": r.updates_accepted,
-                "updates_rejected": r.updates_rejected,
-                "evaluations": r.evaluations,
-            }
-            for lid, r in self._learners.items()
-        }
+        return self._learners.participation()
 
     def next_wakeup(self) -> float | None:
         """Earliest time (the events' clock) at which the core wants `tick`."""
@@ -286,7 +272,7 @@ class FederationCore:
             )
         published = self._publish(0, flat) if self._publish is not None else None
         effects.append(VersionCommitted(self._record(0, (), 0.0, "initial model"), flat, published))
-        for record in list(self._learners.values()):
+        for record in list(self._learners):
             if record.connected and not record.admitted:
                 effects += self._admit(now, record)
         effects += self._status(now)
@@ -294,6 +280,7 @@ class FederationCore:
 
     # ------------------------------------------------------------------------------ learners
 
+    @_counted
     def learner_joined(
         self,
         now: float,
@@ -307,25 +294,13 @@ class FederationCore:
         `held` is its claim (run id, version, layout id) of a model it already holds; the claim
         is trusted only for this run and this model's layout.
         """
-        self.events_handled += 1
-        record = self._learners.get(learner_id)
-        if record is None:
-            record = self._learners[learner_id] = LearnerRecord(learner_id)
-        elif record.connected:
-            raise RuntimeError(
-                f"learner {learner_id!r} joined twice; the driver must drop it first"
-            )
-        self._departed.pop(learner_id, None)
-        record.connected = True
-        record.admitted = False
+        record = self._learners.join(learner_id)
         record.num_examples = num_examples
         record.capabilities = capabilities
-        record.held_version = None
         if held is not None and self._layout is not None:
             run, version, layout_id = held
             if run == self.run_id and layout_id == self._layout.layout_id:
                 record.held_version = version
-        self._connected += 1
         if self.finished:
             return [
                 *self._final_model(record),
@@ -339,23 +314,14 @@ class FederationCore:
         effects += self._admit(now, record)
         return effects + self._status(now, learner_id)
 
+    @_counted
     def learner_lost(self, now: float, learner_id: str, reason: str = "") -> list[Effect]:
         """A learner's session ended; its outstanding tasks are void."""
-        self.events_handled += 1
         record = self._learners.get(learner_id)
         if record is None or not record.connected:
             return []
-        record.connected = False
-        record.held_version = None
-        self._connected -= 1
-        for task_id in record.tasks:
+        for task_id in self._learners.leave(record, f"learner lost: {reason or 'disconnected'}"):
             self._tasks.pop(task_id, None)
-            self._remember_closed(record, task_id, f"learner lost: {reason or 'disconnected'}")
-        record.tasks.clear()
-        self._departed[learner_id] = None
-        while len(self._departed) > self._remembered:
-            old, _ = self._departed.popitem(last=False)
-            self._learners.pop(old, None)
         effects: list[Effect] = []
         if self._provider == learner_id:
             self._provider = None
@@ -375,7 +341,7 @@ class FederationCore:
 
     def _ask_provider(self, now: float) -> list[Effect]:
         """Ask the longest-waiting connected learner that has not failed for the first model."""
-        waiting = [r.learner_id for r in self._learners.values() if r.connected]
+        waiting = [r.learner_id for r in self._learners if r.connected]
         fresh = [lid for lid in waiting if lid not in self._failed_providers]
         if not fresh and waiting:
             self._failed_providers.clear()  # everyone failed once: try them all again
@@ -387,9 +353,9 @@ class FederationCore:
         log.info("initial_model_requested", learner_id=self._provider)
         return [RequestInitialModel(self._provider)]
 
+    @_counted
     def initial_model_refused(self, now: float, learner_id: str, reason: str) -> list[Effect]:
         """The provider's proposal was refused (or it reported it cannot): ask another."""
-        self.events_handled += 1
         if self._provider != learner_id:
             return []
         log.warning("initial_model_refused", learner_id=learner_id, reason=reason)
@@ -400,11 +366,11 @@ class FederationCore:
 
     # ------------------------------------------------------------------------------ results
 
+    @_counted
     def update_arrived(
         self, now: float, learner_id: str, report: UpdateReport, update: wire.FloatVector
     ) -> list[Effect]:
         """A complete, validated training update for `report.task_id` arrived."""
-        self.events_handled += 1
         task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
         if task is None:
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
@@ -423,6 +389,7 @@ class FederationCore:
         )
         return self._deliver(event, {event.task_id: (learner_id, update)})
 
+    @_counted
     def evaluation_arrived(
         self,
         now: float,
@@ -432,7 +399,6 @@ class FederationCore:
         metrics: Mapping[str, float],
     ) -> list[Effect]:
         """An evaluation result for `task_id` arrived."""
-        self.events_handled += 1
         task = self._close_task(learner_id, task_id, RESULT_RECEIVED)
         if task is None:
             return [self._stale_answer(learner_id, task_id, "closed before its result")]
@@ -445,16 +411,16 @@ class FederationCore:
             )
         )
 
+    @_counted
     def task_failed(self, now: float, learner_id: str, task_id: str, reason: str) -> list[Effect]:
         """The learner reported that it could not run `task_id`."""
-        self.events_handled += 1
         if self._close_task(learner_id, task_id, "learner reported failure") is None:
             return []
         return self._deliver(TaskFailed(now, learner_id, self._policy_id(task_id), reason))
 
+    @_counted
     def tick(self, now: float) -> list[Effect]:
         """Time passed (the driver calls at `next_wakeup()`)."""
-        self.events_handled += 1
         effects: list[Effect] = []
         if self._provider_deadline is not None and now >= self._provider_deadline:
             stalled = self._provider
@@ -471,7 +437,7 @@ class FederationCore:
     def drain(self, reason: str = "controller stopping") -> list[Effect]:
         """The controller stops: learners are told to come back later."""
         self._state = FederationState.DRAINING
-        log.info("draining", reason=reason, learners=self._connected, version=self.version)
+        log.info("draining", reason=reason, learners=self.connected, version=self.version)
         return [Shutdown(None, False, reason, self.version)]
 
     def _close_task(self, learner_id: str, task_id: str, reason: str) -> Task | None:
@@ -481,19 +447,13 @@ class FederationCore:
         del self._tasks[task_id]
         record = self._learners[learner_id]
         record.tasks.discard(task_id)
-        self._remember_closed(record, task_id, reason)
+        self._learners.remember_closed(record, task_id, reason)
         return task
 
     def _stale_answer(self, learner_id: str, task_id: str, what: str) -> SendNotice:
-        record = self._learners.get(learner_id)
-        reason = (record.closed.get(task_id) if record else None) or "closed"
+        reason = self._learners.closed_reason(learner_id, task_id) or "closed"
         notice = Notice.DUPLICATE if reason == RESULT_RECEIVED else Notice.STALE
         return SendNotice(learner_id, task_id, notice, f"task {task_id!r} {what} ({reason})")
-
-    def _remember_closed(self, record: LearnerRecord, task_id: str, reason: str) -> None:
-        record.closed[task_id] = reason
-        while len(record.closed) > self._closed_kept:
-            record.closed.popitem(last=False)
 
     # ------------------------------------------------------------------------------ decisions
 
@@ -639,7 +599,7 @@ class FederationCore:
         self.finished = True
         self._state = FederationState.FINISHED
         log.info("federation_finished", reason=reason, version=self.version)
-        for record in self._learners.values():
+        for record in self._learners:
             if record.connected:
                 effects += self._final_model(record)
         effects.append(Shutdown(None, True, reason, self.version))
@@ -668,9 +628,9 @@ class FederationCore:
         if self._flat is None:
             state = FederationState.WAITING_FOR_MODEL
             message = "waiting for the initial model"
-        elif self._connected < needed:
+        elif self.connected < needed:
             state = FederationState.WAITING_FOR_LEARNERS
-            message = f"waiting for learners: {self._connected} connected, {needed} needed"
+            message = f"waiting for learners: {self.connected} connected, {needed} needed"
         else:
             state = FederationState.TRAINING
             message = "training"
@@ -679,13 +639,13 @@ class FederationCore:
         if changed and state is FederationState.WAITING_FOR_LEARNERS:
             # a warning when learners were lost mid-training; at start-up it is expected
             emit = log.warning if was is FederationState.TRAINING else log.info
-            emit("waiting_for_learners", connected=self._connected, needed=needed)
+            emit("waiting_for_learners", connected=self.connected, needed=needed)
         elif changed and state is FederationState.TRAINING:
-            log.info("learners_sufficient", connected=self._connected, needed=needed)
+            log.info("learners_sufficient", connected=self.connected, needed=needed)
         if changed and state is not FederationState.WAITING_FOR_MODEL:
-            return [SendStatus(None, state, self._connected, needed, message)]
+            return [SendStatus(None, state, self.connected, needed, message)]
         if joined is not None and state is not FederationState.TRAINING:
-            return [SendStatus(joined, state, self._connected, needed, message)]
+            return [SendStatus(joined, state, self.connected, needed, message)]
         return []
 
     # ------------------------------------------------------------------------------ evaluation

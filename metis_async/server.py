@@ -29,8 +29,9 @@ from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
 from metis_async.effects import Effect
-from metis_async.federation import DEFAULT_CAPABILITIES, FederationCore
+from metis_async.federation import FederationCore
 from metis_async.ingest import Ingest, parse_learner_message
+from metis_async.learners import DEFAULT_CAPABILITIES
 from metis_async.protocols import Policy
 from metis_async.session import ProtocolViolation, Session, controller_message
 from metis_async.store import ModelStore, encode_version
@@ -112,7 +113,9 @@ class Controller:
         on_commit: called with each new version and its arrays (in a thread if not async).
         aggregation: server optimizer, robust rule, clipping (FedAvg with a streaming mean).
         run_id: identity of this run's version sequence; fresh by default.
-        clock: the federation's clock (seconds, monotonic); the event loop's by default.
+        clock: the federation's clock (seconds, monotonic); the event loop's by default. Whoever
+            passes a clock owns time: the controller then sets no wake-up timers of its own, and
+            the caller calls `tick()` (a replay, a test).
     """
 
     def __init__(
@@ -269,7 +272,7 @@ class Controller:
         if self._wakeup is not None:
             self._wakeup.cancel()
             self._wakeup = None
-        if when is None or self.finished:
+        if when is None or self.finished or self._clock is not None:
             return
         loop = asyncio.get_running_loop()
         self._wakeup = loop.call_later(max(0.0, when - self._now()), self._on_wakeup)

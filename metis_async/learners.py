@@ -1,0 +1,116 @@
+"""What the federation core remembers of each learner id, across its sessions.
+
+A learner's sessions come and go (reconnects, controller drains); its identity stays. The
+`LearnerBook` keeps, per learner id: whether it is connected and known to the policy, what it
+announced (examples, capabilities), the version its current session holds, its outstanding
+tasks, the tasks that closed without a result (bounded, so a late or duplicate answer after a
+reconnect gets a clear in-band reply), and participation counters. Disconnected learners are
+forgotten oldest first beyond a bound, so memory stays bounded however many ids ever joined.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+DEFAULT_CAPABILITIES = frozenset({"train", "evaluate", "delta"})
+"""What a learner that announces no capabilities can do."""
+
+
+@dataclass
+class LearnerRecord:
+    """What the core remembers of one learner id."""
+
+    learner_id: str
+    num_examples: int = 0
+    capabilities: frozenset[str] = DEFAULT_CAPABILITIES
+    connected: bool = False
+    admitted: bool = False  # the policy knows it is connected
+    held_version: int | None = None  # the version its current session holds
+    tasks: set[str] = field(default_factory=set)  # outstanding wire task ids
+    closed: OrderedDict[str, str] = field(default_factory=OrderedDict)  # task id -> why
+    tasks_assigned: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    evaluations: int = 0
+
+
+class LearnerBook:
+    """Every learner id the core knows, connected or not (see the module docstring).
+
+    Args:
+        closed_tasks_kept: closed task ids remembered per learner.
+        learners_remembered: disconnected learner ids remembered (oldest forgotten first).
+    """
+
+    def __init__(self, closed_tasks_kept: int = 256, learners_remembered: int = 1_000_000) -> None:
+        self._closed_kept = closed_tasks_kept
+        self._remembered = learners_remembered
+        self._records: dict[str, LearnerRecord] = {}
+        self._departed: OrderedDict[str, None] = OrderedDict()  # disconnected ids, oldest first
+        self.connected = 0
+
+    def get(self, learner_id: str) -> LearnerRecord | None:
+        """The record of `learner_id`, if it is remembered."""
+        return self._records.get(learner_id)
+
+    def __getitem__(self, learner_id: str) -> LearnerRecord:
+        return self._records[learner_id]
+
+    def __iter__(self) -> Iterator[LearnerRecord]:
+        return iter(self._records.values())
+
+    def join(self, learner_id: str) -> LearnerRecord:
+        """`learner_id` connected; its record (new, or remembered from an earlier session)."""
+        record = self._records.get(learner_id)
+        if record is None:
+            record = self._records[learner_id] = LearnerRecord(learner_id)
+        elif record.connected:
+            raise RuntimeError(
+                f"learner {learner_id!r} joined twice; the driver must drop it first"
+            )
+        self._departed.pop(learner_id, None)
+        record.connected = True
+        record.admitted = False
+        record.held_version = None
+        self.connected += 1
+        return record
+
+    def leave(self, record: LearnerRecord, reason: str) -> list[str]:
+        """`record`'s session ended; returns its outstanding tasks, now closed with `reason`."""
+        record.connected = False
+        record.held_version = None
+        self.connected -= 1
+        void = list(record.tasks)
+        record.tasks.clear()
+        for task_id in void:
+            self.remember_closed(record, task_id, reason)
+        self._departed[record.learner_id] = None
+        while len(self._departed) > self._remembered:
+            old, _ = self._departed.popitem(last=False)
+            self._records.pop(old, None)
+        return void
+
+    def remember_closed(self, record: LearnerRecord, task_id: str, reason: str) -> None:
+        """Record why `task_id` closed, so a late answer gets a clear reply (bounded)."""
+        record.closed[task_id] = reason
+        while len(record.closed) > self._closed_kept:
+            record.closed.popitem(last=False)
+
+    def closed_reason(self, learner_id: str, task_id: str) -> str | None:
+        """Why `task_id` of `learner_id` closed, if it is remembered."""
+        record = self._records.get(learner_id)
+        return record.closed.get(task_id) if record is not None else None
+
+    def participation(self) -> dict[str, dict[str, int]]:
+        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
+        return {
+            lid: {
+                "tasks_assigned": r.tasks_assigned,
+                "updates_accepted": r.updates_accepted,
+                "updates_rejected": r.updates_rejected,
+                "evaluations": r.evaluations,
+            }
+            for lid, r in self._records.items()
+        }
