@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import random
 import signal
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -116,6 +117,8 @@ class Controller:
         clock: the federation's clock (seconds, monotonic); the event loop's by default. Whoever
             passes a clock owns time: the controller then sets no wake-up timers of its own, and
             the caller calls `tick()` (a replay, a test).
+        rng: the generator of the policy's random choices (which learners train); None keeps
+            the policy's own, seeded from its settings.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Controller:
         aggregation: AggregationSettings | None = None,
         run_id: str | None = None,
         clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config or ControllerConfig()
         self.store = ModelStore(self.config.max_chunk_bytes)
@@ -138,6 +142,7 @@ class Controller:
             publish=self._encode,
             stats=self.stats,
             initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
+            rng=rng,
         )
         self._initial = initial_model
         self._sessions: dict[str, Session] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -119,6 +120,8 @@ class SimulatedFederation:
         run_id: the core's run id (task ids are prefixed with it).
         record: keep every event delivered to the core in `trace` (with the version and a digest
             of the model after it), so the run can be replayed through another driver.
+        rng: the generator of the policy's random choices; None keeps the policy's own, seeded
+            from its settings (as the server does, so a trace replays identically).
     """
 
     def __init__(
@@ -134,12 +137,13 @@ class SimulatedFederation:
         seed: int = 0,
         run_id: str = "sim",
         record: bool = False,
+        rng: random.Random | None = None,
     ) -> None:
         self.policy = policy
         self.speeds = speeds or SpeedModel()
         self.evaluation = evaluation or EvaluationSchedule()
         self._score = score
-        self.core = FederationCore(policy, aggregation=aggregation, run_id=run_id)
+        self.core = FederationCore(policy, aggregation=aggregation, run_id=run_id, rng=rng)
         self.trace: list[TraceStep] | None = [] if record else None
         self._layout = wire.make_layout(initial_parameters)
         self._now = 0.0
