@@ -1,0 +1,458 @@
+"""Many-learner load test: simulated learners on the real wire contract against a real controller.
+
+    python benches/load.py [--learners N] [--params P] [--rounds R] [--processes K] [--json]
+
+Starts `metis-async serve` (synchronous FedAvg: every connected learner trains every round, a
+round commits when all N updates arrived) as its own process with an initial model of P float32,
+then K load processes that each hold N/K learners: asyncio streams, one TCP connection per
+learner (`--connections-per-process C` multiplexes them on C connections instead). Learners are
+"instant": each answers every train task with the same fixed delta (or sleeps a per-learner time
+drawn from a log-normal, `--speed-seconds`). Every loop is bounded in count and time; traffic
+stays on loopback.
+
+Measured:
+- `streams_held`: learners welcomed at the end of the connect phase;
+- `connect_seconds`: from the first learner dialing until every learner was welcomed
+  (`start_to_all_welcomed_seconds` also counts starting the load processes);
+- `broadcast_seconds`: per round, from the first learner's train task to the last learner's
+  (median over rounds; the model for round 1 travels too, so round 1 is reported apart);
+- `round_seconds`: between the first train tasks of consecutive versions (median over rounds
+  2..R): one broadcast, N trainings and N uploads, the fold and the commit;
+- `upload_to_next_task_p50_ms` / `_p99_ms`: from a learner's last upload chunk written to its next
+  train task (the controller has no per-update acknowledgement yet: the next task is the first
+  sign the update counted);
+- `ingest_updates_per_second` / `ingest_MBps`: N updates of the round over the time from the
+  first upload to the last upload written;
+- `rss_bytes_per_stream` and `fds_per_stream`: controller RSS and open files with N streams
+  held, minus the same before any learner connected, per stream;
+- `cpu_seconds_per_round`: controller CPU (user + system) per steady round.
+With --json the last line is one JSON object, also written to benches/results/load.json.
+The controller's event-loop lag is measured by `benches/loop_lag.py` (in process); here the
+controller is a separate process with no metrics endpoint yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from metis_async import wire
+from metis_async._core import encode_chunk_messages
+from metis_async.v1 import controller_pb2 as pb
+
+RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
+JOIN = "/metis_async.v1.Controller/Join"
+CHUNK_FIELD = pb.LearnerMessage.DESCRIPTOR.fields_by_name["chunk"].number
+RUN_SECONDS_LIMIT = 900.0  # every phase gives up after this
+
+
+# ------------------------------------------------------------------------------ one learner
+
+
+async def _learner(
+    address: str,
+    learner_id: str,
+    channel: grpc.aio.Channel,
+    chunks: list[bytes],
+    nbytes: int,
+    rounds: int,
+    sleep_seconds: float,
+    report: dict[str, Any],
+) -> None:
+    report["dialed"] = time.time()
+    call = channel.stream_stream(JOIN)()
+    hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=["train", "delta"])
+    await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
+    tasks: list[tuple[int, float]] = []  # (version, unix time the task arrived)
+    uploads: list[tuple[float, float]] = []  # (first chunk written, last chunk written)
+    layout_id = 0
+    try:
+        while len(uploads) < rounds:
+            raw = await call.read()
+            if raw is grpc.aio.EOF:
+                break
+            message = pb.ControllerMessage.FromString(raw)
+            kind = message.WhichOneof("body")
+            if kind == "welcome":
+                report["welcomed"] = time.time()
+            elif kind == "layout":
+                layout_id = message.layout.layout_id
+            elif kind == "train":
+                task = message.train
+                tasks.append((int(task.model_version), time.time()))
+                if sleep_seconds:
+                    await asyncio.sleep(sleep_seconds)
+                payload = pb.Payload(
+                    payload_id=len(uploads) + 1,
+                    kind=pb.PAYLOAD_KIND_DELTA,
+                    dtype=pb.DTYPE_FLOAT32,
+                    total_bytes=nbytes,
+                    num_chunks=len(chunks),
+                    layout_id=layout_id,
+                )
+                result = pb.TaskResult(
+                    task_id=task.task_id,
+                    base_version=task.model_version,
+                    payload=payload,
+                    num_examples=10,
+                )
+                first = time.time()
+                await call.write(pb.LearnerMessage(result=result).SerializeToString())
+                for chunk in _renumbered(chunks, len(uploads) + 1):
+                    await call.write(chunk)
+                uploads.append((first, time.time()))
+            elif kind == "shutdown":
+                break
+        # the task of the version after the last upload (or the shutdown) ends the round
+        while True:
+            raw = await asyncio.wait_for(call.read(), 60.0)
+            if raw is grpc.aio.EOF:
+                break
+            message = pb.ControllerMessage.FromString(raw)
+            if message.WhichOneof("body") == "train":
+                tasks.append((int(message.train.model_version), time.time()))
+                break
+            if message.WhichOneof("body") == "shutdown":
+                report["shutdown"] = time.time()
+                break
+    except (grpc.RpcError, asyncio.TimeoutError) as error:
+        report["error"] = repr(error)[:200]
+    finally:
+        call.cancel()
+    report["tasks"] = tasks
+    report["uploads"] = uploads
+
+
+def _renumbered(chunks: list[bytes], payload_id: int) -> list[bytes]:
+    """The precomputed chunk messages carry payload id 1; later uploads need their own id."""
+    if payload_id == 1:
+        return chunks
+    return [_with_payload_id(c, payload_id) for c in chunks]
+
+
+_RENUMBERED: dict[tuple[int, int], bytes] = {}
+
+
+def _with_payload_id(chunk: bytes, payload_id: int) -> bytes:
+    key = (id(chunk), payload_id)
+    cached = _RENUMBERED.get(key)
+    if cached is None:
+        message = pb.LearnerMessage.FromString(chunk)
+        message.chunk.payload_id = payload_id
+        cached = _RENUMBERED[key] = message.SerializeToString()
+    return cached
+
+
+def _load_process(
+    address: str,
+    first: int,
+    count: int,
+    params: int,
+    rounds: int,
+    connections: int,
+    speed_seconds: float,
+    seed: int,
+    out: Any,
+) -> None:
+    delta = np.full(params, 1e-3, dtype=np.float32)
+    chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, CHUNK_FIELD)
+    # Pre-build the renumbered chunks so uploads do no protobuf work.
+    for payload_id in range(2, rounds + 1):
+        _renumbered(chunks, payload_id)
+    rng = np.random.default_rng(seed)
+    sleeps = (
+        speed_seconds * rng.lognormal(0.0, 0.5, size=count) if speed_seconds else np.zeros(count)
+    )
+
+    async def main() -> list[dict[str, Any]]:
+        limit = wire.MAX_CHUNK_BYTES + (1 << 20)
+        channels = []
+        for c in range(connections or count):
+            options = [
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.use_local_subchannel_pool", 1),  # a connection of its own
+                ("metis_async.load.connection", f"{first}-{c}"),
+            ]
+            channels.append(grpc.aio.insecure_channel(address, options=options))
+        reports: list[dict[str, Any]] = [{} for _ in range(count)]
+        learners = [
+            _learner(
+                address,
+                f"load-{first + i}",
+                channels[i % len(channels)],
+                chunks,
+                delta.nbytes,
+                rounds,
+                float(sleeps[i]),
+                reports[i],
+            )
+            for i in range(count)
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*learners), RUN_SECONDS_LIMIT)
+        finally:
+            for channel in channels:
+                await channel.close()
+        return reports
+
+    out.send(asyncio.run(main()))
+    out.close()
+
+
+# ------------------------------------------------------------------------------ the controller
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_stats(pid: int) -> dict[str, int]:
+    """RSS (bytes), open files and CPU ticks (user + system) of process `pid` (Linux /proc)."""
+    rss = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "ticks": ticks}
+
+
+def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    model = workdir / "model.npz"
+    np.savez(model, np.zeros(args.params, dtype=np.float32))
+    port = _free_port()
+    exe = shutil.which("metis-async") or ""
+    cli = [exe] if exe else [sys.executable, "-m", "metis_async.cli"]
+    command = [
+        *cli,
+        "serve",
+        "--port",
+        str(port),
+        "--init-model",
+        str(model),
+        "--protocol",
+        "synchronous",
+        "--rounds",
+        str(args.rounds),
+        "--min-learners",
+        str(args.learners),
+        "--learners-per-round",
+        str(args.learners),
+        "--min-update-fraction",
+        "1.0",
+        "--round-deadline",
+        str(RUN_SECONDS_LIMIT),
+        "--heartbeat-timeout",
+        str(RUN_SECONDS_LIMIT),
+        "--local-steps",
+        "1",
+        "--log-level",
+        "warning",
+        "--log-json",
+    ]
+    controller = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return controller, f"127.0.0.1:{port}"
+        time.sleep(0.1)
+    controller.kill()
+    raise RuntimeError("the controller did not start listening within 60 s")
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="metis-load-") as tmp:
+        controller, address = _start_controller(args, Path(tmp))
+        try:
+            time.sleep(0.5)
+            idle = _proc_stats(controller.pid)
+            ctx = mp.get_context("spawn")
+            per = -(-args.learners // args.processes)
+            procs, pipes = [], []
+            started = time.time()
+            for p in range(args.processes):
+                count = min(per, args.learners - p * per)
+                if count <= 0:
+                    break
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_load_process,
+                    args=(
+                        address,
+                        p * per,
+                        count,
+                        args.params,
+                        args.rounds,
+                        args.connections_per_process,
+                        args.speed_seconds,
+                        p,
+                        send,
+                    ),
+                )
+                proc.start()
+                procs.append(proc)
+                pipes.append(receive)
+            held = _wait_for_streams(controller.pid, idle, args.learners)
+            reports: list[dict[str, Any]] = []
+            for receive in pipes:
+                if receive.poll(RUN_SECONDS_LIMIT):
+                    reports += receive.recv()
+            for proc in procs:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+            busy = _proc_stats(controller.pid) if controller.poll() is None else None
+        finally:
+            if controller.poll() is None:
+                controller.terminate()
+            try:
+                controller.wait(30)
+            except subprocess.TimeoutExpired:
+                controller.kill()
+    return _summarize(args, started, idle, held, busy, reports)
+
+
+def _wait_for_streams(pid: int, idle: dict[str, int], learners: int) -> dict[str, int]:
+    """Controller stats once (about) every learner holds a stream: open files rise per stream."""
+    deadline = time.monotonic() + RUN_SECONDS_LIMIT
+    best = idle
+    while time.monotonic() < deadline:
+        stats = _proc_stats(pid)
+        if stats["fds"] >= best["fds"]:
+            best = stats
+        if stats["fds"] - idle["fds"] >= learners:
+            return stats
+        time.sleep(0.2)
+    return best
+
+
+def _summarize(
+    args: argparse.Namespace,
+    started: float,
+    idle: dict[str, int],
+    held: dict[str, int],
+    busy: dict[str, int] | None,
+    reports: list[dict[str, Any]],
+) -> dict[str, Any]:
+    welcomed = [r["welcomed"] for r in reports if "welcomed" in r]
+    dialed = [r["dialed"] for r in reports if "dialed" in r]
+    errors = [r["error"] for r in reports if "error" in r]
+    by_version: dict[int, list[float]] = {}
+    for r in reports:
+        for version, at in r.get("tasks", []):
+            by_version.setdefault(version, []).append(at)
+    firsts = {v: min(ts) for v, ts in by_version.items()}
+    versions = sorted(firsts)
+    broadcasts = [max(by_version[v]) - min(by_version[v]) for v in versions]
+    rounds = [firsts[b] - firsts[a] for a, b in itertools.pairwise(versions)]
+    latencies: list[float] = []
+    ingest: list[float] = []
+    for v in versions[:-1]:
+        ups = [r["uploads"][v] for r in reports if len(r.get("uploads", [])) > v]
+        if len(ups) == len(reports) and ups:
+            ingest.append(max(end for _, end in ups) - min(start for start, _ in ups))
+    for r in reports:
+        tasks = dict(r.get("tasks", []))
+        for index, (_, end) in enumerate(r.get("uploads", [])):
+            nxt = tasks.get(index + 1)
+            if nxt is not None:
+                latencies.append(nxt - end)
+    n = max(len(reports), 1)
+    mb = args.params * 4 / 1e6
+    steady_rounds = rounds[1:] or rounds
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = None
+    if busy is not None and steady_rounds:
+        cpu = (busy["ticks"] - held["ticks"]) / ticks / max(len(versions) - 1, 1)
+    ordered = sorted(latencies)
+    return {
+        "benchmark": "load",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benches/load.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "learners": args.learners,
+        "params": args.params,
+        "rounds": args.rounds,
+        "processes": args.processes,
+        "connections_per_process": args.connections_per_process or "one per learner",
+        "streams_held": len(welcomed),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "connect_seconds": (max(welcomed) - min(dialed)) if welcomed else None,
+        "start_to_all_welcomed_seconds": (max(welcomed) - started) if welcomed else None,
+        "broadcast_seconds": statistics.median(broadcasts[1:]) if len(broadcasts) > 1 else None,
+        "first_broadcast_seconds": broadcasts[0] if broadcasts else None,
+        "round_seconds": statistics.median(steady_rounds) if steady_rounds else None,
+        "upload_to_next_task_p50_ms": 1000 * statistics.median(ordered) if ordered else None,
+        "upload_to_next_task_p99_ms": (
+            1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None
+        ),
+        "ingest_updates_per_second": n / statistics.median(ingest) if ingest else None,
+        "ingest_MBps": n * mb / statistics.median(ingest) if ingest else None,
+        "rss_bytes_per_stream": (held["rss"] - idle["rss"]) / n,
+        "fds_per_stream": (held["fds"] - idle["fds"]) / n,
+        "controller_rss_bytes": held["rss"],
+        "cpu_seconds_per_round": cpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--learners", type=int, default=1000)
+    parser.add_argument("--params", type=int, default=1000, help="float32 parameters")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--processes", type=int, default=0, help="load processes (default: one per 5,000)"
+    )
+    parser.add_argument(
+        "--connections-per-process", type=int, default=0, help="0: one TCP connection each"
+    )
+    parser.add_argument(
+        "--speed-seconds", type=float, default=0.0, help="median training sleep (0: instant)"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.learners > 18_000:
+        parser.error(
+            "one controller process holds at most ~19,000 streams here (20,000 open files); "
+            "more needs --workers (issue 8)"
+        )
+    args.processes = args.processes or max(1, -(-args.learners // 5000))
+    result = run(args)
+    for key, value in result.items():
+        if key not in ("machine", "first_errors", "command"):
+            print(f"{key:28s} {value}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
