@@ -54,7 +54,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from metis_async import _core
-from metis_async._core import ChunkAssembler, encode_chunk_messages, first_non_finite
+from metis_async._core import (
+    ChunkAssembler,
+    InPlaceAssembler,
+    encode_chunk_messages,
+    first_non_finite,
+)
 from metis_async.aggregation import Accumulator, weighted_average
 
 FULL_CASES = [(10, 1_000_000), (100, 1_000_000), (10, 10_000_000), (100, 10_000_000)]
@@ -395,7 +400,18 @@ def upload_messages(pool: list[F32], params: int) -> list[list[bytes]]:
 
 
 def rust_receive(messages: list[bytes], payload_id: int, nbytes: int) -> F32:
+    """The upload copied into one buffer (checked as it lands)."""
     assembler = ChunkAssembler(nbytes, payload_id, len(messages), CHUNK_BYTES, LEARNER_CHUNK_FIELD)
+    for message in messages:
+        assembler.add_message(message)
+    return assembler.take()
+
+
+def rust_receive_in_place(messages: list[bytes], payload_id: int, nbytes: int) -> Any:
+    """The upload checked where it lies and kept in its messages, as the controller does."""
+    assembler = InPlaceAssembler(
+        nbytes, payload_id, len(messages), CHUNK_BYTES, LEARNER_CHUNK_FIELD
+    )
     for message in messages:
         assembler.add_message(message)
     return assembler.take()
@@ -436,16 +452,22 @@ def run_pipeline(updates: int, params: int, repeats: int, pool: list[F32]) -> di
     acc64, tmp = np.zeros(params), np.zeros(params)
     buffers = [np.empty(nbytes, dtype=np.uint8) for _ in range(WINDOW)]
 
-    def rust() -> F32:
+    def rust_round(receive: Callable[[list[bytes], int, int], Any]) -> F32:
         acc.reset()
-        window: list[F32] = []
+        window: list[Any] = []
         for i in range(updates):
-            window.append(rust_receive(messages[i % POOL], i % POOL + 1, nbytes))
+            window.append(receive(messages[i % POOL], i % POOL + 1, nbytes))
             if len(window) == WINDOW or i == updates - 1:
                 start = i + 1 - len(window)
                 acc.add_many(window, weights[start : i + 1], False)
                 window = []
         return acc.mean()
+
+    def rust() -> F32:
+        return rust_round(rust_receive_in_place)
+
+    def rust_copy() -> F32:
+        return rust_round(rust_receive)
 
     def numpy() -> F32:
         acc64.fill(0.0)
@@ -457,7 +479,9 @@ def run_pipeline(updates: int, params: int, repeats: int, pool: list[F32]) -> di
         return acc64.astype(np.float32)
 
     np.testing.assert_allclose(rust(), numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(rust(), rust_copy())  # in place: the same bits
     rust_s = statistics.median(timed(rust) for _ in range(repeats))
+    rust_copy_s = statistics.median(timed(rust_copy) for _ in range(repeats))
     numpy_s = statistics.median(timed(numpy) for _ in range(repeats))
 
     receive_repeats = max(repeats, 10)
@@ -483,8 +507,10 @@ def run_pipeline(updates: int, params: int, repeats: int, pool: list[F32]) -> di
         "window": WINDOW,
         "repeats": repeats,
         "rust_s": rust_s,
+        "rust_copy_s": rust_copy_s,
         "numpy_s": numpy_s,
         "speedup": numpy_s / rust_s,
+        "copy_speedup": numpy_s / rust_copy_s,
         "receive_rust_s": receive_rust,
         "receive_numpy_s": receive_numpy["isfinite"],
         "receive_numpy_first_non_finite_s": receive_numpy["core"],
@@ -498,12 +524,13 @@ def print_pipeline(pipeline: dict[str, Any]) -> None:
     print()
     print(
         f"receive pipeline {name} (raw {pipeline['chunk_bytes'] >> 20} MiB chunk messages -> "
-        f"ChunkAssembler -> add_many window {pipeline['window']}, vs numpy copy + isfinite + "
+        f"InPlaceAssembler -> add_many window {pipeline['window']}, vs numpy copy + isfinite + "
         "axpy):"
     )
     print(
-        f"  round: rust {ms(pipeline['rust_s'])} ms, numpy {ms(pipeline['numpy_s'])} ms, "
-        f"speedup {ratio(pipeline['speedup'])}"
+        f"  round: rust in place {ms(pipeline['rust_s'])} ms, numpy {ms(pipeline['numpy_s'])} "
+        f"ms, speedup {ratio(pipeline['speedup'])}; rust assembling a copy first "
+        f"{ms(pipeline['rust_copy_s'])} ms ({ratio(pipeline['copy_speedup'])})"
     )
     print(
         f"  one upload received and checked: rust {ms(pipeline['receive_rust_s'])} ms, numpy "

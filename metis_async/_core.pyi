@@ -59,11 +59,15 @@ class Accumulator:
 
     def add_many(
         self,
-        updates: Sequence[NDArray[np.float32] | NDArray[np.float64]],
+        updates: Sequence[NDArray[np.float32] | NDArray[np.float64] | Segments],
         weights: Sequence[float],
         check_finite: bool = True,
     ) -> None:
         """Add several updates at once (all float32 or all float64); same result as ``add``.
+
+        Float32 updates may be :class:`Segments` (kept in the chunk messages they arrived in),
+        folded where they lie, with the same bits as their assembled arrays; they were checked
+        on arrival, so pass ``check_finite=False``.
 
         ``check_finite=False`` skips the NaN/infinity pass: the caller vouches that it checked
         every value (e.g. with :func:`first_non_finite` on arrival); a non-finite value would
@@ -348,3 +352,48 @@ def encode_chunk_messages(
     Raises :class:`AggregationError` for an array that is not 1-D C-contiguous float32, and
     :class:`WireFormatError` for ``max_chunk_bytes`` 0 or an invalid field number.
     """
+
+__all__ += ["InPlaceAssembler", "Segments"]
+
+@final
+class InPlaceAssembler:
+    """Like :class:`ChunkAssembler`, but keeps no buffer: each chunk is checked where it lies in
+    its message (GIL released) and the message is kept. :meth:`take` returns :class:`Segments`,
+    or a float32 array if some chunk ended inside a value (the payload is then copied).
+    """
+
+    def __new__(
+        cls,
+        total_bytes: int,
+        payload_id: int,
+        num_chunks: int,
+        max_chunk_bytes: int,
+        envelope_field: int,
+        check_finite: bool = True,
+    ) -> InPlaceAssembler:
+        """An assembler for one announced payload (validated as by :class:`ChunkAssembler`)."""
+
+    def add_message(self, raw: bytes) -> bool:
+        """Add the chunk in the serialized envelope ``raw``; True once complete. Raises
+        :class:`WireFormatError` as :meth:`ChunkAssembler.add_message` does."""
+
+    def take(self) -> Segments | NDArray[np.float32]:
+        """The update, once, after the last chunk."""
+
+    @property
+    def done(self) -> bool:
+        """Whether every announced chunk has arrived."""
+
+    @property
+    def copying(self) -> bool:
+        """Whether some chunk ended inside a value, so the payload is being copied."""
+
+@final
+class Segments:
+    """A float32 update kept in the chunk messages it arrived in."""
+
+    def __len__(self) -> int:
+        """Number of float32 values."""
+
+    def to_array(self) -> NDArray[np.float32]:
+        """The values copied into one new array (GIL released)."""

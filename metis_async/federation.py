@@ -31,7 +31,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -79,11 +79,14 @@ from metis_async.protocols import (
 from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
 
+if TYPE_CHECKING:
+    from metis_async._core import Segments
+
 log = structlog.get_logger("metis_async.federation")
 
 RESULT_RECEIVED = "result already received"
 
-_Updates = dict[str, tuple[str, wire.FloatVector]]
+_Updates = dict[str, tuple[str, "wire.FloatVector | Segments"]]
 
 _Method = TypeVar("_Method", bound=Callable[..., list[Effect]])
 
@@ -368,9 +371,14 @@ class FederationCore:
 
     @_counted
     def update_arrived(
-        self, now: float, learner_id: str, report: UpdateReport, update: wire.FloatVector
+        self,
+        now: float,
+        learner_id: str,
+        report: UpdateReport,
+        update: wire.FloatVector | Segments,
     ) -> list[Effect]:
-        """A complete, validated training update for `report.task_id` arrived."""
+        """A complete, validated training update for `report.task_id` arrived (an array, or
+        `Segments`: the upload still in the chunk messages it arrived in)."""
         task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
         if task is None:
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]

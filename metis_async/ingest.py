@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 import structlog
 
 from metis_async import wire
@@ -301,6 +302,7 @@ class Ingest:
                 int(layout.total_bytes),
                 layout.layout_id,
                 self.config.max_chunk_bytes,
+                in_place=False,  # the first model becomes the model: one buffer of its own
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"initial model: {error}") from None
@@ -311,6 +313,7 @@ class Ingest:
         assert layout is not None
         session.initial_upload = session.initial_layout = None
         flat = upload.take()  # every value already checked, chunk by chunk
+        assert isinstance(flat, np.ndarray)
         if self.core.ready:
             return  # another learner's model arrived first
         await self._call(self.core.initialize_model, layout, flat, session.learner_id)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async._core import Segments
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 """Largest chunk either side sends (bytes); gRPC's default message limit is 4 MiB plus framing."""
@@ -270,11 +274,14 @@ def peek_chunk(raw: bytes) -> tuple[int, int, int] | None:
 
 
 class Upload:
-    """One announced float32 payload, reassembled from raw chunk messages in Rust.
+    """One announced float32 payload, received from raw chunk messages in Rust.
 
     Each `add` is one Rust call that decodes the chunk envelope, checks it against the
-    announcement, copies the data into place and checks the completed values for NaN/inf, in one
-    parallel pass with the GIL released (so it may run in a worker thread).
+    announcement and checks its values for NaN/inf where they lie in the message, with the GIL
+    released (so it may run in a worker thread). The message is kept, not copied: `take()`
+    returns `Segments`, which the accumulator folds straight from the messages. If a chunk ends
+    inside a float32 value (legal, unusual), the payload is copied into one buffer instead and
+    `take()` returns a float32 array.
 
     Args:
         header: the announcement (checked here against the model).
@@ -282,6 +289,7 @@ class Upload:
         layout_id: the model's layout id.
         max_chunk_bytes: largest chunk accepted (bytes).
         envelope_field: field number of `chunk` in the envelope message.
+        in_place: keep the messages (True) or copy each chunk into one buffer (False).
     """
 
     def __init__(
@@ -291,12 +299,14 @@ class Upload:
         layout_id: int,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         envelope_field: int = LEARNER_CHUNK_FIELD,
+        in_place: bool = True,
     ) -> None:
-        from metis_async._core import ChunkAssembler
+        from metis_async._core import ChunkAssembler, InPlaceAssembler
 
         check_header(header, expected_bytes, layout_id, max_chunk_bytes)
         self.header = header
-        self._assembler = ChunkAssembler(
+        kind = InPlaceAssembler if in_place else ChunkAssembler
+        self._assembler = kind(
             expected_bytes, header.payload_id, header.num_chunks, max_chunk_bytes, envelope_field
         )
         self.done = header.num_chunks == 0
@@ -311,9 +321,9 @@ class Upload:
             raise WireError(str(error)) from None
         return self.done
 
-    def take(self) -> FloatVector:
-        """The assembled vector (handed over without a copy; once)."""
+    def take(self) -> FloatVector | Segments:
+        """The update, handed over without a copy (once): `Segments` or a float32 array."""
         if not self.done:
             raise WireError(f"payload {self.header.payload_id} is incomplete")
-        vector: FloatVector = self._assembler.take()
-        return vector
+        update: FloatVector | Segments = self._assembler.take()
+        return update

@@ -8,8 +8,11 @@ import pytest
 from numpy.typing import NDArray
 
 from metis_async._core import (
+    Accumulator,
     AggregationError,
     ChunkAssembler,
+    InPlaceAssembler,
+    Segments,
     WireFormatError,
     encode_chunk_messages,
     peek_chunk,
@@ -331,3 +334,68 @@ def test_a_recycled_buffer_carries_only_the_new_payload() -> None:
         asm.add_message(message)
 
     np.testing.assert_array_equal(asm.take(), second)
+
+
+# ------------------------------------------------------------------------------ in place
+
+
+def _in_place(values: np.ndarray, limit: int, payload_id: int = 3) -> InPlaceAssembler:
+    messages = encode_chunk_messages(values, payload_id, limit, 3)
+    assembler = InPlaceAssembler(values.nbytes, payload_id, len(messages), limit, 3)
+    for message in messages:
+        assembler.add_message(message)
+    return assembler
+
+
+def test_in_place_upload_is_kept_in_its_messages_and_reads_back_exactly() -> None:
+    data = values(10_003)
+
+    update = _in_place(data, 1024).take()
+
+    assert isinstance(update, Segments)
+    assert len(update) == data.size
+    np.testing.assert_array_equal(update.to_array(), data)
+
+
+def test_segments_fold_to_the_same_bits_as_their_arrays() -> None:
+    rows = [values(70_001, seed) for seed in range(5)]
+    weights = [0.5, 1.0, 2.0, 3.0, 0.25]
+    updates = [_in_place(r, 4000 + 4 * i).take() for i, r in enumerate(rows[:3])] + rows[3:]
+    expected, folded = Accumulator(70_001), Accumulator(70_001)
+    expected.add_many(rows, weights, check_finite=False)
+
+    folded.add_many(updates, weights, check_finite=False)
+
+    np.testing.assert_array_equal(folded.mean(), expected.mean())
+
+
+def test_a_chunk_ending_inside_a_value_makes_the_assembler_copy() -> None:
+    data = values(1000)
+
+    assembler = _in_place(data, 1022)  # not a multiple of 4 bytes
+
+    assert assembler.copying
+    update = assembler.take()
+    assert isinstance(update, np.ndarray)
+    np.testing.assert_array_equal(update, data)
+
+
+def test_in_place_finds_a_nan_at_its_index_and_rejects_the_payload() -> None:
+    data = values(5000)
+    data[4321] = np.nan
+    messages = encode_chunk_messages(data, 1, 4096, 3)
+    assembler = InPlaceAssembler(data.nbytes, 1, len(messages), 4096, 3)
+    for message in messages[:4]:  # values 0..4095: finite
+        assembler.add_message(message)
+
+    with pytest.raises(WireFormatError, match="first at value 4321"):
+        assembler.add_message(messages[4])
+    with pytest.raises(WireFormatError, match="rejected earlier"):
+        assembler.add_message(messages[4])
+
+
+def test_segments_need_check_finite_false() -> None:
+    update = _in_place(values(100), 64).take()
+
+    with pytest.raises(ValueError, match="check_finite=False"):
+        Accumulator(100).add_many([update], [1.0])

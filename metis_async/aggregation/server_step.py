@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
-from metis_async._core import Accumulator, AggregationError, first_non_finite
+from metis_async._core import Accumulator, AggregationError, Segments, first_non_finite
 
 if TYPE_CHECKING:
     from metis_async._core import ServerOptimizer
@@ -146,8 +146,11 @@ class ServerStep:
         """Sum of the weights accepted since the last commit or reset."""
         return self._acc.total_weight + float(sum(w for _, w in self._kept))
 
-    def add(self, update: FloatVector, weight: float, validated: bool = False) -> None:
+    def add(self, update: FloatVector | Segments, weight: float, validated: bool = False) -> None:
         """Accept one update with `weight` (> 0); raises ValueError, state unchanged.
+
+        `update` may be `Segments` (an upload kept in the chunk messages it arrived in): the
+        streaming mean folds it where it lies; robust rules and clipping take a copy.
 
         `validated` says the caller already checked that every value is finite (the server does,
         with `first_non_finite`, when an upload completes), so the values are not read again.
@@ -156,6 +159,15 @@ class ServerStep:
             raise ValueError(f"update has {len(update)} values, the model has {self.length}")
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError(f"weight must be finite and > 0, got {weight}")
+        if isinstance(update, Segments):
+            plain = not (self.settings.robust or self.settings.clip_norm)
+            if validated and plain and self.settings.fold_window > 1:
+                # Folded straight from the chunk messages it arrived in: never copied.
+                self._kept.append((update, float(weight)))  # type: ignore[arg-type]
+                if len(self._kept) >= self.settings.fold_window:
+                    self._fold()
+                return
+            update = update.to_array()
         if not validated:
             bad = first_non_finite(update)
             if bad is not None:

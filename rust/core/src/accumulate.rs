@@ -200,6 +200,66 @@ impl Accumulator {
         Ok(())
     }
 
+    /// [`add_many`](Self::add_many) for float32 updates that lie in pieces: each update is
+    /// given as byte segments (little-endian float32, any alignment, each a whole number of
+    /// values) whose concatenation is the update, e.g. the data of the chunk messages it arrived
+    /// in, read where they lie instead of being copied into one buffer first. The result is bit
+    /// for bit that of `add_many` on the assembled updates. Lengths and weights are validated
+    /// first; the values are not checked (the caller checked them on arrival).
+    pub fn add_many_segments(&mut self, updates: &[&[&[u8]]], weights: &[f64]) -> Result<()> {
+        if updates.len() != weights.len() {
+            return Err(AggregationError::WeightCount {
+                updates: updates.len(),
+                weights: weights.len(),
+            });
+        }
+        let mut total = self.total_weight;
+        let mut starts = Vec::with_capacity(updates.len()); // first value of every segment
+        for (index, (segments, &weight)) in updates.iter().zip(weights).enumerate() {
+            let mut at = 0;
+            let mut first = Vec::with_capacity(segments.len());
+            for segment in segments.iter() {
+                if segment.len() % 4 != 0 {
+                    return Err(AggregationError::SegmentNotFloat32 {
+                        update: index,
+                        bytes: segment.len(),
+                    });
+                }
+                first.push(at);
+                at += segment.len() / 4;
+            }
+            check_len("update", at, self.len()).map_err(|e| e.in_update(index))?;
+            total = checked_total(total, weight).map_err(|e| e.in_update(index))?;
+            starts.push(first);
+        }
+        let fold_tile = |(tile, sums): (usize, &mut [f64])| {
+            let start = tile * TILE;
+            for ((segments, first), &weight) in updates.iter().zip(&starts).zip(weights) {
+                let mut done = 0; // values of this tile folded so far
+                let mut s = first.partition_point(|&f| f <= start) - 1;
+                while done < sums.len() {
+                    let skip = start + done - first[s];
+                    let segment = &segments[s][4 * skip..];
+                    let take = (segment.len() / 4).min(sums.len() - done);
+                    add_scaled_le(&mut sums[done..done + take], &segment[..4 * take], weight);
+                    done += take;
+                    s += 1;
+                }
+            }
+        };
+        if self.len() >= PARALLEL_MIN {
+            self.sum
+                .par_chunks_mut(TILE)
+                .enumerate()
+                .for_each(fold_tile);
+        } else {
+            self.sum.chunks_mut(TILE).enumerate().for_each(fold_tile);
+        }
+        self.total_weight = total;
+        self.count += updates.len() as u64;
+        Ok(())
+    }
+
     /// The weighted mean `Σ wᵢ·xᵢ / Σ wᵢ` as float32. Fails before any update was added.
     pub fn mean(&self) -> Result<Vec<f32>> {
         let mut out = vec![0.0; self.len()];
@@ -474,6 +534,15 @@ fn add_scaled<T: Element>(sum: &mut [f64], values: &[T], weight: f64) {
     }
 }
 
+/// `sum += weight · values` for little-endian float32 `bytes` (any alignment): the same
+/// arithmetic as [`add_scaled`], so both give the same bits.
+#[inline]
+fn add_scaled_le(sum: &mut [f64], bytes: &[u8], weight: f64) {
+    for (s, w) in sum.iter_mut().zip(bytes.chunks_exact(4)) {
+        *s += weight * f64::from(f32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    }
+}
+
 /// Whether every value is finite, without branching per value: `x · 0` is 0 for finite `x` and
 /// NaN for NaN or ±∞, and NaN is sticky under addition. Sixteen independent lanes let the
 /// compiler vectorize the loop (a single running sum would be a serial dependency chain).
@@ -650,6 +719,72 @@ mod tests {
             assert_eq!(grouped.count(), 6);
             assert_eq!(grouped.total_weight(), single.total_weight());
         }
+    }
+
+    #[test]
+    fn add_many_segments_equals_add_many_bit_for_bit_however_cut() {
+        for len in [10, 3 * TILE + 5, PARALLEL_MIN + 12_345] {
+            let (updates, weights) = case(len, 4, 11);
+            let slices: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
+            let mut expected = Accumulator::new(len);
+            expected.add_many(&slices, &weights, true).unwrap();
+            // each update as misaligned byte segments of varying length (one empty)
+            let owned: Vec<Vec<Vec<u8>>> = updates
+                .iter()
+                .enumerate()
+                .map(|(u, values)| {
+                    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let mut segments = vec![Vec::new()];
+                    let mut at = 0;
+                    let mut step = 4 * (1 + u * 997 % (TILE + 3));
+                    while at < bytes.len() {
+                        let end = (at + step).min(bytes.len());
+                        let mut shifted = vec![0u8; 1 + u % 3]; // odd offsets in memory
+                        shifted.extend_from_slice(&bytes[at..end]);
+                        segments.push(shifted);
+                        at = end;
+                        step = 4 * (1 + (step / 4 * 31 + 7) % (2 * TILE));
+                    }
+                    segments
+                })
+                .collect();
+            let views: Vec<Vec<&[u8]>> = owned
+                .iter()
+                .enumerate()
+                .map(|(u, segs)| {
+                    segs.iter()
+                        .map(|s| {
+                            if s.is_empty() {
+                                &s[..]
+                            } else {
+                                &s[1 + u % 3..]
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[&[u8]]> = views.iter().map(Vec::as_slice).collect();
+            let mut segmented = Accumulator::new(len);
+            segmented.add_many_segments(&refs, &weights).unwrap();
+            assert_eq!(segmented, expected);
+        }
+    }
+
+    #[test]
+    fn add_many_segments_validates_before_changing_anything() {
+        let mut acc = Accumulator::new(2);
+        let whole = 1.0f32.to_le_bytes().repeat(2);
+        let bad: &[&[u8]] = &[&whole[..5], &whole[5..]];
+        assert_eq!(
+            acc.add_many_segments(&[bad], &[1.0]),
+            Err(AggregationError::SegmentNotFloat32 {
+                update: 0,
+                bytes: 5
+            })
+        );
+        let short: &[&[u8]] = &[&whole[..4]];
+        assert!(acc.add_many_segments(&[short], &[1.0]).is_err());
+        assert_eq!(acc.count(), 0);
     }
 
     #[test]

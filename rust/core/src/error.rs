@@ -39,6 +39,10 @@ pub enum AggregationError {
     #[error("total weight would overflow: {} + {} is not finite", Num(*total), Num(*weight))]
     WeightOverflow { total: f64, weight: f64 },
 
+    /// A segment of an update that is not a whole number of float32 values.
+    #[error("updates[{update}] has a segment of {bytes} bytes, not a whole number of float32")]
+    SegmentNotFloat32 { update: usize, bytes: usize },
+
     /// A scale factor that is NaN or infinite.
     #[error("scale must be finite, got {}", Num(*.0))]
     InvalidScale(f64),

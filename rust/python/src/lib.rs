@@ -9,6 +9,7 @@ mod py_arrays;
 mod py_chunks;
 mod py_optim;
 mod py_robust;
+mod py_segments;
 
 use pyo3::prelude::*;
 
@@ -45,6 +46,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_robust::multi_krum, m)?)?;
     m.add_function(wrap_pyfunction!(py_robust::clip_by_norm, m)?)?;
     m.add_class::<py_chunks::PyChunkAssembler>()?;
+    m.add_class::<py_segments::PyInPlaceAssembler>()?;
+    m.add_class::<py_segments::PySegments>()?;
     m.add_function(wrap_pyfunction!(py_chunks::peek_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(py_chunks::encode_chunk_messages, m)?)?;
     Ok(())

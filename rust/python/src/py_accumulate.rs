@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 
 use crate::error::{BindingError, Result};
 use crate::py_arrays::{self, dtype_name, type_name};
+use crate::py_segments::PySegments;
 
 /// Runs `work` with the GIL released ([`py_arrays::detached`]), typed to the bindings' error so
 /// closures using `?` on core and binding errors alike infer it.
@@ -54,6 +55,64 @@ impl Values<'_> {
             Self::F32(values) => values.len(),
             Self::F64(values) => values.len(),
         }
+    }
+}
+
+impl PyAccumulator {
+    /// `add_many` when some updates are `Segments` (kept in their chunk messages): every update
+    /// is read where it lies, float32 arrays as one segment; the same bits as assembling first.
+    fn add_many_segments(
+        &self,
+        py: Python<'_>,
+        updates: &[Bound<'_, PyAny>],
+        weights: Vec<f64>,
+        check_finite: bool,
+    ) -> Result<()> {
+        if check_finite {
+            return Err(BindingError::Borrow(
+                "Segments are checked for NaN/infinity on arrival: pass check_finite=False".into(),
+            ));
+        }
+        let arrays: Vec<Option<PyReadonlyArray1<'_, f32>>> = updates
+            .iter()
+            .enumerate()
+            .map(|(i, u)| match u.cast::<PySegments>() {
+                Ok(_) => Ok(None),
+                Err(_) => readonly::<f32>(u).map(Some).map_err(|e| e.in_update(i)),
+            })
+            .collect::<Result<_>>()?;
+        let segments: Vec<Option<Bound<'_, PySegments>>> = updates
+            .iter()
+            .map(|u| u.cast::<PySegments>().ok().cloned())
+            .collect();
+        let mut pieces: Vec<Vec<&[u8]>> = Vec::with_capacity(updates.len());
+        for (array, segment) in arrays.iter().zip(&segments) {
+            pieces.push(match (array, segment) {
+                (Some(array), _) => {
+                    let values = array
+                        .as_slice()
+                        .map_err(|_| BindingError::Borrow("array data is misaligned".into()))?;
+                    vec![as_le_bytes(values)]
+                }
+                (None, Some(segment)) => segment.get().slices(py),
+                (None, None) => unreachable!("every update is an array or Segments"),
+            });
+        }
+        let refs: Vec<&[&[u8]]> = pieces.iter().map(Vec::as_slice).collect();
+        detached(py, || {
+            let mut state = self.state()?;
+            state.add_many_segments(&refs, &weights)?;
+            self.publish(&state);
+            Ok(())
+        })
+    }
+}
+
+/// The bytes of float32 `values` (little-endian on every target this crate builds for).
+fn as_le_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: same memory and lifetime as `values`; u8 has alignment 1 and no invalid patterns.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
     }
 }
 
@@ -178,6 +237,9 @@ impl PyAccumulator {
         weights: Vec<f64>,
         check_finite: bool,
     ) -> Result<()> {
+        if updates.iter().any(|u| u.cast::<PySegments>().is_ok()) {
+            return self.add_many_segments(py, &updates, weights, check_finite);
+        }
         let arrays = updates
             .iter()
             .enumerate()

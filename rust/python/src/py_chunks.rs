@@ -154,7 +154,7 @@ impl Drop for RecycledBuffer {
 }
 
 /// A 1-D numpy array over `values` without copying, whose buffer is recycled when freed.
-fn recycled_array(py: Python<'_>, values: Vec<f32>) -> Result<Bound<'_, PyArray1<f32>>> {
+pub fn recycled_array(py: Python<'_>, values: Vec<f32>) -> Result<Bound<'_, PyArray1<f32>>> {
     let mut values = std::mem::ManuallyDrop::new(values);
     let (ptr, len, capacity) = (values.as_mut_ptr(), values.len(), values.capacity());
     // On failure the initializer drops the RecycledBuffer, which frees (recycles) the Vec.

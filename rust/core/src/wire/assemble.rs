@@ -46,6 +46,11 @@ pub struct ChunkAssembler {
     /// The first error; every later call reports it.
     rejected: Option<Box<WireError>>,
     taken: bool,
+    /// In place: no buffer; each chunk's data is checked where it lies in its message, and
+    /// `segments` records (offset in the message, length) so the caller can read the values
+    /// from the messages it keeps.
+    in_place: bool,
+    segments: Vec<(usize, usize)>,
 }
 
 impl ChunkAssembler {
@@ -61,6 +66,61 @@ impl ChunkAssembler {
         envelope_field: u32,
         check_finite: bool,
     ) -> Result<Self, WireError> {
+        let mut this = Self::with_values(
+            Vec::new(),
+            total_bytes,
+            payload_id,
+            num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            check_finite,
+        )?;
+        let len =
+            usize::try_from(total_bytes / 4).map_err(|_| WireError::Allocation(total_bytes))?;
+        // A recycled buffer's stale contents are never seen: `take` needs every byte received.
+        this.values = match RECYCLED.take(len) {
+            Some(values) => values,
+            None => zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
+        };
+        Ok(this)
+    }
+
+    /// An assembler that keeps no buffer: [`add_message_in_place`](Self::add_message_in_place)
+    /// checks each chunk where it lies in its message, and
+    /// [`take_segments`](Self::take_segments) says where the values are; the caller keeps the
+    /// messages. The announcement is validated as by [`new`](Self::new).
+    pub fn new_in_place(
+        total_bytes: u64,
+        payload_id: u64,
+        num_chunks: u32,
+        max_chunk_bytes: usize,
+        envelope_field: u32,
+        check_finite: bool,
+    ) -> Result<Self, WireError> {
+        let mut this = Self::with_values(
+            Vec::new(),
+            total_bytes,
+            payload_id,
+            num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            check_finite,
+        )?;
+        this.in_place = true;
+        Ok(this)
+    }
+
+    /// Validates the announcement (every chunk but an empty payload's single one must carry at
+    /// least one byte) and builds the assembler around `values`.
+    fn with_values(
+        values: Vec<f32>,
+        total_bytes: u64,
+        payload_id: u64,
+        num_chunks: u32,
+        max_chunk_bytes: usize,
+        envelope_field: u32,
+        check_finite: bool,
+    ) -> Result<Self, WireError> {
         check_field(envelope_field)?;
         if max_chunk_bytes == 0 {
             return Err(WireError::ZeroChunkLimit);
@@ -69,7 +129,6 @@ impl ChunkAssembler {
             return Err(WireError::NotFloat32(total_bytes));
         }
         let needed = chunk_count(total_bytes, max_chunk_bytes);
-        // Every chunk but an empty payload's single one must carry at least one byte.
         if u64::from(num_chunks) < needed || u64::from(num_chunks) > total_bytes.max(1) {
             return Err(WireError::ChunkCount {
                 announced: num_chunks.into(),
@@ -78,13 +137,6 @@ impl ChunkAssembler {
                 limit: max_chunk_bytes,
             });
         }
-        let len =
-            usize::try_from(total_bytes / 4).map_err(|_| WireError::Allocation(total_bytes))?;
-        // A recycled buffer's stale contents are never seen: `take` needs every byte received.
-        let values = match RECYCLED.take(len) {
-            Some(values) => values,
-            None => zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
-        };
         Ok(Self {
             values,
             total_bytes,
@@ -97,6 +149,8 @@ impl ChunkAssembler {
             next_index: 0,
             rejected: None,
             taken: false,
+            in_place: false,
+            segments: Vec::new(),
         })
     }
 
@@ -118,6 +172,50 @@ impl ChunkAssembler {
                 .ok_or(WireError::NotAChunk(this.envelope_field))?;
             this.add_chunk(chunk)
         })
+    }
+
+    /// In place: checks the chunk carried by `raw` where it lies and records where its data is
+    /// (see [`take_segments`](Self::take_segments)); returns whether the payload is complete.
+    /// [`WireError::NotInPlace`] (a chunk ending inside a value) leaves the assembler as it was,
+    /// so the caller can fall back to copying; any other error rejects the payload for good.
+    pub fn add_message_in_place(&mut self, raw: &[u8]) -> Result<bool, WireError> {
+        if let Some(first) = &self.rejected {
+            return Err(WireError::Rejected(first.clone()));
+        }
+        if let Ok(Some(chunk)) = peek_chunk(raw, self.envelope_field) {
+            let end = self.filled + chunk.data.len();
+            if chunk.data.len() % 4 != 0 && (end as u64) < self.total_bytes {
+                return Err(WireError::NotInPlace);
+            }
+        }
+        self.guarded(|this| {
+            let chunk = peek_chunk(raw, this.envelope_field)?
+                .ok_or(WireError::NotAChunk(this.envelope_field))?;
+            let offset = chunk.data.as_ptr() as usize - raw.as_ptr() as usize;
+            let len = chunk.data.len();
+            this.add_chunk(chunk)?;
+            this.segments.push((offset, len));
+            Ok(this.is_done())
+        })
+    }
+
+    /// In place, after the last chunk: (offset in its message, length) of each chunk's data, in
+    /// order; their concatenation is the payload (each a whole number of float32 values).
+    pub fn take_segments(&mut self) -> Result<Vec<(usize, usize)>, WireError> {
+        if let Some(first) = &self.rejected {
+            return Err(WireError::Rejected(first.clone()));
+        }
+        if self.taken {
+            return Err(WireError::Taken);
+        }
+        if !self.is_done() {
+            return Err(WireError::Incomplete {
+                received: self.next_index,
+                num_chunks: self.num_chunks,
+            });
+        }
+        self.taken = true;
+        Ok(std::mem::take(&mut self.segments))
     }
 
     /// Adds one decoded chunk; returns whether the payload is complete. After an error the
@@ -189,7 +287,15 @@ impl ChunkAssembler {
         if end as u64 > self.total_bytes {
             return Err(WireError::Overflow(self.total_bytes));
         }
-        let bad = copy_and_check(&mut self.values, self.filled, chunk.data, self.check_finite);
+        let bad = if self.in_place {
+            // whole values only (add_message_in_place checked), so the check starts at a value
+            self.check_finite
+                .then(|| first_non_finite_bytes(chunk.data))
+                .flatten()
+                .map(|i| self.filled / 4 + i)
+        } else {
+            copy_and_check(&mut self.values, self.filled, chunk.data, self.check_finite)
+        };
         if let Some(index) = bad {
             return Err(WireError::NonFinite(index as u64));
         }
@@ -350,6 +456,29 @@ fn store_fence() {
     // SAFETY: SSE is part of every x86-64 target; `sfence` has no other effect.
     unsafe {
         std::arch::x86_64::_mm_sfence();
+    }
+}
+
+/// Index of the first NaN or infinity among the complete little-endian float32 values of
+/// `bytes` (any alignment), block by block so that finite data is read once, branch-free.
+fn first_non_finite_bytes(bytes: &[u8]) -> Option<usize> {
+    let find = |(b, block): (usize, &[u8])| {
+        if all_finite_bytes(block) {
+            return None;
+        }
+        let at = block
+            .chunks_exact(4)
+            .position(|w| !f32::from_le_bytes([w[0], w[1], w[2], w[3]]).is_finite());
+        at.map(|i| b * BLOCK + i)
+    };
+    if bytes.len() >= 8 * REGION {
+        bytes
+            .par_chunks(4 * BLOCK)
+            .enumerate()
+            .filter_map(find)
+            .min()
+    } else {
+        bytes.chunks(4 * BLOCK).enumerate().find_map(find)
     }
 }
 

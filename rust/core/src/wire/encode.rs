@@ -195,5 +195,49 @@ mod tests {
             }
             prop_assert_eq!(asm.take().unwrap(), values);
         }
+
+        /// In place, the recorded segments of the messages are the payload, and a NaN is found
+        /// at its index; a limit that cuts through values is refused with `NotInPlace` only.
+        #[test]
+        fn messages_are_read_in_place(
+            values in proptest::collection::vec(-1e6f32..1e6, 1..600),
+            limit in 1usize..300,
+            nan_at in proptest::option::of(0usize..600),
+        ) {
+            let mut values = values;
+            if let Some(at) = nan_at.filter(|&at| at < values.len()) {
+                values[at] = f32::NAN;
+            }
+            let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let messages = encode(&payload, 5, limit, 3).unwrap();
+            let mut asm = ChunkAssembler::new_in_place(
+                payload.len() as u64, 5, messages.len() as u32, limit, 3, true,
+            ).unwrap();
+            let mut outcome = Ok(false);
+            for message in &messages {
+                outcome = asm.add_message_in_place(message);
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            match outcome {
+                Err(WireError::NotInPlace) => prop_assert!(limit % 4 != 0),
+                Err(WireError::NonFinite(at)) => {
+                    prop_assert_eq!(Some(at as usize), values.iter().position(|v| v.is_nan()));
+                }
+                Ok(done) => {
+                    prop_assert!(done);
+                    prop_assert!(values.iter().all(|v| v.is_finite()));
+                    let segments = asm.take_segments().unwrap();
+                    let joined: Vec<u8> = segments
+                        .iter()
+                        .zip(&messages)
+                        .flat_map(|(&(at, len), m)| m[at..at + len].to_vec())
+                        .collect();
+                    prop_assert_eq!(joined, payload);
+                }
+                Err(other) => prop_assert!(false, "unexpected {other}"),
+            }
+        }
     }
 }

@@ -96,6 +96,12 @@ pub enum WireError {
     #[error("cannot allocate a payload of {0} bytes")]
     Allocation(u64),
 
+    /// In place, a chunk that ends inside a float32 value (before the payload's end): the
+    /// payload cannot be read from its messages as whole values and must be copied instead.
+    /// Not a contract violation: the assembler is not rejected by it.
+    #[error("chunk ends inside a float32 value: the payload cannot be kept in place")]
+    NotInPlace,
+
     /// A payload too long for uint32 chunk indices at this chunk size.
     #[error("payload of {total} bytes needs more than 2^32 chunks of {limit} bytes")]
     TooManyChunks { total: u64, limit: usize },
