@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from metis_async import wire
-from metis_async.delivery import lower_thread_priority, start_bulk_threads
+from metis_async.delivery import keep_freed_memory, lower_thread_priority, start_bulk_threads
 from metis_async.effects import Effect
 from metis_async.federation import RESULT_RECEIVED, FederationCore, UpdateReport
 from metis_async.protocols import TaskKind
@@ -74,6 +74,7 @@ class Ingest:
             2, thread_name_prefix="ingest", initializer=lower_thread_priority
         )
         start_bulk_threads(self._pool)
+        keep_freed_memory()
 
     def close(self) -> None:
         """Stop the worker threads (the controller is going away)."""
