@@ -53,6 +53,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from learner_messages import delta_result  # benches/, beside this script
 
 from metis_async import wire
 from metis_async._core import encode_chunk_messages
@@ -100,22 +101,10 @@ async def _learner(
                 tasks.append((int(task.model_version), time.time()))
                 if sleep_seconds:
                     await asyncio.sleep(sleep_seconds)
-                payload = pb.Payload(
-                    payload_id=len(uploads) + 1,
-                    kind=pb.PAYLOAD_KIND_DELTA,
-                    dtype=pb.DTYPE_FLOAT32,
-                    total_bytes=nbytes,
-                    num_chunks=len(chunks),
-                    layout_id=layout_id,
-                )
-                result = pb.TaskResult(
-                    task_id=task.task_id,
-                    base_version=task.model_version,
-                    payload=payload,
-                    num_examples=10,
-                )
                 first = time.time()
-                await call.write(pb.LearnerMessage(result=result).SerializeToString())
+                await call.write(
+                    delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id)
+                )
                 for chunk in _renumbered(chunks, len(uploads) + 1):
                     await call.write(chunk)
                 uploads.append((first, time.time()))

@@ -40,6 +40,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from learner_messages import delta_result  # benches/, beside this script
 
 # The installed package (`pip install ".[bench]"` or an editable install), never the source
 # folder: a source checkout has no built `_core`.
@@ -85,22 +86,8 @@ async def _learner(
             elif kind == "train":
                 task = message.train
                 break
-        payload = pb.Payload(
-            payload_id=1,
-            kind=pb.PAYLOAD_KIND_DELTA,
-            dtype=pb.DTYPE_FLOAT32,
-            total_bytes=nbytes,
-            num_chunks=len(chunks),
-            layout_id=layout_id,
-        )
-        result = pb.TaskResult(
-            task_id=task.task_id,
-            base_version=task.model_version,
-            payload=payload,
-            num_examples=10,
-        )
         started = time.perf_counter()
-        await call.write(pb.LearnerMessage(result=result).SerializeToString())
+        await call.write(delta_result(task, 1, nbytes, len(chunks), layout_id))
         for chunk in chunks:
             await call.write(chunk)
         seconds = time.perf_counter() - started

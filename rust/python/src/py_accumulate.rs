@@ -116,6 +116,15 @@ fn as_le_bytes(values: &[f32]) -> &[u8] {
     }
 }
 
+/// Borrows every update (float32 or float64 arrays); an error names the update.
+fn borrow_all<'py>(updates: &[Bound<'py, PyAny>]) -> Result<Vec<Array<'py>>> {
+    updates
+        .iter()
+        .enumerate()
+        .map(|(i, update)| Array::borrow(update).map_err(|e| e.in_update(i)))
+        .collect()
+}
+
 impl<'py> Array<'py> {
     fn borrow(object: &Bound<'py, PyAny>) -> Result<Self> {
         let untyped = object
@@ -240,11 +249,7 @@ impl PyAccumulator {
         if updates.iter().any(|u| u.cast::<PySegments>().is_ok()) {
             return self.add_many_segments(py, &updates, weights, check_finite);
         }
-        let arrays = updates
-            .iter()
-            .enumerate()
-            .map(|(i, update)| Array::borrow(update).map_err(|e| e.in_update(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let arrays = borrow_all(&updates)?;
         let values = arrays
             .iter()
             .map(Array::values)
@@ -412,11 +417,7 @@ pub fn weighted_average<'py>(
     updates: Vec<Bound<'py, PyAny>>,
     weights: Vec<f64>,
 ) -> Result<Bound<'py, PyArray1<f32>>> {
-    let arrays = updates
-        .iter()
-        .enumerate()
-        .map(|(i, update)| Array::borrow(update).map_err(|e| e.in_update(i)))
-        .collect::<Result<Vec<_>>>()?;
+    let arrays = borrow_all(&updates)?;
     let values = arrays
         .iter()
         .map(Array::values)

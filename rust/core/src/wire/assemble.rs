@@ -66,8 +66,7 @@ impl ChunkAssembler {
         envelope_field: u32,
         check_finite: bool,
     ) -> Result<Self, WireError> {
-        let mut this = Self::with_values(
-            Vec::new(),
+        let mut this = Self::announced(
             total_bytes,
             payload_id,
             num_chunks,
@@ -97,8 +96,7 @@ impl ChunkAssembler {
         envelope_field: u32,
         check_finite: bool,
     ) -> Result<Self, WireError> {
-        let mut this = Self::with_values(
-            Vec::new(),
+        let mut this = Self::announced(
             total_bytes,
             payload_id,
             num_chunks,
@@ -111,9 +109,8 @@ impl ChunkAssembler {
     }
 
     /// Validates the announcement (every chunk but an empty payload's single one must carry at
-    /// least one byte) and builds the assembler around `values`.
-    fn with_values(
-        values: Vec<f32>,
+    /// least one byte) and builds an assembler without a buffer yet.
+    fn announced(
         total_bytes: u64,
         payload_id: u64,
         num_chunks: u32,
@@ -138,7 +135,7 @@ impl ChunkAssembler {
             });
         }
         Ok(Self {
-            values,
+            values: Vec::new(),
             total_bytes,
             payload_id,
             num_chunks,
@@ -179,18 +176,13 @@ impl ChunkAssembler {
     /// [`WireError::NotInPlace`] (a chunk ending inside a value) leaves the assembler as it was,
     /// so the caller can fall back to copying; any other error rejects the payload for good.
     pub fn add_message_in_place(&mut self, raw: &[u8]) -> Result<bool, WireError> {
-        if let Some(first) = &self.rejected {
-            return Err(WireError::Rejected(first.clone()));
-        }
-        if let Ok(Some(chunk)) = peek_chunk(raw, self.envelope_field) {
-            let end = self.filled + chunk.data.len();
-            if chunk.data.len() % 4 != 0 && (end as u64) < self.total_bytes {
-                return Err(WireError::NotInPlace);
-            }
-        }
         self.guarded(|this| {
             let chunk = peek_chunk(raw, this.envelope_field)?
                 .ok_or(WireError::NotAChunk(this.envelope_field))?;
+            let end = this.filled + chunk.data.len();
+            if chunk.data.len() % 4 != 0 && (end as u64) < this.total_bytes {
+                return Err(WireError::NotInPlace);
+            }
             let offset = chunk.data.as_ptr() as usize - raw.as_ptr() as usize;
             let len = chunk.data.len();
             this.add_chunk(chunk)?;
@@ -243,7 +235,7 @@ impl ChunkAssembler {
         Ok(std::mem::take(&mut self.values))
     }
 
-    /// Runs `op` unless an earlier call failed, and remembers its error.
+    /// Runs `op` unless an earlier call failed, and remembers its error (but `NotInPlace`).
     fn guarded<T>(
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, WireError>,
@@ -253,7 +245,10 @@ impl ChunkAssembler {
         }
         let result = op(self);
         if let Err(error) = &result {
-            self.rejected = Some(Box::new(error.clone()));
+            // NotInPlace is no fault of the payload: the caller copies instead.
+            if *error != WireError::NotInPlace {
+                self.rejected = Some(Box::new(error.clone()));
+            }
         }
         result
     }
