@@ -4,6 +4,7 @@
 //! (`rust/python`), which exposes these modules as `metis_async._core`.
 
 pub mod accumulate;
+pub mod codec;
 pub mod error;
 pub mod optim;
 pub mod robust;
