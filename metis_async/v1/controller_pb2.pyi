@@ -24,14 +24,37 @@ ONE SESSION, IN ORDER (controller -> learner)
   Shutdown                           last; the controller then ends the stream with status OK
 
 FLAT BUFFERS
-Models and updates travel as ONE flat buffer of little-endian IEEE-754 float32 values
-(`Payload.dtype` is always DTYPE_FLOAT32 in this version), described by a `ModelLayout`: each
-tensor is a consecutive segment of it. Tensors of other dtypes are carried as float32 and cast
-back to `TensorSpec.dtype` on arrival. A buffer is announced by a header (`Model` from the
-controller; `TaskResult` or `InitialModel` from a learner) whose `Payload` gives its size; then
-exactly `payload.num_chunks` `Chunk` messages with the same `payload_id` follow, in index order
-0, 1, 2, ..., each at most `Welcome.max_chunk_bytes` bytes of data, in both directions. Chunks
-are byte slices (one may end inside a float32 value); together they hold `total_bytes` bytes.
+Models and updates are ONE flat vector of float32 values, described by a `ModelLayout`: each
+tensor is a consecutive segment of it (layout offsets and sizes always count float32 bytes).
+Tensors of other dtypes are carried as float32 and cast back to `TensorSpec.dtype` on arrival.
+A buffer is announced by a header (`Model` from the controller; `TaskResult` or `InitialModel`
+from a learner) whose `Payload` gives its size; then exactly `payload.num_chunks` `Chunk`
+messages with the same `payload_id` follow, in index order 0, 1, 2, ..., each at most
+`Welcome.max_chunk_bytes` bytes of data, in both directions.
+
+By default a buffer crosses as little-endian IEEE-754 float32 (`Payload.dtype` DTYPE_FLOAT32):
+chunks are byte slices (one may end inside a value) and together hold `total_bytes` bytes.
+
+CODECS (optional, negotiated per stream; see `Hello.codecs`, `Welcome.upload_dtype` and
+`Welcome.download_dtype`). A payload may instead be encoded value by value:
+  DTYPE_FLOAT16   2 bytes per value: little-endian IEEE-754 binary16, each float32 rounded to
+                  the nearest binary16, ties to even. A value that would round to infinity
+                  (|x| >= 65520) cannot be encoded: upload float32 instead.
+  DTYPE_BFLOAT16  2 bytes per value: the upper 16 bits of the float32, rounded to nearest, ties
+                  to even (decode: the 16 bits shifted left by 16).
+  DTYPE_INT8      1 byte per value: a two's-complement int8 q in [-127, 127] (-128 is refused by
+                  nobody but never written), decoded as float32(q) * Chunk.scale, computed in
+                  float32. Each chunk has its own scale: the reference encoder uses
+                  scale = max|x| / 127 over the chunk's values (float32 division) and
+                  q = round_half_to_even(x / scale) clamped to [-127, 127]; a chunk of zeros
+                  has scale 0 (all q 0).
+For an encoded payload, `Payload.total_bytes` = number of values x bytes per value (2 or 1;
+the int8 scales are not counted), and EVERY chunk holds whole values (a float16/bfloat16
+chunk has an even number of bytes) and at least one value. Values decode to float32 and must
+be finite: no float16/bfloat16 infinity or NaN bit pattern, and an int8 scale must be finite,
+>= 0 and small enough that 127 x scale is finite. A payload that breaks these rules is refused
+like any other (INVALID_ARGUMENT for uploads). A learner may always upload DTYPE_FLOAT32, even
+when the controller chose a codec (e.g. when a value does not fit float16).
 
 LIMITS (defaults of the reference controller in brackets)
   Welcome.max_chunk_bytes [4 MiB]: largest Chunk.data either side sends. Any other message must
@@ -137,8 +160,9 @@ class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     Flat model buffers
     ---------------------------------------------------------------------------------------------
 
-    Element types. On the wire every buffer is DTYPE_FLOAT32 in this version; the other values name
-    a tensor's original dtype in TensorSpec.dtype (cast back on arrival).
+    Element types. As `Payload.dtype`: how a buffer is encoded on the wire (DTYPE_FLOAT32 by
+    default; DTYPE_FLOAT16, DTYPE_BFLOAT16, DTYPE_INT8 once negotiated, see CODECS at the top;
+    never DTYPE_FLOAT64). As `TensorSpec.dtype`: a tensor's original dtype (cast back on arrival).
     """
 
 DTYPE_UNSPECIFIED: DType.ValueType  # 0
@@ -438,6 +462,7 @@ class Hello(_message.Message):
     HOLDS_MODEL_FIELD_NUMBER: _builtins.int
     HELD_RUN_ID_FIELD_NUMBER: _builtins.int
     HELD_LAYOUT_ID_FIELD_NUMBER: _builtins.int
+    CODECS_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """Stable identity chosen by the learner and reused across reconnects, at most 128 bytes of
     UTF-8. Empty asks the controller to assign one (returned in Welcome.learner_id), which the
@@ -482,6 +507,14 @@ class Hello(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """free-form labels (device class, region); informational"""
 
+    @_builtins.property
+    def codecs(self) -> _containers.RepeatedScalarFieldContainer[Global___DType.ValueType]:
+        """The payload dtypes this learner can encode uploads with and decode downloads from, besides
+        DTYPE_FLOAT32 (which every learner handles): any of DTYPE_FLOAT16, DTYPE_BFLOAT16,
+        DTYPE_INT8 (see CODECS at the top). Empty: float32 only. The controller picks at most one
+        from this list per direction and says so in Welcome; unknown values are ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -495,10 +528,11 @@ class Hello(_message.Message):
         holds_model: _builtins.bool = ...,
         held_run_id: _builtins.str = ...,
         held_layout_id: _builtins.int = ...,
+        codecs: _abc.Iterable[Global___DType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "client_version", b"client_version", "held_layout_id", b"held_layout_id", "held_run_id", b"held_run_id", "held_version", b"held_version", "holds_model", b"holds_model", "learner_id", b"learner_id", "metadata", b"metadata", "num_examples", b"num_examples", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "client_version", b"client_version", "codecs", b"codecs", "held_layout_id", b"held_layout_id", "held_run_id", b"held_run_id", "held_version", b"held_version", "holds_model", b"holds_model", "learner_id", b"learner_id", "metadata", b"metadata", "num_examples", b"num_examples", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,6 +553,8 @@ class Welcome(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     MAX_MODEL_BYTES_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    UPLOAD_DTYPE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_DTYPE_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """the id to reuse (assigned if Hello's was empty)"""
     session_id: _builtins.str
@@ -548,6 +584,17 @@ class Welcome(_message.Message):
     """Largest model (ModelLayout.total_bytes) this controller accepts or holds; 0 = not stated."""
     state: Global___FederationState.ValueType
     """the federation's state when the learner joined"""
+    upload_dtype: Global___DType.ValueType
+    """The dtype the controller asks this learner to encode training uploads (TaskResult payloads)
+    with on this stream: one of Hello.codecs, or DTYPE_UNSPECIFIED / DTYPE_FLOAT32 for float32
+    (older controllers leave it unset). The controller always also accepts DTYPE_FLOAT32
+    uploads. Initial models (InitialModel) are always DTYPE_FLOAT32.
+    """
+    download_dtype: Global___DType.ValueType
+    """The dtype models (Model payloads) are sent in on this stream: one of Hello.codecs, or
+    DTYPE_UNSPECIFIED / DTYPE_FLOAT32 for float32. Informational: every Model's Payload.dtype
+    says how that model is encoded, and a learner decodes whatever it says.
+    """
     def __init__(
         self,
         *,
@@ -560,10 +607,12 @@ class Welcome(_message.Message):
         run_id: _builtins.str = ...,
         max_model_bytes: _builtins.int = ...,
         state: Global___FederationState.ValueType = ...,
+        upload_dtype: Global___DType.ValueType = ...,
+        download_dtype: Global___DType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -704,11 +753,17 @@ class Payload(_message.Message):
     """chosen by the sender, unique per sender and stream"""
     kind: Global___PayloadKind.ValueType
     dtype: Global___DType.ValueType
-    """element type on the wire: DTYPE_FLOAT32 (anything else is refused)"""
+    """Encoding on the wire: DTYPE_FLOAT32 (or UNSPECIFIED, read as float32), or the codec
+    negotiated for this direction (Welcome.upload_dtype / download_dtype); others are refused.
+    """
     total_bytes: _builtins.int
-    """must equal the model layout's total_bytes"""
+    """The model layout's total_bytes for float32; for a codec, the number of values (layout
+    total_bytes / 4) times the codec's bytes per value (2 for float16/bfloat16, 1 for int8).
+    """
     num_chunks: _builtins.int
-    """At least ceil(total_bytes / max_chunk_bytes), at most max(total_bytes, 1)."""
+    """At least ceil(total_bytes / max_chunk_bytes), at most max(total_bytes, 1); for a codec at
+    most the number of values (every chunk holds at least one whole value).
+    """
     layout_id: _builtins.int
     """must equal the model's ModelLayout.layout_id"""
     def __init__(
@@ -736,22 +791,31 @@ class Chunk(_message.Message):
     PAYLOAD_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
     payload_id: _builtins.int
     """the payload_id of the header it belongs to"""
     index: _builtins.int
     """0-based, consecutive, in order"""
     data: _builtins.bytes
-    """at most max_chunk_bytes bytes; all chunks together: total_bytes"""
+    """At most max_chunk_bytes bytes; all chunks together: total_bytes. For a codec payload a whole
+    number of encoded values (see CODECS at the top).
+    """
+    scale: _builtins.float
+    """DTYPE_INT8 payloads only: the float32 factor of this chunk's values (value = q * scale);
+    finite, >= 0, with 127 x scale finite; 0 (unset) for a chunk of zeros. Must be 0 (unset)
+    for every other dtype.
+    """
     def __init__(
         self,
         *,
         payload_id: _builtins.int = ...,
         index: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "payload_id", b"payload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "payload_id", b"payload_id", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -992,10 +1056,11 @@ class TaskResult(_message.Message):
                      assigned to this learner is fatal.
       base_version   equals the task's model_version (train results).
       payload        train results: kind DELTA if the task's upload_delta is set, else WEIGHTS;
-                     dtype DTYPE_FLOAT32; total_bytes equals the model's; layout_id the model's;
+                     dtype DTYPE_FLOAT32 or Welcome.upload_dtype; total_bytes the model's
+                     (scaled by the codec's bytes per value, see CODECS); layout_id the model's;
                      num_chunks in range; chunks in order with the same payload_id, each at most
-                     max_chunk_bytes, summing to total_bytes; every value finite (no NaN/inf,
-                     checked chunk by chunk). Evaluation results carry no payload (0 chunks).
+                     max_chunk_bytes, summing to total_bytes (whole values for a codec); every
+                     value finite (no NaN/inf, valid int8 scales, checked chunk by chunk). Evaluation results carry no payload (0 chunks).
       num_examples   at most the controller's max_num_examples.
     Used but not checked: num_examples is the aggregation weight (train) or evaluation weight;
     completed_steps, train_seconds, seconds_per_batch and seconds_per_epoch go to the policy (the
