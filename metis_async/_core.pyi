@@ -65,9 +65,10 @@ class Accumulator:
     ) -> None:
         """Add several updates at once (all float32 or all float64); same result as ``add``.
 
-        Float32 updates may be :class:`Segments` (kept in the chunk messages they arrived in),
-        folded where they lie, with the same bits as their assembled arrays; they were checked
-        on arrival, so pass ``check_finite=False``.
+        Float32 updates may be :class:`Segments` (kept in the chunk messages they arrived in,
+        float32 or encoded with a codec), folded where they lie (encoded values decoded straight
+        into the float64 sums, no float32 copy), with the same bits as their assembled (decoded)
+        arrays; they were checked on arrival, so pass ``check_finite=False``.
 
         ``check_finite=False`` skips the NaN/infinity pass: the caller vouches that it checked
         every value (e.g. with :func:`first_non_finite` on arrival); a non-finite value would
@@ -265,7 +266,7 @@ __all__ += ["ChunkAssembler", "WireFormatError", "encode_chunk_messages", "peek_
 
 @final
 class ChunkAssembler:
-    """Reassembles one announced float32 payload from its raw chunk messages.
+    """Reassembles one announced payload from its raw chunk messages into float32 values.
 
     Each :meth:`add_message` takes the serialized envelope (``LearnerMessage``, chunk in field
     3, or ``ControllerMessage``, field 4), finds the ``Chunk`` in it without a protobuf parser,
@@ -273,6 +274,11 @@ class ChunkAssembler:
     checking the values completed so far for NaN and infinity, in one parallel pass with the GIL
     released. Any problem raises :class:`WireFormatError`, after which the payload is rejected
     for good (every later call raises too).
+
+    With a codec (``dtype`` 3 float16, 4 bfloat16, 5 int8: the ``DType`` enum of
+    controller.proto) every chunk must hold whole encoded values; each is checked (float16 /
+    bfloat16 infinity and NaN bit patterns; int8: ``Chunk.scale`` finite, >= 0, 127 x scale
+    finite; other dtypes: no scale) and decoded into the float32 buffer.
     """
 
     def __new__(
@@ -283,13 +289,18 @@ class ChunkAssembler:
         max_chunk_bytes: int,
         envelope_field: int,
         check_finite: bool = True,
+        dtype: int = 1,
     ) -> ChunkAssembler:
-        """An assembler for payload ``payload_id`` of ``total_bytes`` bytes (a multiple of 4)
-        announced as ``num_chunks`` chunks of at most ``max_chunk_bytes`` bytes each, carried in
-        field ``envelope_field`` of the envelope messages.
+        """An assembler for payload ``payload_id`` of ``total_bytes`` bytes announced as
+        ``num_chunks`` chunks of at most ``max_chunk_bytes`` bytes each, carried in field
+        ``envelope_field`` of the envelope messages, encoded as ``dtype`` (``Payload.dtype``;
+        0 and 1 mean float32).
 
-        ``num_chunks`` must be at least ``ceil(total_bytes / max_chunk_bytes)`` and at most
-        ``max(total_bytes, 1)``. ``check_finite=False`` skips the NaN/infinity check.
+        ``total_bytes`` is the encoded size: values x 4 (float32), x 2 (float16, bfloat16) or
+        x 1 (int8). ``num_chunks`` must be at least ``ceil(total_bytes / max_chunk_bytes)`` and
+        at most ``max(total_bytes, 1)`` (for a codec at most the number of values).
+        ``check_finite=False`` skips the NaN/infinity and scale checks. An unknown ``dtype``
+        raises :class:`WireFormatError`.
         """
 
     def add_message(self, raw: bytes) -> bool:
@@ -303,7 +314,7 @@ class ChunkAssembler:
         """
 
     def take(self) -> NDArray[np.float32]:
-        """The assembled values, handed over without copying; raises :class:`WireFormatError`
+        """The assembled (decoded) float32 values, handed over without copying; raises :class:`WireFormatError`
         before the last chunk and on a second call (neither rejects the payload).
 
         When the array is freed, its buffer returns to a small pool (at most 16 buffers, 1 GiB)
@@ -340,17 +351,28 @@ def peek_chunk(raw: bytes, envelope_field: int) -> tuple[int, int, int] | None:
     """
 
 def encode_chunk_messages(
-    data: NDArray[np.float32], payload_id: int, max_chunk_bytes: int, envelope_field: int
+    data: NDArray[np.float32],
+    payload_id: int,
+    max_chunk_bytes: int,
+    envelope_field: int,
+    dtype: int = 1,
 ) -> list[bytes]:
-    """The serialized envelope messages ``{chunk: Chunk{payload_id, index, data}}`` (chunk body
-    in field ``envelope_field``) carrying ``data`` (1-D C-contiguous float32) in chunks of at
-    most ``max_chunk_bytes`` bytes; none for an empty array.
+    """The serialized envelope messages ``{chunk: Chunk{payload_id, index, data, scale}}``
+    (chunk body in field ``envelope_field``) carrying ``data`` (1-D C-contiguous float32)
+    encoded as ``dtype`` in chunks of at most ``max_chunk_bytes`` bytes; none for an empty array.
 
-    Bit-identical to ``pb.ControllerMessage(chunk=pb.Chunk(...)).SerializeToString()`` for
-    ``envelope_field=4``. Each ``bytes`` object is allocated uninitialized, gets its short
-    header, and all of them are filled from ``data`` in parallel with the GIL released.
-    Raises :class:`AggregationError` for an array that is not 1-D C-contiguous float32, and
-    :class:`WireFormatError` for ``max_chunk_bytes`` 0 or an invalid field number.
+    float32 (``dtype`` 0 or 1) chunks are byte slices of the values. With a codec (3 float16,
+    4 bfloat16: round to nearest even; 5 int8: per chunk ``scale = max|x| / 127``,
+    ``q = round_half_even(x / scale)`` clamped to [-127, 127], ``Chunk.scale`` written after
+    the data) every chunk holds ``max_chunk_bytes`` rounded down to whole values, so the payload
+    has ``ceil(values / (max_chunk_bytes // item_size))`` chunks and ``values x item_size``
+    bytes. Bit-identical to ``pb.ControllerMessage(chunk=pb.Chunk(...)).SerializeToString()``
+    for ``envelope_field=4``. Each ``bytes`` object is allocated uninitialized, gets its short
+    header, and all of them are filled (encoded) from ``data`` in parallel with the GIL
+    released. Raises :class:`AggregationError` for an array that is not 1-D C-contiguous
+    float32, and :class:`WireFormatError` for ``max_chunk_bytes`` 0 (or below one value), an
+    invalid field number, an unknown ``dtype``, and, with a codec, a NaN or infinity in
+    ``data`` or a value the codec cannot hold (float16: ``|x| >= 65520``), named by its index.
     """
 
 __all__ += ["InPlaceAssembler", "Segments"]
@@ -359,7 +381,9 @@ __all__ += ["InPlaceAssembler", "Segments"]
 class InPlaceAssembler:
     """Like :class:`ChunkAssembler`, but keeps no buffer: each chunk is checked where it lies in
     its message (GIL released) and the message is kept. :meth:`take` returns :class:`Segments`,
-    or a float32 array if some chunk ended inside a value (the payload is then copied).
+    or a float32 array if some chunk of a float32 payload ended inside a value (the payload is
+    then copied). Codec payloads (``dtype``) are checked as by :class:`ChunkAssembler` and
+    always stay in place: their chunks must hold whole values.
     """
 
     def __new__(
@@ -370,8 +394,10 @@ class InPlaceAssembler:
         max_chunk_bytes: int,
         envelope_field: int,
         check_finite: bool = True,
+        dtype: int = 1,
     ) -> InPlaceAssembler:
-        """An assembler for one announced payload (validated as by :class:`ChunkAssembler`)."""
+        """An assembler for one announced payload (validated as by :class:`ChunkAssembler`,
+        ``dtype`` included)."""
 
     def add_message(self, raw: bytes) -> bool:
         """Add the chunk in the serialized envelope ``raw``; True once complete. Raises
@@ -390,10 +416,20 @@ class InPlaceAssembler:
 
 @final
 class Segments:
-    """A float32 update kept in the chunk messages it arrived in."""
+    """An update kept in the chunk messages it arrived in, float32 or encoded (``dtype``, with
+    each int8 chunk's scale). :meth:`Accumulator.add_many` decodes it where it lies, straight
+    into the float64 sums, with the same bits as adding :meth:`to_array`."""
 
     def __len__(self) -> int:
-        """Number of float32 values."""
+        """Number of values."""
 
     def to_array(self) -> NDArray[np.float32]:
-        """The values copied into one new array (GIL released)."""
+        """The values decoded into one new float32 array (GIL released)."""
+
+    @property
+    def dtype(self) -> int:
+        """``DType`` enum value of the encoded values (1 float32, 3 float16, 4 bfloat16, 5 int8)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of encoded values (int8 scales not counted)."""

@@ -21,6 +21,7 @@ use std::ops::{Add, Mul};
 
 use rayon::prelude::*;
 
+use crate::codec::{self, Codec};
 use crate::error::{AggregationError, Result};
 
 /// Inputs shorter than this run on the calling thread: below it, splitting costs more than it
@@ -68,6 +69,15 @@ impl Element for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+}
+
+/// An update that lies in pieces, encoded with `codec`: `parts` are (bytes, int8 scale) in
+/// order, each a whole number of encoded values (any alignment); their concatenation is the
+/// update. The scale is ignored by codecs without one.
+#[derive(Debug, Clone)]
+pub struct EncodedUpdate<'a> {
+    pub codec: Codec,
+    pub parts: Vec<(&'a [u8], f32)>,
 }
 
 /// A running weighted sum `Σ wᵢ·xᵢ` in float64, with `Σ wᵢ` and the number of updates.
@@ -207,6 +217,26 @@ impl Accumulator {
     /// for bit that of `add_many` on the assembled updates. Lengths and weights are validated
     /// first; the values are not checked (the caller checked them on arrival).
     pub fn add_many_segments(&mut self, updates: &[&[&[u8]]], weights: &[f64]) -> Result<()> {
+        let encoded: Vec<EncodedUpdate<'_>> = updates
+            .iter()
+            .map(|segments| EncodedUpdate {
+                codec: Codec::Float32,
+                parts: segments.iter().map(|&s| (s, 0.0)).collect(),
+            })
+            .collect();
+        self.add_many_encoded(&encoded, weights)
+    }
+
+    /// [`add_many_segments`](Self::add_many_segments) for updates in any codec: each value is
+    /// decoded to float32 where it lies and widened into the float64 sums (no float32 copy of
+    /// the update is made), so the result is bit for bit that of `add_many` on the decoded
+    /// updates. Lengths and weights are validated first; the values and scales are not checked
+    /// (the caller checked them on arrival).
+    pub fn add_many_encoded(
+        &mut self,
+        updates: &[EncodedUpdate<'_>],
+        weights: &[f64],
+    ) -> Result<()> {
         if updates.len() != weights.len() {
             return Err(AggregationError::WeightCount {
                 updates: updates.len(),
@@ -215,18 +245,27 @@ impl Accumulator {
         }
         let mut total = self.total_weight;
         let mut starts = Vec::with_capacity(updates.len()); // first value of every segment
-        for (index, (segments, &weight)) in updates.iter().zip(weights).enumerate() {
+        for (index, (update, &weight)) in updates.iter().zip(weights).enumerate() {
+            let item = update.codec.item_size();
             let mut at = 0;
-            let mut first = Vec::with_capacity(segments.len());
-            for segment in segments.iter() {
-                if segment.len() % 4 != 0 {
-                    return Err(AggregationError::SegmentNotFloat32 {
-                        update: index,
-                        bytes: segment.len(),
+            let mut first = Vec::with_capacity(update.parts.len());
+            for (segment, _) in &update.parts {
+                if segment.len() % item != 0 {
+                    return Err(if update.codec == Codec::Float32 {
+                        AggregationError::SegmentNotFloat32 {
+                            update: index,
+                            bytes: segment.len(),
+                        }
+                    } else {
+                        AggregationError::SegmentNotWholeValues {
+                            update: index,
+                            bytes: segment.len(),
+                            codec: update.codec.name(),
+                        }
                     });
                 }
                 first.push(at);
-                at += segment.len() / 4;
+                at += segment.len() / item;
             }
             check_len("update", at, self.len()).map_err(|e| e.in_update(index))?;
             total = checked_total(total, weight).map_err(|e| e.in_update(index))?;
@@ -234,14 +273,21 @@ impl Accumulator {
         }
         let fold_tile = |(tile, sums): (usize, &mut [f64])| {
             let start = tile * TILE;
-            for ((segments, first), &weight) in updates.iter().zip(&starts).zip(weights) {
+            for ((update, first), &weight) in updates.iter().zip(&starts).zip(weights) {
+                let (codec, item) = (update.codec, update.codec.item_size());
                 let mut done = 0; // values of this tile folded so far
                 let mut s = first.partition_point(|&f| f <= start) - 1;
                 while done < sums.len() {
                     let skip = start + done - first[s];
-                    let segment = &segments[s][4 * skip..];
-                    let take = (segment.len() / 4).min(sums.len() - done);
-                    add_scaled_le(&mut sums[done..done + take], &segment[..4 * take], weight);
+                    let (segment, scale) = update.parts[s];
+                    let segment = &segment[item * skip..];
+                    let take = (segment.len() / item).min(sums.len() - done);
+                    let (sums, bytes) = (&mut sums[done..done + take], &segment[..item * take]);
+                    if codec == Codec::Float32 {
+                        add_scaled_le(sums, bytes, weight);
+                    } else {
+                        codec::add_scaled(codec, sums, bytes, scale, weight);
+                    }
                     done += take;
                     s += 1;
                 }
@@ -768,6 +814,68 @@ mod tests {
             segmented.add_many_segments(&refs, &weights).unwrap();
             assert_eq!(segmented, expected);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Folding encoded updates in pieces (tiles crossing pieces, the parallel path included)
+        /// gives the bits of adding the decoded float32 arrays one by one.
+        #[test]
+        fn add_many_encoded_equals_adding_the_decoded_arrays(
+            len in prop_oneof![0usize..3000, Just(PARALLEL_MIN + 12_345)],
+            piece in 1usize..5000,
+            seed in any::<u64>(),
+        ) {
+            let (updates, weights) = case(len, 4, seed);
+            let mut bytes = Vec::new();
+            let mut decoded = Vec::new();
+            for (update, codec) in updates.iter().zip(Codec::ALL) {
+                let mut parts = Vec::new();
+                let mut flat = Vec::new();
+                for values in update.chunks(piece) {
+                    let mut out = vec![0; values.len() * codec.item_size()];
+                    let scale = codec::encode(codec, values, &mut out).unwrap();
+                    let mut back = vec![0.0; values.len()];
+                    codec::decode(codec, &out, scale, &mut back).unwrap();
+                    flat.extend(back);
+                    parts.push((out, scale));
+                }
+                bytes.push((codec, parts));
+                decoded.push(flat);
+            }
+            let encoded: Vec<EncodedUpdate<'_>> = bytes
+                .iter()
+                .map(|(codec, parts)| EncodedUpdate {
+                    codec: *codec,
+                    parts: parts.iter().map(|(b, s)| (b.as_slice(), *s)).collect(),
+                })
+                .collect();
+
+            let mut folded = Accumulator::new(len);
+            folded.add_many_encoded(&encoded, &weights).unwrap();
+
+            prop_assert_eq!(folded, filled(&decoded, &weights));
+        }
+    }
+
+    #[test]
+    fn add_many_encoded_refuses_partial_values() {
+        let mut acc = Accumulator::new(2);
+        let bytes = [0u8; 3];
+        let update = EncodedUpdate {
+            codec: Codec::Float16,
+            parts: vec![(&bytes[..], 0.0)],
+        };
+
+        assert_eq!(
+            acc.add_many_encoded(&[update], &[1.0]),
+            Err(AggregationError::SegmentNotWholeValues {
+                update: 0,
+                bytes: 3,
+                codec: "float16"
+            })
+        );
     }
 
     #[test]

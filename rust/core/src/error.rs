@@ -43,6 +43,14 @@ pub enum AggregationError {
     #[error("updates[{update}] has a segment of {bytes} bytes, not a whole number of float32")]
     SegmentNotFloat32 { update: usize, bytes: usize },
 
+    /// A segment of an encoded update that is not a whole number of its codec's values.
+    #[error("updates[{update}] has a segment of {bytes} bytes, not a whole number of {codec}")]
+    SegmentNotWholeValues {
+        update: usize,
+        bytes: usize,
+        codec: &'static str,
+    },
+
     /// A scale factor that is NaN or infinite.
     #[error("scale must be finite, got {}", Num(*.0))]
     InvalidScale(f64),

@@ -8,6 +8,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use metis_async_core::accumulate;
+use metis_async_core::codec::Codec;
 use numpy::{
     dtype, PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArray,
     PyUntypedArrayMethods,
@@ -59,8 +60,9 @@ impl Values<'_> {
 }
 
 impl PyAccumulator {
-    /// `add_many` when some updates are `Segments` (kept in their chunk messages): every update
-    /// is read where it lies, float32 arrays as one segment; the same bits as assembling first.
+    /// `add_many` when some updates are `Segments` (kept in their chunk messages, float32 or a
+    /// codec): every update is read (decoded) where it lies, float32 arrays as one segment; the
+    /// same bits as assembling (decoding) first.
     fn add_many_segments(
         &self,
         py: Python<'_>,
@@ -85,23 +87,28 @@ impl PyAccumulator {
             .iter()
             .map(|u| u.cast::<PySegments>().ok().cloned())
             .collect();
-        let mut pieces: Vec<Vec<&[u8]>> = Vec::with_capacity(updates.len());
+        let mut pieces: Vec<accumulate::EncodedUpdate<'_>> = Vec::with_capacity(updates.len());
         for (array, segment) in arrays.iter().zip(&segments) {
             pieces.push(match (array, segment) {
                 (Some(array), _) => {
                     let values = array
                         .as_slice()
                         .map_err(|_| BindingError::Borrow("array data is misaligned".into()))?;
-                    vec![as_le_bytes(values)]
+                    accumulate::EncodedUpdate {
+                        codec: Codec::Float32,
+                        parts: vec![(as_le_bytes(values), 0.0)],
+                    }
                 }
-                (None, Some(segment)) => segment.get().slices(py),
+                (None, Some(segment)) => accumulate::EncodedUpdate {
+                    codec: segment.get().codec(),
+                    parts: segment.get().slices(py),
+                },
                 (None, None) => unreachable!("every update is an array or Segments"),
             });
         }
-        let refs: Vec<&[&[u8]]> = pieces.iter().map(Vec::as_slice).collect();
         detached(py, || {
             let mut state = self.state()?;
-            state.add_many_segments(&refs, &weights)?;
+            state.add_many_encoded(&pieces, &weights)?;
             self.publish(&state);
             Ok(())
         })

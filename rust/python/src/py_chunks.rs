@@ -7,8 +7,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use metis_async_core::codec::Codec;
 use metis_async_core::wire::pool::RECYCLED;
-use metis_async_core::wire::{encode, peek_chunk as peek, ChunkAssembler};
+use metis_async_core::wire::{encode, peek_chunk as peek, Announcement, ChunkAssembler, WireError};
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
@@ -16,8 +17,9 @@ use pyo3::types::{PyBytes, PyList};
 use crate::error::{BindingError, Result};
 use crate::py_arrays::{detached, readonly, values};
 
-/// Reassembles one announced float32 payload from its raw chunk messages into a preallocated
-/// buffer; each message costs one Rust call with the GIL released.
+/// Reassembles one announced payload (float32, or a codec given by `dtype`, decoded) from its raw
+/// chunk messages into a preallocated float32 buffer; each message costs one Rust call with the
+/// GIL released.
 ///
 /// Safe to share between Python threads (an internal lock taken with the GIL released), though
 /// chunks of one payload arrive on one stream in order.
@@ -42,7 +44,8 @@ impl PyChunkAssembler {
 #[pymethods]
 impl PyChunkAssembler {
     #[new]
-    #[pyo3(signature = (total_bytes, payload_id, num_chunks, max_chunk_bytes, envelope_field, check_finite = true))]
+    #[pyo3(signature = (total_bytes, payload_id, num_chunks, max_chunk_bytes, envelope_field, check_finite = true, dtype = 1))]
+    #[allow(clippy::too_many_arguments)] // the Python constructor's keyword arguments
     fn new(
         py: Python<'_>,
         total_bytes: u64,
@@ -51,17 +54,18 @@ impl PyChunkAssembler {
         max_chunk_bytes: usize,
         envelope_field: u32,
         check_finite: bool,
+        dtype: i32,
     ) -> Result<Self> {
-        let state = detached(py, || {
-            ChunkAssembler::new(
-                total_bytes,
-                payload_id,
-                num_chunks,
-                max_chunk_bytes,
-                envelope_field,
-                check_finite,
-            )
-        })?;
+        let announced = Announcement {
+            total_bytes,
+            payload_id,
+            num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            check_finite,
+            codec: codec_of(dtype)?,
+        };
+        let state = detached(py, || ChunkAssembler::copying(announced))?;
         Ok(Self {
             state: Mutex::new(state),
             total_bytes,
@@ -186,23 +190,31 @@ struct Target {
 unsafe impl Send for Target {}
 unsafe impl Sync for Target {}
 
-/// The serialized envelope messages carrying `data` (1-D C-contiguous float32) as payload
-/// `payload_id` in chunks of at most `max_chunk_bytes`, chunk body in field `envelope_field`.
+/// The codec of a `DType` enum value (a `WireFormatError` for one that is not a wire dtype).
+pub fn codec_of(dtype: i32) -> Result<Codec> {
+    Codec::from_dtype(dtype).map_err(|e| WireError::from(e).into())
+}
+
+/// The serialized envelope messages carrying `data` (1-D C-contiguous float32) encoded as
+/// `dtype` as payload `payload_id` in chunks of at most `max_chunk_bytes`, chunk body in field
+/// `envelope_field`.
 #[pyfunction]
+#[pyo3(signature = (data, payload_id, max_chunk_bytes, envelope_field, dtype = 1))]
 pub fn encode_chunk_messages<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyAny>,
     payload_id: u64,
     max_chunk_bytes: usize,
     envelope_field: u32,
+    dtype: i32,
 ) -> Result<Bound<'py, PyList>> {
+    let codec = codec_of(dtype)?;
     let array = readonly::<f32>(data, "data", BindingError::not_float32)?;
     let floats = values(&array)?;
-    // SAFETY: the bytes of a live, borrowed f32 slice; u8 has alignment 1.
-    let payload = unsafe {
-        std::slice::from_raw_parts(floats.as_ptr().cast::<u8>(), std::mem::size_of_val(floats))
-    };
-    let plans = encode::plan(payload.len(), payload_id, max_chunk_bytes, envelope_field)?;
+    // int8 plans compute each chunk's scale: O(n), so without the GIL
+    let plans = detached(py, || {
+        encode::plan_values(floats, codec, payload_id, max_chunk_bytes, envelope_field)
+    })?;
     let mut messages = Vec::with_capacity(plans.len());
     let mut targets = Vec::with_capacity(plans.len());
     for plan in &plans {
@@ -234,8 +246,7 @@ pub fn encode_chunk_messages<'py>(
             .iter()
             .map(|t| unsafe { std::slice::from_raw_parts_mut(t.ptr, t.len) })
             .collect();
-        encode::fill(payload, &plans, buffers);
-        Ok::<_, BindingError>(())
+        encode::fill_values(floats, codec, &plans, buffers)
     })?;
     Ok(PyList::new(py, messages)?)
 }

@@ -6,14 +6,15 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use metis_async_core::wire::{ChunkAssembler, WireError};
+use metis_async_core::codec::{self, Codec};
+use metis_async_core::wire::{Announcement, ChunkAssembler, WireError};
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::error::{BindingError, Result};
 use crate::py_arrays::{detached, filled_array};
-use crate::py_chunks::recycled_array;
+use crate::py_chunks::{codec_of, recycled_array};
 
 /// The state behind an `InPlaceAssembler`: in place until a chunk ends inside a value, then
 /// an ordinary copying assembler fed every message again.
@@ -21,25 +22,26 @@ struct InPlace {
     assembler: ChunkAssembler,
     copying: bool,
     messages: Vec<Py<PyBytes>>,
-    segments: Vec<(usize, usize)>,
 }
 
 /// Like `ChunkAssembler`, but keeps no buffer: each chunk is checked (announcement, order,
-/// size, NaN/infinity) where it lies in its message with the GIL released, and the message is
-/// kept. `take()` returns `Segments` (the values, read from the messages) or, if some chunk
-/// ended inside a float32 value, a float32 array (the assembler then copied instead).
+/// size, NaN/infinity, int8 scales) where it lies in its message with the GIL released, and the
+/// message is kept. `take()` returns `Segments` (the values, read from the messages) or, if
+/// some chunk of a float32 payload ended inside a value, a float32 array (the assembler then
+/// copied instead). Codec payloads (`dtype`) always stay in place: their chunks hold whole
+/// values.
 #[pyclass(frozen, name = "InPlaceAssembler", module = "metis_async._core")]
 pub struct PyInPlaceAssembler {
     state: Mutex<InPlace>,
-    params: (u64, u64, u32, usize, u32, bool),
-    num_chunks: u32,
+    announced: Announcement,
     received: AtomicU32,
 }
 
 #[pymethods]
 impl PyInPlaceAssembler {
     #[new]
-    #[pyo3(signature = (total_bytes, payload_id, num_chunks, max_chunk_bytes, envelope_field, check_finite = true))]
+    #[pyo3(signature = (total_bytes, payload_id, num_chunks, max_chunk_bytes, envelope_field, check_finite = true, dtype = 1))]
+    #[allow(clippy::too_many_arguments)] // the Python constructor's keyword arguments
     fn new(
         total_bytes: u64,
         payload_id: u64,
@@ -47,32 +49,25 @@ impl PyInPlaceAssembler {
         max_chunk_bytes: usize,
         envelope_field: u32,
         check_finite: bool,
+        dtype: i32,
     ) -> Result<Self> {
-        let params = (
+        let announced = Announcement {
             total_bytes,
             payload_id,
             num_chunks,
             max_chunk_bytes,
             envelope_field,
             check_finite,
-        );
-        let assembler = ChunkAssembler::new_in_place(
-            total_bytes,
-            payload_id,
-            num_chunks,
-            max_chunk_bytes,
-            envelope_field,
-            check_finite,
-        )?;
+            codec: codec_of(dtype)?,
+        };
+        let assembler = ChunkAssembler::in_place_from(announced)?;
         Ok(Self {
             state: Mutex::new(InPlace {
                 assembler,
                 copying: false,
                 messages: Vec::new(),
-                segments: Vec::new(),
             }),
-            params,
-            num_chunks,
+            announced,
             received: AtomicU32::new(0),
         })
     }
@@ -123,14 +118,15 @@ impl PyInPlaceAssembler {
         let segments = state.assembler.take_segments()?;
         let messages = std::mem::take(&mut state.messages);
         let parts = messages.into_iter().zip(segments).collect();
-        let len = (self.params.0 / 4) as usize;
-        Ok(Bound::new(py, PySegments { parts, len })?.into_any())
+        let codec = self.announced.codec;
+        let len = (self.announced.total_bytes / codec.item_size() as u64) as usize;
+        Ok(Bound::new(py, PySegments { parts, len, codec })?.into_any())
     }
 
     /// Whether every announced chunk has arrived.
     #[getter]
     fn done(&self) -> bool {
-        self.received.load(Ordering::Relaxed) == self.num_chunks
+        self.received.load(Ordering::Relaxed) == self.announced.num_chunks
     }
 
     /// Whether some chunk ended inside a value, so the payload is being copied.
@@ -148,8 +144,7 @@ impl PyInPlaceAssembler {
     /// Switches to an ordinary copying assembler and feeds it every message received so far
     /// (their values were checked already; the check runs again, cheaply, on the copy).
     fn start_copying(&self, py: Python<'_>, state: &mut InPlace) -> Result<()> {
-        let (total, id, chunks, limit, field, check) = self.params;
-        let mut copying = ChunkAssembler::new(total, id, chunks, limit, field, check)?;
+        let mut copying = ChunkAssembler::copying(self.announced)?;
         let earlier: Vec<&[u8]> = state.messages.iter().map(|m| m.as_bytes(py)).collect();
         detached(py, || {
             earlier
@@ -159,26 +154,33 @@ impl PyInPlaceAssembler {
         state.assembler = copying;
         state.copying = true;
         state.messages.clear();
-        state.segments.clear();
         Ok(())
     }
 }
 
-/// A float32 update that lies in the chunk messages it arrived in: each part is a message and
-/// the (offset, length) of its data. `len()` is its number of values; `to_array()` copies it
-/// into one array; `Accumulator.add_many` reads it where it lies.
+/// An update that lies in the chunk messages it arrived in, encoded as float32 or a codec:
+/// each part is a message and the (offset, length, int8 scale) of its data. `len()` is its
+/// number of values; `to_array()` decodes it into one float32 array; `Accumulator.add_many`
+/// decodes it where it lies, straight into the float64 sums.
 #[pyclass(frozen, name = "Segments", module = "metis_async._core")]
 pub struct PySegments {
-    parts: Vec<(Py<PyBytes>, (usize, usize))>,
+    parts: Vec<(Py<PyBytes>, (usize, usize, f32))>,
     len: usize,
+    codec: Codec,
 }
 
 impl PySegments {
-    /// The byte slices of the update's values, in order (valid while `self` is alive).
-    pub fn slices<'a>(&'a self, py: Python<'_>) -> Vec<&'a [u8]> {
+    /// The codec of the values.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// The encoded bytes of the update's values with each part's scale, in order (valid while
+    /// `self` is alive).
+    pub fn slices<'a>(&'a self, py: Python<'_>) -> Vec<(&'a [u8], f32)> {
         self.parts
             .iter()
-            .map(|(message, (at, len))| &message.as_bytes(py)[*at..*at + *len])
+            .map(|(message, (at, len, scale))| (&message.as_bytes(py)[*at..*at + *len], *scale))
             .collect()
     }
 }
@@ -189,23 +191,42 @@ impl PySegments {
         self.len
     }
 
-    /// The values copied into one new float32 array (GIL released).
+    /// The values decoded into one new float32 array (GIL released).
     fn to_array<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyArray1<f32>>> {
         let slices = self.slices(py);
+        let codec = self.codec;
+        let item = codec.item_size();
         let (array, ()) = filled_array(py, self.len, |out: &mut [f32]| {
             let mut at = 0;
-            for slice in &slices {
-                for (value, w) in out[at..].iter_mut().zip(slice.chunks_exact(4)) {
-                    *value = f32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                }
-                at += slice.len() / 4;
+            for (slice, scale) in &slices {
+                let n = slice.len() / item;
+                codec::decode(codec, slice, *scale, &mut out[at..at + n])
+                    .map_err(WireError::from)?;
+                at += n;
             }
             Ok::<(), BindingError>(())
         })?;
         Ok(array)
     }
 
+    /// The `DType` enum value of the encoded values (1 float32, 3 float16, 4 bfloat16, 5 int8).
+    #[getter]
+    fn dtype(&self) -> i32 {
+        self.codec.dtype()
+    }
+
+    /// Bytes of encoded values (the scales not counted).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.len * self.codec.item_size()
+    }
+
     fn __repr__(&self) -> String {
-        format!("Segments(values={}, parts={})", self.len, self.parts.len())
+        format!(
+            "Segments(values={}, parts={}, dtype={})",
+            self.len,
+            self.parts.len(),
+            self.codec.name()
+        )
     }
 }

@@ -7,12 +7,18 @@
 //! 256 KiB regions filled in parallel. A chunk may end inside a float32 value; that value is
 //! checked when the chunk that completes it arrives. Buffers come from the [`RECYCLED`] pool when
 //! one of the right size is there.
+//!
+//! A payload encoded with a codec ([`Codec`]: float16, bfloat16, int8 with a scale per chunk)
+//! has chunks of whole encoded values; each is checked (NaN/infinity bit patterns, int8 scales)
+//! and decoded into the float32 buffer, or, in place, checked where it lies and recorded with
+//! its scale so the fold decodes it straight into the float64 sums.
 
 use rayon::prelude::*;
 
 use super::pool::RECYCLED;
 use super::protobuf::{check_field, peek_chunk, ChunkRef};
 use super::{chunk_count, WireError};
+use crate::codec::{self, Codec};
 
 // The bytes on the wire are little-endian float32 and are copied into native floats as is.
 const _: () = assert!(
@@ -30,7 +36,24 @@ const BLOCK: usize = 1 << 12;
 /// first touch then faults 2 MiB at a time instead of 4 KiB.
 const HUGE_PAGE_MIN: usize = 4 << 20;
 
-/// Reassembles one announced float32 payload from its chunks, in order.
+/// What a payload's header announces, as an assembler needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announcement {
+    /// Encoded size (values × the codec's item size).
+    pub total_bytes: u64,
+    pub payload_id: u64,
+    pub num_chunks: u32,
+    /// Largest chunk data accepted (bytes).
+    pub max_chunk_bytes: usize,
+    /// Field number of the chunk body in the envelope messages.
+    pub envelope_field: u32,
+    /// Check every value for NaN and infinity (and int8 scales) as it arrives.
+    pub check_finite: bool,
+    /// How the values are encoded (`Payload.dtype`).
+    pub codec: Codec,
+}
+
+/// Reassembles one announced payload from its chunks, in order, as float32 values.
 #[derive(Debug)]
 pub struct ChunkAssembler {
     values: Vec<f32>,
@@ -40,6 +63,7 @@ pub struct ChunkAssembler {
     max_chunk_bytes: usize,
     envelope_field: u32,
     check_finite: bool,
+    codec: Codec,
     /// Bytes received so far.
     filled: usize,
     next_index: u32,
@@ -47,10 +71,10 @@ pub struct ChunkAssembler {
     rejected: Option<Box<WireError>>,
     taken: bool,
     /// In place: no buffer; each chunk's data is checked where it lies in its message, and
-    /// `segments` records (offset in the message, length) so the caller can read the values
-    /// from the messages it keeps.
+    /// `segments` records (offset in the message, length, int8 scale) so the caller can read
+    /// the values from the messages it keeps.
     in_place: bool,
-    segments: Vec<(usize, usize)>,
+    segments: Vec<(usize, usize, f32)>,
 }
 
 impl ChunkAssembler {
@@ -66,20 +90,27 @@ impl ChunkAssembler {
         envelope_field: u32,
         check_finite: bool,
     ) -> Result<Self, WireError> {
-        let mut this = Self::announced(
+        Self::copying(Announcement {
             total_bytes,
             payload_id,
             num_chunks,
             max_chunk_bytes,
             envelope_field,
             check_finite,
-        )?;
-        let len =
-            usize::try_from(total_bytes / 4).map_err(|_| WireError::Allocation(total_bytes))?;
+            codec: Codec::Float32,
+        })
+    }
+
+    /// [`new`](Self::new) for a payload in any codec: its chunks are decoded into a float32
+    /// buffer of `total_bytes / item size` values.
+    pub fn copying(announced: Announcement) -> Result<Self, WireError> {
+        let mut this = Self::announced(announced)?;
+        let values = announced.total_bytes / announced.codec.item_size() as u64;
+        let len = usize::try_from(values).map_err(|_| WireError::Allocation(values * 4))?;
         // A recycled buffer's stale contents are never seen: `take` needs every byte received.
         this.values = match RECYCLED.take(len) {
             Some(values) => values,
-            None => zeroed(len).ok_or(WireError::Allocation(total_bytes))?,
+            None => zeroed(len).ok_or(WireError::Allocation(values * 4))?,
         };
         Ok(this)
     }
@@ -96,37 +127,60 @@ impl ChunkAssembler {
         envelope_field: u32,
         check_finite: bool,
     ) -> Result<Self, WireError> {
-        let mut this = Self::announced(
+        Self::in_place_from(Announcement {
             total_bytes,
             payload_id,
             num_chunks,
             max_chunk_bytes,
             envelope_field,
             check_finite,
-        )?;
+            codec: Codec::Float32,
+        })
+    }
+
+    /// [`new_in_place`](Self::new_in_place) for a payload in any codec: chunks of whole encoded
+    /// values, each checked where it lies; the segments carry each chunk's scale.
+    pub fn in_place_from(announced: Announcement) -> Result<Self, WireError> {
+        let mut this = Self::announced(announced)?;
         this.in_place = true;
         Ok(this)
     }
 
     /// Validates the announcement (every chunk but an empty payload's single one must carry at
-    /// least one byte) and builds an assembler without a buffer yet.
-    fn announced(
-        total_bytes: u64,
-        payload_id: u64,
-        num_chunks: u32,
-        max_chunk_bytes: usize,
-        envelope_field: u32,
-        check_finite: bool,
-    ) -> Result<Self, WireError> {
+    /// least one byte, and for a codec at least one whole value) and builds an assembler
+    /// without a buffer yet.
+    fn announced(announced: Announcement) -> Result<Self, WireError> {
+        let Announcement {
+            total_bytes,
+            payload_id,
+            num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            check_finite,
+            codec,
+        } = announced;
         check_field(envelope_field)?;
         if max_chunk_bytes == 0 {
             return Err(WireError::ZeroChunkLimit);
         }
-        if total_bytes % 4 != 0 {
+        let item = codec.item_size() as u64;
+        if total_bytes % 4 != 0 && codec == Codec::Float32 {
             return Err(WireError::NotFloat32(total_bytes));
         }
+        if total_bytes % item != 0 {
+            return Err(WireError::NotWholeValues {
+                bytes: total_bytes,
+                codec: codec.name(),
+            });
+        }
         let needed = chunk_count(total_bytes, max_chunk_bytes);
-        if u64::from(num_chunks) < needed || u64::from(num_chunks) > total_bytes.max(1) {
+        // float32 chunks are byte slices; a codec's chunks hold at least one whole value each
+        let most = if codec == Codec::Float32 {
+            total_bytes
+        } else {
+            total_bytes / item
+        };
+        if u64::from(num_chunks) < needed || u64::from(num_chunks) > most.max(1) {
             return Err(WireError::ChunkCount {
                 announced: num_chunks.into(),
                 total: total_bytes,
@@ -142,6 +196,7 @@ impl ChunkAssembler {
             max_chunk_bytes,
             envelope_field,
             check_finite,
+            codec,
             filled: 0,
             next_index: 0,
             rejected: None,
@@ -180,20 +235,22 @@ impl ChunkAssembler {
             let chunk = peek_chunk(raw, this.envelope_field)?
                 .ok_or(WireError::NotAChunk(this.envelope_field))?;
             let end = this.filled + chunk.data.len();
-            if chunk.data.len() % 4 != 0 && (end as u64) < this.total_bytes {
+            let float32 = this.codec == Codec::Float32;
+            if float32 && chunk.data.len() % 4 != 0 && (end as u64) < this.total_bytes {
                 return Err(WireError::NotInPlace);
             }
             let offset = chunk.data.as_ptr() as usize - raw.as_ptr() as usize;
-            let len = chunk.data.len();
+            let (len, scale) = (chunk.data.len(), chunk.scale);
             this.add_chunk(chunk)?;
-            this.segments.push((offset, len));
+            this.segments.push((offset, len, scale));
             Ok(this.is_done())
         })
     }
 
-    /// In place, after the last chunk: (offset in its message, length) of each chunk's data, in
-    /// order; their concatenation is the payload (each a whole number of float32 values).
-    pub fn take_segments(&mut self) -> Result<Vec<(usize, usize)>, WireError> {
+    /// In place, after the last chunk: (offset in its message, length, int8 scale) of each
+    /// chunk's data, in order; their concatenation is the encoded payload (each a whole number
+    /// of values; the scale is 0.0 for codecs without one).
+    pub fn take_segments(&mut self) -> Result<Vec<(usize, usize, f32)>, WireError> {
         if let Some(first) = &self.rejected {
             return Err(WireError::Rejected(first.clone()));
         }
@@ -282,7 +339,9 @@ impl ChunkAssembler {
         if end as u64 > self.total_bytes {
             return Err(WireError::Overflow(self.total_bytes));
         }
-        let bad = if self.in_place {
+        let bad = if self.codec != Codec::Float32 {
+            self.add_encoded(chunk)?
+        } else if self.in_place {
             // whole values only (add_message_in_place checked), so the check starts at a value
             self.check_finite
                 .then(|| first_non_finite_bytes(chunk.data))
@@ -303,6 +362,54 @@ impl ChunkAssembler {
             });
         }
         Ok(self.is_done())
+    }
+}
+
+impl ChunkAssembler {
+    /// Checks a chunk of a codec payload (whole values, its scale, NaN/infinity patterns) and,
+    /// unless in place, decodes it into the buffer; returns the index of a non-finite value.
+    fn add_encoded(&mut self, chunk: ChunkRef<'_>) -> Result<Option<usize>, WireError> {
+        let (codec, item) = (self.codec, self.codec.item_size());
+        if chunk.data.len() % item != 0 {
+            return Err(WireError::ChunkNotWholeValues {
+                index: chunk.index,
+                bytes: chunk.data.len(),
+                codec: codec.name(),
+            });
+        }
+        if codec.has_scale() {
+            if !codec::scale_is_valid(chunk.scale) {
+                return Err(WireError::InvalidScale {
+                    index: chunk.index,
+                    bits: chunk.scale.to_bits(),
+                });
+            }
+        } else if chunk.scale != 0.0 {
+            return Err(WireError::UnexpectedScale {
+                index: chunk.index,
+                codec: codec.name(),
+            });
+        }
+        let first = self.filled / item;
+        if self.check_finite {
+            if let Some(i) = codec::first_non_finite(codec, chunk.data) {
+                return Ok(Some(first + i));
+            }
+        }
+        if !self.in_place {
+            let out = &mut self.values[first..first + chunk.data.len() / item];
+            let decode = |(out, bytes): (&mut [f32], &[u8])| {
+                Ok::<_, WireError>(codec::decode(codec, bytes, chunk.scale, out)?)
+            };
+            if out.len() >= 2 * REGION {
+                out.par_chunks_mut(REGION)
+                    .zip(chunk.data.par_chunks(item * REGION))
+                    .try_for_each(decode)?;
+            } else {
+                decode((out, chunk.data))?;
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -520,11 +627,7 @@ mod tests {
     }
 
     fn chunk(payload_id: u64, index: u32, data: &[u8]) -> ChunkRef<'_> {
-        ChunkRef {
-            payload_id,
-            index,
-            data,
-        }
+        ChunkRef::new(payload_id, index, data)
     }
 
     /// An assembler for `values` in chunks of `limit` bytes, fed all chunks; returns it with
@@ -703,6 +806,90 @@ mod tests {
                 .add_message(&raw),
             Err(WireError::NotAChunk(4))
         );
+    }
+
+    fn encoded_assembler(codec: Codec, values: u64, chunks: u32, in_place: bool) -> ChunkAssembler {
+        let announced = Announcement {
+            total_bytes: values * codec.item_size() as u64,
+            payload_id: 1,
+            num_chunks: chunks,
+            max_chunk_bytes: 64,
+            envelope_field: 3,
+            check_finite: true,
+            codec,
+        };
+        if in_place {
+            ChunkAssembler::in_place_from(announced).unwrap()
+        } else {
+            ChunkAssembler::copying(announced).unwrap()
+        }
+    }
+
+    #[test]
+    fn encoded_chunks_must_hold_whole_finite_values() {
+        for in_place in [false, true] {
+            let mut asm = encoded_assembler(Codec::Float16, 4, 2, in_place);
+            assert_eq!(
+                asm.add(chunk(1, 0, &[0, 0, 0])),
+                Err(WireError::ChunkNotWholeValues {
+                    index: 0,
+                    bytes: 3,
+                    codec: "float16"
+                })
+            );
+            let mut asm = encoded_assembler(Codec::Float16, 4, 2, in_place);
+            asm.add(chunk(1, 0, &[0, 0, 0, 0x3c])).unwrap(); // 0.0, 1.0
+            assert_eq!(
+                asm.add(chunk(1, 1, &[0, 0, 0, 0x7e])), // 0.0, NaN
+                Err(WireError::NonFinite(3))
+            );
+        }
+    }
+
+    #[test]
+    fn int8_scales_are_checked_and_others_refused() {
+        let scaled = |scale| ChunkRef {
+            scale,
+            ..chunk(1, 0, &[1, 2])
+        };
+        let mut asm = encoded_assembler(Codec::Int8, 2, 1, false);
+        assert_eq!(
+            asm.add(scaled(f32::INFINITY)),
+            Err(WireError::InvalidScale {
+                index: 0,
+                bits: f32::INFINITY.to_bits()
+            })
+        );
+        let mut asm = encoded_assembler(Codec::Int8, 2, 1, false);
+        assert_eq!(asm.add(scaled(0.5)), Ok(true));
+        assert_eq!(asm.take().unwrap(), vec![0.5, 1.0]);
+        let mut asm = encoded_assembler(Codec::BFloat16, 1, 1, true);
+        assert!(matches!(
+            asm.add(scaled(0.5)),
+            Err(WireError::UnexpectedScale { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn encoded_announcements_need_whole_values_per_chunk() {
+        let announced = |total_bytes, num_chunks| Announcement {
+            total_bytes,
+            payload_id: 0,
+            num_chunks,
+            max_chunk_bytes: 8,
+            envelope_field: 3,
+            check_finite: true,
+            codec: Codec::Float16,
+        };
+        assert!(matches!(
+            ChunkAssembler::copying(announced(5, 1)),
+            Err(WireError::NotWholeValues { bytes: 5, .. })
+        ));
+        assert!(ChunkAssembler::copying(announced(6, 3)).is_ok());
+        assert!(matches!(
+            ChunkAssembler::copying(announced(6, 4)),
+            Err(WireError::ChunkCount { announced: 4, .. })
+        ));
     }
 
     proptest! {

@@ -7,26 +7,36 @@
 //! The work is split so the caller can allocate each message where it likes (a Python `bytes`
 //! object, say): [`plan`] says how long every message is and writes its short header, and
 //! [`fill`] copies the payload bytes behind the headers, in parallel.
+//!
+//! With a codec ([`plan_values`], [`fill_values`]) the float32 values are encoded straight into
+//! the messages, chunk by chunk in parallel: each chunk holds `max_chunk_bytes` rounded down to
+//! whole encoded values, and an int8 chunk's scale (computed while planning, so every message's
+//! length is known) follows its data as field 4 (`float scale`), omitted when 0 as protobuf does.
 
 use rayon::prelude::*;
 
 use super::protobuf::{check_field, put_varint, varint_len};
 use super::{chunk_count, WireError};
+use crate::codec::{self, Codec, CodecError};
 
 /// The layout of one chunk message: the header bytes (envelope tag and length, `payload_id`,
-/// `index`, data tag and length) followed by `data_len` payload bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `index`, data tag and length), `data_len` payload bytes, then the trailer (the int8 scale
+/// field, or nothing).
+#[derive(Debug, Clone, PartialEq)]
 pub struct MessagePlan {
     pub header: Vec<u8>,
-    /// Byte offset of this chunk's data in the payload.
+    /// Byte offset of this chunk's data in the (encoded) payload.
     pub data_start: usize,
     pub data_len: usize,
+    /// The chunk's int8 scale (0.0 otherwise).
+    pub scale: f32,
+    pub trailer: Vec<u8>,
 }
 
 impl MessagePlan {
     /// Length of the whole serialized message.
     pub fn len(&self) -> usize {
-        self.header.len() + self.data_len
+        self.header.len() + self.data_len + self.trailer.len()
     }
 
     /// Whether the message is empty (never: the envelope tag is always written).
@@ -58,18 +68,111 @@ pub fn plan(
         .map(|i| {
             let data_start = i * max_chunk_bytes;
             let data_len = max_chunk_bytes.min(total_bytes - data_start);
-            let header = header(envelope_field, payload_id, i as u32, data_len);
+            let header = header(envelope_field, payload_id, i as u32, data_len, 0);
             MessagePlan {
                 header,
                 data_start,
                 data_len,
+                scale: 0.0,
+                trailer: Vec::new(),
             }
         })
         .collect())
 }
 
-/// The bytes of a chunk message that precede its data.
-fn header(envelope_field: u32, payload_id: u64, index: u32, data_len: usize) -> Vec<u8> {
+/// The messages carrying `values` encoded with `codec` as payload `payload_id`: chunks of at
+/// most `max_chunk_bytes` rounded down to whole values (float32: byte slices, as [`plan`]).
+/// For int8, computes each chunk's scale, refusing non-finite values.
+pub fn plan_values(
+    values: &[f32],
+    codec: Codec,
+    payload_id: u64,
+    max_chunk_bytes: usize,
+    envelope_field: u32,
+) -> Result<Vec<MessagePlan>, WireError> {
+    if codec == Codec::Float32 {
+        return plan(
+            values.len() * 4,
+            payload_id,
+            max_chunk_bytes,
+            envelope_field,
+        );
+    }
+    check_field(envelope_field)?;
+    let item = codec.item_size();
+    let per_chunk = max_chunk_bytes / item;
+    if per_chunk == 0 {
+        return Err(WireError::ChunkLimitBelowValue {
+            limit: max_chunk_bytes,
+            codec: codec.name(),
+        });
+    }
+    let count = values.len().div_ceil(per_chunk);
+    if count as u64 > u64::from(u32::MAX) + 1 {
+        return Err(WireError::TooManyChunks {
+            total: (values.len() * item) as u64,
+            limit: max_chunk_bytes,
+        });
+    }
+    (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let start = i * per_chunk;
+            let chunk = &values[start..values.len().min(start + per_chunk)];
+            let scale = if codec.has_scale() {
+                if let Some(at) = codec::first_non_finite_f32(chunk) {
+                    return Err(CodecError::NonFinite(start + at).into());
+                }
+                let scale = codec::int8_scale(chunk);
+                if !codec::scale_is_valid(scale) {
+                    return Err(overflow(codec, chunk, start));
+                }
+                scale
+            } else {
+                0.0
+            };
+            let mut trailer = Vec::new();
+            if scale != 0.0 {
+                trailer.push(0x25); // field 4, fixed32
+                trailer.extend(scale.to_le_bytes());
+            }
+            let data_len = chunk.len() * item;
+            Ok(MessagePlan {
+                header: header(
+                    envelope_field,
+                    payload_id,
+                    i as u32,
+                    data_len,
+                    trailer.len(),
+                ),
+                data_start: start * item,
+                data_len,
+                scale,
+                trailer,
+            })
+        })
+        .collect()
+}
+
+/// The overflow error of an int8 chunk whose scale is unusable (a value near float32's max).
+fn overflow(codec: Codec, chunk: &[f32], start: usize) -> WireError {
+    let big = chunk.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    let at = chunk.iter().position(|x| x.abs() == big).unwrap_or(0);
+    CodecError::Overflow {
+        index: start + at,
+        codec: codec.name(),
+    }
+    .into()
+}
+
+/// The bytes of a chunk message that precede its data (`trailer_len` bytes follow the data).
+fn header(
+    envelope_field: u32,
+    payload_id: u64,
+    index: u32,
+    data_len: usize,
+    trailer_len: usize,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(24);
     if payload_id != 0 {
         body.push(0x08); // field 1, varint
@@ -85,6 +188,7 @@ fn header(envelope_field: u32, payload_id: u64, index: u32, data_len: usize) -> 
         put_varint(&mut body, data_len as u64);
         body_len = body.len() + data_len;
     }
+    body_len += trailer_len;
     let mut out = Vec::with_capacity(body.len() + 16);
     put_varint(&mut out, u64::from(envelope_field) << 3 | 2);
     put_varint(&mut out, body_len as u64);
@@ -113,6 +217,91 @@ pub fn fill(payload: &[u8], plans: &[MessagePlan], messages: Vec<&mut [u8]>) {
         });
 }
 
+/// Encodes each message's values behind the header already written at the start of its buffer,
+/// and writes its trailer; `messages[i]` is the buffer of `plans[i]` (from [`plan_values`] with
+/// the same `values` and `codec`). Runs the chunks in parallel. Fails on a value that the codec
+/// cannot represent (non-finite, or out of float16's range), naming the first such value.
+pub fn fill_values(
+    values: &[f32],
+    codec: Codec,
+    plans: &[MessagePlan],
+    messages: Vec<&mut [u8]>,
+) -> Result<(), WireError> {
+    if codec == Codec::Float32 {
+        // SAFETY: the bytes of a live f32 slice; u8 has alignment 1 and no invalid patterns.
+        let payload = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        fill(payload, plans, messages);
+        return Ok(());
+    }
+    let item = codec.item_size();
+    let failures: Vec<WireError> = messages
+        .into_par_iter()
+        .zip(plans)
+        .filter_map(|(message, plan)| {
+            let start = plan.data_start / item;
+            let chunk = &values[start..start + plan.data_len / item];
+            let (head, rest) = message.split_at_mut(plan.header.len());
+            debug_assert_eq!(head, plan.header.as_slice());
+            let (data, trailer) = rest.split_at_mut(plan.data_len);
+            trailer.copy_from_slice(&plan.trailer);
+            match codec::encode_with_scale(codec, chunk, plan.scale, data) {
+                Ok(()) => None,
+                // a NaN or infinity in the input encodes as one too: name it as such
+                Err(CodecError::Overflow { index, codec }) => Some(
+                    if chunk[index].is_finite() {
+                        CodecError::Overflow {
+                            index: start + index,
+                            codec,
+                        }
+                    } else {
+                        CodecError::NonFinite(start + index)
+                    }
+                    .into(),
+                ),
+                Err(other) => Some(other.into()),
+            }
+        })
+        .collect();
+    // chunks are collected in order, so the first failure names the first bad value
+    match failures.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// The messages of `values` encoded with `codec`, as owned byte vectors.
+pub fn encode_values(
+    values: &[f32],
+    codec: Codec,
+    payload_id: u64,
+    max_chunk_bytes: usize,
+    envelope_field: u32,
+) -> Result<Vec<Vec<u8>>, WireError> {
+    let plans = plan_values(values, codec, payload_id, max_chunk_bytes, envelope_field)?;
+    let mut messages = allocated(&plans);
+    fill_values(
+        values,
+        codec,
+        &plans,
+        messages.iter_mut().map(Vec::as_mut_slice).collect(),
+    )?;
+    Ok(messages)
+}
+
+/// A buffer per plan, its header written.
+fn allocated(plans: &[MessagePlan]) -> Vec<Vec<u8>> {
+    plans
+        .iter()
+        .map(|p| {
+            let mut message = vec![0; p.len()];
+            message[..p.header.len()].copy_from_slice(&p.header);
+            message
+        })
+        .collect()
+}
+
 /// The chunk messages of `payload` as owned byte vectors (headers and data), for callers
 /// without their own allocation.
 pub fn encode(
@@ -122,14 +311,7 @@ pub fn encode(
     envelope_field: u32,
 ) -> Result<Vec<Vec<u8>>, WireError> {
     let plans = plan(payload.len(), payload_id, max_chunk_bytes, envelope_field)?;
-    let mut messages: Vec<Vec<u8>> = plans
-        .iter()
-        .map(|p| {
-            let mut message = vec![0; p.len()];
-            message[..p.header.len()].copy_from_slice(&p.header);
-            message
-        })
-        .collect();
+    let mut messages = allocated(&plans);
     fill(
         payload,
         &plans,
@@ -156,6 +338,44 @@ mod tests {
         assert_eq!(
             messages[1],
             vec![0x22, 0x08, 0x08, 0xac, 0x02, 0x10, 0x01, 0x1a, 0x01, b'c']
+        );
+    }
+
+    #[test]
+    fn an_int8_scale_follows_the_data_as_field_4() {
+        let messages = encode_values(&[0.0, 254.0], Codec::Int8, 1, 4, 3).unwrap();
+
+        // 1a 0a | 08 01 | 1a 02 00 7f | 25 <2.0f32 LE>
+        let mut expected = vec![0x1a, 0x0b, 0x08, 0x01, 0x1a, 0x02, 0x00, 0x7f, 0x25];
+        expected.extend(2.0f32.to_le_bytes());
+        assert_eq!(messages, vec![expected]);
+        assert_eq!(peek_chunk(&messages[0], 3).unwrap().unwrap().scale, 2.0);
+    }
+
+    #[test]
+    fn unencodable_values_are_named() {
+        let mut values = vec![1.0f32; 10];
+        values[7] = 1e6;
+        assert_eq!(
+            encode_values(&values, Codec::Float16, 1, 4, 3),
+            Err(WireError::Codec(CodecError::Overflow {
+                index: 7,
+                codec: "float16"
+            }))
+        );
+        values[3] = f32::NAN;
+        for codec in [Codec::Float16, Codec::Int8] {
+            assert_eq!(
+                encode_values(&values, codec, 1, 4, 3),
+                Err(WireError::Codec(CodecError::NonFinite(3)))
+            );
+        }
+        assert_eq!(
+            encode_values(&values, Codec::BFloat16, 1, 1, 3),
+            Err(WireError::ChunkLimitBelowValue {
+                limit: 1,
+                codec: "bfloat16"
+            })
         );
     }
 
@@ -196,6 +416,52 @@ mod tests {
             prop_assert_eq!(asm.take().unwrap(), values);
         }
 
+        /// With a codec, every chunk holds whole values, and the copying assembler decodes the
+        /// messages to what each chunk's values decode to on their own (int8: its own scale).
+        #[test]
+        fn encoded_messages_round_trip_through_the_assembler(
+            values in proptest::collection::vec(-1e4f32..1e4, 0..600),
+            limit in 1usize..300,
+            codec in prop_oneof![Just(Codec::Float16), Just(Codec::BFloat16), Just(Codec::Int8)],
+        ) {
+            let item = codec.item_size();
+            let per = limit / item;
+            let messages = match encode_values(&values, codec, 7, limit, 3) {
+                Err(WireError::ChunkLimitBelowValue { .. }) => {
+                    prop_assert_eq!(per, 0);
+                    return Ok(());
+                }
+                other => other.unwrap(),
+            };
+            let mut expected = Vec::new();
+            for chunk in values.chunks(per) {
+                let mut bytes = vec![0; chunk.len() * item];
+                let scale = codec::encode(codec, chunk, &mut bytes).unwrap();
+                let mut back = vec![0.0; chunk.len()];
+                codec::decode(codec, &bytes, scale, &mut back).unwrap();
+                expected.extend(back);
+            }
+            let announced = super::super::Announcement {
+                total_bytes: (values.len() * item) as u64,
+                payload_id: 7,
+                num_chunks: messages.len() as u32,
+                max_chunk_bytes: limit,
+                envelope_field: 3,
+                check_finite: true,
+                codec,
+            };
+            let mut asm = ChunkAssembler::copying(announced).unwrap();
+            let mut in_place = ChunkAssembler::in_place_from(announced).unwrap();
+            for message in &messages {
+                let chunk = peek_chunk(message, 3).unwrap().unwrap();
+                prop_assert_eq!(chunk.data.len() % item, 0);
+                asm.add_message(message).unwrap();
+                in_place.add_message_in_place(message).unwrap();
+            }
+            prop_assert_eq!(asm.take().unwrap(), expected);
+            prop_assert_eq!(in_place.take_segments().unwrap().len(), messages.len());
+        }
+
         /// In place, the recorded segments of the messages are the payload, and a NaN is found
         /// at its index; a limit that cuts through values is refused with `NotInPlace` only.
         #[test]
@@ -232,7 +498,7 @@ mod tests {
                     let joined: Vec<u8> = segments
                         .iter()
                         .zip(&messages)
-                        .flat_map(|(&(at, len), m)| m[at..at + len].to_vec())
+                        .flat_map(|(&(at, len, _), m)| m[at..at + len].to_vec())
                         .collect();
                     prop_assert_eq!(joined, payload);
                 }

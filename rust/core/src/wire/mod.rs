@@ -1,5 +1,5 @@
-//! Payload chunks on the wire: reassembling an announced float32 payload from its `Chunk`
-//! messages ([`ChunkAssembler`]) and building the `Chunk` envelope messages of one
+//! Payload chunks on the wire: reassembling an announced payload (float32 or a codec) from its
+//! `Chunk` messages ([`ChunkAssembler`]) and building the `Chunk` envelope messages of one
 //! ([`encode`]), straight from and to the serialized protobuf bytes.
 //!
 //! The checks and messages mirror `metis_async.wire.PayloadAssembler`, so a learner sees the
@@ -10,7 +10,7 @@ pub mod encode;
 pub mod pool;
 pub mod protobuf;
 
-pub use assemble::ChunkAssembler;
+pub use assemble::{Announcement, ChunkAssembler};
 pub use protobuf::{peek_chunk, ChunkRef};
 
 use thiserror::Error;
@@ -34,6 +34,37 @@ pub enum WireError {
     /// A payload size that is not a whole number of float32 values.
     #[error("payload has {0} bytes, not a whole number of float32 values")]
     NotFloat32(u64),
+
+    /// A codec payload size that is not a whole number of encoded values.
+    #[error("payload has {bytes} bytes, not a whole number of {codec} values")]
+    NotWholeValues { bytes: u64, codec: &'static str },
+
+    /// A chunk of a codec payload that is not a whole number of encoded values.
+    #[error("chunk {index} has {bytes} bytes, not a whole number of {codec} values")]
+    ChunkNotWholeValues {
+        index: u32,
+        bytes: usize,
+        codec: &'static str,
+    },
+
+    /// An int8 chunk whose scale is negative, NaN, infinite or too large for 127 × scale.
+    #[error(
+        "chunk {index} has int8 scale {}, expected finite, >= 0 and 127 x scale finite",
+        f32::from_bits(*bits)
+    )]
+    InvalidScale { index: u32, bits: u32 },
+
+    /// A scale on a chunk of a payload whose codec has none.
+    #[error("chunk {index} has a scale, but {codec} payloads carry none (leave it 0)")]
+    UnexpectedScale { index: u32, codec: &'static str },
+
+    /// Values that cannot be encoded (non-finite, or out of the codec's range).
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+
+    /// A chunk limit smaller than one encoded value.
+    #[error("max_chunk_bytes {limit} cannot hold one {codec} value")]
+    ChunkLimitBelowValue { limit: usize, codec: &'static str },
 
     /// A chunk size limit of zero.
     #[error("max_chunk_bytes must be > 0")]

@@ -27,13 +27,27 @@ const FIXED32: u8 = 5;
 /// Largest field number protobuf allows (2^29 - 1).
 pub const MAX_FIELD: u32 = (1 << 29) - 1;
 
-/// The fields of a `Chunk { uint64 payload_id = 1; uint32 index = 2; bytes data = 3; }`,
-/// borrowing its data from the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The fields of a `Chunk { uint64 payload_id = 1; uint32 index = 2; bytes data = 3;
+/// float scale = 4; }`, borrowing its data from the message.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChunkRef<'a> {
     pub payload_id: u64,
     pub index: u32,
     pub data: &'a [u8],
+    /// The int8 scale of the chunk's values (0.0 when unset, as for every other dtype).
+    pub scale: f32,
+}
+
+impl<'a> ChunkRef<'a> {
+    /// A chunk without a scale.
+    pub fn new(payload_id: u64, index: u32, data: &'a [u8]) -> Self {
+        Self {
+            payload_id,
+            index,
+            data,
+            scale: 0.0,
+        }
+    }
 }
 
 /// A cursor over one message's bytes.
@@ -113,8 +127,8 @@ impl<'a> Reader<'a> {
                 Value::Len(self.take(len)?)
             }
             FIXED32 => {
-                self.take(4)?;
-                Value::Fixed
+                let b = self.take(4)?;
+                Value::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
             START_GROUP => {
                 self.skip_group(field)?;
@@ -152,17 +166,15 @@ impl<'a> Reader<'a> {
 enum Value<'a> {
     Varint(u64),
     Len(&'a [u8]),
-    /// A fixed32, fixed64 or group field (skipped).
+    /// A fixed32 field's bits (a `float`).
+    Fixed32(u32),
+    /// A fixed64 or group field (skipped).
     Fixed,
 }
 
 /// Decodes a `Chunk` message.
 pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkRef<'_>, WireError> {
-    let mut chunk = ChunkRef {
-        payload_id: 0,
-        index: 0,
-        data: &[],
-    };
+    let mut chunk = ChunkRef::new(0, 0, &[]);
     merge_chunk(&mut chunk, bytes)?;
     Ok(chunk)
 }
@@ -179,6 +191,7 @@ fn merge_chunk<'a>(chunk: &mut ChunkRef<'a>, bytes: &'a [u8]) -> Result<(), Wire
                     .map_err(|_| WireError::Malformed("chunk index does not fit uint32"))?;
             }
             (3, Value::Len(data)) => chunk.data = data,
+            (4, Value::Fixed32(bits)) => chunk.scale = f32::from_bits(bits),
             _ => {} // unknown field, or a known number with another wire type
         }
     }
@@ -195,11 +208,7 @@ pub fn peek_chunk(raw: &[u8], envelope_field: u32) -> Result<Option<ChunkRef<'_>
         let (field, wire_type) = reader.tag()?;
         match (field == envelope_field, reader.value(field, wire_type)?) {
             (true, Value::Len(body)) => {
-                let merged = chunk.get_or_insert(ChunkRef {
-                    payload_id: 0,
-                    index: 0,
-                    data: &[],
-                });
+                let merged = chunk.get_or_insert(ChunkRef::new(0, 0, &[]));
                 merge_chunk(merged, body)?;
             }
             // Another body of the oneof replaces the chunk.
@@ -298,14 +307,20 @@ mod tests {
 
         let chunk = peek_chunk(&raw, 4).unwrap().unwrap();
 
-        assert_eq!(
-            chunk,
-            ChunkRef {
-                payload_id: 42,
-                index: 7,
-                data: b"abc"
-            }
-        );
+        assert_eq!(chunk, ChunkRef::new(42, 7, b"abc"));
+    }
+
+    #[test]
+    fn reads_the_scale_as_a_float() {
+        let mut body = chunk_body(1, 0, b"q");
+        body.push(0x25); // field 4, fixed32
+        body.extend(0.25f32.to_le_bytes());
+        let raw = len_field(3, &body);
+
+        let chunk = peek_chunk(&raw, 3).unwrap().unwrap();
+
+        assert_eq!(chunk.scale, 0.25);
+        assert_eq!(chunk.data, b"q");
     }
 
     #[test]
