@@ -33,21 +33,29 @@ class EncodedVersion:
 
 
 def encode_version(
-    layout: pb.ModelLayout, version: int, flat: wire.FloatVector, max_chunk_bytes: int
+    layout: pb.ModelLayout,
+    version: int,
+    flat: wire.FloatVector,
+    max_chunk_bytes: int,
+    dtype: int = pb.DTYPE_FLOAT32,
 ) -> EncodedVersion:
-    """The messages that deliver `flat` as model `version`."""
+    """The messages that deliver `flat` as model `version`, encoded as `dtype` (float32, or a
+    codec for learners that offered it: `Welcome.download_dtype`).
+
+    Raises `_core.WireFormatError` when a value does not fit the codec (float16: |x| >= 65520).
+    """
     data = np.ascontiguousarray(flat, dtype=wire.WIRE_DTYPE)
+    # Built in Rust, in parallel, with the GIL released: the event loop keeps running.
+    chunks = encode_chunk_messages(data, version, max_chunk_bytes, CONTROLLER_CHUNK_FIELD, dtype)
     header = pb.Payload(
         payload_id=version,
         kind=pb.PAYLOAD_KIND_WEIGHTS,
-        dtype=pb.DTYPE_FLOAT32,
-        total_bytes=data.nbytes,
-        num_chunks=wire.chunk_count(data.nbytes, max_chunk_bytes),
+        dtype=dtype,  # type: ignore[arg-type]
+        total_bytes=wire.payload_bytes(data.size, dtype),
+        num_chunks=len(chunks),
         layout_id=layout.layout_id,
     )
     model = pb.ControllerMessage(model=pb.Model(version=version, payload=header))
-    # Built in Rust, in parallel, with the GIL released: the event loop keeps running.
-    chunks = encode_chunk_messages(data, version, max_chunk_bytes, CONTROLLER_CHUNK_FIELD)
     return EncodedVersion(layout, [model.SerializeToString(), *chunks])
 
 

@@ -1,20 +1,23 @@
 """Flat model buffers on the wire: layouts, chunking and reassembly.
 
 A model travels as one contiguous little-endian float32 buffer plus a `ModelLayout` (tensor names,
-shapes, original dtypes, byte offsets). Large buffers are split into chunks of at most
-`MAX_CHUNK_BYTES`. Both the learner and the controller use this module, so it imports only numpy
-and the generated protobuf code.
+shapes, original dtypes, byte offsets), or, once negotiated, encoded with a codec (float16,
+bfloat16, int8 with a scale per chunk; `metis_async.codecs`). Large buffers are split into chunks
+of at most `MAX_CHUNK_BYTES`. Both the learner and the controller use this module, so it imports
+only numpy and the generated protobuf code (the controller-side helpers import the extension
+when called).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from metis_async import codecs
 from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
@@ -24,7 +27,10 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 """Largest chunk either side sends (bytes); gRPC's default message limit is 4 MiB plus framing."""
 
 WIRE_DTYPE = np.dtype("<f4")
-"""Element type of every flat buffer in this version of the protocol."""
+"""Element type of the flat model vector (layouts count its bytes), and the default encoding."""
+
+FLOAT32_ONLY: frozenset[int] = frozenset({pb.DTYPE_FLOAT32})
+"""Payload dtypes accepted when no codec was negotiated."""
 
 FloatVector = npt.NDArray[np.float32]
 
@@ -119,14 +125,28 @@ def chunk_count(total_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> int
     return -(-total_bytes // max_chunk_bytes)
 
 
+def payload_bytes(num_values: int, dtype: int) -> int:
+    """`Payload.total_bytes` of `num_values` values encoded as `dtype` (scales not counted)."""
+    return num_values * codecs.item_size(dtype)
+
+
 def make_payload(
     flat: FloatVector,
     payload_id: int,
     kind: int,
     layout_id: int,
     max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    dtype: int = pb.DTYPE_FLOAT32,
 ) -> tuple[pb.Payload, Iterator[pb.Chunk]]:
-    """Announce `flat` as a payload and return its header and a lazy iterator of chunks."""
+    """Announce `flat` as a payload and return its header and a lazy iterator of chunks.
+
+    With a codec `dtype` (float16, bfloat16, int8; numpy, no extension needed) the chunks hold
+    `max_chunk_bytes` rounded down to whole encoded values, int8 chunks with their scale; the
+    values are encoded as the chunks are drawn, so `codecs.CodecError` (a value the codec cannot
+    hold) comes from the iterator. `encode_payload` checks everything up front instead.
+    """
+    if dtype != pb.DTYPE_FLOAT32:
+        return _make_encoded_payload(flat, payload_id, kind, layout_id, max_chunk_bytes, dtype)
     data = np.ascontiguousarray(flat, dtype=WIRE_DTYPE).view(np.uint8).data
     header = pb.Payload(
         payload_id=payload_id,
@@ -146,27 +166,89 @@ def make_payload(
     return header, chunks()
 
 
+def _make_encoded_payload(
+    flat: FloatVector,
+    payload_id: int,
+    kind: int,
+    layout_id: int,
+    max_chunk_bytes: int,
+    dtype: int,
+) -> tuple[pb.Payload, Iterator[pb.Chunk]]:
+    values = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+    per = codecs.values_per_chunk(dtype, max_chunk_bytes)
+    header = pb.Payload(
+        payload_id=payload_id,
+        kind=kind,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        total_bytes=payload_bytes(values.size, dtype),
+        num_chunks=-(-values.size // per),
+        layout_id=layout_id,
+    )
+
+    def chunks() -> Iterator[pb.Chunk]:
+        encoded = codecs.encode_chunks(values, dtype, max_chunk_bytes)
+        for index, (data, scale) in enumerate(encoded):
+            yield pb.Chunk(payload_id=payload_id, index=index, data=data, scale=scale)
+
+    return header, chunks()
+
+
+def encode_payload(
+    flat: FloatVector,
+    payload_id: int,
+    kind: int,
+    layout_id: int,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    dtype: int = pb.DTYPE_FLOAT32,
+) -> tuple[pb.Payload, list[pb.Chunk]]:
+    """`make_payload` with every chunk encoded now: a learner's upload, header and chunks.
+
+    Raises `codecs.CodecError` before anything is sent when a value does not fit the codec
+    (float16: |x| >= 65520) or is not finite; the client then uploads float32 instead.
+    """
+    header, chunks = make_payload(flat, payload_id, kind, layout_id, max_chunk_bytes, dtype)
+    return header, list(chunks)
+
+
 def check_header(
-    header: pb.Payload, expected_bytes: int, layout_id: int, max_chunk_bytes: int
+    header: pb.Payload,
+    expected_bytes: int,
+    layout_id: int,
+    max_chunk_bytes: int,
+    allowed: Collection[int] = FLOAT32_ONLY,
 ) -> None:
-    """Check a payload announcement against the model; raises `WireError` naming the problem."""
-    if header.dtype != pb.DTYPE_FLOAT32:
+    """Check a payload announcement against the model; raises `WireError` naming the problem.
+
+    Args:
+        header: the announcement.
+        expected_bytes: the model's size as float32 (`ModelLayout.total_bytes`); a codec
+            payload must announce the same number of values at its own item size.
+        layout_id: the model's layout id.
+        max_chunk_bytes: largest chunk accepted (bytes).
+        allowed: payload dtypes accepted (the controller: float32 and the negotiated upload
+            dtype; a learner: float32 and the codecs it offered).
+    """
+    if header.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in sorted(allowed))
+        raise WireError(f"payload dtype is {dtype_name(header.dtype)}, accepted: {names}")
+    values = expected_bytes // WIRE_DTYPE.itemsize
+    encoded = payload_bytes(values, header.dtype)
+    if header.total_bytes != encoded:
+        codec = "" if header.dtype == pb.DTYPE_FLOAT32 else f" as {dtype_name(header.dtype)}"
         raise WireError(
-            f"payload dtype is {dtype_name(header.dtype)}, this controller accepts DTYPE_FLOAT32"
-        )
-    if header.total_bytes != expected_bytes:
-        raise WireError(
-            f"payload has {header.total_bytes} bytes, the model has {expected_bytes} "
-            f"({expected_bytes // WIRE_DTYPE.itemsize} float32 values)"
+            f"payload has {header.total_bytes} bytes, the model has {encoded}{codec} "
+            f"({values} values)"
         )
     if header.layout_id != layout_id:
         raise WireError(
             f"payload layout {header.layout_id} does not match the model layout {layout_id}"
         )
-    expected_chunks = chunk_count(expected_bytes, max_chunk_bytes)
-    if header.num_chunks < expected_chunks or header.num_chunks > max(expected_bytes, 1):
+    expected_chunks = chunk_count(encoded, max_chunk_bytes)
+    # float32 chunks are byte slices; a codec's chunks hold at least one whole value each
+    most = encoded if header.dtype == pb.DTYPE_FLOAT32 else values
+    if header.num_chunks < expected_chunks or header.num_chunks > max(most, 1):
         raise WireError(
-            f"payload announces {header.num_chunks} chunks; {expected_bytes} bytes need at "
+            f"payload announces {header.num_chunks} chunks; {encoded} bytes need at "
             f"least {expected_chunks} of at most {max_chunk_bytes} bytes"
         )
 
@@ -174,13 +256,16 @@ def check_header(
 class PayloadAssembler:
     """Reassembles one announced payload from its chunks into a preallocated float32 vector.
 
-    Each chunk is copied once, straight into place (no joining of byte strings). Any deviation
-    from the header (wrong payload id, order, size) raises `WireError` naming the problem.
+    Each chunk is copied once, straight into place (no joining of byte strings); a codec
+    payload's chunks (whole values, int8 with a valid scale) are decoded into place with numpy.
+    Any deviation from the header (wrong payload id, order, size, scale) raises `WireError`
+    naming the problem.
 
     Args:
         check: optional finiteness check (index of the first NaN/inf in a vector, or None) run on
             each chunk's values right after the copy, while they are still in cache; the
             controller passes the Rust `first_non_finite` so uploads are never read again for it.
+        allowed: payload dtypes accepted (see `check_header`).
     """
 
     def __init__(
@@ -190,11 +275,15 @@ class PayloadAssembler:
         layout_id: int,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         check: Callable[[FloatVector], int | None] | None = None,
+        allowed: Collection[int] = FLOAT32_ONLY,
     ) -> None:
-        check_header(header, expected_bytes, layout_id, max_chunk_bytes)
+        check_header(header, expected_bytes, layout_id, max_chunk_bytes, allowed)
         self.header = header
+        self._codec = header.dtype if header.dtype != pb.DTYPE_FLOAT32 else None
+        if self._codec is not None:
+            self._values = np.empty(expected_bytes // WIRE_DTYPE.itemsize, dtype=np.float32)
         self._max_chunk_bytes = max_chunk_bytes
-        self._buffer = np.empty(expected_bytes, dtype=np.uint8)
+        self._buffer = np.empty(0 if self._codec is not None else expected_bytes, dtype=np.uint8)
         self._filled = 0
         self._next_index = 0
         self._check = check
@@ -217,6 +306,9 @@ class PayloadAssembler:
         data = chunk.data  # each access copies: read it once
         if len(data) > self._max_chunk_bytes:
             raise WireError(f"chunk has {len(data)} bytes, the limit is {self._max_chunk_bytes}")
+        if self._codec is not None:
+            self._add_encoded(chunk, data)
+            return
         end = self._filled + len(data)
         if end > self._buffer.size:
             raise WireError(f"chunks exceed the announced {self._buffer.size} bytes")
@@ -235,12 +327,46 @@ class PayloadAssembler:
         if self.done and self._filled != self._buffer.size:
             raise WireError(f"payload ended after {self._filled} of {self._buffer.size} bytes")
 
+    def _add_encoded(self, chunk: pb.Chunk, data: bytes) -> None:
+        codec = int(self.header.dtype)
+        size = codecs.item_size(codec)
+        name = dtype_name(codec)
+        if len(data) % size:
+            raise WireError(
+                f"chunk {chunk.index} has {len(data)} bytes, not a whole number of {name} values"
+            )
+        if codec == pb.DTYPE_INT8:
+            if not codecs.scale_is_valid(chunk.scale):
+                raise WireError(
+                    f"chunk {chunk.index} has int8 scale {chunk.scale}, expected finite, >= 0 "
+                    "and 127 x scale finite"
+                )
+        elif chunk.scale != 0:
+            raise WireError(f"chunk {chunk.index} has a scale, but {name} payloads carry none")
+        end = self._filled + len(data)
+        if end > self.header.total_bytes:
+            raise WireError(f"chunks exceed the announced {self.header.total_bytes} bytes")
+        first = self._filled // size
+        if self._check is not None and (bad := codecs.first_non_finite(data, codec)) is not None:
+            raise WireError(
+                f"update contains NaN or infinite values (first at value {first + bad})"
+            )
+        self._values[first : first + len(data) // size] = codecs.decode(data, codec, chunk.scale)
+        self._filled = end
+        self._next_index += 1
+        if self.done and self._filled != self.header.total_bytes:
+            raise WireError(
+                f"payload ended after {self._filled} of {self.header.total_bytes} bytes"
+            )
+
     def result(self) -> FloatVector:
-        """The assembled vector (a view of the internal buffer, no copy)."""
+        """The assembled (decoded) vector (a view of the internal buffer, no copy)."""
         if not self.done:
             raise WireError(
                 f"payload incomplete: {self._next_index} of {self.header.num_chunks} chunks"
             )
+        if self._codec is not None:
+            return self._values
         return self._buffer.view(WIRE_DTYPE).astype(np.float32, copy=False)
 
 
@@ -274,22 +400,27 @@ def peek_chunk(raw: bytes) -> tuple[int, int, int] | None:
 
 
 class Upload:
-    """One announced float32 payload, received from raw chunk messages in Rust.
+    """One announced payload (float32, or a negotiated codec), received from raw chunk messages
+    in Rust.
 
     Each `add` is one Rust call that decodes the chunk envelope, checks it against the
     announcement and checks its values for NaN/inf where they lie in the message, with the GIL
     released (so it may run in a worker thread). The message is kept, not copied: `take()`
     returns `Segments`, which the accumulator folds straight from the messages. If a chunk ends
     inside a float32 value (legal, unusual), the payload is copied into one buffer instead and
-    `take()` returns a float32 array.
+    `take()` returns a float32 array. A codec payload (`header.dtype` in `allowed`) is checked
+    chunk by chunk in its encoding (whole values, NaN/inf patterns, int8 scales) and folded by
+    the accumulator straight from its encoded bytes.
 
     Args:
         header: the announcement (checked here against the model).
-        expected_bytes: the model's size in bytes.
+        expected_bytes: the model's size in bytes as float32 (`ModelLayout.total_bytes`).
         layout_id: the model's layout id.
         max_chunk_bytes: largest chunk accepted (bytes).
         envelope_field: field number of `chunk` in the envelope message.
-        in_place: keep the messages (True) or copy each chunk into one buffer (False).
+        in_place: keep the messages (True) or copy (decode) each chunk into one buffer (False).
+        allowed: payload dtypes accepted: float32 only unless the controller negotiated a codec
+            for this stream (then `{DTYPE_FLOAT32, Welcome.upload_dtype}`).
     """
 
     def __init__(
@@ -300,14 +431,20 @@ class Upload:
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         envelope_field: int = LEARNER_CHUNK_FIELD,
         in_place: bool = True,
+        allowed: Collection[int] = FLOAT32_ONLY,
     ) -> None:
         from metis_async._core import ChunkAssembler, InPlaceAssembler
 
-        check_header(header, expected_bytes, layout_id, max_chunk_bytes)
+        check_header(header, expected_bytes, layout_id, max_chunk_bytes, allowed)
         self.header = header
         kind = InPlaceAssembler if in_place else ChunkAssembler
         self._assembler = kind(
-            expected_bytes, header.payload_id, header.num_chunks, max_chunk_bytes, envelope_field
+            int(header.total_bytes),
+            header.payload_id,
+            header.num_chunks,
+            max_chunk_bytes,
+            envelope_field,
+            dtype=int(header.dtype),
         )
         self.done = header.num_chunks == 0
 

@@ -26,11 +26,18 @@ from metis_async.client.learner import (
     NDArrays,
 )
 from metis_async.client.models import HeldModel
-from metis_async.client.runner import CAPABILITIES, LearnerRunner, LearnerStopped, run_learner
+from metis_async.client.runner import (
+    CAPABILITIES,
+    DEFAULT_CODECS,
+    LearnerRunner,
+    LearnerStopped,
+    run_learner,
+)
 from metis_async.client.summary import Backoff, RunSummary
 
 __all__ = [
     "CAPABILITIES",
+    "DEFAULT_CODECS",
     "Backoff",
     "EvaluateConfig",
     "EvaluateRes",

@@ -9,6 +9,7 @@ session delivers (layout, model header, chunks) against the wire contract and ra
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,14 +70,18 @@ class ModelReceiver:
     Args:
         held: the model kept from an earlier session; it stays usable only if this session's
             Welcome carries the same run id and any layout sent matches it.
+        codecs: payload dtypes besides float32 this learner offered in `Hello.codecs`: models
+            may arrive in any of them, and the controller may pick one for uploads.
     """
 
-    def __init__(self, held: HeldModel | None) -> None:
+    def __init__(self, held: HeldModel | None, codecs: Collection[int] = ()) -> None:
         self.layout: pb.ModelLayout | None = held.layout if held is not None else None
         self.model = held  # newest complete model valid on this session (read by the worker)
         self.run_id = ""
         self.max_chunk_bytes = wire.MAX_CHUNK_BYTES
         self.max_model_bytes = 0
+        self.accepted = frozenset({pb.DTYPE_FLOAT32, *codecs})
+        self.upload_dtype: int = pb.DTYPE_FLOAT32  # Welcome.upload_dtype, checked
         self._pending: tuple[int, wire.PayloadAssembler] | None = None
 
     def on_welcome(self, welcome: pb.Welcome) -> None:
@@ -84,6 +89,13 @@ class ModelReceiver:
         self.run_id = welcome.run_id
         self.max_chunk_bytes = welcome.max_chunk_bytes or wire.MAX_CHUNK_BYTES
         self.max_model_bytes = int(welcome.max_model_bytes)
+        upload = welcome.upload_dtype or pb.DTYPE_FLOAT32
+        if upload not in self.accepted:
+            raise wire.WireError(
+                f"the controller chose upload dtype {wire.dtype_name(upload)}, which this "
+                "learner did not offer"
+            )
+        self.upload_dtype = upload
         if self.model is not None and (not welcome.run_id or welcome.run_id != self.model.run_id):
             self.model = None  # its version numbers belong to another run
 
@@ -109,7 +121,11 @@ class ModelReceiver:
                 f"model payload kind is {model.payload.kind}, expected PAYLOAD_KIND_WEIGHTS"
             )
         assembler = wire.PayloadAssembler(
-            model.payload, int(self.layout.total_bytes), self.layout.layout_id, self.max_chunk_bytes
+            model.payload,
+            int(self.layout.total_bytes),
+            self.layout.layout_id,
+            self.max_chunk_bytes,
+            allowed=self.accepted,
         )
         self._pending = (int(model.version), assembler)
         return self._complete() if assembler.done else None

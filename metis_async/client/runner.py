@@ -23,11 +23,12 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from metis_async import codecs as wire_codecs
 from metis_async import wire
 from metis_async.client.learner import Learner
 from metis_async.client.models import HeldModel, ModelReceiver
@@ -42,6 +43,10 @@ JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 CAPABILITIES = ("train", "evaluate", "delta", "final_model")
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
+
+DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
+"""Payload dtypes offered in `Hello.codecs` by default (float16, bfloat16, int8; float32 always
+works): the controller may send models in them and pick one for uploads."""
 
 CHANNEL_CHUNK_BYTES = 64 * 1024 * 1024
 """Largest chunk the channel accepts before any Welcome (bytes). The channel exists before the
@@ -100,6 +105,8 @@ class LearnerRunner:
         backoff: reconnect policy.
         stop: set it from another thread to end the run after the current message.
         seed: seed of the backoff jitter (tests).
+        codecs: payload dtypes besides float32 offered in `Hello.codecs` (see `DEFAULT_CODECS`);
+            () offers float32 only.
     """
 
     def __init__(
@@ -112,7 +119,12 @@ class LearnerRunner:
         backoff: Backoff | None = None,
         stop: threading.Event | None = None,
         seed: int | None = None,
+        codecs: Sequence[int] = DEFAULT_CODECS,
     ) -> None:
+        unknown = [c for c in codecs if c not in wire_codecs.CODEC_DTYPES]
+        if unknown:
+            raise ValueError(f"codecs must be among {wire_codecs.CODEC_DTYPES}, got {unknown}")
+        self.codecs = tuple(codecs)
         self.address = address
         self.learner = learner
         self.token = token
@@ -172,6 +184,7 @@ class LearnerRunner:
             num_examples=self.learner.num_examples(),
             capabilities=CAPABILITIES,
             client_version="metis-async",
+            codecs=self.codecs,  # type: ignore[arg-type]
         )
         if held is not None:
             hello.holds_model = True
@@ -188,6 +201,9 @@ class LearnerRunner:
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # One connection per learner, even for several learners in one process (tests,
+            # simulations): a controller with ingest workers spreads connections, not streams.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
 
     def _session(self) -> _Outcome:
@@ -195,7 +211,7 @@ class LearnerRunner:
         # A model from a controller without run ids could be mistaken for the same version
         # number of a restarted run, so only a model with a run id is carried over.
         held = self._held if self._held is not None and self._held.run_id else None
-        stream = LearnerStream(self._hello(held), ModelReceiver(held))
+        stream = LearnerStream(self._hello(held), ModelReceiver(held, self.codecs))
         tasks: queue.SimpleQueue[pb.ControllerMessage | None] = queue.SimpleQueue()
         with grpc.insecure_channel(self.address, options=self._channel_options()) as channel:
             join = channel.stream_stream(
@@ -381,14 +397,22 @@ def run_learner(
     backoff: Backoff | None = None,
     stop: threading.Event | None = None,
     seed: int | None = None,
+    codecs: Sequence[int] = DEFAULT_CODECS,
 ) -> RunSummary:
     """Connect `learner` to the controller at `address` and serve tasks until the run ends.
 
     Reconnects with jittered exponential backoff when the stream breaks or the controller drains;
     raises `LearnerStopped` on a fatal status (bad token) or after `backoff.max_attempts`
-    consecutive failed attempts.
+    consecutive failed attempts. `codecs`: payload dtypes offered besides float32.
     """
     runner = LearnerRunner(
-        address, learner, learner_id=learner_id, token=token, backoff=backoff, stop=stop, seed=seed
+        address,
+        learner,
+        learner_id=learner_id,
+        token=token,
+        backoff=backoff,
+        stop=stop,
+        seed=seed,
+        codecs=codecs,
     )
     return runner.run()

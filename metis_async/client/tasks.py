@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from metis_async import wire
+from metis_async import codecs, wire
 from metis_async.client.learner import EvaluateConfig, FitConfig, Learner
 from metis_async.client.models import HeldModel
 from metis_async.client.stream import LearnerStream
@@ -95,13 +95,7 @@ class TaskWorker:
         if task.upload_delta:
             np.subtract(new, model.flat, out=new)
         kind = pb.PAYLOAD_KIND_DELTA if task.upload_delta else pb.PAYLOAD_KIND_WEIGHTS
-        header, chunks = wire.make_payload(
-            new,
-            next(self._payload_ids),
-            kind,
-            model.layout.layout_id,
-            stream.models.max_chunk_bytes,
-        )
+        header, chunks = self._upload(stream, new, kind, model.layout.layout_id)
         batches_per_epoch = max(1, -(-int(num_examples) // config.batch_size))
         steps = int(metrics.get("steps", c.local_steps or config.epochs * batches_per_epoch))
         per_batch = seconds / steps if steps else 0.0
@@ -117,6 +111,22 @@ class TaskWorker:
             seconds_per_epoch=per_batch * batches_per_epoch,
         )
         return result, list(chunks)
+
+    def _upload(
+        self, stream: LearnerStream, flat: wire.FloatVector, kind: int, layout_id: int
+    ) -> tuple[pb.Payload, list[pb.Chunk]]:
+        """The upload in the session's upload dtype, or float32 when a value does not fit it
+        (the controller always accepts float32)."""
+        payload_id = next(self._payload_ids)
+        limit = stream.models.max_chunk_bytes
+        dtype = stream.models.upload_dtype
+        if dtype != pb.DTYPE_FLOAT32:
+            try:
+                return wire.encode_payload(flat, payload_id, kind, layout_id, limit, dtype)
+            except codecs.CodecError as error:
+                log.warning("upload_codec_fallback dtype=%s reason=%s", dtype, error)
+        header, chunks = wire.make_payload(flat, payload_id, kind, layout_id, limit)
+        return header, list(chunks)
 
     def _evaluate(self, task: pb.EvaluateTask, model: HeldModel) -> pb.TaskResult:
         # batch_size 0: the learner's choice (EvaluateConfig's default)
