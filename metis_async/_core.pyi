@@ -314,8 +314,9 @@ class ChunkAssembler:
         """
 
     def take(self) -> NDArray[np.float32]:
-        """The assembled (decoded) float32 values, handed over without copying; raises :class:`WireFormatError`
-        before the last chunk and on a second call (neither rejects the payload).
+        """The assembled (decoded) float32 values, handed over without copying; raises
+        :class:`WireFormatError` before the last chunk and on a second call (neither rejects the
+        payload).
 
         When the array is freed, its buffer returns to a small pool (at most 16 buffers, 1 GiB)
         that later assemblers of the same size draw from, skipping the page faults of fresh

@@ -123,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from metis_async.server import Controller, run_event_loop, serve
     from metis_async.telemetry import configure_logging
+    from metis_async.workers.hub import WorkerHub
 
     settings = settings_schema.load_settings(
         args.config, os.environ, settings_schema.flag_overrides(args)
@@ -134,12 +135,25 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.model.init_model:
         with np.load(settings.model.init_model) as npz:
             initial = [npz[k] for k in sorted(npz.files, key=_npz_order)]
-    controller = Controller(
-        settings.policy(),
-        settings.controller_config(),
-        initial_model=initial,
-        aggregation=settings.aggregation_settings(),
-    )
+    workers = settings.worker_count()
+    controller: Controller | WorkerHub
+    if workers:
+        controller = WorkerHub(
+            settings.policy(),
+            settings.controller_config(),
+            workers=workers,
+            initial_model=initial,
+            aggregation=settings.aggregation_settings(),
+            log_level=settings.log.level,
+            json_logs=settings.log.json_lines,
+        )
+    else:
+        controller = Controller(
+            settings.policy(),
+            settings.controller_config(),
+            initial_model=initial,
+            aggregation=settings.aggregation_settings(),
+        )
     run_event_loop(serve(controller, until_finished=bool(settings.protocol.rounds)))
     if settings.model.save_model and controller.store.ready:
         np.savez(settings.model.save_model, *controller.store.parameters())

@@ -140,7 +140,17 @@ class ServerSection(_Section):
     max_uploads_in_flight: int = Field(
         default=4,
         ge=1,
-        description="training uploads reassembled at once (memory: a model-sized buffer each)",
+        description="fewest training uploads reassembled at once, whatever the buffer allows",
+    )
+    upload_buffer_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="bytes of training uploads reassembled at once; more wait, unread",
+    )
+    workers: Annotated[str, Flag(metavar="N|auto")] = Field(
+        default="0",
+        pattern=r"^(auto|\d+)$",
+        description="ingest worker processes sharing the port (0: serve in one process)",
     )
     tokens_file: Annotated[str | None, Flag(metavar="TOML")] = Field(
         default=None,
@@ -397,9 +407,17 @@ class ControllerSettings(_Section):
         """The controller's network, liveness and limit settings, with the tokens file read."""
         from metis_async.server import ControllerConfig
 
-        values = self.server.model_dump(exclude={"tokens_file"})
+        values = self.server.model_dump(exclude={"tokens_file", "workers"})
         tokens = read_tokens(self.server.tokens_file) if self.server.tokens_file else None
         return ControllerConfig(**values, tokens=tokens)
+
+    def worker_count(self) -> int:
+        """Ingest worker processes to run (`auto`: from the cores and the open-file limit)."""
+        if self.server.workers == "auto":
+            from metis_async.workers import auto_workers
+
+            return auto_workers()
+        return int(self.server.workers)
 
     def warnings(self) -> list[str]:
         """Settings that work but are probably not what was meant."""

@@ -142,6 +142,13 @@ class CoreRunner:
         # that the learner left.
         return await asyncio.shield(loop.run_in_executor(self._thread, run))
 
+    def submit(self, method: Callable[..., list[Effect]], *args: Any) -> asyncio.Future[Any]:
+        """Queue `method(*args)` on the core thread without waiting (calls run in the order
+        submitted; a failure is logged)."""
+        future = asyncio.ensure_future(self.call(method, *args))
+        future.add_done_callback(_log_core_failure)
+        return future
+
     async def query(self, fn: Callable[[], T]) -> T:
         """Run a read-only `fn` on the core thread (a consistent view of core state)."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -311,6 +318,11 @@ class EffectDelivery:
         """Cancel background work (the controller is going away)."""
         for task in list(self._background):
             task.cancel()
+
+
+def _log_core_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("core_call_failed", error=repr(future.exception()))
 
 
 def task_message(task: Task) -> bytes:

@@ -78,6 +78,7 @@ from metis_async.protocols import (
 )
 from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
+from metis_async.workers.partials import RemoteUpdate
 
 if TYPE_CHECKING:
     from metis_async._core import Segments
@@ -86,7 +87,7 @@ log = structlog.get_logger("metis_async.federation")
 
 RESULT_RECEIVED = "result already received"
 
-_Updates = dict[str, tuple[str, "wire.FloatVector | Segments"]]
+_Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate"]]
 
 _Method = TypeVar("_Method", bound=Callable[..., list[Effect]])
 
@@ -375,12 +376,14 @@ class FederationCore:
         now: float,
         learner_id: str,
         report: UpdateReport,
-        update: wire.FloatVector | Segments,
+        update: wire.FloatVector | Segments | RemoteUpdate,
     ) -> list[Effect]:
-        """A complete, validated training update for `report.task_id` arrived (an array, or
-        `Segments`: the upload still in the chunk messages it arrived in)."""
+        """A complete, validated training update for `report.task_id` arrived (an array,
+        `Segments`: the upload still in the chunk messages it arrived in, or a `RemoteUpdate`
+        an ingest worker holds)."""
         task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
         if task is None:
+            _release(update)
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
         self.stats.updates_received_total += 1
         event = UpdateArrived(
@@ -478,8 +481,9 @@ class FederationCore:
                     pending.append(follow)  # the rest of this decision list is void
                     break
                 pending.extend(follow)
-        for task_id in updates:  # the policy neither accepted nor rejected: say so, loudly
+        for task_id, (_, update) in updates.items():  # neither accepted nor rejected: loudly
             log.error("update_unanswered", task_id=task_id, protocol=self.policy.name)
+            _release(update)
         if self.policy.version != self.version:
             raise RuntimeError(
                 f"{self.policy.name} counts version {self.policy.version}, "
@@ -502,6 +506,7 @@ class FederationCore:
             answered = updates.pop(decision.task_id, None)
             if answered is not None:
                 lid = answered[0]
+                _release(answered[1])
                 self.stats.updates_rejected_total += 1
                 self._learners[lid].updates_rejected += 1
                 wire_id = self._wire_id(decision.task_id)
@@ -690,6 +695,12 @@ class FederationCore:
         if self._step is None:
             raise RuntimeError("no model yet")
         return self._step
+
+
+def _release(update: object) -> None:
+    """An update that will not be folded: one an ingest worker holds is dropped there."""
+    if isinstance(update, RemoteUpdate):
+        update.release()
 
 
 def summarize_participation(participation: Mapping[str, Mapping[str, int]]) -> dict[str, object]:

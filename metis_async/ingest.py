@@ -3,21 +3,21 @@
 `Ingest` checks every message against the wire contract and reassembles payloads: a chunk
 message is recognised by the Rust decoder (never parsed by protobuf), then decoded, copied into
 place and checked for NaN/inf in one Rust call with the GIL released, in a low-priority worker
-thread for large chunks. At most `max_uploads_in_flight` training uploads are reassembled at once;
-a result beyond that waits with its stream unread (gRPC flow control holds the learner back), so
-memory stays O(model x uploads in flight). A complete, validated update becomes one event for
-the federation core. Anything that breaks the contract raises `ProtocolViolation`, which ends the
-stream with a status naming the problem. The ingest workers of a multi-process controller reuse
-this class as it is.
+thread for large chunks. At most `upload_buffer_bytes` of training uploads (and at least
+`max_uploads_in_flight` uploads) are reassembled at once; a result beyond that waits with its
+stream unread (gRPC flow control holds the learner back), so memory stays O(bytes in flight).
+A complete, validated update becomes one event for the federation core, through a `CoreLink`
+(in this process, or over an ingest worker's channel). Anything that breaks the contract raises
+`ProtocolViolation`, which ends the stream with a status naming the problem. The ingest workers
+of a multi-process controller reuse this class as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -25,13 +25,15 @@ import structlog
 
 from metis_async import wire
 from metis_async.delivery import keep_freed_memory, lower_thread_priority, start_bulk_threads
-from metis_async.effects import Effect
-from metis_async.federation import RESULT_RECEIVED, FederationCore, UpdateReport
+from metis_async.federation import RESULT_RECEIVED, UpdateReport
 from metis_async.protocols import TaskKind
 from metis_async.session import PendingUpload, ProtocolViolation, Session
 from metis_async.store import ModelStore
 from metis_async.telemetry import ControllerStats, LogLimiter, short_id
 from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async.links import CoreLink
 
 log = structlog.get_logger("metis_async.server")
 
@@ -39,37 +41,32 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 OFF_LOOP_CHUNK_BYTES = 256 * 1024
 """Chunks at least this large are copied and checked in a worker thread, not on the loop."""
 
-CoreCall = Callable[..., Awaitable[list[Effect]]]
-
 
 class Ingest:
     """Handles the messages of learner streams after hello (see the module docstring).
 
     Args:
         config: the controller's limits (`ControllerConfig`).
-        core: the federation core (read here only through `lookup`, `ready` and `provider`).
+        link: the federation core, in this process or another.
         store: the published model (its layout and size).
         stats: counters to update.
-        call: runs a core event method at the current time on the core's thread.
         limiter: rate limit of repeated log lines per learner.
     """
 
     def __init__(
         self,
         config: Any,
-        core: FederationCore,
+        link: CoreLink,
         store: ModelStore,
         stats: ControllerStats,
-        call: CoreCall,
         limiter: LogLimiter,
     ) -> None:
         self.config = config
-        self.core = core
+        self.link = link
         self.store = store
         self.stats = stats
-        self._call = call
         self._limiter = limiter
-        self._slots = asyncio.Semaphore(config.max_uploads_in_flight)
+        self._slots: asyncio.Semaphore | None = None  # sized once the model's size is known
         self._pool = ThreadPoolExecutor(
             2, thread_name_prefix="ingest", initializer=lower_thread_priority
         )
@@ -112,7 +109,7 @@ class Ingest:
                 f"result for {result.task_id!r} started before the chunks of "
                 f"{session.pending.task.task_id!r} were complete",
             )
-        found = self.core.lookup(session.learner_id, result.task_id)
+        found = await self.link.lookup(session.learner_id, result.task_id)
         task = found.task
         if task is None:
             self._answer_closed_task(session, result, found.closed_reason)
@@ -127,8 +124,7 @@ class Ingest:
             if result.payload.num_chunks:
                 raise ProtocolViolation(INVALID, "evaluation results carry no payload")
             metrics = {k: float(v) for k, v in result.metrics.items()}
-            await self._call(
-                self.core.evaluation_arrived,
+            await self.link.evaluation_arrived(
                 session.learner_id,
                 task.task_id,
                 int(result.num_examples),
@@ -218,7 +214,15 @@ class Ingest:
             await self._initial_model_complete(session)
 
     async def _take_upload_slot(self, session: Session) -> None:
-        """Wait for one of the `max_uploads_in_flight` slots (not reading the stream meanwhile)."""
+        """Wait for an upload slot (not reading the stream meanwhile).
+
+        Slots bound the uploads being reassembled at once: `upload_buffer_bytes` worth of
+        model-sized uploads, and never fewer than `max_uploads_in_flight`.
+        """
+        if self._slots is None:
+            per_upload = max(self.store.nbytes, 1)
+            budget = self.config.upload_buffer_bytes // per_upload
+            self._slots = asyncio.Semaphore(max(self.config.max_uploads_in_flight, budget))
         session.waiting_for_slot = True
         try:
             await self._slots.acquire()
@@ -228,7 +232,7 @@ class Ingest:
         session.holds_slot = True
 
     def release_upload_slot(self, session: Session) -> None:
-        if session.holds_slot:
+        if session.holds_slot and self._slots is not None:
             session.holds_slot = False
             self._slots.release()
 
@@ -249,9 +253,7 @@ class Ingest:
             metrics={k: float(v) for k, v in result.metrics.items()},
         )
         # every value was checked chunk by chunk on arrival
-        await self._call(
-            self.core.update_arrived, session.learner_id, report, pending.upload.take()
-        )
+        await self.link.update_arrived(session.learner_id, report, pending.upload.take())
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
         if self._limiter.allow(session.learner_id, "learner_error"):
@@ -262,10 +264,10 @@ class Ingest:
                 message=error.message[:256],
                 suppressed=self._limiter.suppressed(session.learner_id, "learner_error"),
             )
-        if session.asked_for_model and not self.core.ready and not error.task_id:
-            await self._call(self.core.initial_model_refused, session.learner_id, error.message)
+        if session.asked_for_model and not self.link.ready and not error.task_id:
+            await self.link.initial_model_refused(session.learner_id, error.message)
             return
-        await self._call(self.core.task_failed, session.learner_id, error.task_id, error.message)
+        await self.link.task_failed(session.learner_id, error.task_id, error.message)
 
     # ------------------------------------------------------------------------------ first model
 
@@ -280,12 +282,8 @@ class Ingest:
     def _on_initial_layout(self, session: Session, layout: pb.ModelLayout) -> None:
         if (
             not session.asked_for_model
-            or self.core.ready
-            or self.core.provider
-            not in (
-                None,
-                session.learner_id,
-            )
+            or self.link.ready
+            or self.link.provider not in (None, session.learner_id)
         ):
             raise ProtocolViolation(INVALID, "the controller did not ask this learner for a model")
         check_layout(layout)
@@ -315,9 +313,9 @@ class Ingest:
         session.initial_upload = session.initial_layout = None
         flat = upload.take()  # every value already checked, chunk by chunk
         assert isinstance(flat, np.ndarray)
-        if self.core.ready:
+        if self.link.ready:
             return  # another learner's model arrived first
-        await self._call(self.core.initialize_model, layout, flat, session.learner_id)
+        await self.link.initialize_model(layout, flat, session.learner_id)
 
 
 def parse_learner_message(raw: bytes) -> pb.LearnerMessage:

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import random
 import signal
-import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -31,18 +28,20 @@ from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
 from metis_async.effects import Effect
 from metis_async.federation import FederationCore
-from metis_async.ingest import Ingest, parse_learner_message
-from metis_async.learners import DEFAULT_CAPABILITIES
+from metis_async.ingest import Ingest
+from metis_async.links import LocalLink
 from metis_async.protocols import Policy
-from metis_async.session import ProtocolViolation, Session, controller_message
+from metis_async.session import Session
 from metis_async.store import ModelStore, encode_version
-from metis_async.telemetry import ControllerStats, LogLimiter, short_id
-from metis_async.v1 import controller_pb2 as pb
+from metis_async.streams import StreamServer
+from metis_async.telemetry import ControllerStats, LogLimiter
+
+if TYPE_CHECKING:
+    from metis_async.workers.hub import WorkerHub
 
 log = structlog.get_logger("metis_async.server")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 T = TypeVar("T")
 
@@ -66,9 +65,12 @@ class ControllerConfig:
             the aggregation weight, so an unbounded claim would let one learner own a round.
         initial_model_timeout_seconds: how long the learner asked for the first model may take
             before another waiting learner is asked.
-        max_uploads_in_flight: training uploads reassembled at once (each holds a model-sized
-            buffer); a result beyond it waits with its stream unread, so gRPC flow control holds
-            that learner back and controller memory stays O(model x this).
+        max_uploads_in_flight: fewest training uploads reassembled at once, whatever
+            `upload_buffer_bytes` allows.
+        upload_buffer_bytes: bytes of training uploads reassembled at once (each upload holds
+            its model-sized payload until it is folded); a result beyond it waits with its
+            stream unread, so gRPC flow control holds that learner back and controller memory
+            stays O(model + this).
         tokens: learner id -> token; None disables authentication.
     """
 
@@ -84,6 +86,7 @@ class ControllerConfig:
     max_num_examples: int = 10**9
     initial_model_timeout_seconds: float = 60.0
     max_uploads_in_flight: int = 4
+    upload_buffer_bytes: int = 64 * 1024**2
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -145,18 +148,16 @@ class Controller:
             rng=rng,
         )
         self._initial = initial_model
-        self._sessions: dict[str, Session] = {}
         self._finished = asyncio.Event()
-        self._delivery = EffectDelivery(self._sessions, self.store, on_commit, self._finished)
-        self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
         self._clock = clock
         self._wakeup: asyncio.TimerHandle | None = None
-        self._server: grpc.aio.Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        self._limiter = LogLimiter()
-        self._ingest = Ingest(
-            self.config, self.core, self.store, self.stats, self._call, self._limiter
-        )
+        sessions: dict[str, Session] = {}
+        self._delivery = EffectDelivery(sessions, self.store, on_commit, self._finished)
+        self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
+        link = LocalLink(self.core, self._runner, self._now)
+        limiter = LogLimiter()
+        self._ingest = Ingest(self.config, link, self.store, self.stats, limiter)
+        self.streams = StreamServer(self.config, link, self._ingest, self.stats, limiter, sessions)
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -176,19 +177,7 @@ class Controller:
                 raise ValueError(f"the initial model is not finite (first at value {bad})")
             await self._call(self.core.initialize_model, layout, flat)
             self._initial = None
-        server = grpc.aio.server(options=self.config.grpc_options())
-        handler = grpc.stream_stream_rpc_method_handler(self._join)  # raw bytes both ways
-        service = grpc.method_handlers_generic_handler(
-            "metis_async.v1.Controller", {"Join": handler}
-        )
-        server.add_generic_rpc_handlers((service,))
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
-        await server.start()
-        self._server = server
-        self._reaper = asyncio.create_task(self._reap_silent_learners())
+        self.port = await self.streams.start()
         log.info(
             "controller_started",
             address=f"{self.config.host}:{self.port}",
@@ -215,15 +204,11 @@ class Controller:
         """Tell learners to come back later (or that it is over), then close the server."""
         if not self.finished:
             await self._call_raw(self.core.drain)
-        for session in list(self._sessions.values()):
-            session.finish()
+        self.streams.finish_all()
         if self._wakeup is not None:
             self._wakeup.cancel()
         self._delivery.close()
-        if self._reaper is not None:
-            self._reaper.cancel()
-        if self._server is not None:
-            await self._server.stop(grace_seconds)
+        await self.streams.stop(grace_seconds)
         self._runner.close()
         self._ingest.close()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
@@ -245,7 +230,7 @@ class Controller:
 
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""
-        return [s.describe() for s in self._sessions.values()]
+        return [s.describe() for s in self.streams.sessions.values()]
 
     async def participation(self) -> dict[str, dict[str, int]]:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
@@ -287,165 +272,6 @@ class Controller:
         task = asyncio.ensure_future(self.tick())
         task.add_done_callback(_log_failure)
 
-    # ------------------------------------------------------------------------------ streams
-
-    async def _join(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
-        """Serve one learner stream from hello to close."""
-        session = await self._open_session(context)
-        reader = asyncio.create_task(self._read_loop(session, context))
-        writer = asyncio.create_task(self._write_loop(session, context))
-        closer = asyncio.create_task(session.closing.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {reader, writer, closer}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if reader in done and not reader.cancelled():
-                self._close_on_error(session, reader.exception())
-            if session.close_code is not None:
-                await context.abort(session.close_code, session.close_message)
-        finally:
-            for task in (reader, writer, closer):
-                task.cancel()
-            await self._close_session(session)
-
-    def _close_on_error(self, session: Session, error: BaseException | None) -> None:
-        if isinstance(error, ProtocolViolation):
-            self.stats.protocol_errors_total += 1
-            if self._limiter.allow(session.learner_id, "protocol_violation"):
-                log.warning(
-                    "protocol_violation",
-                    learner_id=short_id(session.learner_id),
-                    code=error.code.name,
-                    message=error.message,
-                    suppressed=self._limiter.suppressed(session.learner_id, "protocol_violation"),
-                )
-            session.close(error.code, error.message)
-        elif error is not None:
-            log.error("session_failed", learner_id=short_id(session.learner_id), error=repr(error))
-            session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
-
-    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
-        hello = await self._read_hello(context)
-        learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
-        await self._check_hello(hello, learner_id, context)
-        capabilities = frozenset(hello.capabilities) or DEFAULT_CAPABILITIES
-        session = Session(
-            learner_id,
-            uuid.uuid4().hex,
-            asyncio.get_running_loop().time(),
-            self.config.send_queue_limit,
-            capabilities,
-            peer=context.peer(),
-        )
-        old = self._sessions.get(learner_id)
-        if old is not None:
-            old.close(grpc.StatusCode.ALREADY_EXISTS, "replaced by a newer session")
-            await self._close_session(old)
-        self._sessions[learner_id] = session
-        self.stats.sessions_opened_total += 1
-        need_model = not self.core.ready and self.core.provider is None
-        session.asked_for_model = need_model
-        welcome = pb.Welcome(
-            learner_id=learner_id,
-            session_id=session.session_id,
-            heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
-            max_chunk_bytes=self.config.max_chunk_bytes,
-            protocol=self.policy.name,
-            need_initial_model=need_model,
-            run_id=self.core.run_id,
-            max_model_bytes=self.config.max_model_bytes,
-        )
-        session.send(controller_message(welcome=welcome))
-        log.info(
-            "learner_joined",
-            learner_id=short_id(learner_id),
-            peer=session.peer,
-            num_examples=int(hello.num_examples),
-            sessions=len(self._sessions),
-        )
-        held = None
-        if hello.holds_model:
-            held = (hello.held_run_id, int(hello.held_version), int(hello.held_layout_id))
-        await self._call(
-            self.core.learner_joined, learner_id, int(hello.num_examples), capabilities, held
-        )
-        return session
-
-    async def _check_hello(
-        self, hello: pb.Hello, learner_id: str, context: grpc.aio.ServicerContext
-    ) -> None:
-        limit = self.config.max_learner_id_length
-        if len(learner_id.encode()) > limit:
-            await context.abort(INVALID, f"learner_id is longer than {limit} bytes")
-        if hello.num_examples > self.config.max_num_examples:
-            await context.abort(
-                INVALID,
-                f"num_examples {hello.num_examples} exceeds the controller's limit "
-                f"{self.config.max_num_examples}",
-            )
-        tokens = self.config.tokens
-        if tokens is not None:
-            expected = tokens.get(learner_id, "")
-            # Constant time whatever the token; an unknown id compares against "" and fails.
-            if not (expected and hmac.compare_digest(expected.encode(), hello.token.encode())):
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"invalid token for learner {short_id(learner_id)!r}",
-                )
-
-    async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
-        try:
-            raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
-            raise
-        if raw is grpc.aio.EOF:
-            await context.abort(INVALID, "stream closed before hello")
-        try:
-            msg = parse_learner_message(raw)
-        except ProtocolViolation as error:
-            await context.abort(error.code, error.message)
-            raise
-        kind = msg.WhichOneof("body")
-        if kind != "hello":
-            await context.abort(INVALID, f"the first message on a stream must be hello, got {kind}")
-        return msg.hello
-
-    async def _close_session(self, session: Session) -> None:
-        self._ingest.release_upload_slot(session)
-        if self._sessions.get(session.learner_id) is not session:
-            return
-        del self._sessions[session.learner_id]
-        reason = session.close_message or "stream ended"
-        log.info(
-            "learner_left",
-            learner_id=short_id(session.learner_id),
-            reason=reason,
-            sessions=len(self._sessions),
-        )
-        with contextlib.suppress(RuntimeError):  # the core thread is gone after stop()
-            await self._call(self.core.learner_lost, session.learner_id, reason)
-
-    async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        while (message := await session.queue.get()) is not None:
-            await context.write(message)
-
-    async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        loop = asyncio.get_running_loop()
-        while (raw := await context.read()) is not grpc.aio.EOF:
-            session.last_seen = loop.time()
-            self.stats.bytes_received_total += len(raw)
-            await self._ingest.handle(session, raw)
-
-    async def _reap_silent_learners(self) -> None:
-        timeout = self.config.heartbeat_timeout_seconds
-        while True:
-            await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
-            deadline = asyncio.get_running_loop().time() - timeout
-            for session in list(self._sessions.values()):
-                if session.last_seen < deadline and not session.waiting_for_slot:
-                    session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
-
 
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -462,7 +288,7 @@ def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def serve(
-    controller: Controller, *, until_finished: bool = True, grace_seconds: float = 5.0
+    controller: Controller | WorkerHub, *, until_finished: bool = True, grace_seconds: float = 5.0
 ) -> str:
     """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
 

@@ -19,6 +19,7 @@ from metis_async.protocols import Policy, SynchronousPolicy, SynchronousSettings
 from metis_async.server import Controller, ControllerConfig
 from metis_async.telemetry import configure_logging
 from metis_async.v1 import controller_pb2 as pb
+from metis_async.workers.hub import WorkerHub
 
 configure_logging("error")  # controllers run in background threads: keep test output readable
 
@@ -44,9 +45,21 @@ class ControllerThread:
         self._thread.start()
         config.setdefault("port", 0)
         extra = {k: config.pop(k) for k in ("run_id", "clock", "on_commit") if k in config}
+        workers = int(config.pop("workers", 0))
         cfg = ControllerConfig(host="127.0.0.1", **config)
 
-        async def make() -> Controller:
+        async def make() -> Controller | WorkerHub:
+            if workers:
+                extra.pop("clock", None)
+                return WorkerHub(
+                    policy,
+                    cfg,
+                    workers=workers,
+                    initial_model=initial_model,
+                    aggregation=aggregation,
+                    log_level="error",
+                    **extra,
+                )
             return Controller(
                 policy, cfg, initial_model=initial_model, aggregation=aggregation, **extra
             )
@@ -144,7 +157,8 @@ class RawLearner:
     def __init__(
         self, address: str, learner_id: str = "raw", num_examples: int = 1, **hello: Any
     ) -> None:
-        self.channel = grpc.insecure_channel(address)
+        # its own connection (learners of one process otherwise share one)
+        self.channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
         self._out: list[bytes | None] = []
         self._cv = threading.Condition()
         join = self.channel.stream_stream("/metis_async.v1.Controller/Join")

@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metis_async._core import Accumulator, AggregationError, Segments, first_non_finite
+from metis_async.workers.partials import PartialSums, RemoteUpdate
 
 if TYPE_CHECKING:
     from metis_async._core import ServerOptimizer
@@ -130,6 +131,10 @@ class ServerStep:
         self._kept: list[tuple[FloatVector, float]] = []  # robust rules: all; else the window
         self._optimizer: ServerOptimizer | None = None
         self._clipped_as_deltas = False  # a full window was folded as clipped deltas
+        # Updates folded in ingest workers' partial sums (RemoteUpdate), merged at commit.
+        self._generation = 0
+        self._remote: dict[int, tuple[float, int]] = {}  # worker -> (weight, count) folded there
+        self._sums: PartialSums | None = None  # where the remote updates came through
         if self.settings.optimizer != "fedavg" or self.settings.optimizer_options:
             from metis_async.aggregation.optimizers import make_optimizer
 
@@ -139,14 +144,21 @@ class ServerStep:
     @property
     def count(self) -> int:
         """Updates accepted since the last commit or reset."""
-        return self._acc.count + len(self._kept)
+        remote = sum(c for _, c in self._remote.values())
+        return self._acc.count + len(self._kept) + remote
 
     @property
     def total_weight(self) -> float:
         """Sum of the weights accepted since the last commit or reset."""
-        return self._acc.total_weight + float(sum(w for _, w in self._kept))
+        remote = sum(w for w, _ in self._remote.values())
+        return self._acc.total_weight + float(sum(w for _, w in self._kept)) + remote
 
-    def add(self, update: FloatVector | Segments, weight: float, validated: bool = False) -> None:
+    def add(
+        self,
+        update: FloatVector | Segments | RemoteUpdate,
+        weight: float,
+        validated: bool = False,
+    ) -> None:
         """Accept one update with `weight` (> 0); raises ValueError, state unchanged.
 
         `update` may be `Segments` (an upload kept in the chunk messages it arrived in): the
@@ -159,6 +171,9 @@ class ServerStep:
             raise ValueError(f"update has {len(update)} values, the model has {self.length}")
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError(f"weight must be finite and > 0, got {weight}")
+        if isinstance(update, RemoteUpdate):
+            self._add_remote(update, weight)
+            return
         if isinstance(update, Segments):
             plain = not (self.settings.robust or self.settings.clip_norm)
             if validated and plain and self.settings.fold_window > 1:
@@ -190,6 +205,42 @@ class ServerStep:
         if len(self._kept) >= self.settings.fold_window:
             self._fold()
 
+    def _add_remote(self, update: RemoteUpdate, weight: float) -> None:
+        """An update an ingest worker holds: folded into that worker's partial sum."""
+        if self.settings.robust or self.settings.clip_norm:
+            raise ValueError(
+                "robust rules and clipping need the update itself: workers forward such updates"
+            )
+        self._sums = update.sums
+        update.fold(float(weight), self._generation)
+        folded, count = self._remote.get(update.worker, (0.0, 0))
+        self._remote[update.worker] = (folded + float(weight), count + 1)
+
+    def _merge_remote(self) -> None:
+        """Merge the workers' partial sums into the accumulator (blocks on the workers)."""
+        if not self._remote:
+            return
+        expected_weight = sum(w for w, _ in self._remote.values())
+        expected_count = sum(c for _, c in self._remote.values())
+        sums = self._sums
+        assert sums is not None
+        partials = sums.collect(set(self._remote), self._generation)
+        self._remote = {}
+        self._generation += 1
+        for total, weight, count in partials:
+            self._acc.merge(total, weight, count)
+        got = sum(c for _, _, c in partials)
+        if got != expected_count:
+            # A worker died with its partial: those updates are lost, never counted twice.
+            from structlog import get_logger
+
+            get_logger("metis_async.aggregation").warning(
+                "partial_sums_lost",
+                updates_expected=expected_count,
+                updates_merged=got,
+                weight_expected=expected_weight,
+            )
+
     def _fold(self) -> None:
         """Fold the waiting updates (as deltas, clipped if set) into the float64 sum."""
         if not self._kept or self.settings.robust:
@@ -209,6 +260,10 @@ class ServerStep:
         self._acc.reset()
         self._kept.clear()
         self._clipped_as_deltas = False
+        if self._remote and self._sums is not None:
+            self._sums.reset(set(self._remote), self._generation)
+            self._remote = {}
+            self._generation += 1
 
     def commit(
         self, base: FloatVector, scale: float = 1.0, normalize: bool = True, relative: bool = False
@@ -223,6 +278,9 @@ class ServerStep:
         updates = self.count
         if updates == 0:
             raise CommitRefused("nothing to commit: no update was accepted")
+        self._merge_remote()
+        if self.count == 0:
+            raise CommitRefused("nothing to commit: every accepted update was lost with a worker")
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflows are reported below
                 new = self._new_model(base, scale, normalize, relative)

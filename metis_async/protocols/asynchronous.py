@@ -34,6 +34,7 @@ class AsynchronousPolicy(ContinuousPolicy):
     """FedAsync: every acceptable update commits a new version, weighted by its staleness."""
 
     name = "asynchronous"
+    mixes_full_models = True
     upload_delta = False
 
     def __init__(self, settings: AsynchronousSettings | None = None) -> None:

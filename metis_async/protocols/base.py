@@ -270,6 +270,9 @@ class Policy(abc.ABC):
     """
 
     name: str = "policy"
+    mixes_full_models = False
+    """Whether commits mix full uploaded models into the current one (`relative`): such an
+    update cannot be pre-summed apart from the model, so ingest workers forward it whole."""
 
     def __init__(self) -> None:
         self.version = 0

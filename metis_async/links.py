@@ -1,0 +1,169 @@
+"""How a stream server reaches the federation core: in this process, or in another one.
+
+The stream side of the controller (`streams.StreamServer` and `ingest.Ingest`) never touches the
+`FederationCore` directly; it goes through a `CoreLink`. `LocalLink` runs each event on the
+core's thread in this process (`delivery.CoreRunner`). An ingest worker process uses
+`workers.worker.HubLink`, which forwards the same events over its channel to the process that
+runs the core. Either way events from one stream reach the core in the order they happened, and
+the core's effects come back to the stream side as effect lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from metis_async import wire
+from metis_async.delivery import CoreRunner
+from metis_async.federation import FederationCore, TaskLookup, UpdateReport
+from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async._core import Segments
+
+
+class CoreLink(Protocol):
+    """The federation core as the stream side sees it (see the module docstring).
+
+    Event methods return once the event is on its way in order (a local link: once the core
+    has handled it); their effects arrive through the driver's effect delivery.
+    """
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (prefix of task ids, told to learners in `Welcome`)."""
+        ...
+
+    @property
+    def protocol(self) -> str:
+        """The policy's name."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether the federation has a model."""
+        ...
+
+    @property
+    def provider(self) -> str | None:
+        """The learner asked for the initial model, if one is being waited for."""
+        ...
+
+    async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
+        """Whether `task_id` is outstanding for `learner_id`, closed (and why), or unknown."""
+        ...
+
+    async def learner_joined(
+        self,
+        learner_id: str,
+        session_id: str,
+        num_examples: int,
+        capabilities: frozenset[str],
+        held: tuple[str, int, int] | None,
+    ) -> None:
+        """A session said hello (after the checks); `held` is its claim of a model it holds."""
+        ...
+
+    async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
+        """Session `session_id` of `learner_id` ended."""
+        ...
+
+    async def update_arrived(
+        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
+    ) -> None:
+        """A complete training upload, every value checked."""
+        ...
+
+    async def evaluation_arrived(
+        self, learner_id: str, task_id: str, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
+        """An evaluation result."""
+        ...
+
+    async def task_failed(self, learner_id: str, task_id: str, reason: str) -> None:
+        """The learner reported that it could not run `task_id`."""
+        ...
+
+    async def initial_model_refused(self, learner_id: str, reason: str) -> None:
+        """The learner asked for the first model cannot (or sent a refused one)."""
+        ...
+
+    async def initialize_model(
+        self, layout: pb.ModelLayout, flat: wire.FloatVector, source: str
+    ) -> None:
+        """A learner's initial model arrived, every value checked."""
+        ...
+
+
+class LocalLink:
+    """A `CoreLink` to a core running on a `CoreRunner` thread of this process.
+
+    Args:
+        core: the federation core.
+        runner: runs core calls on the core's thread and delivers their effects.
+        now: the federation's clock (seconds).
+    """
+
+    def __init__(self, core: FederationCore, runner: CoreRunner, now: Callable[[], float]) -> None:
+        self.core = core
+        self._runner = runner
+        self._now = now
+
+    @property
+    def run_id(self) -> str:
+        return self.core.run_id
+
+    @property
+    def protocol(self) -> str:
+        return self.core.policy.name
+
+    @property
+    def ready(self) -> bool:
+        return self.core.ready
+
+    @property
+    def provider(self) -> str | None:
+        return self.core.provider
+
+    async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
+        return self.core.lookup(learner_id, task_id)  # dict reads: safe beside the core thread
+
+    async def learner_joined(
+        self,
+        learner_id: str,
+        session_id: str,
+        num_examples: int,
+        capabilities: frozenset[str],
+        held: tuple[str, int, int] | None,
+    ) -> None:
+        core = self.core
+        await self._call(core.learner_joined, learner_id, num_examples, capabilities, held)
+
+    async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
+        await self._call(self.core.learner_lost, learner_id, reason)
+
+    async def update_arrived(
+        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
+    ) -> None:
+        await self._call(self.core.update_arrived, learner_id, report, update)
+
+    async def evaluation_arrived(
+        self, learner_id: str, task_id: str, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
+        core = self.core
+        await self._call(core.evaluation_arrived, learner_id, task_id, num_examples, metrics)
+
+    async def task_failed(self, learner_id: str, task_id: str, reason: str) -> None:
+        await self._call(self.core.task_failed, learner_id, task_id, reason)
+
+    async def initial_model_refused(self, learner_id: str, reason: str) -> None:
+        await self._call(self.core.initial_model_refused, learner_id, reason)
+
+    async def initialize_model(
+        self, layout: pb.ModelLayout, flat: wire.FloatVector, source: str
+    ) -> None:
+        if not self.core.ready:
+            await self._call(self.core.initialize_model, layout, flat, source)
+
+    async def _call(self, method: Callable[..., object], *args: object) -> None:
+        await self._runner.call(method, self._now(), *args)  # type: ignore[arg-type]

@@ -1,0 +1,269 @@
+"""Learner streams: the gRPC `Join` service, from hello to close, in front of a `CoreLink`.
+
+`StreamServer` owns the transport side of a controller process: the grpc.aio server, one
+`Session` per stream, the hello checks (id length, example count, token), the stream's reader
+(every message after hello goes to `Ingest`) and writer (the session's bounded queue), and the
+reaper of silent learners. It holds no federation state: everything the federation needs goes
+through the `CoreLink`, so the same class serves learners in a single-process controller
+(`server.Controller`, a `LocalLink`) and in each ingest worker process (`workers.worker`, a
+link over the worker's channel to the core's process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import uuid
+from typing import TYPE_CHECKING
+
+import grpc
+import structlog
+
+from metis_async.ingest import Ingest, parse_learner_message
+from metis_async.learners import DEFAULT_CAPABILITIES
+from metis_async.links import CoreLink
+from metis_async.session import ProtocolViolation, Session, controller_message
+from metis_async.telemetry import ControllerStats, LogLimiter, short_id
+from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async.server import ControllerConfig
+
+log = structlog.get_logger("metis_async.server")
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+SERVICE = "metis_async.v1.Controller"
+
+
+class StreamServer:
+    """The learner-facing gRPC service of one controller process (see the module docstring).
+
+    Args:
+        config: the controller's settings (`server.ControllerConfig`).
+        link: the federation core, local or in another process.
+        ingest: handles every message after hello.
+        stats: counters to update.
+        limiter: rate limit of repeated log lines per learner.
+        sessions: the live sessions by learner id (shared with the effect delivery).
+    """
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        link: CoreLink,
+        ingest: Ingest,
+        stats: ControllerStats,
+        limiter: LogLimiter,
+        sessions: dict[str, Session],
+    ) -> None:
+        self.config = config
+        self.link = link
+        self.sessions = sessions
+        self.stats = stats
+        self._ingest = ingest
+        self._limiter = limiter
+        self._server: grpc.aio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self, reuse_port: bool = False) -> int:
+        """Bind and start serving; returns the bound port.
+
+        `reuse_port` lets several processes bind the same port (SO_REUSEPORT): the kernel then
+        spreads new connections over them.
+        """
+        options = self.config.grpc_options()
+        options.append(("grpc.so_reuseport", 1 if reuse_port else 0))
+        server = grpc.aio.server(options=options)
+        handler = grpc.stream_stream_rpc_method_handler(self._join)  # raw bytes both ways
+        service = grpc.method_handlers_generic_handler(SERVICE, {"Join": handler})
+        server.add_generic_rpc_handlers((service,))
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        self._server = server
+        self._reaper = asyncio.create_task(self._reap_silent_learners())
+        return self.port
+
+    def finish_all(self) -> None:
+        """End every stream once what is queued has been written."""
+        for session in list(self.sessions.values()):
+            session.finish()
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Close the server; streams get `grace_seconds` to finish."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._server is not None:
+            await self._server.stop(grace_seconds)
+
+    def close_session(
+        self, learner_id: str, session_id: str, code: grpc.StatusCode, why: str
+    ) -> None:
+        """End `learner_id`'s stream if it is still session `session_id` (or any, if empty)."""
+        session = self.sessions.get(learner_id)
+        if session is not None and session_id in ("", session.session_id):
+            session.close(code, why)
+
+    # ------------------------------------------------------------------------------ streams
+
+    async def _join(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
+        """Serve one learner stream from hello to close."""
+        session = await self._open_session(context)
+        reader = asyncio.create_task(self._read_loop(session, context))
+        writer = asyncio.create_task(self._write_loop(session, context))
+        closer = asyncio.create_task(session.closing.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {reader, writer, closer}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reader in done and not reader.cancelled():
+                self._close_on_error(session, reader.exception())
+            if session.close_code is not None:
+                await context.abort(session.close_code, session.close_message)
+        finally:
+            for task in (reader, writer, closer):
+                task.cancel()
+            await self._close_session(session)
+
+    def _close_on_error(self, session: Session, error: BaseException | None) -> None:
+        if isinstance(error, ProtocolViolation):
+            self.stats.protocol_errors_total += 1
+            if self._limiter.allow(session.learner_id, "protocol_violation"):
+                log.warning(
+                    "protocol_violation",
+                    learner_id=short_id(session.learner_id),
+                    code=error.code.name,
+                    message=error.message,
+                    suppressed=self._limiter.suppressed(session.learner_id, "protocol_violation"),
+                )
+            session.close(error.code, error.message)
+        elif error is not None:
+            log.error("session_failed", learner_id=short_id(session.learner_id), error=repr(error))
+            session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
+
+    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
+        hello = await self._read_hello(context)
+        learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
+        await self._check_hello(hello, learner_id, context)
+        capabilities = frozenset(hello.capabilities) or DEFAULT_CAPABILITIES
+        session = Session(
+            learner_id,
+            uuid.uuid4().hex,
+            asyncio.get_running_loop().time(),
+            self.config.send_queue_limit,
+            capabilities,
+            peer=context.peer(),
+        )
+        old = self.sessions.get(learner_id)
+        if old is not None:
+            old.close(grpc.StatusCode.ALREADY_EXISTS, "replaced by a newer session")
+            await self._close_session(old)
+        self.sessions[learner_id] = session
+        self.stats.sessions_opened_total += 1
+        link = self.link
+        need_model = not link.ready and link.provider is None
+        session.asked_for_model = need_model
+        welcome = pb.Welcome(
+            learner_id=learner_id,
+            session_id=session.session_id,
+            heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+            protocol=link.protocol,
+            need_initial_model=need_model,
+            run_id=link.run_id,
+            max_model_bytes=self.config.max_model_bytes,
+        )
+        session.send(controller_message(welcome=welcome))
+        log.info(
+            "learner_joined",
+            learner_id=short_id(learner_id),
+            peer=session.peer,
+            num_examples=int(hello.num_examples),
+            sessions=len(self.sessions),
+        )
+        held = None
+        if hello.holds_model:
+            held = (hello.held_run_id, int(hello.held_version), int(hello.held_layout_id))
+        await link.learner_joined(
+            learner_id, session.session_id, int(hello.num_examples), capabilities, held
+        )
+        return session
+
+    async def _check_hello(
+        self, hello: pb.Hello, learner_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        limit = self.config.max_learner_id_length
+        if len(learner_id.encode()) > limit:
+            await context.abort(INVALID, f"learner_id is longer than {limit} bytes")
+        if hello.num_examples > self.config.max_num_examples:
+            await context.abort(
+                INVALID,
+                f"num_examples {hello.num_examples} exceeds the controller's limit "
+                f"{self.config.max_num_examples}",
+            )
+        tokens = self.config.tokens
+        if tokens is not None:
+            expected = tokens.get(learner_id, "")
+            # Constant time whatever the token; an unknown id compares against "" and fails.
+            if not (expected and hmac.compare_digest(expected.encode(), hello.token.encode())):
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"invalid token for learner {short_id(learner_id)!r}",
+                )
+
+    async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
+        try:
+            raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
+            raise
+        if raw is grpc.aio.EOF:
+            await context.abort(INVALID, "stream closed before hello")
+        try:
+            msg = parse_learner_message(raw)
+        except ProtocolViolation as error:
+            await context.abort(error.code, error.message)
+            raise
+        kind = msg.WhichOneof("body")
+        if kind != "hello":
+            await context.abort(INVALID, f"the first message on a stream must be hello, got {kind}")
+        return msg.hello
+
+    async def _close_session(self, session: Session) -> None:
+        self._ingest.release_upload_slot(session)
+        if self.sessions.get(session.learner_id) is not session:
+            return
+        del self.sessions[session.learner_id]
+        reason = session.close_message or "stream ended"
+        log.info(
+            "learner_left",
+            learner_id=short_id(session.learner_id),
+            reason=reason,
+            sessions=len(self.sessions),
+        )
+        with contextlib.suppress(RuntimeError):  # the core thread is gone after stop()
+            await self.link.learner_lost(session.learner_id, session.session_id, reason)
+
+    async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        while (message := await session.queue.get()) is not None:
+            await context.write(message)
+
+    async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        loop = asyncio.get_running_loop()
+        while (raw := await context.read()) is not grpc.aio.EOF:
+            session.last_seen = loop.time()
+            self.stats.bytes_received_total += len(raw)
+            await self._ingest.handle(session, raw)
+
+    async def _reap_silent_learners(self) -> None:
+        timeout = self.config.heartbeat_timeout_seconds
+        while True:
+            await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
+            deadline = asyncio.get_running_loop().time() - timeout
+            for session in list(self.sessions.values()):
+                if session.last_seen < deadline and not session.waiting_for_slot:
+                    session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
