@@ -82,6 +82,9 @@ Layer = dict[str, dict[str, object]]
 """Settings from one source: section -> key -> value."""
 
 
+Codec = Literal["float32", "float16", "bfloat16", "int8"]
+
+
 @dataclass(frozen=True)
 class Flag:
     """How a setting appears on the `serve` command line, where not the default `--key-name`.
@@ -146,6 +149,14 @@ class ServerSection(_Section):
         default=64 * 1024**2,
         ge=0,
         description="bytes of training uploads reassembled at once; more wait, unread",
+    )
+    upload_codec: Codec = Field(
+        default="float32",
+        description="uploads of learners that offer it: float32, float16, bfloat16, int8",
+    )
+    download_codec: Codec = Field(
+        default="float32",
+        description="models sent to learners that offer it (float32 to the others)",
     )
     workers: Annotated[str, Flag(metavar="N|auto")] = Field(
         default="0",

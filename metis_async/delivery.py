@@ -239,7 +239,7 @@ class EffectDelivery:
             return
         if not session.has_layout:
             session.has_layout = session.send(self._store.layout_message)
-        session.send(*self._store.broadcast())
+        session.send(*self._store.broadcast(session.download_dtype))
 
     def _send_status(self, effect: SendStatus) -> None:
         status = pb.Status(
@@ -272,7 +272,8 @@ class EffectDelivery:
         if not isinstance(encoded, EncodedVersion):
             raise TypeError("the controller's publish hook must produce an EncodedVersion")
         record, layout = effect.record, encoded.layout
-        self._store.publish(layout, record.version, effect.model, encoded.messages)
+        store = self._store
+        store.publish(layout, record.version, effect.model, encoded.messages, encoded.codecs)
         if self._on_commit is not None and record.version > 0:
             self._spawn(self._run_commit_hook(record.version, effect.model, layout))
 

@@ -148,13 +148,21 @@ class Ingest:
         assert layout is not None
         try:
             wire.check_header(
-                result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
+                result.payload,
+                self.store.nbytes,
+                layout.layout_id,
+                self.config.max_chunk_bytes,
+                _accepted(session),
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         await self._take_upload_slot(session)
         upload = wire.Upload(
-            result.payload, self.store.nbytes, layout.layout_id, self.config.max_chunk_bytes
+            result.payload,
+            self.store.nbytes,
+            layout.layout_id,
+            self.config.max_chunk_bytes,
+            allowed=_accepted(session),
         )
         session.pending = PendingUpload(task, result, upload)
         if upload.done:
@@ -316,6 +324,12 @@ class Ingest:
         if self.link.ready:
             return  # another learner's model arrived first
         await self.link.initialize_model(layout, flat, session.learner_id)
+
+
+def _accepted(session: Session) -> frozenset[int]:
+    """Upload dtypes this session may use: its negotiated codec, and float32 (a learner falls
+    back to float32 when a value does not fit the codec)."""
+    return frozenset((pb.DTYPE_FLOAT32, session.upload_dtype))
 
 
 def parse_learner_message(raw: bytes) -> pb.LearnerMessage:

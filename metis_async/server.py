@@ -32,8 +32,8 @@ from metis_async.ingest import Ingest
 from metis_async.links import LocalLink
 from metis_async.protocols import Policy
 from metis_async.session import Session
-from metis_async.store import ModelStore, encode_version
-from metis_async.streams import StreamServer
+from metis_async.store import ModelStore, encode_for_learners
+from metis_async.streams import CODECS, StreamServer
 from metis_async.telemetry import ControllerStats, LogLimiter
 
 if TYPE_CHECKING:
@@ -71,6 +71,9 @@ class ControllerConfig:
             its model-sized payload until it is folded); a result beyond it waits with its
             stream unread, so gRPC flow control holds that learner back and controller memory
             stays O(model + this).
+        upload_codec: what learners that offer it upload in (`Hello.codecs`; the others
+            upload float32): float32, float16, bfloat16 or int8 (a scale per chunk).
+        download_codec: what learners that offer it are sent models in.
         tokens: learner id -> token; None disables authentication.
     """
 
@@ -87,7 +90,15 @@ class ControllerConfig:
     initial_model_timeout_seconds: float = 60.0
     max_uploads_in_flight: int = 4
     upload_buffer_bytes: int = 64 * 1024**2
+    upload_codec: str = "float32"
+    download_codec: str = "float32"
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("upload_codec", "download_codec"):
+            value = getattr(self, name)
+            if value not in CODECS:
+                raise ValueError(f"{name} must be one of {sorted(CODECS)}, got {value!r}")
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel arguments of the server (message limits, keepalive for NATed learners)."""
@@ -256,7 +267,10 @@ class Controller:
         """Publish hook (core thread): encode the version once for every stream."""
         layout = self.core.layout
         assert layout is not None
-        return encode_version(layout, version, flat, self.config.max_chunk_bytes)
+        config = self.config
+        return encode_for_learners(
+            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
+        )
 
     def _reschedule(self, when: float | None) -> None:
         if self._wakeup is not None:

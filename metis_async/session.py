@@ -72,6 +72,8 @@ class Session:
         self.peer = peer
         self.last_seen = now
         self.has_layout = False
+        self.upload_dtype: int = pb.DTYPE_FLOAT32  # negotiated at hello (Welcome)
+        self.download_dtype: int = pb.DTYPE_FLOAT32
         self.asked_for_model = False  # this stream was asked for the initial model
         self.initial_layout: pb.ModelLayout | None = None
         self.initial_upload: Upload | None = None

@@ -12,24 +12,52 @@ the persistence work (ARCHITECTURE.md, decision 9).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from metis_async import wire
-from metis_async._core import encode_chunk_messages
+from metis_async._core import WireFormatError, encode_chunk_messages
 from metis_async.v1 import controller_pb2 as pb
+
+log = structlog.get_logger("metis_async.store")
 
 CONTROLLER_CHUNK_FIELD = pb.ControllerMessage.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 @dataclass(frozen=True)
 class EncodedVersion:
-    """A version's layout and the serialized messages (header, then chunks) that deliver it."""
+    """A version's layout and the serialized messages (header, then chunks) that deliver it:
+    `messages` in float32, `codecs` in each download codec learners were offered."""
 
     layout: pb.ModelLayout
     messages: list[bytes]
+    codecs: dict[int, list[bytes]] = field(default_factory=dict)
+
+
+def encode_for_learners(
+    layout: pb.ModelLayout,
+    version: int,
+    flat: wire.FloatVector,
+    max_chunk_bytes: int,
+    download_dtype: int = pb.DTYPE_FLOAT32,
+) -> EncodedVersion:
+    """Version `version` encoded once in float32 and once in `download_dtype` (if another).
+
+    A model that does not fit the codec (float16: |x| >= 65520) is sent in float32 to every
+    learner; learners decode whatever dtype a `Model` header announces.
+    """
+    plain = encode_version(layout, version, flat, max_chunk_bytes)
+    if download_dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
+        return plain
+    try:
+        coded = encode_version(layout, version, flat, max_chunk_bytes, download_dtype)
+    except WireFormatError as error:
+        log.warning("download_codec_skipped", version=version, reason=str(error))
+        return plain
+    return EncodedVersion(layout, plain.messages, {download_dtype: coded.messages})
 
 
 def encode_version(
@@ -73,6 +101,7 @@ class ModelStore:
         self.layout_message = b""
         self._flat: wire.FloatVector | None = None
         self._broadcast: list[bytes] = []
+        self._codecs: dict[int, list[bytes]] = {}
 
     @property
     def ready(self) -> bool:
@@ -105,15 +134,23 @@ class ModelStore:
         version: int,
         flat: wire.FloatVector,
         messages: list[bytes],
+        codecs: dict[int, list[bytes]] | None = None,
     ) -> None:
-        """Make `version` (its model and encoded `messages`) the one streams are sent."""
+        """Make `version` (its model and encoded `messages`, float32, and `codecs`, by download
+        dtype) the one streams are sent."""
         if self.layout is None or self.layout.layout_id != layout.layout_id:
             self.layout = layout
             self.layout_message = pb.ControllerMessage(layout=layout).SerializeToString()
         self._flat = flat
         self._broadcast = messages
+        self._codecs = codecs or {}
         self.version = version
 
-    def broadcast(self) -> list[bytes]:
-        """Serialized messages (header, then chunks) that deliver the published version."""
-        return self._broadcast
+    def encodings(self) -> dict[int, list[bytes]]:
+        """The published version's messages by download dtype (float32 included)."""
+        return {pb.DTYPE_FLOAT32: self._broadcast, **self._codecs}
+
+    def broadcast(self, dtype: int = pb.DTYPE_FLOAT32) -> list[bytes]:
+        """Serialized messages (header, then chunks) that deliver the published version, in
+        download `dtype` where it was encoded so (float32 otherwise)."""
+        return self._codecs.get(dtype, self._broadcast)

@@ -30,6 +30,14 @@ from metis_async.v1 import controller_pb2 as pb
 if TYPE_CHECKING:
     from metis_async.server import ControllerConfig
 
+CODECS = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+    "int8": pb.DTYPE_INT8,
+}
+"""Payload codecs by their settings name."""
+
 log = structlog.get_logger("metis_async.server")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -164,6 +172,11 @@ class StreamServer:
             await self._close_session(old)
         self.sessions[learner_id] = session
         self.stats.sessions_opened_total += 1
+        offered = set(hello.codecs)
+        for direction in ("upload", "download"):
+            wanted = CODECS[getattr(self.config, f"{direction}_codec")]
+            chosen = wanted if wanted in offered else pb.DTYPE_FLOAT32
+            setattr(session, f"{direction}_dtype", chosen)
         link = self.link
         need_model = not link.ready and link.provider is None
         session.asked_for_model = need_model
@@ -176,6 +189,8 @@ class StreamServer:
             need_initial_model=need_model,
             run_id=link.run_id,
             max_model_bytes=self.config.max_model_bytes,
+            upload_dtype=session.upload_dtype,  # type: ignore[arg-type]
+            download_dtype=session.download_dtype,  # type: ignore[arg-type]
         )
         session.send(controller_message(welcome=welcome))
         log.info(

@@ -51,7 +51,8 @@ from metis_async.effects import (
 from metis_async.federation import FederationCore, UpdateReport
 from metis_async.protocols import Policy
 from metis_async.server import ControllerConfig
-from metis_async.store import ModelStore, encode_version
+from metis_async.store import ModelStore, encode_for_learners
+from metis_async.streams import CODECS
 from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers import raise_open_file_limit
@@ -438,10 +439,11 @@ class WorkerHub:
         channel = worker.channel
         if channel is None or not self.store.ready or self.store.layout is None:
             return
-        messages = self.store.broadcast()
-        lengths = [len(m) for m in messages]
+        encodings = self.store.encodings()  # float32 and each download codec in use
+        lengths = {dtype: [len(m) for m in messages] for dtype, messages in encodings.items()}
+        body = b"".join(m for messages in encodings.values() for m in messages)
         layout = self.store.layout.SerializeToString()
-        channel.send(("version", self.store.version, layout, lengths), b"".join(messages))
+        channel.send(("version", self.store.version, layout, lengths), body)
 
     def _send_state(self, worker: _Worker) -> None:
         if worker.channel is not None:
@@ -450,7 +452,10 @@ class WorkerHub:
     def _encode(self, version: int, flat: wire.FloatVector) -> object:
         layout = self.core.layout
         assert layout is not None
-        return encode_version(layout, version, flat, self.config.max_chunk_bytes)
+        config = self.config
+        return encode_for_learners(
+            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
+        )
 
     # ------------------------------------------------------------------------------ PartialSums
 

@@ -218,12 +218,11 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
                 delivery(header[1])
             elif kind == "version":
                 _, version, layout_bytes, lengths = header
-                store.publish(
-                    pb.ModelLayout.FromString(layout_bytes),
-                    version,
-                    np.empty(0, dtype=wire.WIRE_DTYPE),
-                    _split(body, lengths),
-                )
+                encodings = _split(body, lengths)
+                plain = encodings.pop(pb.DTYPE_FLOAT32)
+                layout = pb.ModelLayout.FromString(layout_bytes)
+                no_values = np.empty(0, dtype=wire.WIRE_DTYPE)  # the core's process has them
+                store.publish(layout, version, no_values, plain, encodings)
             elif kind == "state":
                 link.ready, link.provider = header[1], header[2]
             elif kind == "lookup_reply":
@@ -254,15 +253,17 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     channel.close()
 
 
-def _split(body: bytes, lengths: list[int]) -> list[bytes]:
-    """The encoded messages of a version, one bytes object each (one copy per worker)."""
+def _split(body: bytes, lengths: dict[int, list[int]]) -> dict[int, list[bytes]]:
+    """A version's encoded messages by dtype, one bytes object each (one copy per worker)."""
     view = memoryview(body)
-    out, offset = [], 0
-    for length in lengths:
-        out.append(bytes(view[offset : offset + length]))
-        offset += length
+    out: dict[int, list[bytes]] = {}
+    offset = 0
+    for dtype, sizes in lengths.items():
+        messages = out[dtype] = []
+        for size in sizes:
+            messages.append(bytes(view[offset : offset + size]))
+            offset += size
     return out
-
 
 
 if __name__ == "__main__":
