@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--compare", action="store_true", help="run every protocol and print a comparison table"
     )
+    demo.add_argument(
+        "--codec",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        help="payload codec of uploads and downloads",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object last")
     demo.add_argument("--no-progress", action="store_true")
     _add_log_flags(demo, default="warning")
@@ -223,6 +229,7 @@ def _demo(args: argparse.Namespace) -> int:
         slowdown=args.slowdown,
         progress=not args.no_progress,
         log_level=args.log_level,
+        codec=args.codec,
     )
     out = sys.stderr if args.json else sys.stdout
     if args.compare:

@@ -38,6 +38,7 @@ class DemoOptions:
 
     Attributes:
         rounds: versions to commit; None uses the protocol's profile.
+        codec: payload codec of uploads and downloads (float32, float16, bfloat16, int8).
         stragglers: fraction of learners made `slowdown` times slower; with any, every learner
             also sleeps `BASE_STEP_SECONDS` per SGD step, so speeds differ as on real devices.
     """
@@ -57,6 +58,7 @@ class DemoOptions:
     port: int = 0
     progress: bool = True
     log_level: str = "warning"
+    codec: str = "float32"
 
     def policy_settings(self) -> dict[str, object]:
         """Settings for `make_policy`: the protocol's profile plus these options."""
@@ -177,7 +179,12 @@ async def _run(options: DemoOptions) -> DemoResult:
     progress.update(bar, total=int(str(settings["rounds"])))
     controller = Controller(
         policy,
-        ControllerConfig(host=options.host, port=options.port),
+        ControllerConfig(
+            host=options.host,
+            port=options.port,
+            upload_codec=options.codec,
+            download_codec=options.codec,
+        ),
         initial_model=digits.initial_parameters(),
         on_commit=on_commit,
     )
