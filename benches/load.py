@@ -216,6 +216,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _tree_stats(pid: int) -> dict[str, int]:
+    """`_proc_stats` summed over process `pid` and its children (the ingest workers)."""
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    total = {"rss": 0, "fds": 0, "ticks": 0, "processes": 0}
+    for p in pids:
+        try:
+            stats = _proc_stats(p)
+        except OSError:  # a worker that just exited
+            continue
+        for key in ("rss", "fds", "ticks"):
+            total[key] += stats[key]
+        total["processes"] += 1
+    return total
+
+
 def _proc_stats(pid: int) -> dict[str, int]:
     """RSS (bytes), open files and CPU ticks (user + system) of process `pid` (Linux /proc)."""
     rss = 0
@@ -226,6 +246,12 @@ def _proc_stats(pid: int) -> dict[str, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime + stime
     return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "ticks": ticks}
+
+
+def _hosts(args: argparse.Namespace) -> list[str]:
+    """Loopback addresses the controller listens on: one per 25,000 learners, as one address
+    pair has ~28K ephemeral ports."""
+    return [f"127.0.0.{1 + i}" for i in range(max(1, -(-args.learners // 25_000)))]
 
 
 def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
@@ -261,12 +287,21 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
         "warning",
         "--log-json",
     ]
+    hosts = _hosts(args)
+    if len(hosts) > 1:
+        command += ["--extra-hosts", ",".join(hosts[1:])]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
     controller = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
+        # With workers, the port answers once the first worker serves: wait for all of them.
+        expected = 1 + args.workers
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return controller, f"127.0.0.1:{port}"
+            up = s.connect_ex(("127.0.0.1", port)) == 0
+        if up and _tree_stats(controller.pid)["processes"] >= expected:
+            time.sleep(1.0 if args.workers else 0.0)
+            return controller, f"{{host}}:{port}"
         time.sleep(0.1)
     controller.kill()
     raise RuntimeError("the controller did not start listening within 60 s")
@@ -280,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         controller, address = _start_controller(args, Path(tmp))
         try:
             time.sleep(0.5)
-            idle = _proc_stats(controller.pid)
+            idle = _tree_stats(controller.pid)
+            hosts = _hosts(args)
             ctx = mp.get_context("spawn")
             per = -(-args.learners // args.processes)
             procs, pipes = [], []
@@ -293,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc = ctx.Process(
                     target=_load_process,
                     args=(
-                        address,
+                        address.format(host=hosts[p % len(hosts)]),
                         p * per,
                         count,
                         args.params,
@@ -316,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.join(30)
                 if proc.is_alive():
                     proc.kill()
-            busy = _proc_stats(controller.pid) if controller.poll() is None else None
+            busy = _tree_stats(controller.pid) if controller.poll() is None else None
         finally:
             if controller.poll() is None:
                 controller.terminate()
@@ -332,7 +368,7 @@ def _wait_for_streams(pid: int, idle: dict[str, int], learners: int) -> dict[str
     deadline = time.monotonic() + RUN_SECONDS_LIMIT
     best = idle
     while time.monotonic() < deadline:
-        stats = _proc_stats(pid)
+        stats = _tree_stats(pid)
         if stats["fds"] >= best["fds"]:
             best = stats
         if stats["fds"] - idle["fds"] >= learners:
@@ -389,6 +425,8 @@ def _summarize(
         "params": args.params,
         "rounds": args.rounds,
         "processes": args.processes,
+        "workers": args.workers,
+        "controller_processes": held.get("processes", 1),
         "connections_per_process": args.connections_per_process or "one per learner",
         "streams_held": len(welcomed),
         "errors": len(errors),
@@ -425,13 +463,18 @@ def main() -> None:
     parser.add_argument(
         "--speed-seconds", type=float, default=0.0, help="median training sleep (0: instant)"
     )
+    parser.add_argument(
+        "--workers",
+        default="auto",
+        help="controller ingest workers (auto: none up to 12,000 learners, then one per 14,000)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.learners > 18_000:
-        parser.error(
-            "one controller process holds at most ~19,000 streams here (20,000 open files); "
-            "more needs --workers (issue 8)"
-        )
+    if args.workers == "auto":
+        args.workers = 0 if args.learners <= 12_000 else max(2, -(-args.learners // 14_000))
+    args.workers = int(args.workers)
+    if args.learners > 18_000 and not args.workers:
+        parser.error("one controller process holds at most ~19,000 streams here: use --workers")
     args.processes = args.processes or max(1, -(-args.learners // 5000))
     result = run(args)
     for key, value in result.items():

@@ -109,6 +109,9 @@ class ServerSection(_Section):
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=50051, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    extra_hosts: Annotated[str, Flag(metavar="HOST,...")] = Field(
+        default="", description="more addresses to listen on at the same port, comma-separated"
+    )
     heartbeat_interval_seconds: float = Field(
         default=5.0, gt=0, description="learners send a heartbeat at least this often"
     )
@@ -419,6 +422,7 @@ class ControllerSettings(_Section):
         from metis_async.server import ControllerConfig
 
         values = self.server.model_dump(exclude={"tokens_file", "workers"})
+        values["extra_hosts"] = tuple(h.strip() for h in values["extra_hosts"].split(",") if h)
         tokens = read_tokens(self.server.tokens_file) if self.server.tokens_file else None
         return ControllerConfig(**values, tokens=tokens)
 

@@ -53,6 +53,8 @@ class ControllerConfig:
     Attributes:
         host: address to listen on (loopback by default).
         port: TCP port; 0 picks a free one (see `Controller.port`).
+        extra_hosts: more addresses to listen on, at the same port (e.g. several loopback
+            addresses, so that more than ~28K local connections fit the ephemeral ports).
         heartbeat_interval_seconds: learners send a heartbeat at least this often.
         heartbeat_timeout_seconds: a learner silent this long is disconnected and its tasks void.
         hello_timeout_seconds: a new stream must say hello within this time.
@@ -79,6 +81,7 @@ class ControllerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    extra_hosts: tuple[str, ...] = ()
     heartbeat_interval_seconds: float = 5.0
     heartbeat_timeout_seconds: float = 30.0
     hello_timeout_seconds: float = 10.0

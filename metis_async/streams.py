@@ -91,6 +91,9 @@ class StreamServer:
         self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        for host in self.config.extra_hosts:
+            if server.add_insecure_port(f"{host}:{self.port}") != self.port:
+                raise OSError(f"could not bind {host}:{self.port}")
         await server.start()
         self._server = server
         self._reaper = asyncio.create_task(self._reap_silent_learners())

@@ -278,7 +278,9 @@ def test_tokens_file_with_a_non_string_token_is_a_problem(tmp_path: Path) -> Non
 def test_schema_defaults_match_the_objects_they_build() -> None:
     config = ControllerConfig()
     server = SECTIONS["server"]()
-    for name, value in server.model_dump(exclude={"tokens_file", "workers"}).items():
+    built = ControllerSettings().controller_config()
+    assert built == config
+    for name, value in server.model_dump(exclude={"tokens_file", "workers", "extra_hosts"}).items():
         assert getattr(config, name) == value, name
     assert TrainSettings(**TrainSection().model_dump()) == TrainSettings()
     assert ControllerSettings().aggregation_settings() == AggregationSettings()
