@@ -80,54 +80,64 @@ async def _learner(
 ) -> None:
     report["dialed"] = time.time()
     call = channel.stream_stream(JOIN)()
-    hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=["train", "delta"])
+    capabilities = ["train", "delta", "bundle"]
+    hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
     await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
     tasks: list[tuple[int, float]] = []  # (version, unix time the task arrived)
     uploads: list[tuple[float, float]] = []  # (first chunk written, last chunk written)
     layout_id = 0
+    ended = False
     try:
-        while len(uploads) < rounds:
+        while len(uploads) < rounds and not ended:
             raw = await call.read()
             if raw is grpc.aio.EOF:
                 break
-            message = pb.ControllerMessage.FromString(raw)
-            kind = message.WhichOneof("body")
-            if kind == "welcome":
-                report["welcomed"] = time.time()
-            elif kind == "layout":
-                layout_id = message.layout.layout_id
-            elif kind == "train":
-                task = message.train
-                tasks.append((int(task.model_version), time.time()))
-                if sleep_seconds:
-                    await asyncio.sleep(sleep_seconds)
-                first = time.time()
-                await call.write(
-                    delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id)
-                )
-                for chunk in _renumbered(chunks, len(uploads) + 1):
-                    await call.write(chunk)
-                uploads.append((first, time.time()))
-            elif kind == "shutdown":
-                break
+            for message in _opened(raw):
+                kind = message.WhichOneof("body")
+                if kind == "welcome":
+                    report["welcomed"] = time.time()
+                elif kind == "layout":
+                    layout_id = message.layout.layout_id
+                elif kind == "train":
+                    task = message.train
+                    tasks.append((int(task.model_version), time.time()))
+                    if sleep_seconds:
+                        await asyncio.sleep(sleep_seconds)
+                    first = time.time()
+                    await call.write(
+                        delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id)
+                    )
+                    for chunk in _renumbered(chunks, len(uploads) + 1):
+                        await call.write(chunk)
+                    uploads.append((first, time.time()))
+                elif kind == "shutdown":
+                    ended = True
         # the task of the version after the last upload (or the shutdown) ends the round
-        while True:
+        while not ended:
             raw = await asyncio.wait_for(call.read(), 60.0)
             if raw is grpc.aio.EOF:
                 break
-            message = pb.ControllerMessage.FromString(raw)
-            if message.WhichOneof("body") == "train":
-                tasks.append((int(message.train.model_version), time.time()))
-                break
-            if message.WhichOneof("body") == "shutdown":
-                report["shutdown"] = time.time()
-                break
+            for message in _opened(raw):
+                if message.WhichOneof("body") == "train":
+                    tasks.append((int(message.train.model_version), time.time()))
+                    ended = True
+                elif message.WhichOneof("body") == "shutdown":
+                    report["shutdown"] = time.time()
+                    ended = True
     except (grpc.RpcError, asyncio.TimeoutError) as error:
         report["error"] = repr(error)[:200]
     finally:
         call.cancel()
     report["tasks"] = tasks
     report["uploads"] = uploads
+
+
+def _opened(raw: bytes) -> list[pb.ControllerMessage]:
+    """A received ControllerMessage, or the messages of a bundle, in order."""
+    message = pb.ControllerMessage.FromString(raw)
+    if message.WhichOneof("body") != "bundle":
+        return [message]
+    return [pb.ControllerMessage.FromString(m) for m in message.bundle.messages]
 
 
 def _renumbered(chunks: list[bytes], payload_id: int) -> list[bytes]:

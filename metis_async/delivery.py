@@ -184,11 +184,40 @@ class EffectDelivery:
         self._on_commit = on_commit
         self._finished = finished
         self._background: set[asyncio.Task[None]] = set()
+        self._staged: list[Session] = []
 
     def __call__(self, effects: list[Effect]) -> None:
-        """Carry out `effects` in order (on the event loop; never blocks)."""
+        """Carry out `effects` in order (on the event loop; never blocks).
+
+        Messages for a learner that takes bundles are staged and go out at the end, small ones
+        bundled into one write (a task with its small model: one write, not three).
+        """
         for effect in effects:
             self._one(effect)
+        for session in self._staged:
+            self._flush(session)
+        self._staged.clear()
+
+    def _out(self, session: Session, *messages: bytes) -> bool:
+        """Queue `messages` for `session` (staged for bundling where it takes bundles)."""
+        if not session.takes_bundles:
+            return session.send(*messages)
+        if not session.staged:
+            self._staged.append(session)
+        session.staged.extend(messages)
+        return not session.closing.is_set()
+
+    def _flush(self, session: Session) -> None:
+        staged, session.staged = session.staged, []
+        run: list[bytes] = []
+        for message in staged:
+            if len(message) <= BUNDLE_ITEM_BYTES:
+                run.append(message)
+                continue
+            _send_run(session, run)
+            run = []
+            session.send(message)
+        _send_run(session, run)
 
     def _one(self, effect: Effect) -> None:
         if isinstance(effect, SendModel):
@@ -201,7 +230,9 @@ class EffectDelivery:
         elif isinstance(effect, SendNotice):
             session = self._sessions.get(effect.learner_id)
             if session is not None:
-                session.send_error(_NOTICE_CODES[effect.notice], effect.message, effect.task_id)
+                code = _NOTICE_CODES[effect.notice]
+                error = pb.Error(code=code, message=effect.message, task_id=effect.task_id)
+                self._out(session, controller_message(error=error))
         elif isinstance(effect, SendStatus):
             self._send_status(effect)
         elif isinstance(effect, RequestInitialModel):
@@ -220,15 +251,15 @@ class EffectDelivery:
     def _send(self, learner_id: str, message: bytes) -> None:
         session = self._sessions.get(learner_id)
         if session is not None:
-            session.send(message)
+            self._out(session, message)
 
     def _send_task(self, effect: SendTask) -> None:
         session = self._sessions.get(effect.task.learner_id)
         if session is None:
             return
         if not session.has_layout:  # a learner holding the model still gets the layout once
-            session.has_layout = session.send(self._store.layout_message)
-        session.send(task_message(effect.task))
+            session.has_layout = self._out(session, self._store.layout_message)
+        self._out(session, task_message(effect.task))
 
     def _send_model(self, effect: SendModel) -> None:
         session = self._sessions.get(effect.learner_id)
@@ -238,8 +269,8 @@ class EffectDelivery:
             log.error("model_out_of_order", wanted=effect.version, published=self._store.version)
             return
         if not session.has_layout:
-            session.has_layout = session.send(self._store.layout_message)
-        session.send(*self._store.broadcast(session.download_dtype))
+            session.has_layout = self._out(session, self._store.layout_message)
+        self._out(session, *self._store.broadcast(session.download_dtype))
 
     def _send_status(self, effect: SendStatus) -> None:
         status = pb.Status(
@@ -253,7 +284,7 @@ class EffectDelivery:
             self._send(effect.learner_id, message)
             return
         for session in self._sessions.values():
-            session.send(message)
+            self._out(session, message)
 
     def _request_model(self, learner_id: str) -> None:
         session = self._sessions.get(learner_id)
@@ -265,7 +296,7 @@ class EffectDelivery:
             message="send the initial model",
             need_initial_model=True,
         )
-        session.send(controller_message(status=status))
+        self._out(session, controller_message(status=status))
 
     def _publish(self, effect: VersionCommitted) -> None:
         encoded = effect.published
@@ -307,7 +338,8 @@ class EffectDelivery:
             else [s for s in (self._sessions.get(effect.learner_id),) if s is not None]
         )
         for session in targets:
-            session.send(message)
+            self._out(session, message)
+            self._flush(session)  # everything before the shutdown goes out before the end
             session.finish()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -319,6 +351,19 @@ class EffectDelivery:
         """Cancel background work (the controller is going away)."""
         for task in list(self._background):
             task.cancel()
+
+
+BUNDLE_ITEM_BYTES = 64 * 1024
+"""Messages up to this size are bundled (`ControllerMessage.bundle`); larger ones (chunks of
+big models) go alone, so a bundle never copies much."""
+
+
+def _send_run(session: Session, run: list[bytes]) -> None:
+    """Send consecutive small messages: one bundle for several, the message itself for one."""
+    if len(run) > 1:
+        session.send(controller_message(bundle=pb.Bundle(messages=run)))
+    elif run:
+        session.send(run[0])
 
 
 def _log_core_failure(future: asyncio.Future[Any]) -> None:

@@ -72,6 +72,8 @@ class Session:
         self.peer = peer
         self.last_seen = now
         self.has_layout = False
+        self.takes_bundles = "bundle" in capabilities
+        self.staged: list[bytes] = []  # messages of one effect list, bundled when it ends
         self.upload_dtype: int = pb.DTYPE_FLOAT32  # negotiated at hello (Welcome)
         self.download_dtype: int = pb.DTYPE_FLOAT32
         self.asked_for_model = False  # this stream was asked for the initial model

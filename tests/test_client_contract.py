@@ -479,7 +479,7 @@ def test_capabilities_are_announced(scripted) -> None:
     run(controller)
 
     capabilities = set(controller.conversations[0].hello.capabilities)
-    assert capabilities == {"train", "evaluate", "delta", "final_model"}
+    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle"}
 
 
 def test_status_messages_are_logged(scripted, caplog: pytest.LogCaptureFixture) -> None:
@@ -562,3 +562,38 @@ def test_learner_that_cannot_provide_a_model_says_so_and_stays(scripted) -> None
     assert error.task_id == ""
     assert "no local model yet" in error.message
     assert summary.shutdown_reason == "done"
+
+
+# ---------------------------------------------------------------------------------- bundles
+
+
+def _bundle(*messages: pb.ControllerMessage) -> pb.ControllerMessage:
+    raw = [m.SerializeToString() for m in messages]
+    return pb.ControllerMessage(bundle=pb.Bundle(messages=raw))
+
+
+def test_a_bundled_model_and_task_are_trained_like_separate_messages(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, run_id="r")
+        yield _bundle(layout_message(LAYOUT), *model(0, FLAT, LAYOUT), train("t1", 0))
+        c.receive_upload(LAYOUT, wire.MAX_CHUNK_BYTES)
+        yield finished()
+
+    controller = scripted(script)
+
+    summary = run(controller, RecordingLearner(shift=1.0))
+
+    assert summary.tasks_completed == 1
+    np.testing.assert_allclose(controller.conversations[0].upload, FLAT + 1)
+
+
+def test_a_nested_bundle_breaks_the_contract(scripted) -> None:
+    def nested(c: Conversation) -> Messages:
+        yield _bundle(_bundle(train("t1", 0)))
+
+    controller = scripted(*_malformed_then_finish(nested))
+
+    summary = run(controller)
+
+    assert summary.shutdown_reason == "done"
+    assert any("bundle carried bundle" in e for e in summary.errors)

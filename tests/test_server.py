@@ -355,3 +355,27 @@ def test_initial_model_with_nan_is_refused(controller_factory: Factory) -> None:
 
     _expect_abort(raw, grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
     assert not ct.read(lambda: ct.controller.store.ready)
+
+
+def test_a_learner_that_takes_bundles_gets_its_small_model_and_task_in_one_write(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=0))
+    raw = RawLearner(ct.address, "bundled", capabilities=["train", "delta", "bundle"])
+    raw.until("welcome")
+
+    bundle = raw.until("bundle").bundle
+
+    kinds = [pb.ControllerMessage.FromString(m).WhichOneof("body") for m in bundle.messages]
+    assert kinds[:4] == ["layout", "model", "chunk", "train"]  # then the status, if any
+    raw.close()
+
+
+def test_a_learner_without_bundles_gets_separate_messages(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=0))
+    raw = RawLearner(ct.address, "plain")
+
+    kinds = [raw.next().WhichOneof("body") for _ in range(5)]
+
+    assert kinds == ["welcome", "layout", "model", "chunk", "train"]
+    raw.close()

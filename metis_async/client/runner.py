@@ -41,7 +41,7 @@ log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CAPABILITIES = ("train", "evaluate", "delta", "final_model")
+CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle")
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
 
 DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
@@ -241,7 +241,7 @@ class LearnerRunner:
         tasks: queue.SimpleQueue[pb.ControllerMessage | None],
     ) -> _Outcome:
         """Read the stream until it ends; raises `wire.WireError` on a contract violation."""
-        for message in responses:
+        for message in _unbundled(responses):
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 if stream.welcomed:
@@ -386,6 +386,22 @@ class LearnerRunner:
     def _heartbeat(self, stream: LearnerStream) -> None:
         while not stream.closed.wait(stream.heartbeat_seconds):
             stream.send(pb.LearnerMessage(heartbeat=pb.Heartbeat(sent_unix_seconds=time.time())))
+
+
+def _unbundled(responses: Iterator[pb.ControllerMessage]) -> Iterator[pb.ControllerMessage]:
+    """The stream's messages with each `Bundle` opened in place, in order."""
+    for message in responses:
+        if message.WhichOneof("body") != "bundle":
+            yield message
+            continue
+        for raw in message.bundle.messages:
+            try:
+                inner = pb.ControllerMessage.FromString(raw)
+            except Exception as error:  # protobuf's DecodeError
+                raise wire.WireError(f"unreadable message in a bundle: {error}") from None
+            if inner.WhichOneof("body") in ("bundle", "welcome"):
+                raise wire.WireError(f"a bundle carried {inner.WhichOneof('body')}")
+            yield inner
 
 
 def run_learner(

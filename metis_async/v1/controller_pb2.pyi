@@ -356,6 +356,7 @@ class ControllerMessage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello; always the first message"""
@@ -396,6 +397,10 @@ class ControllerMessage(_message.Message):
     def status(self) -> Global___Status:
         """the federation's state changed (or: send the initial model)"""
 
+    @_builtins.property
+    def bundle(self) -> Global___Bundle:
+        """several messages at once; only to learners announcing "bundle" """
+
     def __init__(
         self,
         *,
@@ -410,16 +415,44 @@ class ControllerMessage(_message.Message):
         error: Global___Error | None = ...,
         shutdown: Global___Shutdown | None = ...,
         status: Global___Status | None = ...,
+        bundle: Global___Bundle | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class Bundle(_message.Message):
+    """Several ControllerMessages in one stream write: a task with its small model (Model header,
+    its chunk, the task) costs one write instead of three. Sent only to learners whose
+    Hello.capabilities include "bundle". Each entry is one serialized ControllerMessage; the
+    learner handles them in order exactly as if they had arrived one by one. Bundles never nest
+    (a bundle inside a bundle breaks the contract) and never carry welcome.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Bundle: _TypeAlias = Bundle  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -499,6 +532,7 @@ class Hello(_message.Message):
           "delta"        can upload PAYLOAD_KIND_DELTA (trained minus base) when upload_delta is set.
           "final_model"  wants the final model: before Shutdown FINISHED the controller sends it
                          (ModelLayout if not sent yet, Model + chunks) unless the learner holds it.
+          "bundle"       accepts ControllerMessage.bundle: several small messages in one write.
         An empty list means "train", "evaluate", "delta" (learners older than this list).
         Unknown strings are ignored.
         """
