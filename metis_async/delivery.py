@@ -52,6 +52,8 @@ from metis_async.v1 import controller_pb2 as pb
 log = structlog.get_logger("metis_async.server")
 
 T = TypeVar("T")
+CoreCall = tuple[Callable[..., list["Effect"]], tuple[Any, ...]]
+"""A core method and its arguments."""
 CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
 
 _NOTICE_CODES = {Notice.STALE: pb.ERROR_CODE_STALE_TASK, Notice.DUPLICATE: pb.ERROR_CODE_DUPLICATE}
@@ -148,6 +150,23 @@ class CoreRunner:
         future = asyncio.ensure_future(self.call(method, *args))
         future.add_done_callback(_log_core_failure)
         return future
+
+    def submit_batch(self, calls: list[CoreCall]) -> None:
+        """Run several core calls, in order, in one hop to the core thread; their effects are
+        delivered together (an ingest hub's many small events cost one thread switch)."""
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            effects: list[Effect] = []
+            for method, args in calls:
+                try:
+                    effects += method(*args)
+                except Exception as error:  # one bad event must not lose the others
+                    log.error("core_call_failed", method=method.__name__, error=repr(error))
+            loop.call_soon_threadsafe(self._apply, effects, self.core.next_wakeup())
+
+        future = loop.run_in_executor(self._thread, run)
+        future.add_done_callback(_log_core_failure)
 
     async def query(self, fn: Callable[[], T]) -> T:
         """Run a read-only `fn` on the core thread (a consistent view of core state)."""
@@ -358,10 +377,34 @@ BUNDLE_ITEM_BYTES = 64 * 1024
 big models) go alone, so a bundle never copies much."""
 
 
+_BUNDLE_FIELD = pb.ControllerMessage.DESCRIPTOR.fields_by_name["bundle"].number
+_MESSAGES_FIELD = pb.Bundle.DESCRIPTOR.fields_by_name["messages"].number
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def bundle_message(messages: list[bytes]) -> bytes:
+    """`ControllerMessage(bundle=Bundle(messages=...))` serialized by joining bytes: the same
+    bytes protobuf writes, without building (and copying into) message objects per stream."""
+    tag = _varint(_MESSAGES_FIELD << 3 | 2)
+    parts: list[bytes] = []
+    for message in messages:
+        parts += (tag, _varint(len(message)), message)
+    inner = b"".join(parts)
+    return b"".join((_varint(_BUNDLE_FIELD << 3 | 2), _varint(len(inner)), inner))
+
+
 def _send_run(session: Session, run: list[bytes]) -> None:
     """Send consecutive small messages: one bundle for several, the message itself for one."""
     if len(run) > 1:
-        session.send(controller_message(bundle=pb.Bundle(messages=run)))
+        session.send(bundle_message(run))
     elif run:
         session.send(run[0])
 

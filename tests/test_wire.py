@@ -119,3 +119,13 @@ def test_assembler_check_rejects_a_nan_in_a_chunk_as_it_arrives() -> None:
     with pytest.raises(wire.WireError, match="first at value 7"):
         assembler.add(next(chunks))
     assert seen == [2, 2, 2, 2]
+
+
+def test_bundle_bytes_are_what_protobuf_writes() -> None:
+    from metis_async.delivery import bundle_message
+    from metis_async.v1 import controller_pb2 as pb
+
+    messages = [b"", b"x" * 200, bytes(range(256)) * 70]
+
+    expected = pb.ControllerMessage(bundle=pb.Bundle(messages=messages)).SerializeToString()
+    assert bundle_message(messages) == expected

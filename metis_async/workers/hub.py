@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class WorkerHub:
         self._stopping = False
         self._log = (log_level, json_logs)
         self._request_ids = 0
+        self._events: list[tuple[Any, tuple[Any, ...]]] = []
+        # Fold instructions from the core's thread, sent per worker in one frame per batch.
+        self._outbox: deque[tuple[int, tuple[Any, ...]]] = deque()
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -335,7 +339,7 @@ class WorkerHub:
     def _on_frame(self, worker: _Worker, header: tuple[Any, ...], body: bytes) -> None:
         kind = header[0]
         core, now = self.core, self._now()
-        submit = self._runner.submit
+        submit = self._queue_event
         if kind == "serving":
             worker.port = header[1]
             worker.ready.set()
@@ -394,6 +398,16 @@ class WorkerHub:
         else:
             log.error("worker_frame_unknown", worker=worker.index, kind=str(kind))
 
+    def _queue_event(self, method: Any, *args: Any) -> None:
+        """Queue a core event; the events read in one loop iteration go to the core at once."""
+        if not self._events:
+            asyncio.get_running_loop().call_soon(self._submit_events)
+        self._events.append((method, args))
+
+    def _submit_events(self) -> None:
+        events, self._events = self._events, []
+        self._runner.submit_batch(events)
+
     def _close_remote(self, route: tuple[int, str], learner_id: str, why: str) -> None:
         worker = self._workers[route[0]]
         worker.learners.discard(learner_id)
@@ -404,6 +418,7 @@ class WorkerHub:
 
     def _deliver(self, effects: list[Effect]) -> None:
         """Carry out the core's effects (on the loop): here, and at the learners' workers."""
+        self._send_outbox()
         self._local(effects)  # publishes versions, runs the commit hook, notes the finish
         batches: dict[int, list[Effect]] = {}
         for effect in effects:
@@ -482,6 +497,7 @@ class WorkerHub:
             return []
 
     async def _collect(self, workers: set[int], generation: int) -> list[Partial]:
+        self._send_outbox()  # every fold the core asked for reaches its worker first
         waits = []
         for index in sorted(workers):
             worker = self._workers[index]
@@ -496,15 +512,20 @@ class WorkerHub:
         return [p for p in partials if p is not None]
 
     def _to_worker(self, index: int, header: tuple[Any, ...]) -> None:
-        """Send from the core's thread: queued on the loop, in call order."""
-        loop = self._loop
-        assert loop is not None
-        loop.call_soon_threadsafe(self._send_now, index, header)
+        """From the core's thread: queued, sent (in call order) after the core call ends."""
+        self._outbox.append((index, header))
 
-    def _send_now(self, index: int, header: tuple[Any, ...]) -> None:
-        channel = self._workers[index].channel
-        if channel is not None:
-            channel.send(header)
+    def _send_outbox(self) -> None:
+        """Send the queued fold instructions, one frame per worker (on the loop)."""
+        batches: dict[int, list[tuple[Any, ...]]] = {}
+        outbox = self._outbox
+        while outbox:
+            index, header = outbox.popleft()
+            batches.setdefault(index, []).append(header)
+        for index, headers in batches.items():
+            channel = self._workers[index].channel
+            if channel is not None:
+                channel.send(("partials", headers))
 
     # ------------------------------------------------------------------------------ time
 

@@ -22,7 +22,7 @@ import dataclasses
 import signal
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -138,17 +138,45 @@ class HubLink:
         if future is not None and not future.done():
             future.set_result(found)
 
-    def fold(self, handle: int, weight: float, generation: int) -> None:
-        """Fold a held update into partial `generation` (in order, on the fold thread)."""
-        update = self._held.pop(handle, None)
-        if update is None:
+    def on_partials(self, instructions: list[tuple[Any, ...]]) -> None:
+        """The core's fold, drop and reset instructions, in order; consecutive folds into one
+        partial go to the fold thread as one `add_many`."""
+        updates: list[wire.FloatVector | Segments] = []
+        weights: list[float] = []
+        target = -1
+        for instruction in instructions:
+            kind = instruction[0]
+            if kind == "fold":
+                _, handle, weight, generation = instruction
+                if generation != target:
+                    self._fold(target, updates, weights)
+                    updates, weights, target = [], [], generation
+                update = self._held.pop(handle, None)
+                if update is not None:
+                    updates.append(update)
+                    weights.append(weight)
+                continue
+            self._fold(target, updates, weights)
+            updates, weights = [], []
+            if kind == "drop":
+                self.drop(instruction[1])
+            elif kind == "reset":
+                self.reset(instruction[1])
+        self._fold(target, updates, weights)
+
+    def _fold(
+        self, generation: int, updates: list[wire.FloatVector | Segments], weights: list[float]
+    ) -> None:
+        """Fold held updates into partial `generation` (in order, on the fold thread)."""
+        if not updates:
             return
         partial = self._partials.get(generation)
         if partial is None:
-            partial = self._partials[generation] = Accumulator(len(update))
+            partial = self._partials[generation] = Accumulator(len(updates[0]))
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._folder, partial.add_many, [update], [weight], False)
-        done.add_done_callback(lambda _: self._release_budget())
+        done = loop.run_in_executor(self._folder, partial.add_many, updates, weights, False)
+        count = len(updates)
+        done.add_done_callback(lambda _: self._release_budget(count))
 
     def drop(self, handle: int) -> None:
         if self._held.pop(handle, None) is not None:
@@ -169,9 +197,10 @@ class HubLink:
         total, weight, count = await loop.run_in_executor(self._folder, partial.export)
         self.channel.send(("partial", request, float(weight), int(count)), total.data)
 
-    def _release_budget(self) -> None:
+    def _release_budget(self, count: int = 1) -> None:
         if self._budget is not None:
-            self._budget.release()
+            for _ in range(count):
+                self._budget.release()
 
     def close(self) -> None:
         self._folder.shutdown(wait=False, cancel_futures=True)
@@ -227,12 +256,8 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
                 link.ready, link.provider = header[1], header[2]
             elif kind == "lookup_reply":
                 link.lookup_answered(header[1], header[2])
-            elif kind == "fold":
-                link.fold(header[1], header[2], header[3])
-            elif kind == "drop":
-                link.drop(header[1])
-            elif kind == "reset":
-                link.reset(header[1])
+            elif kind == "partials":
+                link.on_partials(header[1])
             elif kind == "export":
                 await link.export(header[1], header[2])
             elif kind == "close_session":
