@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -68,6 +69,10 @@ RUN_SECONDS_LIMIT = 900.0  # every phase gives up after this
 # ------------------------------------------------------------------------------ one learner
 
 
+ATTEMPTS = 5
+"""Streams a learner opens before it gives up (a real learner reconnects with backoff)."""
+
+
 async def _learner(
     address: str,
     learner_id: str,
@@ -79,15 +84,41 @@ async def _learner(
     report: dict[str, Any],
 ) -> None:
     report["dialed"] = time.time()
+    report["tasks"], report["uploads"] = [], []
+    errors = []
+    for attempt in range(ATTEMPTS):
+        error = await _session(learner_id, channel, chunks, nbytes, rounds, sleep_seconds, report)
+        if error is None:
+            break
+        errors.append(error)
+        await asyncio.sleep(random.uniform(0.5, 2.0) * (attempt + 1))  # jittered backoff
+    report["attempts"] = len(errors) + 1
+    if errors and len(errors) == ATTEMPTS:
+        report["error"] = errors[-1]
+
+
+async def _session(
+    learner_id: str,
+    channel: grpc.aio.Channel,
+    chunks: list[bytes],
+    nbytes: int,
+    rounds: int,
+    sleep_seconds: float,
+    report: dict[str, Any],
+) -> str | None:
+    """One stream until the learner is done; the error that ended it early, if any."""
     call = channel.stream_stream(JOIN)()
     capabilities = ["train", "delta", "bundle"]
     hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
-    await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
-    tasks: list[tuple[int, float]] = []  # (version, unix time the task arrived)
-    uploads: list[tuple[float, float]] = []  # (first chunk written, last chunk written)
+    tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
+    uploads: list[tuple[float, float]] = report["uploads"]  # (first, last chunk written)
     layout_id = 0
     ended = False
+    gate = _connecting()
+    await gate.acquire()  # bounded dialing: a fleet's joins are spread out, not all at once
+    dialing = True
     try:
+        await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
         while len(uploads) < rounds and not ended:
             raw = await call.read()
             if raw is grpc.aio.EOF:
@@ -95,7 +126,10 @@ async def _learner(
             for message in _opened(raw):
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
-                    report["welcomed"] = time.time()
+                    report.setdefault("welcomed", time.time())
+                    if dialing:
+                        gate.release()
+                        dialing = False
                 elif kind == "layout":
                     layout_id = message.layout.layout_id
                 elif kind == "train":
@@ -125,11 +159,23 @@ async def _learner(
                     report["shutdown"] = time.time()
                     ended = True
     except (grpc.RpcError, asyncio.TimeoutError) as error:
-        report["error"] = repr(error)[:200]
+        return repr(error)[:200]
     finally:
+        if dialing:
+            gate.release()
         call.cancel()
-    report["tasks"] = tasks
-    report["uploads"] = uploads
+    return None
+
+
+DIALING_PER_PROCESS = 256
+"""Learners of one load process between dialing and welcome at once."""
+_GATE: list[asyncio.Semaphore] = []
+
+
+def _connecting() -> asyncio.Semaphore:
+    if not _GATE:
+        _GATE.append(asyncio.Semaphore(DIALING_PER_PROCESS))
+    return _GATE[0]
 
 
 def _opened(raw: bytes) -> list[pb.ControllerMessage]:
@@ -189,6 +235,7 @@ def _load_process(
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.use_local_subchannel_pool", 1),  # a connection of its own
+                ("grpc.http2.settings_timeout", 60_000),  # a busy box acks SETTINGS late
                 ("metis_async.load.connection", f"{first}-{c}"),
             ]
             channels.append(grpc.aio.insecure_channel(address, options=options))
@@ -353,11 +400,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.start()
                 procs.append(proc)
                 pipes.append(receive)
-            held = _wait_for_streams(controller.pid, idle, args.learners)
+            held = _wait_for_streams(controller.pid, idle, args.learners, procs)
             reports: list[dict[str, Any]] = []
+            deadline = time.monotonic() + RUN_SECONDS_LIMIT
             for receive in pipes:
-                if receive.poll(RUN_SECONDS_LIMIT):
-                    reports += receive.recv()
+                while not receive.poll(0.5):
+                    _guard_memory(procs, deadline)
+                reports += receive.recv()
             for proc in procs:
                 proc.join(30)
                 if proc.is_alive():
@@ -373,11 +422,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _summarize(args, started, idle, held, busy, reports)
 
 
-def _wait_for_streams(pid: int, idle: dict[str, int], learners: int) -> dict[str, int]:
+MIN_AVAILABLE_BYTES = 1_500_000_000
+"""The run is stopped when the machine has less memory available than this."""
+
+
+def _guard_memory(procs: list[Any], deadline: float) -> None:
+    """Stop the load processes when memory runs out or time is up (raises)."""
+    available = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    if available < MIN_AVAILABLE_BYTES or time.monotonic() > deadline:
+        for proc in procs:
+            proc.kill()
+        why = "time is up" if available >= MIN_AVAILABLE_BYTES else "memory ran out"
+        raise RuntimeError(f"load run stopped: {why} ({available / 1e9:.1f} GB available)")
+
+
+def _wait_for_streams(
+    pid: int, idle: dict[str, int], learners: int, procs: list[Any]
+) -> dict[str, int]:
     """Controller stats once (about) every learner holds a stream: open files rise per stream."""
     deadline = time.monotonic() + RUN_SECONDS_LIMIT
     best = idle
     while time.monotonic() < deadline:
+        _guard_memory(procs, deadline)
         stats = _tree_stats(pid)
         if stats["fds"] >= best["fds"]:
             best = stats
@@ -440,6 +510,7 @@ def _summarize(
         "connections_per_process": args.connections_per_process or "one per learner",
         "streams_held": len(welcomed),
         "errors": len(errors),
+        "reconnects": sum(r.get("attempts", 1) - 1 for r in reports),
         "first_errors": errors[:3],
         "connect_seconds": (max(welcomed) - min(dialed)) if welcomed else None,
         "start_to_all_welcomed_seconds": (max(welcomed) - started) if welcomed else None,

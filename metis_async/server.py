@@ -110,7 +110,10 @@ class ControllerConfig:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # Generous: at a mass (re)connect a busy learner host answers pings and SETTINGS
+            # late, and gRPC's defaults (10 s) then drop connections that would have worked.
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.settings_timeout", 60_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
