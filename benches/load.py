@@ -158,8 +158,8 @@ async def _session(
                 elif message.WhichOneof("body") == "shutdown":
                     report["shutdown"] = time.time()
                     ended = True
-    except (grpc.RpcError, asyncio.TimeoutError) as error:
-        return repr(error)[:200]
+    except (grpc.RpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as error:
+        return repr(error)[:200]  # InvalidStateError: the call ended before our first write
     finally:
         if dialing:
             gate.release()
@@ -167,8 +167,8 @@ async def _session(
     return None
 
 
-DIALING_PER_PROCESS = 256
-"""Learners of one load process between dialing and welcome at once."""
+DIALING_PER_PROCESS = 64
+"""Learners of one load process between dialing and welcome at once (more starves this box)."""
 _GATE: list[asyncio.Semaphore] = []
 
 
@@ -349,7 +349,9 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
         command += ["--extra-hosts", ",".join(hosts[1:])]
     if args.workers:
         command += ["--workers", str(args.workers)]
-    controller = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # Logs to a file: an unread pipe would block the controller once 64 KB of warnings wait.
+    log_file = open(workdir / "controller.log", "w")  # noqa: SIM115 - closed with the run
+    controller = subprocess.Popen(command, stderr=log_file, text=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         # With workers, the port answers once the first worker serves: wait for all of them.

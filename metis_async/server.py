@@ -109,7 +109,9 @@ class ControllerConfig:
         return [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.keepalive_time_ms", 30_000),
+            # Learners ping every 20 s themselves (NAT) and heartbeats find dead ones; pinging
+            # 100K connections more often only costs the controller.
+            ("grpc.keepalive_time_ms", 120_000),
             # Generous: at a mass (re)connect a busy learner host answers pings and SETTINGS
             # late, and gRPC's defaults (10 s) then drop connections that would have worked.
             ("grpc.keepalive_timeout_ms", 20_000),
