@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -405,10 +406,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             held = _wait_for_streams(controller.pid, idle, args.learners, procs)
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
+            peak_rss = held["rss"]
             for receive in pipes:
-                while not receive.poll(0.5):
+                while not receive.poll(0.2):
                     _guard_memory(procs, deadline)
+                    with contextlib.suppress(OSError):
+                        peak_rss = max(peak_rss, _tree_stats(controller.pid)["rss"])
                 reports += receive.recv()
+            held["peak_rss"] = peak_rss
             for proc in procs:
                 proc.join(30)
                 if proc.is_alive():
@@ -528,6 +533,7 @@ def _summarize(
         "rss_bytes_per_stream": (held["rss"] - idle["rss"]) / n,
         "fds_per_stream": (held["fds"] - idle["fds"]) / n,
         "controller_rss_bytes": held["rss"],
+        "controller_peak_rss_bytes": held.get("peak_rss"),
         "cpu_seconds_per_round": cpu,
     }
 
