@@ -126,7 +126,75 @@ class ControllerConfig:
         ]
 
 
-class Controller:
+class ControllerFace:
+    """What every controller offers its operator, whatever drives its learners' streams
+    (`Controller` in one process, `workers.hub.WorkerHub` with ingest workers).
+
+    Subclasses set `config`, `core`, `store`, `_runner`, `_finished` and `_initial`.
+    """
+
+    config: ControllerConfig
+    core: FederationCore
+    store: ModelStore
+    _runner: CoreRunner
+    _finished: asyncio.Event
+    _initial: Sequence[npt.NDArray[np.generic]] | None
+
+    async def wait_finished(self, timeout: float | None = None) -> bool:
+        """Wait until the policy finishes the federation; False on timeout (seconds)."""
+        try:
+            await asyncio.wait_for(self._finished.wait(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            return False
+        return True
+
+    @property
+    def finished(self) -> bool:
+        """Whether the policy has finished the federation."""
+        return self._finished.is_set()
+
+    @property
+    def policy(self) -> Policy:
+        """The federation's policy."""
+        return self.core.policy
+
+    @property
+    def version(self) -> int:
+        """The published global model version."""
+        return self.store.version
+
+    @property
+    def evaluations(self) -> dict[int, dict[str, float]]:
+        """Example-weighted mean evaluation metrics by model version."""
+        return dict(self.core.evaluations)
+
+    async def participation(self) -> dict[str, dict[str, int]]:
+        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
+        return await self._runner.query(self.core.participation)
+
+    async def _adopt_initial_model(self) -> None:
+        """Check the initial model given to the constructor (size, finite) and adopt it."""
+        if self._initial is None:
+            return
+        layout = wire.make_layout(self._initial)
+        if layout.total_bytes > self.config.max_model_bytes:
+            raise ValueError(
+                f"the initial model has {layout.total_bytes} bytes, more than "
+                f"max_model_bytes={self.config.max_model_bytes}"
+            )
+        flat = wire.flatten(self._initial, layout)
+        bad = wire.first_non_finite(flat)
+        if bad is not None:
+            raise ValueError(f"the initial model is not finite (first at value {bad})")
+        await self._runner.call(self.core.initialize_model, self._now(), layout, flat)
+        self._initial = None
+
+    def _now(self) -> float:
+        """The federation's clock (seconds): the event loop's unless a subclass owns time."""
+        return asyncio.get_running_loop().time()
+
+
+class Controller(ControllerFace):
     """The controller service: learner streams in front of a `FederationCore`.
 
     Args:
@@ -183,19 +251,7 @@ class Controller:
 
     async def start(self) -> int:
         """Adopt the initial model (if given), bind and start serving; returns the bound port."""
-        if self._initial is not None:
-            layout = wire.make_layout(self._initial)
-            if layout.total_bytes > self.config.max_model_bytes:
-                raise ValueError(
-                    f"the initial model has {layout.total_bytes} bytes, more than "
-                    f"max_model_bytes={self.config.max_model_bytes}"
-                )
-            flat = wire.flatten(self._initial, layout)
-            bad = wire.first_non_finite(flat)
-            if bad is not None:
-                raise ValueError(f"the initial model is not finite (first at value {bad})")
-            await self._call(self.core.initialize_model, layout, flat)
-            self._initial = None
+        await self._adopt_initial_model()
         self.port = await self.streams.start()
         log.info(
             "controller_started",
@@ -205,19 +261,6 @@ class Controller:
             run_id=self.core.run_id,
         )
         return self.port
-
-    async def wait_finished(self, timeout: float | None = None) -> bool:
-        """Wait until the policy finishes the federation; False on timeout (seconds)."""
-        try:
-            await asyncio.wait_for(self._finished.wait(), timeout)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            return False
-        return True
-
-    @property
-    def finished(self) -> bool:
-        """Whether the policy has finished the federation."""
-        return self._finished.is_set()
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         """Tell learners to come back later (or that it is over), then close the server."""
@@ -232,28 +275,9 @@ class Controller:
         self._ingest.close()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
 
-    @property
-    def policy(self) -> Policy:
-        """The federation's policy."""
-        return self.core.policy
-
-    @property
-    def version(self) -> int:
-        """The published global model version."""
-        return self.store.version
-
-    @property
-    def evaluations(self) -> dict[int, dict[str, float]]:
-        """Example-weighted mean evaluation metrics by model version."""
-        return dict(self.core.evaluations)
-
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""
         return [s.describe() for s in self.streams.sessions.values()]
-
-    async def participation(self) -> dict[str, dict[str, int]]:
-        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
-        return await self._runner.query(self.core.participation)
 
     async def tick(self) -> None:
         """Deliver the passing of time to the core now (the wake-up timer does it on its own)."""

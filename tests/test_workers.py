@@ -103,9 +103,7 @@ def test_robust_rule_over_workers_equals_one_process(controller_factory: Factory
     median = AggregationSettings(robust="median")
     single = controller_factory(sync_policy(min_learners=5, rounds=2), aggregation=median)
     _federate(single, learners=5)
-    multi = controller_factory(
-        sync_policy(min_learners=5, rounds=2), aggregation=median, workers=2
-    )
+    multi = controller_factory(sync_policy(min_learners=5, rounds=2), aggregation=median, workers=2)
 
     _federate(multi, learners=5)
 

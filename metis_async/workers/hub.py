@@ -51,7 +51,7 @@ from metis_async.effects import (
 )
 from metis_async.federation import FederationCore, UpdateReport
 from metis_async.protocols import Policy
-from metis_async.server import ControllerConfig
+from metis_async.server import ControllerConfig, ControllerFace
 from metis_async.store import ModelStore, encode_for_learners
 from metis_async.streams import CODECS
 from metis_async.telemetry import ControllerStats
@@ -82,7 +82,7 @@ class _Worker:
     restart_delay: float = 0.05
 
 
-class WorkerHub:
+class WorkerHub(ControllerFace):
     """A controller of N ingest worker processes around one federation core.
 
     Same face as `server.Controller` (start, wait_finished, stop, version, ...). Args as for
@@ -148,19 +148,7 @@ class WorkerHub:
         """Start the workers on one port and wait until every one serves; returns the port."""
         self._loop = asyncio.get_running_loop()
         raise_open_file_limit()
-        if self._initial is not None:
-            layout = wire.make_layout(self._initial)
-            if layout.total_bytes > self.config.max_model_bytes:
-                raise ValueError(
-                    f"the initial model has {layout.total_bytes} bytes, more than "
-                    f"max_model_bytes={self.config.max_model_bytes}"
-                )
-            flat = wire.flatten(self._initial, layout)
-            bad = wire.first_non_finite(flat)
-            if bad is not None:
-                raise ValueError(f"the initial model is not finite (first at value {bad})")
-            await self._runner.call(self.core.initialize_model, self._now(), layout, flat)
-            self._initial = None
+        await self._adopt_initial_model()
         self.port = self.config.port or _free_port(self.config.host)
         self._dir = tempfile.mkdtemp(prefix="metis-async-")
         os.chmod(self._dir, 0o700)
@@ -181,34 +169,6 @@ class WorkerHub:
         )
         return self.port
 
-    async def wait_finished(self, timeout: float | None = None) -> bool:
-        """Wait until the policy finishes the federation; False on timeout (seconds)."""
-        try:
-            await asyncio.wait_for(self._finished.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    @property
-    def finished(self) -> bool:
-        """Whether the policy has finished the federation."""
-        return self._finished.is_set()
-
-    @property
-    def policy(self) -> Policy:
-        """The federation's policy."""
-        return self.core.policy
-
-    @property
-    def version(self) -> int:
-        """The published global model version."""
-        return self.store.version
-
-    @property
-    def evaluations(self) -> dict[int, dict[str, float]]:
-        """Example-weighted mean evaluation metrics by model version."""
-        return dict(self.core.evaluations)
-
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners (by worker)."""
         return [{"learner_id": lid, "worker": w} for lid, (w, _) in self._routes.items()]
@@ -216,10 +176,6 @@ class WorkerHub:
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers."""
         return [w.process.pid for w in self._workers if w.process is not None]
-
-    async def participation(self) -> dict[str, dict[str, int]]:
-        """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
-        return await self._runner.query(self.core.participation)
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         """Drain (learners are told to come back later), stop the workers and the core."""
