@@ -179,3 +179,19 @@ def test_workers_setting_is_validated(bad: str) -> None:
 
 
 _ = FAST
+
+
+def test_workers_import_the_controllers_package_not_one_in_the_working_directory(
+    controller_factory: Factory, tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A source checkout without the built extension, where `serve` happens to be started.
+    shadow = tmp_path / "metis_async"  # type: ignore[operator]
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing checkout')\n")
+    monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+
+    ct = controller_factory(sync_policy(min_learners=1, rounds=0), workers=1)
+    raw = RawLearner(ct.address, "here")
+
+    assert raw.until("welcome").welcome.learner_id == "here"
+    raw.close()

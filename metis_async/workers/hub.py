@@ -218,8 +218,9 @@ class WorkerHub(ControllerFace):
         level, json_logs = self._log
         command = [
             sys.executable,
-            "-m",
-            "metis_async.workers.worker",
+            "-c",
+            _WORKER_BOOT,
+            _PACKAGE_ROOT,
             str(worker.index),
             self._socket,
             str(self.port),
@@ -227,7 +228,9 @@ class WorkerHub(ControllerFace):
             "json" if json_logs else "console",
         ]
         # A fresh interpreter (not fork: this process has threads; not multiprocessing's spawn,
-        # which re-imports the caller's main module).
+        # which re-imports the caller's main module), importing the very package this process
+        # runs: `python -m` would put the working directory first on the path, and a source
+        # checkout there (no built extension) would shadow the installed package.
         worker.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         watcher = asyncio.create_task(self._watch(worker, worker.generation))
         self._watchers.add(watcher)
@@ -501,6 +504,14 @@ class WorkerHub(ControllerFace):
     def _on_wakeup(self) -> None:
         self._wakeup = None
         self._runner.submit(self.core.tick, self._now())
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory this process imported `metis_async` from."""
+_WORKER_BOOT = (
+    "import sys; sys.path[0] = sys.argv.pop(1); "
+    "from metis_async.workers.worker import worker_main; worker_main(sys.argv[1:])"
+)
 
 
 def _addressee(effect: Effect) -> str | None:

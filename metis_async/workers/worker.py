@@ -207,8 +207,8 @@ class HubLink:
 
 
 def worker_main(argv: list[str]) -> None:
-    """Entry point of a worker process: `python -m metis_async.workers.worker INDEX SOCKET
-    PORT LEVEL json|console` (started by `hub.WorkerHub`; its settings come over the channel)."""
+    """Entry point of a worker process, with arguments INDEX SOCKET PORT LEVEL json|console
+    (started by `hub.WorkerHub`; its settings come over the channel)."""
     index, hub_socket, port, level, log_format = argv
     configure_logging(level, log_format == "json")
     raise_open_file_limit()
