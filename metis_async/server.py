@@ -134,6 +134,7 @@ class ControllerFace:
     """
 
     config: ControllerConfig
+    stats: ControllerStats
     core: FederationCore
     store: ModelStore
     _runner: CoreRunner
@@ -171,6 +172,37 @@ class ControllerFace:
     async def participation(self) -> dict[str, dict[str, int]]:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
         return await self._runner.query(self.core.participation)
+
+    def _build_core(
+        self,
+        policy: Policy,
+        config: ControllerConfig | None,
+        aggregation: AggregationSettings | None,
+        run_id: str | None,
+        rng: random.Random | None,
+    ) -> None:
+        """Set `config`, `stats`, `store` and the `core` whose versions `_encode` publishes."""
+        self.config = config or ControllerConfig()
+        self.stats = ControllerStats()
+        self.store = ModelStore(self.config.max_chunk_bytes)
+        self.core = FederationCore(
+            policy,
+            aggregation=aggregation,
+            run_id=run_id,
+            publish=self._encode,
+            stats=self.stats,
+            initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
+            rng=rng,
+        )
+
+    def _encode(self, version: int, flat: wire.FloatVector) -> object:
+        """Publish hook (core thread): encode the version once for every stream."""
+        layout = self.core.layout
+        assert layout is not None
+        config = self.config
+        return encode_for_learners(
+            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
+        )
 
     async def _adopt_initial_model(self) -> None:
         """Check the initial model given to the constructor (size, finite) and adopt it."""
@@ -222,18 +254,7 @@ class Controller(ControllerFace):
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.config = config or ControllerConfig()
-        self.store = ModelStore(self.config.max_chunk_bytes)
-        self.stats = ControllerStats()
-        self.core = FederationCore(
-            policy,
-            aggregation=aggregation,
-            run_id=run_id,
-            publish=self._encode,
-            stats=self.stats,
-            initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
-            rng=rng,
-        )
+        self._build_core(policy, config, aggregation, run_id, rng)
         self._initial = initial_model
         self._finished = asyncio.Event()
         self._clock = clock
@@ -294,15 +315,6 @@ class Controller(ControllerFace):
 
     async def _call_raw(self, method: Callable[..., list[Effect]], *args: Any) -> list[Effect]:
         return await self._runner.call(method, *args)
-
-    def _encode(self, version: int, flat: wire.FloatVector) -> object:
-        """Publish hook (core thread): encode the version once for every stream."""
-        layout = self.core.layout
-        assert layout is not None
-        config = self.config
-        return encode_for_learners(
-            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
-        )
 
     def _reschedule(self, when: float | None) -> None:
         if self._wakeup is not None:

@@ -49,12 +49,9 @@ from metis_async.effects import (
     Shutdown,
     VersionCommitted,
 )
-from metis_async.federation import FederationCore, UpdateReport
+from metis_async.federation import UpdateReport
 from metis_async.protocols import Policy
 from metis_async.server import ControllerConfig, ControllerFace
-from metis_async.store import ModelStore, encode_for_learners
-from metis_async.streams import CODECS
-from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers import raise_open_file_limit
 from metis_async.workers.channel import Channel, ChannelClosed
@@ -108,18 +105,7 @@ class WorkerHub(ControllerFace):
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.config = config or ControllerConfig()
-        self.stats = ControllerStats()
-        self.store = ModelStore(self.config.max_chunk_bytes)
-        self.core = FederationCore(
-            policy,
-            aggregation=aggregation,
-            run_id=run_id,
-            publish=self._encode,
-            stats=self.stats,
-            initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
-            rng=rng,
-        )
+        self._build_core(policy, config, aggregation, run_id, rng)
         agg = self.core.aggregation
         self.forward_updates = bool(policy.mixes_full_models or agg.robust or agg.clip_norm)
         self._initial = initial_model
@@ -422,14 +408,6 @@ class WorkerHub(ControllerFace):
     def _send_state(self, worker: _Worker) -> None:
         if worker.channel is not None:
             worker.channel.send(("state", self.core.ready, self.core.provider))
-
-    def _encode(self, version: int, flat: wire.FloatVector) -> object:
-        layout = self.core.layout
-        assert layout is not None
-        config = self.config
-        return encode_for_learners(
-            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
-        )
 
     # ------------------------------------------------------------------------------ PartialSums
 
