@@ -127,7 +127,10 @@ async def _session(
             for message in _opened(raw):
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
-                    report.setdefault("welcomed", time.time())
+                    if "welcomed" not in report:
+                        report["welcomed"] = time.time()
+                        with _WELCOMED[0].get_lock():
+                            _WELCOMED[0].value += 1
                     if dialing:
                         gate.release()
                         dialing = False
@@ -171,6 +174,8 @@ async def _session(
 DIALING_PER_PROCESS = 64
 """Learners of one load process between dialing and welcome at once (more starves this box)."""
 _GATE: list[asyncio.Semaphore] = []
+_WELCOMED: list[Any] = []
+"""Learners welcomed so far, over all load processes (a shared counter)."""
 
 
 def _connecting() -> asyncio.Semaphore:
@@ -216,8 +221,10 @@ def _load_process(
     connections: int,
     speed_seconds: float,
     seed: int,
+    welcomed: Any,
     out: Any,
 ) -> None:
+    _WELCOMED.append(welcomed)
     delta = np.full(params, 1e-3, dtype=np.float32)
     chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, CHUNK_FIELD)
     # Pre-build the renumbered chunks so uploads do no protobuf work.
@@ -380,6 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ctx = mp.get_context("spawn")
             per = -(-args.learners // args.processes)
             procs, pipes = [], []
+            welcomed = ctx.Value("q", 0)
             started = time.time()
             for p in range(args.processes):
                 count = min(per, args.learners - p * per)
@@ -397,13 +405,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         args.connections_per_process,
                         args.speed_seconds,
                         p,
+                        welcomed,
                         send,
                     ),
                 )
                 proc.start()
                 procs.append(proc)
                 pipes.append(receive)
-            held = _wait_for_streams(controller.pid, idle, args.learners, procs)
+            held = _wait_for_streams(controller.pid, welcomed, args.learners, procs)
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
             peak_rss = held["rss"]
@@ -447,19 +456,28 @@ def _guard_memory(procs: list[Any], deadline: float) -> None:
         raise RuntimeError(f"load run stopped: {why} ({available / 1e9:.1f} GB available)")
 
 
-def _wait_for_streams(
-    pid: int, idle: dict[str, int], learners: int, procs: list[Any]
-) -> dict[str, int]:
-    """Controller stats once (about) every learner holds a stream: open files rise per stream."""
+def _wait_for_streams(pid: int, welcomed: Any, learners: int, procs: list[Any]) -> dict[str, int]:
+    """Controller stats once every learner was welcomed (or the load processes ended, or time is
+    up: then the stats at the most learners welcomed)."""
     deadline = time.monotonic() + RUN_SECONDS_LIMIT
-    best = idle
-    while time.monotonic() < deadline:
+    best, most = _tree_stats(pid), -1
+    started = shown = time.monotonic()
+    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
         _guard_memory(procs, deadline)
-        stats = _tree_stats(pid)
-        if stats["fds"] >= best["fds"]:
-            best = stats
-        if stats["fds"] - idle["fds"] >= learners:
-            return stats
+        count = welcomed.value
+        if time.monotonic() - shown >= 10.0:  # progress on stderr: a big run takes minutes
+            shown = time.monotonic()
+            print(
+                f"load: {count}/{learners} welcomed after {shown - started:.0f} s, controller "
+                f"RSS {best['rss'] / 1e9:.2f} GB",
+                file=sys.stderr,
+                flush=True,
+            )
+        with contextlib.suppress(OSError):
+            if count > most:
+                best, most = _tree_stats(pid), count
+        if count >= learners:
+            return best
         time.sleep(0.2)
     return best
 

@@ -170,6 +170,13 @@ class ServerSection(_Section):
         default=None,
         description='TOML file of learner_id = "token" lines; unset: no authentication',
     )
+    state_dir: Annotated[str | None, Flag(metavar="DIR")] = Field(
+        default=None,
+        description="checkpoint every committed version here and resume from it; unset: none",
+    )
+    checkpoints_kept: int = Field(
+        default=3, ge=1, description="newest checkpoints kept in state_dir"
+    )
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> ServerSection:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 import structlog
 
 from metis_async import wire
+from metis_async.checkpoints import CheckpointError
 from metis_async.effects import (
     CommitRefused,
     Effect,
@@ -35,6 +36,7 @@ from metis_async.effects import (
     FederationState,
     Notice,
     RequestInitialModel,
+    SendAck,
     SendCancel,
     SendModel,
     SendNotice,
@@ -114,6 +116,8 @@ class CoreRunner:
         core: the federation core (touched only from the runner's thread after start).
         deliver: carries out a list of effects on the loop.
         reschedule: called on the loop after each call with the core's next wake-up time.
+        on_fatal: called on the loop when the core cannot go on (a `CheckpointError`: a commit
+            that could not be made durable); every later call raises that error.
     """
 
     def __init__(
@@ -121,10 +125,13 @@ class CoreRunner:
         core: FederationCore,
         deliver: Callable[[list[Effect]], None],
         reschedule: Callable[[float | None], None],
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.core = core
         self._deliver = deliver
         self._reschedule = reschedule
+        self._on_fatal = on_fatal
+        self.failure: CheckpointError | None = None
         self._thread = ThreadPoolExecutor(
             1, thread_name_prefix="federation-core", initializer=lower_thread_priority
         )
@@ -134,7 +141,13 @@ class CoreRunner:
         loop = asyncio.get_running_loop()
 
         def run() -> list[Effect]:
-            effects = method(*args)
+            if self.failure is not None:
+                raise self.failure
+            try:
+                effects = method(*args)
+            except CheckpointError as error:
+                self._fail(loop, error)
+                raise
             wakeup = self.core.next_wakeup()
             loop.call_soon_threadsafe(self._apply, effects, wakeup)
             return effects
@@ -159,8 +172,13 @@ class CoreRunner:
         def run() -> None:
             effects: list[Effect] = []
             for method, args in calls:
+                if self.failure is not None:
+                    return
                 try:
                     effects += method(*args)
+                except CheckpointError as error:
+                    self._fail(loop, error)
+                    return
                 except Exception as error:  # one bad event must not lose the others
                     log.error("core_call_failed", method=method.__name__, error=repr(error))
             loop.call_soon_threadsafe(self._apply, effects, self.core.next_wakeup())
@@ -171,6 +189,13 @@ class CoreRunner:
     async def query(self, fn: Callable[[], T]) -> T:
         """Run a read-only `fn` on the core thread (a consistent view of core state)."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def _fail(self, loop: asyncio.AbstractEventLoop, error: CheckpointError) -> None:
+        """From the core thread: no further call touches the core (its state may be half a
+        commit ahead of what was made durable)."""
+        self.failure = error
+        if self._on_fatal is not None:
+            loop.call_soon_threadsafe(self._on_fatal, error)
 
     def _apply(self, effects: list[Effect], wakeup: float | None) -> None:
         self._deliver(effects)
@@ -252,6 +277,9 @@ class EffectDelivery:
                 code = _NOTICE_CODES[effect.notice]
                 error = pb.Error(code=code, message=effect.message, task_id=effect.task_id)
                 self._out(session, controller_message(error=error))
+        elif isinstance(effect, SendAck):
+            ack = pb.Ack(task_id=effect.task_id, version=effect.version)
+            self._send(effect.learner_id, controller_message(ack=ack))
         elif isinstance(effect, SendStatus):
             self._send_status(effect)
         elif isinstance(effect, RequestInitialModel):

@@ -71,6 +71,15 @@ class SendNotice:
 
 
 @dataclass(frozen=True)
+class SendAck:
+    """Tell a learner its update is durably part of committed `version` (it may forget it)."""
+
+    learner_id: str
+    task_id: str
+    version: int
+
+
+@dataclass(frozen=True)
 class RequestInitialModel:
     """Ask this learner to propose the first model (the controller started without one)."""
 
@@ -155,6 +164,7 @@ Effect: TypeAlias = (
     | SendTask
     | SendCancel
     | SendNotice
+    | SendAck
     | RequestInitialModel
     | SendStatus
     | VersionCommitted

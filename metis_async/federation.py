@@ -38,6 +38,7 @@ import structlog
 from metis_async import wire
 from metis_async.aggregation.compatibility import check_compatible
 from metis_async.aggregation.server_step import AggregationSettings, ServerStep
+from metis_async.checkpoints import Checkpoint, CheckpointError, StateDirectory
 from metis_async.effects import (
     CommitRecord,
     CommitRefused,
@@ -46,6 +47,7 @@ from metis_async.effects import (
     FederationState,
     Notice,
     RequestInitialModel,
+    SendAck,
     SendCancel,
     SendModel,
     SendNotice,
@@ -86,6 +88,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("metis_async.federation")
 
 RESULT_RECEIVED = "result already received"
+RESENT = "resent:"
+"""Prefix of the policy-side id of an update resent from an earlier controller start."""
 
 _Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate"]]
 
@@ -137,10 +141,15 @@ class UpdateReport:
 
 @dataclass(frozen=True)
 class TaskLookup:
-    """What the core knows of a task id a learner answers: outstanding, closed, or unknown."""
+    """What the core knows of a task id a learner answers: outstanding, closed, committed (in
+    `committed_version`), resendable (a task of this run from an earlier controller start, not
+    yet counted: `resent_upload_delta` is the payload kind the policy takes), or unknown."""
 
     task: Task | None = None
     closed_reason: str | None = None
+    committed_version: int | None = None
+    resendable: bool = False
+    resent_upload_delta: bool = True
 
 
 class FederationCore:
@@ -160,6 +169,10 @@ class FederationCore:
         commits_kept: recent commit records kept in memory.
         rng: the generator of every random choice the policy makes (which learners train);
             None keeps the policy's own, seeded from its settings (the same in every driver).
+        state: where every committed version is checkpointed before it is published (None:
+            nothing is kept; acknowledgements then mean "committed", not "durable").
+        committed_kept: ids of committed updates remembered (and checkpointed) so a resent
+            update is acknowledged instead of counted twice.
     """
 
     def __init__(
@@ -175,6 +188,8 @@ class FederationCore:
         learners_remembered: int = 1_000_000,
         commits_kept: int = 1024,
         rng: random.Random | None = None,
+        state: StateDirectory | None = None,
+        committed_kept: int = 200_000,
     ) -> None:
         self.policy = policy
         if rng is not None:
@@ -188,7 +203,13 @@ class FederationCore:
         self.commits: deque[CommitRecord] = deque(maxlen=commits_kept)
         self.finished = False
         self.events_handled = 0
-        self._prefix = f"{self.run_id}-"
+        self._state_dir = state
+        self.incarnation = state.incarnation if state is not None else 1
+        self._prefix = f"{self.run_id}.{self.incarnation}-"
+        # wire task id -> (learner id, version) of recently committed updates, oldest first
+        self._committed: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._committed_kept = committed_kept
+        self._open_learners: list[str] = []  # the learner of each entry of _open
         self._publish = publish
         self._initial_timeout = initial_model_timeout_seconds
         self._layout: pb.ModelLayout | None = None
@@ -234,11 +255,28 @@ class FederationCore:
         return self._provider
 
     def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
-        """Whether `task_id` is outstanding for `learner_id`, closed (and why), or unknown."""
+        """Whether `task_id` is outstanding for `learner_id`, closed (and why), committed,
+        resendable, or unknown."""
         task = self._tasks.get(task_id)
         if task is not None and task.learner_id == learner_id:
             return TaskLookup(task=task)
-        return TaskLookup(closed_reason=self._learners.closed_reason(learner_id, task_id))
+        committed = self._committed.get(task_id)
+        if committed is not None and committed[0] == learner_id:
+            return TaskLookup(committed_version=committed[1])
+        closed = self._learners.closed_reason(learner_id, task_id)
+        if closed is None and self._resendable(task_id):
+            upload_delta = bool(getattr(self.policy, "upload_delta", True))
+            return TaskLookup(resendable=True, resent_upload_delta=upload_delta)
+        return TaskLookup(closed_reason=closed)
+
+    def _resendable(self, task_id: str) -> bool:
+        """A task id of this run from an earlier controller start (never outstanding here)."""
+        return (
+            self._state_dir is not None
+            and task_id.startswith(f"{self.run_id}.")
+            and not task_id.startswith(self._prefix)
+            and task_id not in self._committed
+        )
 
     def participation(self) -> dict[str, dict[str, int]]:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
@@ -274,8 +312,63 @@ class FederationCore:
                 parameters=wire.num_parameters(layout),
                 tensors=len(layout.tensors),
             )
+        self._save_checkpoint()
         published = self._publish(0, flat) if self._publish is not None else None
         effects.append(VersionCommitted(self._record(0, (), 0.0, "initial model"), flat, published))
+        return effects + self._admit_waiting(now)
+
+    def resume(self, now: float, checkpoint: Checkpoint) -> list[Effect]:
+        """Continue from `checkpoint` (the newest in the state directory) instead of a first
+        model: the same run id and version sequence, optimizer state, policy counters and the
+        ids of recently committed updates.
+
+        Raises:
+            CheckpointError: the checkpoint is of another policy or does not fit the settings.
+        """
+        if self._flat is not None:
+            raise RuntimeError("the federation already has a model")
+        if checkpoint.protocol != self.policy.name:
+            raise CheckpointError(
+                f"the state directory holds a {checkpoint.protocol} run; this controller runs "
+                f"{self.policy.name} (use another state directory to start a new run)"
+            )
+        step = ServerStep(wire.num_parameters(checkpoint.layout), self.aggregation)
+        try:
+            step.load_state(checkpoint.optimizer)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint does not fit the settings: {error}") from error
+        self.run_id = checkpoint.run_id
+        self._prefix = f"{self.run_id}.{self.incarnation}-"
+        self._layout = checkpoint.layout
+        self._flat = checkpoint.model
+        self._flat.flags.writeable = False
+        self._step = step
+        self.version = checkpoint.version
+        self.policy.resume(checkpoint.policy)
+        self.policy.version = checkpoint.version
+        for name, value in checkpoint.stats.items():
+            if hasattr(self.stats, name):
+                setattr(self.stats, name, value)
+        self.evaluations = OrderedDict(sorted(checkpoint.evaluations.items()))
+        self._committed = OrderedDict(checkpoint.committed)
+        log.info(
+            "resumed_from_checkpoint",
+            run_id=self.run_id,
+            version=self.version,
+            incarnation=self.incarnation,
+            committed_ids=len(self._committed),
+        )
+        published = self._publish(self.version, self._flat) if self._publish is not None else None
+        record = self._record(self.version, (), 0.0, "resumed from checkpoint")
+        effects: list[Effect] = [VersionCommitted(record, self._flat, published)]
+        if self.policy.finished:
+            self._finish("finished before the restart", effects)
+            return effects
+        return effects + self._admit_waiting(now)
+
+    def _admit_waiting(self, now: float) -> list[Effect]:
+        """Hand every learner that joined while there was no model to the policy."""
+        effects: list[Effect] = []
         for record in list(self._learners):
             if record.connected and not record.admitted:
                 effects += self._admit(now, record)
@@ -303,7 +396,9 @@ class FederationCore:
         record.capabilities = capabilities
         if held is not None and self._layout is not None:
             run, version, layout_id = held
-            if run == self.run_id and layout_id == self._layout.layout_id:
+            # A version above ours was never committed by this run's checkpoints: ignore it.
+            ours = run == self.run_id and layout_id == self._layout.layout_id
+            if ours and version <= self.version:
                 record.held_version = version
         if self.finished:
             return [
@@ -382,14 +477,15 @@ class FederationCore:
         `Segments`: the upload still in the chunk messages it arrived in, or a `RemoteUpdate`
         an ingest worker holds)."""
         task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
-        if task is None:
+        resent = task is None and self._take_resent(learner_id, report.task_id)
+        if task is None and not resent:
             _release(update)
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
         self.stats.updates_received_total += 1
         event = UpdateArrived(
             now,
             learner_id,
-            self._policy_id(report.task_id),
+            RESENT + report.task_id if resent else self._policy_id(report.task_id),
             report.base_version,
             report.num_examples,
             report.completed_steps,
@@ -397,8 +493,20 @@ class FederationCore:
             dict(report.metrics),
             report.seconds_per_batch,
             report.seconds_per_epoch,
+            resent,
         )
         return self._deliver(event, {event.task_id: (learner_id, update)})
+
+    def _take_resent(self, learner_id: str, task_id: str) -> bool:
+        """Whether an answer to an unknown task is a resent update to hand to the policy (then
+        remembered as answered, so a second resend is a duplicate)."""
+        record = self._learners.get(learner_id)
+        if record is None or not record.connected or not self._resendable(task_id):
+            return False
+        if self._learners.closed_reason(learner_id, task_id) is not None:
+            return False
+        self._learners.remember_closed(record, task_id, RESULT_RECEIVED)
+        return True
 
     @_counted
     def evaluation_arrived(
@@ -551,6 +659,7 @@ class FederationCore:
         # The driver checked every value when the upload arrived: the fold does not re-read.
         self._aggregate.add(update, decision.weight, True)
         self._open.append(self._wire_id(decision.task_id))
+        self._open_learners.append(lid)
         self.stats.updates_accepted_total += 1
         self._learners[lid].updates_accepted += 1
 
@@ -558,7 +667,8 @@ class FederationCore:
         target = self.version + 1
         step = self._aggregate
         folded, weight = tuple(self._open), step.total_weight
-        self._open = []
+        learners = self._open_learners
+        self._open, self._open_learners = [], []
         try:
             new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
             bad = wire.first_non_finite(new)
@@ -583,8 +693,14 @@ class FederationCore:
         self.version = target
         record = self._record(target, folded, weight, decision.reason)
         self.stats.versions_committed_total += 1
+        self._remember_committed(folded, learners, target)
+        self._save_checkpoint()  # before anyone sees the version; raises CheckpointError
         published = self._publish(target, new) if self._publish is not None else None
         effects.append(VersionCommitted(record, new, published))
+        for task_id, lid in zip(folded, learners, strict=True):
+            learner = self._learners.get(lid)
+            if learner is not None and learner.connected and "ack" in learner.capabilities:
+                effects.append(SendAck(lid, task_id, target))
         log.info(
             "version_committed",
             version=target,
@@ -601,10 +717,42 @@ class FederationCore:
         self.commits.append(record)
         return record
 
+    def _remember_committed(
+        self, task_ids: tuple[str, ...], learners: list[str], version: int
+    ) -> None:
+        committed = self._committed
+        for task_id, lid in zip(task_ids, learners, strict=True):
+            committed[task_id] = (lid, version)
+        while len(committed) > self._committed_kept:
+            committed.popitem(last=False)
+
+    def _save_checkpoint(self) -> None:
+        """Make the current version durable (a no-op without a state directory)."""
+        if self._state_dir is None or self._flat is None or self._layout is None:
+            return
+        checkpoint = Checkpoint(
+            run_id=self.run_id,
+            version=self.version,
+            incarnation=self.incarnation,
+            layout=self._layout,
+            model=self._flat,
+            optimizer=self._aggregate.state(),
+            protocol=self.policy.name,
+            policy=self.policy.snapshot(),
+            stats=self.stats.snapshot(),
+            evaluations=dict(self.evaluations),
+            committed=dict(self._committed),
+        )
+        try:
+            self._state_dir.save(checkpoint)
+        except CheckpointError as error:
+            log.critical("checkpoint_failed", version=self.version, reason=str(error))
+            raise
+
     def _discard(self, reason: str) -> None:
         dropped = len(self._open)
         self._aggregate.reset()
-        self._open = []
+        self._open, self._open_learners = [], []
         self.stats.updates_discarded_total += dropped
         log.info("aggregate_discarded", reason=reason, version=self.version, updates=dropped)
 
@@ -685,9 +833,13 @@ class FederationCore:
     # ------------------------------------------------------------------------------ helpers
 
     def _wire_id(self, policy_task_id: str) -> str:
+        if policy_task_id.startswith(RESENT):
+            return policy_task_id[len(RESENT) :]
         return self._prefix + policy_task_id
 
     def _policy_id(self, wire_task_id: str) -> str:
+        if not wire_task_id.startswith(self._prefix):
+            return RESENT + wire_task_id  # resent from an earlier start
         return wire_task_id[len(self._prefix) :]
 
     @property

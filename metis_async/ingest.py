@@ -26,8 +26,8 @@ import structlog
 from metis_async import wire
 from metis_async.delivery import keep_freed_memory, lower_thread_priority, start_bulk_threads
 from metis_async.federation import RESULT_RECEIVED, UpdateReport
-from metis_async.protocols import TaskKind
-from metis_async.session import PendingUpload, ProtocolViolation, Session
+from metis_async.protocols import Task, TaskKind
+from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
 from metis_async.store import ModelStore
 from metis_async.telemetry import ControllerStats, LogLimiter, short_id
 from metis_async.v1 import controller_pb2 as pb
@@ -111,6 +111,13 @@ class Ingest:
             )
         found = await self.link.lookup(session.learner_id, result.task_id)
         task = found.task
+        if task is None and found.committed_version is not None:
+            self._skip_chunks(session, result)
+            ack = pb.Ack(task_id=result.task_id, version=found.committed_version)
+            session.send(controller_message(ack=ack))
+            return
+        if task is None and found.resendable:
+            task = _resent_task(session.learner_id, result, found.resent_upload_delta)
         if task is None:
             self._answer_closed_task(session, result, found.closed_reason)
             return
@@ -178,8 +185,7 @@ class Ingest:
                 f"unknown task id {result.task_id!r}: "
                 "this controller never assigned it to this learner",
             )
-        session.discard_chunks = int(result.payload.num_chunks)
-        session.discard_payload_id = int(result.payload.payload_id)
+        self._skip_chunks(session, result)
         code = pb.ERROR_CODE_DUPLICATE if reason == RESULT_RECEIVED else pb.ERROR_CODE_STALE_TASK
         message = f"task {result.task_id!r} is closed ({reason}); result discarded"
         if self._limiter.allow(session.learner_id, "result_discarded"):
@@ -190,6 +196,11 @@ class Ingest:
                 reason=reason,
             )
         session.send_error(code, message, result.task_id)
+
+    @staticmethod
+    def _skip_chunks(session: Session, result: pb.TaskResult) -> None:
+        session.discard_chunks = int(result.payload.num_chunks)
+        session.discard_payload_id = int(result.payload.payload_id)
 
     async def _on_chunk(self, session: Session, raw: bytes, chunk: tuple[int, int, int]) -> None:
         payload_id, _, nbytes = chunk
@@ -356,3 +367,16 @@ def check_layout(layout: pb.ModelLayout) -> None:
         raise ProtocolViolation(
             INVALID, f"layout totals {offset} bytes but announces {layout.total_bytes}"
         )
+
+
+def _resent_task(learner_id: str, result: pb.TaskResult, upload_delta: bool) -> Task:
+    """The task a resent update answers, as far as its checks go (its own was issued by an
+    earlier controller start): training from the version it names, in the kind the policy takes
+    now. The core decides whether the update is used."""
+    return Task(
+        task_id=result.task_id,
+        learner_id=learner_id,
+        kind=TaskKind.TRAIN,
+        version=int(result.base_version),
+        upload_delta=upload_delta,
+    )

@@ -25,6 +25,7 @@ import structlog
 
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
+from metis_async.checkpoints import StateDirectory
 from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
 from metis_async.effects import Effect
 from metis_async.federation import FederationCore
@@ -77,6 +78,9 @@ class ControllerConfig:
             upload float32): float32, float16, bfloat16 or int8 (a scale per chunk).
         download_codec: what learners that offer it are sent models in.
         tokens: learner id -> token; None disables authentication.
+        state_dir: directory of the controller's checkpoints (every committed version; a
+            controller started on it resumes); None keeps nothing.
+        checkpoints_kept: newest checkpoints kept in `state_dir`.
     """
 
     host: str = "127.0.0.1"
@@ -96,6 +100,8 @@ class ControllerConfig:
     upload_codec: str = "float32"
     download_codec: str = "float32"
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
+    state_dir: str | None = None
+    checkpoints_kept: int = 3
 
     def __post_init__(self) -> None:
         for name in ("upload_codec", "download_codec"):
@@ -140,6 +146,9 @@ class ControllerFace:
     _runner: CoreRunner
     _finished: asyncio.Event
     _initial: Sequence[npt.NDArray[np.generic]] | None
+    state: StateDirectory | None = None
+    failure: BaseException | None = None
+    """Why the controller stopped on its own (a checkpoint it could not write), if it did."""
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
         """Wait until the policy finishes the federation; False on timeout (seconds)."""
@@ -185,6 +194,8 @@ class ControllerFace:
         self.config = config or ControllerConfig()
         self.stats = ControllerStats()
         self.store = ModelStore(self.config.max_chunk_bytes)
+        if self.config.state_dir is not None:
+            self.state = StateDirectory(self.config.state_dir, self.config.checkpoints_kept)
         self.core = FederationCore(
             policy,
             aggregation=aggregation,
@@ -193,7 +204,19 @@ class ControllerFace:
             stats=self.stats,
             initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
             rng=rng,
+            state=self.state,
         )
+
+    def _on_fatal(self, error: BaseException) -> None:
+        """The core cannot go on (a commit it could not make durable): stop serving."""
+        if self.failure is None:
+            log.critical("controller_failed", error=str(error))
+            self.failure = error
+        self._finished.set()
+
+    def _release_state(self) -> None:
+        if self.state is not None:
+            self.state.close()
 
     def _encode(self, version: int, flat: wire.FloatVector) -> object:
         """Publish hook (core thread): encode the version once for every stream."""
@@ -205,7 +228,19 @@ class ControllerFace:
         )
 
     async def _adopt_initial_model(self) -> None:
-        """Check the initial model given to the constructor (size, finite) and adopt it."""
+        """Resume from the state directory's newest checkpoint if there is one; else check the
+        initial model given to the constructor (size, finite) and adopt it."""
+        checkpoint = self.state.latest() if self.state is not None else None
+        if checkpoint is not None:
+            if self._initial is not None:
+                log.info("initial_model_ignored", reason="resuming from a checkpoint")
+            try:
+                await self._runner.call(self.core.resume, self._now(), checkpoint)
+            except Exception:
+                self._release_state()  # the directory is free for a controller that fits it
+                raise
+            self._initial = None
+            return
         if self._initial is None:
             return
         layout = wire.make_layout(self._initial)
@@ -261,7 +296,7 @@ class Controller(ControllerFace):
         self._wakeup: asyncio.TimerHandle | None = None
         sessions: dict[str, Session] = {}
         self._delivery = EffectDelivery(sessions, self.store, on_commit, self._finished)
-        self._runner = CoreRunner(self.core, self._delivery, self._reschedule)
+        self._runner = CoreRunner(self.core, self._delivery, self._reschedule, self._on_fatal)
         link = LocalLink(self.core, self._runner, self._now)
         limiter = LogLimiter()
         self._ingest = Ingest(self.config, link, self.store, self.stats, limiter)
@@ -294,6 +329,7 @@ class Controller(ControllerFace):
         await self.streams.stop(grace_seconds)
         self._runner.close()
         self._ingest.close()
+        self._release_state()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
 
     def sessions(self) -> list[dict[str, object]]:

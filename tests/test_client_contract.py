@@ -479,7 +479,7 @@ def test_capabilities_are_announced(scripted) -> None:
     run(controller)
 
     capabilities = set(controller.conversations[0].hello.capabilities)
-    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle"}
+    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle", "ack"}
 
 
 def test_status_messages_are_logged(scripted, caplog: pytest.LogCaptureFixture) -> None:

@@ -397,8 +397,25 @@ class ServerStep:
         return estimate
 
     def state(self) -> dict[str, FloatVector]:
-        """The optimizer's state vectors (for checkpoints)."""
-        return {} if self._optimizer is None else dict(self._optimizer.state())
+        """The optimizer's state vectors (for checkpoints); `steps` is kept as `steps`."""
+        if self._optimizer is None:
+            return {}
+        state = dict(self._optimizer.state())
+        state["steps"] = np.array([self._optimizer.steps], dtype=np.float32)
+        return state
+
+    def load_state(self, state: Mapping[str, FloatVector]) -> None:
+        """Take back `state()` of a step with the same settings (a checkpoint's)."""
+        vectors = {k: v for k, v in state.items() if k != "steps"}
+        if self._optimizer is None:
+            if vectors:
+                raise ValueError(
+                    f"the checkpoint holds optimizer state ({', '.join(sorted(vectors))}); "
+                    f"the configured optimizer {self.settings.optimizer} keeps none"
+                )
+            return
+        steps = int(state["steps"][0]) if "steps" in state else 0
+        self._optimizer.load_state(vectors, steps)
 
 
 def _mix(base: FloatVector, target: FloatVector, scale: float) -> FloatVector:

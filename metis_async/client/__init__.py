@@ -34,10 +34,12 @@ from metis_async.client.runner import (
     run_learner,
 )
 from metis_async.client.summary import Backoff, RunSummary
+from metis_async.client.unacked import UNACKED_KEPT, UnackedUpdates
 
 __all__ = [
     "CAPABILITIES",
     "DEFAULT_CODECS",
+    "UNACKED_KEPT",
     "Backoff",
     "EvaluateConfig",
     "EvaluateRes",
@@ -50,5 +52,6 @@ __all__ = [
     "Metrics",
     "NDArrays",
     "RunSummary",
+    "UnackedUpdates",
     "run_learner",
 ]

@@ -34,14 +34,15 @@ from metis_async.client.learner import Learner
 from metis_async.client.models import HeldModel, ModelReceiver
 from metis_async.client.stream import LearnerStream
 from metis_async.client.summary import Backoff, RunSummary
-from metis_async.client.tasks import TaskWorker
+from metis_async.client.tasks import TaskWorker, send_result
+from metis_async.client.unacked import UnackedUpdates
 from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle")
+CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack")
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
 
 DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
@@ -107,6 +108,8 @@ class LearnerRunner:
         seed: seed of the backoff jitter (tests).
         codecs: payload dtypes besides float32 offered in `Hello.codecs` (see `DEFAULT_CODECS`);
             () offers float32 only.
+        unacked: where train results wait for the controller's acknowledgement (keeps the
+            newest `UNACKED_KEPT` by default), resent after a reconnect.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class LearnerRunner:
         stop: threading.Event | None = None,
         seed: int | None = None,
         codecs: Sequence[int] = DEFAULT_CODECS,
+        unacked: UnackedUpdates | None = None,
     ) -> None:
         unknown = [c for c in codecs if c not in wire_codecs.CODEC_DTYPES]
         if unknown:
@@ -135,7 +139,7 @@ class LearnerRunner:
         self._payload_ids = itertools.count(1)
         self._chunk_limit = CHANNEL_CHUNK_BYTES
         self._held: HeldModel | None = None  # last model received, kept across sessions
-        self._worker = TaskWorker(learner, self.summary, self._payload_ids)
+        self._worker = TaskWorker(learner, self.summary, self._payload_ids, unacked)
 
     def run(self) -> RunSummary:
         """Serve tasks until the controller finishes the federation or `stop` is set.
@@ -248,6 +252,7 @@ class LearnerRunner:
                     raise wire.WireError("a second welcome arrived on one stream")
                 if (resize := self._on_welcome(stream, message.welcome)) is not None:
                     return resize
+                self._resend(stream, message.welcome)
                 beat = threading.Thread(target=self._heartbeat, args=(stream,), daemon=True)
                 beat.start()
             elif not stream.welcomed:
@@ -266,10 +271,14 @@ class LearnerRunner:
                 self._on_status(message.status)
                 if message.status.need_initial_model:
                     self._send_initial_model(stream)
+            elif kind == "ack":
+                if self._worker.unacked.acknowledged(message.ack.task_id):
+                    self.summary.updates_acknowledged += 1
             elif kind == "error":
-                _log(
-                    "controller_error", task_id=message.error.task_id, message=message.error.message
-                )
+                error = message.error
+                if error.code == pb.ERROR_CODE_STALE_TASK and error.task_id:
+                    self._worker.unacked.forget(error.task_id)  # it will never be counted
+                _log("controller_error", task_id=error.task_id, message=error.message)
             elif kind == "shutdown":
                 return self._on_shutdown(stream, message.shutdown)
             # heartbeats, and bodies added after this client was built, need no answer
@@ -325,6 +334,15 @@ class LearnerRunner:
         if welcome.need_initial_model:
             self._send_initial_model(stream)
         return None
+
+    def _resend(self, stream: LearnerStream, welcome: pb.Welcome) -> None:
+        """Send again, before anything else, the updates the controller has not acknowledged."""
+        unacked = self._worker.unacked.to_resend(welcome.run_id, stream.models.upload_dtype)
+        for result, chunks in unacked:
+            send_result(stream, result, chunks)
+            self.summary.updates_resent += 1
+        if unacked:
+            _log("updates_resent", count=len(unacked))
 
     def _send_initial_model(self, stream: LearnerStream) -> None:
         """Answer a request for the first model: layout, header, chunks; or an Error saying why

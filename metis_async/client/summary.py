@@ -42,6 +42,8 @@ class RunSummary:
         final_parameters: the federation's final model, in the layout's shapes and dtypes, when
             the controller delivered it (or the learner held it) before `Shutdown` FINISHED.
         final_version: the version of `final_parameters`.
+        updates_acknowledged: train results the controller acknowledged as durably counted.
+        updates_resent: kept, unacknowledged results sent again after a reconnect.
     """
 
     learner_id: str = ""
@@ -53,6 +55,8 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     final_parameters: NDArrays | None = field(default=None, repr=False)
     final_version: int | None = None
+    updates_acknowledged: int = 0
+    updates_resent: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready summary: the final model is given by its tensor shapes, not values."""

@@ -19,6 +19,7 @@ from metis_async.client.learner import EvaluateConfig, FitConfig, Learner
 from metis_async.client.models import HeldModel
 from metis_async.client.stream import LearnerStream
 from metis_async.client.summary import RunSummary
+from metis_async.client.unacked import UnackedUpdates
 from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
@@ -30,13 +31,22 @@ class TaskWorker:
     Args:
         learner: the user's learner.
         summary: counters to update (tasks completed and failed).
-        payload_ids: the runner's source of payload ids (unique per stream).
+        payload_ids: the runner's source of payload ids (unique per stream; never reused, so a
+            kept update can be resent as it was on a later stream).
+        unacked: where train results wait for the controller's acknowledgement.
     """
 
-    def __init__(self, learner: Learner, summary: RunSummary, payload_ids: Iterator[int]) -> None:
+    def __init__(
+        self,
+        learner: Learner,
+        summary: RunSummary,
+        payload_ids: Iterator[int],
+        unacked: UnackedUpdates | None = None,
+    ) -> None:
         self.learner = learner
         self.summary = summary
         self._payload_ids = payload_ids
+        self.unacked = unacked if unacked is not None else UnackedUpdates()
 
     def run(
         self, stream: LearnerStream, tasks: queue.SimpleQueue[pb.ControllerMessage | None]
@@ -61,9 +71,9 @@ class TaskWorker:
                 continue
             if task.task_id in stream.cancelled:
                 continue  # the round closed while we trained: don't upload
-            stream.send(pb.LearnerMessage(result=result))
-            for chunk in chunks:
-                stream.send(pb.LearnerMessage(chunk=chunk))
+            if chunks:  # a train result: kept until the controller acknowledges it
+                self.unacked.keep(stream.models.run_id, result, chunks)
+            send_result(stream, result, chunks)
             self.summary.tasks_completed += 1
 
     def _fail(self, stream: LearnerStream, task_id: str, reason: str) -> None:
@@ -141,3 +151,10 @@ class TaskWorker:
             num_examples=int(num_examples),
             metrics=values,
         )
+
+
+def send_result(stream: LearnerStream, result: pb.TaskResult, chunks: list[pb.Chunk]) -> None:
+    """A result header and its chunks, in order."""
+    stream.send(pb.LearnerMessage(result=result))
+    for chunk in chunks:
+        stream.send(pb.LearnerMessage(chunk=chunk))

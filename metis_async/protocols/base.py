@@ -23,11 +23,12 @@ commit in the same list, after it.
 from __future__ import annotations
 
 import abc
+import copy
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 # --------------------------------------------------------------------------------------------
 # Tasks
@@ -117,6 +118,10 @@ class UpdateArrived:
     metrics: Mapping[str, float] = field(default_factory=dict)
     seconds_per_batch: float = 0.0  # measured by the learner
     seconds_per_epoch: float = 0.0
+    resent: bool = False
+    """The learner resent it after reconnecting: its task is from an earlier controller start
+    (never outstanding here). Policies that cannot place it reject it; the learner then drops
+    it and trains the task it gets now."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,9 @@ class Policy(abc.ABC):
     """Whether commits mix full uploaded models into the current one (`relative`): such an
     update cannot be pre-summed apart from the model, so ingest workers forward it whole."""
 
+    checkpointed: tuple[str, ...] = ("version", "finished", "commits_failed", "_finished_by")
+    """Attributes (plain JSON values) a checkpoint keeps: subclasses add their counters."""
+
     def __init__(self) -> None:
         self.version = 0
         self.finished = False
@@ -314,6 +322,26 @@ class Policy(abc.ABC):
     def next_wakeup(self) -> float | None:
         """Earliest time (same clock as events) at which the policy wants a `Tick`, or None."""
         return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state a checkpoint keeps: the `checkpointed` attributes and the generator's state.
+
+        Taken at a commit, when no aggregate is open; work in flight (rounds, outstanding tasks)
+        is not kept: learners reconnect to a restarted controller and get new tasks.
+        """
+        state: dict[str, Any] = {name: getattr(self, name) for name in self.checkpointed}
+        version, internal, gauss = self.rng.getstate()
+        state["rng"] = [version, list(internal), gauss]
+        return state
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Take back a `snapshot` (of a policy of the same kind); unknown keys are ignored."""
+        for name in self.checkpointed:
+            if name in state:
+                setattr(self, name, copy.deepcopy(state[name]))
+        if "rng" in state:
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
 
     def describe(self) -> dict[str, object]:
         """Settings and counters for logs and the dashboard."""

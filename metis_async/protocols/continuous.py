@@ -85,9 +85,22 @@ class ContinuousSettings:
 
 
 class ContinuousPolicy(Policy):
-    """Hands out work continuously; subclasses decide what an arriving update does."""
+    """Hands out work continuously; subclasses decide what an arriving update does.
+
+    An update resent after a controller restart (`UpdateArrived.resent`) is taken like any
+    other, weighted by its staleness; it holds no concurrency slot (its task is not ours).
+    """
 
     upload_delta = True
+    checkpointed = (
+        *Policy.checkpointed,
+        "_task_seq",
+        "updates_accepted",
+        "updates_rejected",
+        "tasks_expired",
+        "staleness_sum",
+        "staleness_max",
+    )
 
     def __init__(self, settings: ContinuousSettings) -> None:
         super().__init__()
@@ -219,13 +232,15 @@ class ContinuousPolicy(Policy):
         return info
 
     def _on_update(self, event: UpdateArrived) -> list[Decision]:
-        if self._tasks.get(event.task_id) != event.learner_id:
+        if not event.resent and self._tasks.get(event.task_id) != event.learner_id:
             return [RejectUpdate(event.task_id, "task is not outstanding")]
         if self.finished:
-            self._release(event.learner_id)
+            if not event.resent:
+                self._release(event.learner_id)
             return [RejectUpdate(event.task_id, "the federation has finished")]
-        # The reporter competes for new work only after the others (its task is done now).
-        self._release(event.learner_id)
+        if not event.resent:
+            # The reporter competes for new work only after the others (its task is done now).
+            self._release(event.learner_id)
         staleness = self.version - event.base_version
         limit = self.base_settings.max_staleness
         if staleness < 0:

@@ -54,6 +54,7 @@ class SemiSynchronousPolicy(SynchronousPolicy):
     """Rounds with a common time budget and per-learner local steps."""
 
     name = "semi_synchronous"
+    checkpointed = (*SynchronousPolicy.checkpointed, "seconds_per_batch", "seconds_per_epoch")
 
     def __init__(self, settings: SemiSynchronousSettings | None = None) -> None:
         self.semi = settings or SemiSynchronousSettings()

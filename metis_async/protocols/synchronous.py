@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from metis_async.protocols.base import (
@@ -135,6 +135,13 @@ class SynchronousPolicy(Policy):
     """Deadline-bounded synchronous rounds: FedAvg when the controller averages the updates."""
 
     name = "synchronous"
+    checkpointed = (
+        *Policy.checkpointed,
+        "_rounds_started",
+        "_task_seq",
+        "rounds_committed",
+        "rounds_abandoned",
+    )
 
     def __init__(self, settings: SynchronousSettings | None = None) -> None:
         super().__init__()
@@ -226,6 +233,8 @@ class SynchronousPolicy(Policy):
 
     def _on_update(self, event: UpdateArrived) -> list[Decision]:
         rnd = self._round
+        if event.resent:
+            return self._on_resent(event)
         if rnd is None or event.task_id not in rnd.outstanding:
             return [RejectUpdate(event.task_id, "task is not part of the open round")]
         if event.base_version != self.version:
@@ -249,6 +258,28 @@ class SynchronousPolicy(Policy):
         elif not rnd.outstanding:
             decisions += self._close_round(event.now, "all selected learners reported")
         return decisions
+
+    def _on_resent(self, event: UpdateArrived) -> list[Decision]:
+        """An update from before a controller restart answers the learner's task of the open
+        round when both start from this version: that task is cancelled, not trained again."""
+        rnd = self._round
+        task_id = rnd.working.get(event.learner_id) if rnd is not None else None
+        if rnd is None or task_id is None or event.base_version != self.version:
+            return [RejectUpdate(event.task_id, "resent update fits no task of the open round")]
+        replaced = replace(event, task_id=task_id, resent=False)
+        return [
+            CancelTask(event.learner_id, task_id, "answered by the update resent for it"),
+            *self._substituted(self._on_update(replaced), task_id, event.task_id),
+        ]
+
+    @staticmethod
+    def _substituted(decisions: list[Decision], task_id: str, resent_id: str) -> list[Decision]:
+        return [
+            AcceptUpdate(resent_id, d.weight)
+            if isinstance(d, AcceptUpdate) and d.task_id == task_id
+            else d
+            for d in decisions
+        ]
 
     def _weight(self, event: UpdateArrived) -> float:
         if self.settings.weighting == "examples":

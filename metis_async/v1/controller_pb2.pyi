@@ -357,6 +357,7 @@ class ControllerMessage(_message.Message):
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello; always the first message"""
@@ -401,6 +402,10 @@ class ControllerMessage(_message.Message):
     def bundle(self) -> Global___Bundle:
         """several messages at once; only to learners announcing "bundle" """
 
+    @_builtins.property
+    def ack(self) -> Global___Ack:
+        """an update is durably counted; only to learners announcing "ack" """
+
     def __init__(
         self,
         *,
@@ -416,16 +421,56 @@ class ControllerMessage(_message.Message):
         shutdown: Global___Shutdown | None = ...,
         status: Global___Status | None = ...,
         bundle: Global___Bundle | None = ...,
+        ack: Global___Ack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class Ack(_message.Message):
+    """EXACTLY-ONCE UPDATES. A learner whose Hello.capabilities include "ack" is told, for each of
+    its training updates, when the update is durably part of a committed version: an Ack with the
+    task id and that version, sent after the version's checkpoint is on disk (controllers run
+    with a state directory; without one, "committed" is as durable as it gets). Until then the
+    learner keeps the update (its payload, base version and metadata). After reconnecting it
+    resends every update it still keeps, as ordinary TaskResult + chunks with the original
+    task_id and base_version, before answering new tasks. The controller answers a resend with:
+      Ack                      the update was already counted (the learner forgets it);
+      Error STALE_TASK         it cannot be used (the learner forgets it and trains new tasks);
+      Error DUPLICATE          it is counted in the open version: an Ack follows at the commit;
+      nothing, then an Ack     it was taken now (a task from before a controller restart).
+    A learner keeps a bounded number of unacknowledged updates (the reference client: 8) and
+    drops the oldest beyond it. Task ids are never reused by a run, across restarts either, so
+    (learner id, task id) identifies an update; a resend is never counted twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    version: _builtins.int
+    """the committed version the update is part of"""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ack: _TypeAlias = Ack  # noqa: Y015
 
 @_typing.final
 class Bundle(_message.Message):
@@ -533,6 +578,8 @@ class Hello(_message.Message):
           "final_model"  wants the final model: before Shutdown FINISHED the controller sends it
                          (ModelLayout if not sent yet, Model + chunks) unless the learner holds it.
           "bundle"       accepts ControllerMessage.bundle: several small messages in one write.
+          "ack"          takes ControllerMessage.ack and resends unacknowledged updates after a
+                         reconnect (see EXACTLY-ONCE UPDATES).
         An empty list means "train", "evaluate", "delta" (learners older than this list).
         Unknown strings are ignored.
         """
@@ -1086,9 +1133,12 @@ class TaskResult(_message.Message):
     Checked (a violation ends the stream with INVALID_ARGUMENT and a message):
       task_id        an outstanding task of THIS learner. A task that was assigned to it but has
                      closed (cancelled, round over, result already received) is non-fatal: Error
-                     STALE_TASK or DUPLICATE, and the result's chunks are skipped. An id never
+                     STALE_TASK or DUPLICATE, and the result's chunks are skipped; an update
+                     already committed is answered with its Ack. A task of this run from before
+                     a controller restart is a resend (see EXACTLY-ONCE UPDATES). An id never
                      assigned to this learner is fatal.
-      base_version   equals the task's model_version (train results).
+      base_version   equals the task's model_version (train results); a resend's is at most the
+                     current version.
       payload        train results: kind DELTA if the task's upload_delta is set, else WEIGHTS;
                      dtype DTYPE_FLOAT32 or Welcome.upload_dtype; total_bytes the model's
                      (scaled by the codec's bytes per value, see CODECS); layout_id the model's;

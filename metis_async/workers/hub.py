@@ -41,6 +41,7 @@ from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
 from metis_async.effects import (
     Effect,
     RequestInitialModel,
+    SendAck,
     SendCancel,
     SendModel,
     SendNotice,
@@ -111,7 +112,7 @@ class WorkerHub(ControllerFace):
         self._initial = initial_model
         self._finished = asyncio.Event()
         self._local = EffectDelivery({}, self.store, on_commit, self._finished)
-        self._runner = CoreRunner(self.core, self._deliver, self._reschedule)
+        self._runner = CoreRunner(self.core, self._deliver, self._reschedule, self._on_fatal)
         self._workers = [_Worker(i) for i in range(workers)]
         self._routes: dict[str, tuple[int, str]] = {}  # learner id -> (worker, session id)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,6 +194,7 @@ class WorkerHub(ControllerFace):
             await self._server.wait_closed()
         self._local.close()
         self._runner.close()
+        self._release_state()
         shutil.rmtree(self._dir, ignore_errors=True)
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
 
@@ -496,7 +498,7 @@ def _addressee(effect: Effect) -> str | None:
     """The learner an effect is for; None for everyone or for the core's process itself."""
     if isinstance(effect, SendTask):
         return effect.task.learner_id
-    if isinstance(effect, (SendModel, SendCancel, SendNotice, RequestInitialModel)):
+    if isinstance(effect, (SendModel, SendCancel, SendNotice, SendAck, RequestInitialModel)):
         return effect.learner_id
     if isinstance(effect, (SendStatus, Shutdown)):
         return effect.learner_id
