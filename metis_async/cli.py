@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metis_async import config as settings_schema
+from metis_async.checkpoints import CheckpointError
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
 
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"metis-async: error: {error}", file=sys.stderr)
         return 2
+    except CheckpointError as error:  # the state directory is busy, unreadable or of another run
+        print(f"metis-async: error: {error}", file=sys.stderr)
+        return 1
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -160,7 +164,18 @@ def _serve(args: argparse.Namespace) -> int:
             initial_model=initial,
             aggregation=settings.aggregation_settings(),
         )
-    run_event_loop(serve(controller, until_finished=bool(settings.protocol.rounds)))
+
+    def reload() -> None:  # SIGHUP: what can change without a restart
+        fresh = settings_schema.load_settings(
+            args.config, os.environ, settings_schema.flag_overrides(args)
+        )
+        configure_logging(fresh.log.level, fresh.log.json_lines)
+
+    until_finished = bool(settings.protocol.rounds)
+    run_event_loop(serve(controller, until_finished=until_finished, reload=reload))
+    if controller.failure is not None:
+        print(f"metis-async: error: {controller.failure}", file=sys.stderr)
+        return 1
     if settings.model.save_model and controller.store.ready:
         np.savez(settings.model.save_model, *controller.store.parameters())
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -35,6 +36,7 @@ from metis_async.protocols import Policy
 from metis_async.session import Session
 from metis_async.store import ModelStore, encode_for_learners
 from metis_async.streams import CODECS, StreamServer
+from metis_async.systemd import Notifier
 from metis_async.telemetry import ControllerStats, LogLimiter
 
 if TYPE_CHECKING:
@@ -382,26 +384,47 @@ def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def serve(
-    controller: Controller | WorkerHub, *, until_finished: bool = True, grace_seconds: float = 5.0
+    controller: Controller | WorkerHub,
+    *,
+    until_finished: bool = True,
+    grace_seconds: float = 5.0,
+    notifier: Notifier | None = None,
+    reload: Callable[[], None] | None = None,
 ) -> str:
     """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
 
     On a signal (systemd's stop, Ctrl-C) the controller drains: every learner is told to come
     back later (`Shutdown` of kind DRAINING), streams get `grace_seconds` to finish, then the
-    server closes. Returns why it stopped.
+    server closes. Every committed version is already checkpointed (with a state directory),
+    so the open aggregate is all a drain gives up; learners resend those updates to the next
+    controller. Under systemd (`Type=notify`) it sends READY once serving, WATCHDOG from the
+    event loop and STOPPING on drain; SIGHUP calls `reload`. Returns why it stopped.
     """
+    notifier = notifier or Notifier()
     await controller.start()
+    notifier.notify(
+        "READY=1",
+        f"STATUS=serving {controller.policy.name} on port {controller.port}, "
+        f"version {controller.version}",
+    )
+    keep_alive = asyncio.ensure_future(notifier.keep_alive())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = "finished"
     handled: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers: list[tuple[signal.Signals, Callable[[], object]]] = [
+        (signal.SIGTERM, stop.set),
+        (signal.SIGINT, stop.set),
+    ]
+    if reload is not None:
+        handlers.append((signal.SIGHUP, functools.partial(_reload, reload)))
+    for sig, handler in handlers:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
             handled.append(sig)
     try:
         waiters: set[asyncio.Future[bool]] = {asyncio.ensure_future(stop.wait())}
-        if until_finished:
+        if until_finished or controller.state is not None:
             waiters.add(asyncio.ensure_future(controller.wait_finished()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
@@ -409,11 +432,24 @@ async def serve(
         if stop.is_set():
             reason = "signal"
             log.info("draining", reason="signal", sessions=len(controller.sessions()))
+        elif controller.failure is not None:
+            reason = "failed"
         else:
             await asyncio.sleep(0.5)  # let shutdown messages reach the learners
     finally:
+        notifier.notify("STOPPING=1", f"STATUS=stopping ({reason})")
+        keep_alive.cancel()
         for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
             await controller.stop(grace_seconds)
     return reason
+
+
+def _reload(reload: Callable[[], None]) -> None:
+    try:
+        reload()
+    except Exception as error:  # a bad file must not take the controller down
+        log.error("reload_failed", error=str(error))
+    else:
+        log.info("reloaded")

@@ -603,3 +603,19 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
 
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_systemd_unit_notifies_and_keeps_its_state_where_the_example_config_points() -> None:
+    unit = (DEPLOYED.parent / "metis-async.service").read_text(encoding="utf-8")
+    directives = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+
+    settings = load_settings(DEPLOYED)
+
+    assert directives["Type"] == "notify"
+    assert int(directives["WatchdogSec"]) > 0
+    assert directives["Restart"] == "on-failure"
+    assert int(directives["LimitNOFILE"]) >= 200_000  # 100K+ learners, one connection each
+    assert settings.server.state_dir == f"/var/lib/{directives['StateDirectory']}"
+    assert "serve --config /etc/metis-async/controller.toml" in directives["ExecStart"]
