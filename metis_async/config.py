@@ -177,6 +177,13 @@ class ServerSection(_Section):
     checkpoints_kept: int = Field(
         default=3, ge=1, description="newest checkpoints kept in state_dir"
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics at http://metrics_host:PORT/metrics; unset: off",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of the metrics endpoint")
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> ServerSection:

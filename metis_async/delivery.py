@@ -214,6 +214,7 @@ class EffectDelivery:
         store: the published model.
         on_commit: called with each new version and its arrays (in a thread if not async).
         finished: set when the federation finishes.
+        on_state: called with the federation's state whenever it changes (health checks).
     """
 
     def __init__(
@@ -222,7 +223,9 @@ class EffectDelivery:
         store: ModelStore,
         on_commit: CommitHook | None,
         finished: asyncio.Event,
+        on_state: Callable[[FederationState], None] | None = None,
     ) -> None:
+        self._on_state = on_state
         self._sessions = sessions
         self._store = store
         self._on_commit = on_commit
@@ -330,6 +333,8 @@ class EffectDelivery:
         if effect.learner_id is not None:
             self._send(effect.learner_id, message)
             return
+        if self._on_state is not None:
+            self._on_state(effect.state)
         for session in self._sessions.values():
             self._out(session, message)
 
@@ -379,6 +384,9 @@ class EffectDelivery:
             retry_after_seconds=0.0 if effect.finished else DRAIN_RETRY_SECONDS,
         )
         message = controller_message(shutdown=shutdown)
+        if effect.learner_id is None and self._on_state is not None:
+            done = FederationState.FINISHED if effect.finished else FederationState.DRAINING
+            self._on_state(done)
         targets = (
             list(self._sessions.values())
             if effect.learner_id is None
@@ -468,3 +476,9 @@ def task_message(task: Task) -> bytes:
     batch = task.settings.batch_size if task.settings is not None else 0
     evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version, batch_size=batch)
     return controller_message(evaluate=evaluate)
+
+
+def health_of(state: FederationState) -> tuple[bool, bool]:
+    """(takes learners, trains) in federation state `state`, for health checks."""
+    accepting = state not in (FederationState.DRAINING, FederationState.FINISHED)
+    return accepting, state is FederationState.TRAINING

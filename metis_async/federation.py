@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -210,6 +211,7 @@ class FederationCore:
         self._committed: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._committed_kept = committed_kept
         self._open_learners: list[str] = []  # the learner of each entry of _open
+        self._base_of: tuple[str, int] = ("", 0)  # (policy task id, base version) arriving
         self._publish = publish
         self._initial_timeout = initial_model_timeout_seconds
         self._layout: pb.ModelLayout | None = None
@@ -495,6 +497,7 @@ class FederationCore:
             report.seconds_per_epoch,
             resent,
         )
+        self._base_of = (event.task_id, report.base_version)
         return self._deliver(event, {event.task_id: (learner_id, update)})
 
     def _take_resent(self, learner_id: str, task_id: str) -> bool:
@@ -615,7 +618,7 @@ class FederationCore:
             if answered is not None:
                 lid = answered[0]
                 _release(answered[1])
-                self.stats.updates_rejected_total += 1
+                self.stats.reject(decision.reason)
                 self._learners[lid].updates_rejected += 1
                 wire_id = self._wire_id(decision.task_id)
                 effects.append(SendNotice(lid, wire_id, Notice.STALE, decision.reason))
@@ -660,10 +663,13 @@ class FederationCore:
         self._aggregate.add(update, decision.weight, True)
         self._open.append(self._wire_id(decision.task_id))
         self._open_learners.append(lid)
+        if self._base_of[0] == decision.task_id:
+            self.stats.staleness.observe(max(self.version - self._base_of[1], 0))
         self.stats.updates_accepted_total += 1
         self._learners[lid].updates_accepted += 1
 
     def _commit(self, decision: CommitVersion, effects: list[Effect]) -> CommitRefused | None:
+        started = time.perf_counter()
         target = self.version + 1
         step = self._aggregate
         folded, weight = tuple(self._open), step.total_weight
@@ -697,6 +703,7 @@ class FederationCore:
         self._save_checkpoint()  # before anyone sees the version; raises CheckpointError
         published = self._publish(target, new) if self._publish is not None else None
         effects.append(VersionCommitted(record, new, published))
+        self.stats.commit_seconds.observe(time.perf_counter() - started)
         for task_id, lid in zip(folded, learners, strict=True):
             learner = self._learners.get(lid)
             if learner is not None and learner.connected and "ack" in learner.capabilities:

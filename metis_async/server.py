@@ -27,11 +27,12 @@ import structlog
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.checkpoints import StateDirectory
-from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery
-from metis_async.effects import Effect
+from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery, health_of
+from metis_async.effects import Effect, FederationState
 from metis_async.federation import FederationCore
 from metis_async.ingest import Ingest
 from metis_async.links import LocalLink
+from metis_async.metrics import LoopLag, start_metrics_server
 from metis_async.protocols import Policy
 from metis_async.session import Session
 from metis_async.store import ModelStore, encode_for_learners
@@ -83,6 +84,8 @@ class ControllerConfig:
         state_dir: directory of the controller's checkpoints (every committed version; a
             controller started on it resumes); None keeps nothing.
         checkpoints_kept: newest checkpoints kept in `state_dir`.
+        metrics_port: port of the Prometheus endpoint `serve` starts (None: none; 0: free).
+        metrics_host: address of the Prometheus endpoint.
     """
 
     host: str = "127.0.0.1"
@@ -104,6 +107,8 @@ class ControllerConfig:
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
     state_dir: str | None = None
     checkpoints_kept: int = 3
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for name in ("upload_codec", "download_codec"):
@@ -297,7 +302,9 @@ class Controller(ControllerFace):
         self._clock = clock
         self._wakeup: asyncio.TimerHandle | None = None
         sessions: dict[str, Session] = {}
-        self._delivery = EffectDelivery(sessions, self.store, on_commit, self._finished)
+        self._delivery = EffectDelivery(
+            sessions, self.store, on_commit, self._finished, self._state_changed
+        )
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule, self._on_fatal)
         link = LocalLink(self.core, self._runner, self._now)
         limiter = LogLimiter()
@@ -337,6 +344,9 @@ class Controller(ControllerFace):
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""
         return [s.describe() for s in self.streams.sessions.values()]
+
+    def _state_changed(self, state: FederationState) -> None:
+        self.streams.set_health(*health_of(state))
 
     async def tick(self) -> None:
         """Deliver the passing of time to the core now (the wake-up timer does it on its own)."""
@@ -407,7 +417,14 @@ async def serve(
         f"STATUS=serving {controller.policy.name} on port {controller.port}, "
         f"version {controller.version}",
     )
-    keep_alive = asyncio.ensure_future(notifier.keep_alive())
+    lag = LoopLag()
+    monitors = [asyncio.ensure_future(notifier.keep_alive()), asyncio.ensure_future(lag.run())]
+    metrics = None
+    config = controller.config
+    if config.metrics_port is not None:
+        metrics = start_metrics_server(controller, config.metrics_host, config.metrics_port, lag)
+        address = f"http://{config.metrics_host}:{metrics.port}/metrics"
+        log.info("metrics_serving", address=address)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reason = "finished"
@@ -438,7 +455,10 @@ async def serve(
             await asyncio.sleep(0.5)  # let shutdown messages reach the learners
     finally:
         notifier.notify("STOPPING=1", f"STATUS=stopping ({reason})")
-        keep_alive.cancel()
+        for monitor in monitors:
+            monitor.cancel()
+        if metrics is not None:
+            metrics.close()
         for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
@@ -42,6 +44,8 @@ log = structlog.get_logger("metis_async.server")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICE = "metis_async.v1.Controller"
+FEDERATION = "metis_async.v1.Federation"
+"""Health-check name that is SERVING only while the federation trains (readiness)."""
 
 
 class StreamServer:
@@ -74,6 +78,10 @@ class StreamServer:
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.port = 0
+        # The standard gRPC health service on the learners' port: "" and SERVICE are SERVING
+        # while the controller takes learners; FEDERATION only while the federation trains.
+        self.health = HealthServicer()
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self, reuse_port: bool = False) -> int:
         """Bind and start serving; returns the bound port.
@@ -87,6 +95,7 @@ class StreamServer:
         handler = grpc.stream_stream_rpc_method_handler(self._join)  # raw bytes both ways
         service = grpc.method_handlers_generic_handler(SERVICE, {"Join": handler})
         server.add_generic_rpc_handlers((service,))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.config.host}:{self.config.port}"
         self.port = server.add_insecure_port(address)
         if self.port == 0:
@@ -94,6 +103,8 @@ class StreamServer:
         for host in self.config.extra_hosts:
             if server.add_insecure_port(f"{host}:{self.port}") != self.port:
                 raise OSError(f"could not bind {host}:{self.port}")
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(FEDERATION, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         self._reaper = asyncio.create_task(self._reap_silent_learners())
@@ -104,8 +115,18 @@ class StreamServer:
         for session in list(self.sessions.values()):
             session.finish()
 
+    def set_health(self, accepting: bool, training: bool) -> None:
+        """Health as the federation's state changes (on the loop)."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name, up in (("", accepting), (SERVICE, accepting), (FEDERATION, training)):
+            task = asyncio.ensure_future(self.health.set(name, serving if up else not_serving))
+            self._health_updates.add(task)
+            task.add_done_callback(self._health_updates.discard)
+
     async def stop(self, grace_seconds: float) -> None:
         """Close the server; streams get `grace_seconds` to finish."""
+        await self.health.enter_graceful_shutdown()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._server is not None:
@@ -267,8 +288,10 @@ class StreamServer:
             await self.link.learner_lost(session.learner_id, session.session_id, reason)
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        stats = self.stats
         while (message := await session.queue.get()) is not None:
             await context.write(message)
+            stats.bytes_sent_total += len(message)
 
     async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()

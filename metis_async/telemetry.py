@@ -7,11 +7,12 @@ name, ready to be exported as Prometheus metrics.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
@@ -41,6 +42,57 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
     )
 
 
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+"""Upper bounds (versions) of the staleness histogram; one more bucket holds the rest."""
+
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+"""Upper bounds (seconds) of the commit-time histogram; one more bucket holds the rest."""
+
+
+@dataclass
+class Histogram:
+    """Counts of observations per bucket (not cumulative; the last is above every bound)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus buckets: (upper bound, observations at or below it), +Inf last."""
+        out, running = [], 0
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+def reason_key(reason: str) -> str:
+    """A short, bounded label for why an update was rejected (metrics must not have free text
+    as label values)."""
+    text = reason.lower()
+    for key, words in _REASONS:
+        if any(w in text for w in words):
+            return key
+    return "policy"
+
+
+_REASONS = (
+    ("stale", ("stale", "trained from version", "base version")),
+    ("finished", ("finished",)),
+    ("not_outstanding", ("not outstanding", "not part of", "fits no task")),
+    ("not_finite", ("finite",)),
+)
+
+
 @dataclass
 class ControllerStats:
     """Monotonic counters of one controller process."""
@@ -55,10 +107,20 @@ class ControllerStats:
     commits_refused_total: int = 0
     protocol_errors_total: int = 0
     bytes_received_total: int = 0
+    bytes_sent_total: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    staleness: Histogram = field(default_factory=lambda: Histogram(STALENESS_BUCKETS))
+    commit_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+
+    def reject(self, reason: str) -> None:
+        """Count one rejected update under its reason's label."""
+        self.updates_rejected_total += 1
+        key = reason_key(reason)
+        self.rejected_by_reason[key] = self.rejected_by_reason.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return asdict(self)
+        """The plain counters as a dict (what checkpoints keep and logs show)."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
 
 
 ID_LOG_CHARS = 64

@@ -53,6 +53,7 @@ from metis_async.effects import (
 from metis_async.federation import UpdateReport
 from metis_async.protocols import Policy
 from metis_async.server import ControllerConfig, ControllerFace
+from metis_async.telemetry import ControllerStats
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers import raise_open_file_limit
 from metis_async.workers.channel import Channel, ChannelClosed
@@ -124,6 +125,8 @@ class WorkerHub(ControllerFace):
         self._stopping = False
         self._log = (log_level, json_logs)
         self._request_ids = 0
+        # Each worker's stream-side counters and event-loop lag, as it last reported them.
+        self.worker_stats: dict[int, tuple[ControllerStats, float]] = {}
         self._events: list[tuple[Any, tuple[Any, ...]]] = []
         # Fold instructions from the core's thread, sent per worker in one frame per batch.
         self._outbox: deque[tuple[int, tuple[Any, ...]]] = deque()
@@ -336,6 +339,8 @@ class WorkerHub(ControllerFace):
             if worker.channel is not None:
                 found = core.lookup(learner_id, task_id)
                 worker.channel.send(("lookup_reply", request, found))
+        elif kind == "stats":
+            self.worker_stats[worker.index] = (header[1], float(header[2]))
         elif kind == "partial":
             _, request, weight, count = header
             future = worker.pending.pop(request, None)

@@ -30,9 +30,11 @@ import structlog
 
 from metis_async import wire
 from metis_async._core import Accumulator
-from metis_async.delivery import EffectDelivery, lower_thread_priority
+from metis_async.delivery import EffectDelivery, health_of, lower_thread_priority
+from metis_async.effects import FederationState
 from metis_async.federation import TaskLookup, UpdateReport
 from metis_async.ingest import Ingest
+from metis_async.metrics import STATS_INTERVAL_SECONDS, LoopLag
 from metis_async.server import ControllerConfig, run_event_loop
 from metis_async.session import Session
 from metis_async.store import ModelStore
@@ -230,14 +232,23 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     stats = ControllerStats()
     limiter = LogLimiter()
     sessions: dict[str, Session] = {}
-    delivery = EffectDelivery(sessions, store, None, asyncio.Event())
     link = HubLink(channel, store, config.upload_buffer_bytes)
     ingest = Ingest(config, link, store, stats, limiter)
     streams = StreamServer(config, link, ingest, stats, limiter, sessions)
+
+    def state_changed(state: FederationState) -> None:
+        streams.set_health(*health_of(state))
+
+    delivery = EffectDelivery(sessions, store, None, asyncio.Event(), state_changed)
     link.run_id, link.protocol, link.forward = header[2], header[3], header[4]
     streams.config = dataclasses.replace(config, port=port)
     await streams.start(reuse_port=True)
     channel.send(("serving", streams.port))
+    lag = LoopLag()
+    monitors = [
+        asyncio.ensure_future(lag.run()),
+        asyncio.ensure_future(_report(channel, stats, lag)),
+    ]
     grace = 2.0
     try:
         while True:
@@ -268,6 +279,8 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
                 break
     except ChannelClosed:
         log.warning("worker_orphaned", worker=index, reason="the core's process went away")
+    for monitor in monitors:
+        monitor.cancel()
     streams.finish_all()
     with contextlib.suppress(Exception):
         await asyncio.sleep(0.2)  # let the last messages (shutdown) reach the learners
@@ -276,6 +289,14 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     ingest.close()
     link.close()
     channel.close()
+
+
+async def _report(channel: Channel, stats: ControllerStats, lag: LoopLag) -> None:
+    """Send this worker's counters and loop lag to the core's process (for /metrics)."""
+    while True:
+        await asyncio.sleep(STATS_INTERVAL_SECONDS)
+        with contextlib.suppress(ChannelClosed, ConnectionError):
+            channel.send(("stats", stats, lag.last_seconds))
 
 
 def _split(body: bytes, lengths: dict[int, list[int]]) -> dict[int, list[bytes]]:
