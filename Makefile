@@ -58,4 +58,11 @@ demo-check: ## demo run that must reach 0.90 test accuracy (JSON result)
 
 .PHONY: config-check
 config-check: ## the example controller settings (deploy/controller.toml) pass `config check`
+	rm -rf .config-check && .venv/bin/metis-async keys ca .config-check >/dev/null
+	.venv/bin/metis-async keys server .config-check --host controller.example >/dev/null
+	.venv/bin/metis-async keys token-secret .config-check/token-secret >/dev/null
+	METIS_ASYNC_SERVER__TLS_CERT_FILE=.config-check/server.crt \
+	METIS_ASYNC_SERVER__TLS_KEY_FILE=.config-check/server.key \
+	METIS_ASYNC_SERVER__TOKEN_SECRET_FILE=.config-check/token-secret \
 	.venv/bin/metis-async config check deploy/controller.toml
+	rm -rf .config-check

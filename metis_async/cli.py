@@ -57,10 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("file", metavar="TOML", nargs="?")
 
+    keys = sub.add_parser("keys", help="create a CA, certificates and learner tokens")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    ca = keys_sub.add_parser("ca", help="a self-signed CA: DIR/ca.key, DIR/ca.crt")
+    ca.add_argument("dir", metavar="DIR")
+    server_cert = keys_sub.add_parser("server", help="DIR/server.key and .crt, signed by DIR's CA")
+    server_cert.add_argument("dir", metavar="DIR")
+    server_cert.add_argument("--host", action="append", required=True, help="DNS name or IP")
+    learner_cert = keys_sub.add_parser("learner", help="a learner certificate (mTLS identity)")
+    learner_cert.add_argument("dir", metavar="DIR")
+    learner_cert.add_argument("learner_id", metavar="ID")
+    secret = keys_sub.add_parser("token-secret", help="a secret that signs learner tokens")
+    secret.add_argument("file", metavar="FILE")
+    token = keys_sub.add_parser("learner-token", help="print a signed token for learner ID")
+    token.add_argument("learner_id", metavar="ID")
+    token.add_argument("--secret", required=True, metavar="FILE", help="the token secret")
+    token.add_argument("--days", type=float, default=365.0, help="validity (days)")
+
     learner = sub.add_parser("learner", help="run the built-in example learner (digits)")
     learner.add_argument("--address", default="127.0.0.1:50051")
     learner.add_argument("--learner-id", default="", help="stable identity (default: assigned)")
     learner.add_argument("--token", default="")
+    learner.add_argument("--tls-ca", metavar="PEM", help="dial with TLS, trusting this CA")
+    learner.add_argument("--tls-cert", metavar="PEM", help="learner certificate (mutual TLS)")
+    learner.add_argument("--tls-key", metavar="PEM", help="its private key")
     learner.add_argument("--index", type=int, default=0, help="which partition of the data")
     learner.add_argument(
         "--of",
@@ -117,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _config(args)
         if args.command == "learner":
             return _learner(args)
+        if args.command == "keys":
+            return _keys(args)
         return _demo(args)
     except KeyboardInterrupt:
         return 130
@@ -170,6 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.config, os.environ, settings_schema.flag_overrides(args)
         )
         configure_logging(fresh.log.level, fresh.log.json_lines)
+        controller.reload_credentials(fresh.controller_config())
 
     until_finished = bool(settings.protocol.rounds)
     run_event_loop(serve(controller, until_finished=until_finished, reload=reload))
@@ -218,8 +241,48 @@ def _learner(args: argparse.Namespace) -> int:
     learner = digits.DigitsLearner(
         x, y, seed=args.seed + args.index, step_delay_seconds=args.step_delay
     )
-    summary = run_learner(args.address, learner, learner_id=args.learner_id, token=args.token)
+    credentials = None
+    if args.tls_ca or args.tls_cert:
+        from pathlib import Path
+
+        from metis_async.client import tls_credentials
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        credentials = tls_credentials(read(args.tls_ca), read(args.tls_cert), read(args.tls_key))
+    summary = run_learner(
+        args.address,
+        learner,
+        learner_id=args.learner_id,
+        token=args.token,
+        credentials=credentials,
+    )
     print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metis_async import keys
+    from metis_async.auth import issue_token, read_secret
+
+    command = args.keys_command
+    written: tuple[Path, ...]
+    if command == "ca":
+        written = keys.create_ca(args.dir)
+    elif command == "server":
+        written = keys.create_server_certificate(args.dir, args.host)
+    elif command == "learner":
+        written = keys.create_learner_certificate(args.dir, args.learner_id)
+    elif command == "token-secret":
+        written = (keys.create_token_secret(args.file),)
+    else:
+        print(issue_token(read_secret(args.secret), args.learner_id, args.days * 86400.0))
+        return 0
+    for path in written:
+        print(path)
     return 0
 
 

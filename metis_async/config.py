@@ -33,19 +33,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import json
 import re
 import sys
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from metis_async.auth import read_revoked, read_secret
 from metis_async.protocols import POLICIES, Policy, StalenessFunction, TrainSettings, make_policy
 
 if sys.version_info >= (3, 11):
@@ -184,6 +186,27 @@ class ServerSection(_Section):
         description="serve Prometheus metrics at http://metrics_host:PORT/metrics; unset: off",
     )
     metrics_host: str = Field(default="127.0.0.1", description="address of the metrics endpoint")
+    token_secret_file: Annotated[str | None, Flag(metavar="FILE")] = Field(
+        default=None,
+        description="secret (hex) that signs learner tokens (metis-async keys token-secret)",
+    )
+    revoked_file: Annotated[str | None, Flag(metavar="FILE")] = Field(
+        default=None, description="revoked learner ids, one per line (re-read on SIGHUP)"
+    )
+    tls_cert_file: Annotated[str | None, Flag(metavar="PEM")] = Field(
+        default=None, description="server certificate chain: the learners' port speaks TLS"
+    )
+    tls_key_file: Annotated[str | None, Flag(metavar="PEM")] = Field(
+        default=None, description="private key of tls_cert_file"
+    )
+    tls_client_ca_file: Annotated[str | None, Flag(metavar="PEM")] = Field(
+        default=None,
+        description="CA of learner certificates: mutual TLS, certificate name = learner id",
+    )
+    insecure: Annotated[bool, Flag(const=True)] = Field(
+        default=False,
+        description="listen beyond loopback without TLS and learner credentials (not advised)",
+    )
 
     @model_validator(mode="after")
     def _timeout_exceeds_interval(self) -> ServerSection:
@@ -435,10 +458,42 @@ class ControllerSettings(_Section):
         """The controller's network, liveness and limit settings, with the tokens file read."""
         from metis_async.server import ControllerConfig
 
-        values = self.server.model_dump(exclude={"tokens_file", "workers"})
+        server = self.server
+        files = {"tokens_file", "token_secret_file", "revoked_file", "insecure"}
+        files |= {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "workers"}
+        values = server.model_dump(exclude=files)
         values["extra_hosts"] = tuple(h.strip() for h in values["extra_hosts"].split(",") if h)
-        tokens = read_tokens(self.server.tokens_file) if self.server.tokens_file else None
-        return ControllerConfig(**values, tokens=tokens)
+        tokens = read_tokens(server.tokens_file) if server.tokens_file else None
+        config = ControllerConfig(
+            **values,
+            tokens=tokens,
+            token_secret=_read(server.token_secret_file, "token_secret_file", read_secret),
+            revoked=_read(server.revoked_file, "revoked_file", read_revoked) or frozenset(),
+            tls_cert=_read(server.tls_cert_file, "tls_cert_file", _bytes),
+            tls_key=_read(server.tls_key_file, "tls_key_file", _bytes),
+            tls_client_ca=_read(server.tls_client_ca_file, "tls_client_ca_file", _bytes),
+        )
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ConfigError(
+                [Problem("server.tls_key_file", "tls_cert_file and tls_key_file go together")]
+            )
+        exposed = [h for h in (config.host, *config.extra_hosts) if not _is_loopback(h)]
+        guarded = config.tls_cert is not None and (
+            config.verifier() is not None or config.tls_client_ca is not None
+        )
+        if exposed and not guarded and not server.insecure:
+            raise ConfigError(
+                [
+                    Problem(
+                        "server.host",
+                        f"listening on {', '.join(exposed)} beyond loopback needs TLS "
+                        "(tls_cert_file, tls_key_file) and learner credentials "
+                        "(token_secret_file, tokens_file or tls_client_ca_file); "
+                        "say --insecure to do without",
+                    )
+                ]
+            )
+        return config
 
     def worker_count(self) -> int:
         """Ingest worker processes to run (`auto`: from the cores and the open-file limit)."""
@@ -829,3 +884,31 @@ def _toml(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value), ensure_ascii=False)
+
+
+_T = TypeVar("_T")
+
+
+def _read(path: str | None, key: str, parse: Callable[[str], _T]) -> _T | None:
+    """`parse(path)` for an optional file setting, its failure a problem of `server.<key>`."""
+    if path is None:
+        return None
+    try:
+        return parse(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            [Problem(f"server.{key}", getattr(error, "strerror", None) or str(error), path)]
+        ) from None
+
+
+def _bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

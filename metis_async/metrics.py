@@ -39,6 +39,7 @@ _STREAM_COUNTERS = (
     ("bytes_received", "bytes read from learner streams"),
     ("bytes_sent", "bytes written to learner streams"),
     ("protocol_errors", "streams ended for breaking the wire contract"),
+    ("auth_refused", "learners refused for their credentials"),
 )
 _CORE_COUNTERS = (
     ("updates_received", "training updates that reached the federation core"),

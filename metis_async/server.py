@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import random
 import signal
@@ -20,12 +21,14 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import structlog
 
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
+from metis_async.auth import TokenVerifier
 from metis_async.checkpoints import StateDirectory
 from metis_async.delivery import CommitHook, CoreRunner, EffectDelivery, health_of
 from metis_async.effects import Effect, FederationState
@@ -86,6 +89,13 @@ class ControllerConfig:
         checkpoints_kept: newest checkpoints kept in `state_dir`.
         metrics_port: port of the Prometheus endpoint `serve` starts (None: none; 0: free).
         metrics_host: address of the Prometheus endpoint.
+        token_secret: secret that signs learner tokens (`auth.issue_token`); None accepts only
+            the fixed `tokens`.
+        revoked: learner ids refused whatever their credentials.
+        tls_cert: PEM server certificate chain; with `tls_key`, the learners' port is TLS.
+        tls_key: PEM private key of `tls_cert`.
+        tls_client_ca: PEM CA of learner certificates: mutual TLS, and a certificate's common
+            name must equal the learner id of its hello.
     """
 
     host: str = "127.0.0.1"
@@ -109,12 +119,33 @@ class ControllerConfig:
     checkpoints_kept: int = 3
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    token_secret: bytes | None = field(default=None, repr=False)
+    revoked: frozenset[str] = frozenset()
+    tls_cert: bytes | None = field(default=None, repr=False)
+    tls_key: bytes | None = field(default=None, repr=False)
+    tls_client_ca: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("upload_codec", "download_codec"):
             value = getattr(self, name)
             if value not in CODECS:
                 raise ValueError(f"{name} must be one of {sorted(CODECS)}, got {value!r}")
+
+    def verifier(self) -> TokenVerifier | None:
+        """The learner credential check in effect (None: authentication is off)."""
+        if self.tokens is None and self.token_secret is None:
+            return None
+        return TokenVerifier(self.token_secret, dict(self.tokens or {}), self.revoked)
+
+    def server_credentials(self) -> Any:
+        """gRPC server credentials when TLS is configured, else None."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)],
+            root_certificates=self.tls_client_ca,
+            require_client_auth=self.tls_client_ca is not None,
+        )
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Channel arguments of the server (message limits, keepalive for NATed learners)."""
@@ -213,6 +244,21 @@ class ControllerFace:
             rng=rng,
             state=self.state,
         )
+
+    def reload_credentials(self, fresh: ControllerConfig) -> None:
+        """Take `fresh`'s learner credentials (tokens, token secret, revocations) without a
+        restart (SIGHUP); everything else needs one."""
+        self.config = dataclasses.replace(
+            self.config,
+            tokens=fresh.tokens,
+            token_secret=fresh.token_secret,
+            revoked=fresh.revoked,
+        )
+        self._configured(self.config)
+        log.info("credentials_reloaded", revoked=len(fresh.revoked))
+
+    def _configured(self, config: ControllerConfig) -> None:
+        """Hook: hand a changed `config` to whatever checks hellos."""
 
     def _on_fatal(self, error: BaseException) -> None:
         """The core cannot go on (a commit it could not make durable): stop serving."""
@@ -347,6 +393,9 @@ class Controller(ControllerFace):
 
     def _state_changed(self, state: FederationState) -> None:
         self.streams.set_health(*health_of(state))
+
+    def _configured(self, config: ControllerConfig) -> None:
+        self.streams.config = config
 
     async def tick(self) -> None:
         """Deliver the passing of time to the core now (the wake-up timer does it on its own)."""

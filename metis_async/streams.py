@@ -22,6 +22,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from metis_async.auth import AuthError
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
 from metis_async.links import CoreLink
@@ -97,11 +98,18 @@ class StreamServer:
         server.add_generic_rpc_handlers((service,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = server.add_insecure_port(address)
+        credentials = self.config.server_credentials()
+
+        def bind(where: str) -> int:
+            if credentials is None:
+                return int(server.add_insecure_port(where))
+            return int(server.add_secure_port(where, credentials))
+
+        self.port = bind(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         for host in self.config.extra_hosts:
-            if server.add_insecure_port(f"{host}:{self.port}") != self.port:
+            if bind(f"{host}:{self.port}") != self.port:
                 raise OSError(f"could not bind {host}:{self.port}")
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(FEDERATION, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -244,15 +252,24 @@ class StreamServer:
                 f"num_examples {hello.num_examples} exceeds the controller's limit "
                 f"{self.config.max_num_examples}",
             )
-        tokens = self.config.tokens
-        if tokens is not None:
-            expected = tokens.get(learner_id, "")
-            # Constant time whatever the token; an unknown id compares against "" and fails.
-            if not (expected and hmac.compare_digest(expected.encode(), hello.token.encode())):
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"invalid token for learner {short_id(learner_id)!r}",
-                )
+        try:
+            verifier = self.config.verifier()
+            if verifier is not None:
+                verifier.check(learner_id, hello.token)
+            if self.config.tls_client_ca is not None:
+                _check_certificate(context, learner_id)
+        except AuthError as error:
+            self.stats.auth_refused_total += 1
+            if self._limiter.allow(learner_id, "auth_refused"):
+                log.warning(
+                    "auth_refused", learner_id=short_id(learner_id), reason=str(error)
+                )  # never the token itself
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if error.denied
+                else grpc.StatusCode.UNAUTHENTICATED
+            )
+            await context.abort(code, f"{error} (learner {short_id(learner_id)!r})")
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
         try:
@@ -308,3 +325,13 @@ class StreamServer:
             for session in list(self.sessions.values()):
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
+
+
+def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> None:
+    """With mutual TLS, the client certificate's common name is the learner's identity."""
+    names = list(context.auth_context().get("x509_common_name", []))
+    if not names:
+        raise AuthError("no client certificate")
+    named = names[0].decode(errors="replace")
+    if not hmac.compare_digest(named.encode(), learner_id.encode()):
+        raise AuthError("the client certificate is for another learner id", denied=True)

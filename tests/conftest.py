@@ -155,10 +155,19 @@ class RawLearner:
     """A hand-driven stream for speaking the wire protocol directly (good and bad messages)."""
 
     def __init__(
-        self, address: str, learner_id: str = "raw", num_examples: int = 1, **hello: Any
+        self,
+        address: str,
+        learner_id: str = "raw",
+        num_examples: int = 1,
+        credentials: grpc.ChannelCredentials | None = None,
+        **hello: Any,
     ) -> None:
         # its own connection (learners of one process otherwise share one)
-        self.channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options)
         self._out: list[bytes | None] = []
         self._cv = threading.Condition()
         join = self.channel.stream_stream("/metis_async.v1.Controller/Join")

@@ -280,7 +280,9 @@ def test_schema_defaults_match_the_objects_they_build() -> None:
     server = SECTIONS["server"]()
     built = ControllerSettings().controller_config()
     assert built == config
-    for name, value in server.model_dump(exclude={"tokens_file", "workers", "extra_hosts"}).items():
+    files = {"tokens_file", "token_secret_file", "revoked_file", "insecure"}
+    files |= {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "workers", "extra_hosts"}
+    for name, value in server.model_dump(exclude=files).items():
         assert getattr(config, name) == value, name
     assert TrainSettings(**TrainSection().model_dump()) == TrainSettings()
     assert ControllerSettings().aggregation_settings() == AggregationSettings()
@@ -335,7 +337,7 @@ TODAY: list[tuple[str, dict[str, Any], AggregationSettings, dict[str, Any], tupl
         (None, "f.npz", "info", True),
     ),
     (
-        "--host 0.0.0.0 --port 50051 --protocol buffered --log-json",
+        "--host 0.0.0.0 --insecure --port 50051 --protocol buffered --log-json",
         {"train": TrainSettings()},
         AggregationSettings(),
         {"host": "0.0.0.0", "port": 50051},
@@ -532,10 +534,37 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(
 # ------------------------------------------------------------------------------ deploy/
 
 
-def test_deployed_example_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
+def _deployed_keys(tmp_path: Path) -> dict[str, str]:
+    """The example's TLS and token files, made with `metis-async keys`, as env overrides."""
+    keys = tmp_path / "keys"
+    for argv in (["ca", str(keys)], ["server", str(keys), "--host", "controller.example"]):
+        assert cli.main(["keys", *argv]) == 0
+    assert cli.main(["keys", "token-secret", str(keys / "token-secret")]) == 0
+    return {
+        "METIS_ASYNC_SERVER__TLS_CERT_FILE": str(keys / "server.crt"),
+        "METIS_ASYNC_SERVER__TLS_KEY_FILE": str(keys / "server.key"),
+        "METIS_ASYNC_SERVER__TOKEN_SECRET_FILE": str(keys / "token-secret"),
+    }
+
+
+def test_deployed_example_passes_check_with_its_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in _deployed_keys(tmp_path).items():
+        monkeypatch.setenv(name, value)
+
     code = cli.main(["config", "check", str(DEPLOYED)])
 
     assert code == 0, capsys.readouterr().err
+
+
+def test_deployed_example_without_its_key_files_is_a_clear_problem(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli.main(["config", "check", str(DEPLOYED)])
+
+    assert code == 1
+    assert "server.token_secret_file" in capsys.readouterr().err
 
 
 def test_deployed_example_loads_and_documents_every_key() -> None:
@@ -619,3 +648,14 @@ def test_systemd_unit_notifies_and_keeps_its_state_where_the_example_config_poin
     assert int(directives["LimitNOFILE"]) >= 200_000  # 100K+ learners, one connection each
     assert settings.server.state_dir == f"/var/lib/{directives['StateDirectory']}"
     assert "serve --config /etc/metis-async/controller.toml" in directives["ExecStart"]
+
+
+def test_listening_beyond_loopback_needs_tls_and_credentials() -> None:
+    exposed = load_settings(None, {"METIS_ASYNC_SERVER__HOST": "0.0.0.0"})
+    allowed = load_settings(
+        None, {"METIS_ASYNC_SERVER__HOST": "0.0.0.0", "METIS_ASYNC_SERVER__INSECURE": "true"}
+    )
+
+    with pytest.raises(ConfigError, match="beyond loopback needs TLS"):
+        exposed.controller_config()
+    assert allowed.controller_config().host == "0.0.0.0"

@@ -32,6 +32,7 @@ from metis_async.client.runner import (
     LearnerRunner,
     LearnerStopped,
     run_learner,
+    tls_credentials,
 )
 from metis_async.client.summary import Backoff, RunSummary
 from metis_async.client.unacked import UNACKED_KEPT, UnackedUpdates
@@ -54,4 +55,5 @@ __all__ = [
     "RunSummary",
     "UnackedUpdates",
     "run_learner",
+    "tls_credentials",
 ]

@@ -110,6 +110,7 @@ class LearnerRunner:
             () offers float32 only.
         unacked: where train results wait for the controller's acknowledgement (keeps the
             newest `UNACKED_KEPT` by default), resent after a reconnect.
+        credentials: TLS to the controller (`tls_credentials`); None dials in plaintext.
     """
 
     def __init__(
@@ -124,7 +125,9 @@ class LearnerRunner:
         seed: int | None = None,
         codecs: Sequence[int] = DEFAULT_CODECS,
         unacked: UnackedUpdates | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        self.credentials = credentials
         unknown = [c for c in codecs if c not in wire_codecs.CODEC_DTYPES]
         if unknown:
             raise ValueError(f"codecs must be among {wire_codecs.CODEC_DTYPES}, got {unknown}")
@@ -197,6 +200,12 @@ class LearnerRunner:
             hello.held_layout_id = held.layout.layout_id
         return hello
 
+    def _channel(self) -> grpc.Channel:
+        options = self._channel_options()
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address, options=options)
+        return grpc.secure_channel(self.address, self.credentials, options=options)
+
     def _channel_options(self) -> list[tuple[str, int]]:
         limit = self._chunk_limit + FRAMING_BYTES
         return [
@@ -217,7 +226,7 @@ class LearnerRunner:
         held = self._held if self._held is not None and self._held.run_id else None
         stream = LearnerStream(self._hello(held), ModelReceiver(held, self.codecs))
         tasks: queue.SimpleQueue[pb.ControllerMessage | None] = queue.SimpleQueue()
-        with grpc.insecure_channel(self.address, options=self._channel_options()) as channel:
+        with self._channel() as channel:
             join = channel.stream_stream(
                 JOIN_METHOD,
                 request_serializer=pb.LearnerMessage.SerializeToString,
@@ -422,12 +431,23 @@ def _unbundled(responses: Iterator[pb.ControllerMessage]) -> Iterator[pb.Control
             yield inner
 
 
+def tls_credentials(
+    ca: bytes | None = None, certificate: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """TLS to the controller: trust `ca` (PEM; None: the system's roots), and present
+    `certificate` and `key` (PEM) where the controller asks for learner certificates."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=certificate
+    )
+
+
 def run_learner(
     address: str,
     learner: Learner,
     *,
     learner_id: str = "",
     token: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
     backoff: Backoff | None = None,
     stop: threading.Event | None = None,
     seed: int | None = None,
@@ -448,5 +468,6 @@ def run_learner(
         stop=stop,
         seed=seed,
         codecs=codecs,
+        credentials=credentials,
     )
     return runner.run()

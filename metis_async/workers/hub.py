@@ -412,6 +412,11 @@ class WorkerHub(ControllerFace):
         layout = self.store.layout.SerializeToString()
         channel.send(("version", self.store.version, layout, lengths), body)
 
+    def _configured(self, config: ControllerConfig) -> None:
+        for worker in self._workers:
+            if worker.channel is not None:
+                worker.channel.send(("reconfigure", config))
+
     def _send_state(self, worker: _Worker) -> None:
         if worker.channel is not None:
             worker.channel.send(("state", self.core.ready, self.core.provider))

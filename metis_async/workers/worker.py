@@ -263,6 +263,8 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
                 layout = pb.ModelLayout.FromString(layout_bytes)
                 no_values = np.empty(0, dtype=wire.WIRE_DTYPE)  # the core's process has them
                 store.publish(layout, version, no_values, plain, encodings)
+            elif kind == "reconfigure":  # credentials reloaded (SIGHUP)
+                streams.config = dataclasses.replace(header[1], port=port)
             elif kind == "state":
                 link.ready, link.provider = header[1], header[2]
             elif kind == "lookup_reply":
