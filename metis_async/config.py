@@ -203,6 +203,28 @@ class ServerSection(_Section):
         default=None,
         description="CA of learner certificates: mutual TLS, certificate name = learner id",
     )
+    max_learners: int = Field(
+        default=0, ge=0, description="learners connected at once; more are refused; 0: no limit"
+    )
+    max_messages_per_second: float = Field(
+        default=200.0,
+        ge=0,
+        description="a learner sending more (beyond message_burst) is cut off; 0: no limit",
+    )
+    message_burst: int = Field(
+        default=2000, ge=1, description="messages a learner may send at once (one per chunk)"
+    )
+    max_learner_bytes_per_second: float = Field(
+        default=0.0, ge=0, description="read each learner no faster than this; 0: no limit"
+    )
+    max_missed_tasks: int = Field(
+        default=5,
+        ge=0,
+        description="tasks in a row a learner leaves unanswered before it is benched; 0: never",
+    )
+    bench_seconds: float = Field(
+        default=300.0, gt=0, description="how long a benched learner gets no work"
+    )
     insecure: Annotated[bool, Flag(const=True)] = Field(
         default=False,
         description="listen beyond loopback without TLS and learner credentials (not advised)",

@@ -25,6 +25,7 @@ reconnects.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import random
 import time
@@ -79,7 +80,7 @@ from metis_async.protocols import (
     Tick,
     UpdateArrived,
 )
-from metis_async.telemetry import ControllerStats
+from metis_async.telemetry import ControllerStats, short_id
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers.partials import RemoteUpdate
 
@@ -174,6 +175,10 @@ class FederationCore:
             nothing is kept; acknowledgements then mean "committed", not "durable").
         committed_kept: ids of committed updates remembered (and checkpointed) so a resent
             update is acknowledged instead of counted twice.
+        max_missed_tasks: a learner whose tasks are cancelled unanswered this many times in a
+            row (it holds rounds up: a hung or fake learner) is benched: the policy stops
+            seeing it for `bench_seconds`, though it stays connected; 0 never benches.
+        bench_seconds: how long a benched learner gets no work.
     """
 
     def __init__(
@@ -191,6 +196,8 @@ class FederationCore:
         rng: random.Random | None = None,
         state: StateDirectory | None = None,
         committed_kept: int = 200_000,
+        max_missed_tasks: int = 5,
+        bench_seconds: float = 300.0,
     ) -> None:
         self.policy = policy
         if rng is not None:
@@ -212,6 +219,9 @@ class FederationCore:
         self._committed_kept = committed_kept
         self._open_learners: list[str] = []  # the learner of each entry of _open
         self._base_of: tuple[str, int] = ("", 0)  # (policy task id, base version) arriving
+        self._max_missed = max_missed_tasks
+        self._bench_seconds = bench_seconds
+        self._benched: list[tuple[float, str]] = []  # (until, learner id) heap
         self._publish = publish
         self._initial_timeout = initial_model_timeout_seconds
         self._layout: pb.ModelLayout | None = None
@@ -286,7 +296,10 @@ class FederationCore:
 
     def next_wakeup(self) -> float | None:
         """Earliest time (the events' clock) at which the core wants `tick`."""
-        times = [t for t in (self.policy.next_wakeup(), self._provider_deadline) if t is not None]
+        bench = self._benched[0][0] if self._benched else None
+        times = [
+            t for t in (self.policy.next_wakeup(), self._provider_deadline, bench) if t is not None
+        ]
         return None if self.finished or not times else min(times)
 
     # ------------------------------------------------------------------------------ model
@@ -434,6 +447,8 @@ class FederationCore:
         return effects + self._status(now)
 
     def _admit(self, now: float, record: LearnerRecord) -> list[Effect]:
+        if record.benched_until > now:
+            return []  # it gets work once its bench time is over (tick)
         record.admitted = True
         can_evaluate = "evaluate" in record.capabilities
         return self._deliver(
@@ -484,6 +499,7 @@ class FederationCore:
             _release(update)
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
         self.stats.updates_received_total += 1
+        self._answered(learner_id)
         event = UpdateArrived(
             now,
             learner_id,
@@ -525,6 +541,7 @@ class FederationCore:
         if task is None:
             return [self._stale_answer(learner_id, task_id, "closed before its result")]
         self._learners[learner_id].evaluations += 1
+        self._answered(learner_id)
         self.stats.evaluations_received_total += 1
         self._record_evaluation(task.version, num_examples, metrics)
         return self._deliver(
@@ -538,6 +555,7 @@ class FederationCore:
         """The learner reported that it could not run `task_id`."""
         if self._close_task(learner_id, task_id, "learner reported failure") is None:
             return []
+        self._answered(learner_id)
         return self._deliver(TaskFailed(now, learner_id, self._policy_id(task_id), reason))
 
     @_counted
@@ -552,6 +570,13 @@ class FederationCore:
             self._provider = None
             self._provider_deadline = None
             effects += self._ask_provider(now)
+        while self._benched and self._benched[0][0] <= now:
+            _, learner_id = heapq.heappop(self._benched)
+            record = self._learners.get(learner_id)
+            idle = record is not None and record.connected and not record.admitted
+            if idle and record is not None and record.benched_until <= now and self.ready:
+                log.info("learner_unbenched", learner_id=short_id(learner_id))
+                effects += self._admit(now, record)
         if self._flat is not None and not self.finished:
             effects += self._deliver(Tick(now))
         return effects
@@ -626,6 +651,7 @@ class FederationCore:
             wire_id = self._wire_id(decision.task_id)
             if self._close_task(decision.learner_id, wire_id, decision.reason) is not None:
                 effects.append(SendCancel(decision.learner_id, wire_id, decision.reason))
+                return self._missed(now, decision.learner_id)
         elif isinstance(decision, CommitVersion):
             refused = self._commit(decision, effects)
             if refused is not None:
@@ -636,6 +662,33 @@ class FederationCore:
         elif isinstance(decision, Finish):
             self._finish(decision.reason, effects)
         return []
+
+    def _missed(self, now: float, learner_id: str) -> list[Event]:
+        """A task of `learner_id` was cancelled unanswered; bench it after too many in a row
+        (the policy is told it is lost, after the decisions in progress)."""
+        record = self._learners.get(learner_id)
+        if record is None:
+            return []
+        record.missed += 1
+        if not self._max_missed or record.missed < self._max_missed or not record.admitted:
+            return []
+        record.missed = 0
+        record.admitted = False
+        record.benched_until = now + self._bench_seconds
+        heapq.heappush(self._benched, (record.benched_until, learner_id))
+        self.stats.learners_benched_total += 1
+        log.warning(
+            "learner_benched",
+            learner_id=short_id(learner_id),
+            missed=self._max_missed,
+            seconds=self._bench_seconds,
+        )
+        return [LearnerLost(now, learner_id, "benched: tasks cancelled unanswered")]
+
+    def _answered(self, learner_id: str) -> None:
+        record = self._learners.get(learner_id)
+        if record is not None:
+            record.missed = 0
 
     def _assign(self, task: Task, now: float, effects: list[Effect]) -> list[Event]:
         record = self._learners.get(task.learner_id)

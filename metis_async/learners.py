@@ -34,6 +34,8 @@ class LearnerRecord:
     updates_accepted: int = 0
     updates_rejected: int = 0
     evaluations: int = 0
+    missed: int = 0  # tasks in a row cancelled without an answer
+    benched_until: float = 0.0  # not handed to the policy before this time (events' clock)
 
 
 class LearnerBook:

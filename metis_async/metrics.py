@@ -40,6 +40,7 @@ _STREAM_COUNTERS = (
     ("bytes_sent", "bytes written to learner streams"),
     ("protocol_errors", "streams ended for breaking the wire contract"),
     ("auth_refused", "learners refused for their credentials"),
+    ("learners_cut_off", "streams ended for sending messages too fast"),
 )
 _CORE_COUNTERS = (
     ("updates_received", "training updates that reached the federation core"),
@@ -48,6 +49,7 @@ _CORE_COUNTERS = (
     ("evaluations_received", "evaluation results received"),
     ("versions_committed", "model versions committed"),
     ("commits_refused", "commits refused (nothing to commit, or not finite)"),
+    ("learners_benched", "learners benched for tasks cancelled unanswered"),
 )
 
 

@@ -96,6 +96,17 @@ class ControllerConfig:
         tls_key: PEM private key of `tls_cert`.
         tls_client_ca: PEM CA of learner certificates: mutual TLS, and a certificate's common
             name must equal the learner id of its hello.
+        max_learners: learners connected at once (per process: each ingest worker holds its
+            share); more are refused with RESOURCE_EXHAUSTED; 0 means no limit.
+        max_messages_per_second: sustained messages a learner may send; beyond the burst its
+            stream ends with RESOURCE_EXHAUSTED (a flood costs others nothing); 0: no limit.
+        message_burst: messages a learner may send at once (an upload is one per chunk).
+        max_learner_bytes_per_second: a learner's stream is read no faster than this (its
+            upload waits in gRPC flow control); 0: as fast as it comes.
+        max_missed_tasks: tasks in a row a learner may leave unanswered until cancelled before
+            it is benched (no work for `bench_seconds`: fake or hung learners stop holding
+            rounds up); 0 never benches.
+        bench_seconds: how long a benched learner gets no work.
     """
 
     host: str = "127.0.0.1"
@@ -124,6 +135,12 @@ class ControllerConfig:
     tls_cert: bytes | None = field(default=None, repr=False)
     tls_key: bytes | None = field(default=None, repr=False)
     tls_client_ca: bytes | None = field(default=None, repr=False)
+    max_learners: int = 0
+    max_messages_per_second: float = 200.0
+    message_burst: int = 2000
+    max_learner_bytes_per_second: float = 0.0
+    max_missed_tasks: int = 5
+    bench_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("upload_codec", "download_codec"):
@@ -243,6 +260,8 @@ class ControllerFace:
             initial_model_timeout_seconds=self.config.initial_model_timeout_seconds,
             rng=rng,
             state=self.state,
+            max_missed_tasks=self.config.max_missed_tasks,
+            bench_seconds=self.config.bench_seconds,
         )
 
     def reload_credentials(self, fresh: ControllerConfig) -> None:

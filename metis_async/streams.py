@@ -199,6 +199,12 @@ class StreamServer:
             peer=context.peer(),
         )
         old = self.sessions.get(learner_id)
+        limit = self.config.max_learners
+        if limit and old is None and len(self.sessions) >= limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the controller holds its maximum of {limit} learners; retry later",
+            )
         if old is not None:
             old.close(grpc.StatusCode.ALREADY_EXISTS, "replaced by a newer session")
             await self._close_session(old)
@@ -312,9 +318,27 @@ class StreamServer:
 
     async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
+        config = self.config
+        rate, burst = config.max_messages_per_second, float(config.message_burst)
+        byte_rate = config.max_learner_bytes_per_second
+        tokens, byte_debt, last = burst, 0.0, loop.time()
         while (raw := await context.read()) is not grpc.aio.EOF:
-            session.last_seen = loop.time()
+            now = loop.time()
+            session.last_seen = now
             self.stats.bytes_received_total += len(raw)
+            if rate:  # token bucket: `burst` at once, `rate` a second sustained
+                tokens = min(burst, tokens + (now - last) * rate) - 1.0
+                if tokens < 0.0:
+                    self.stats.learners_cut_off_total += 1
+                    raise ProtocolViolation(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {rate:g} messages a second (burst {burst:g})",
+                    )
+            if byte_rate:  # read no faster than the byte rate: gRPC flow control holds it back
+                byte_debt = max(0.0, byte_debt - (now - last) * byte_rate) + len(raw)
+                if byte_debt > byte_rate:
+                    await asyncio.sleep((byte_debt - byte_rate) / byte_rate)
+            last = now
             await self._ingest.handle(session, raw)
 
     async def _reap_silent_learners(self) -> None:

@@ -109,6 +109,8 @@ class ControllerStats:
     bytes_received_total: int = 0
     bytes_sent_total: int = 0
     auth_refused_total: int = 0
+    learners_benched_total: int = 0
+    learners_cut_off_total: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     staleness: Histogram = field(default_factory=lambda: Histogram(STALENESS_BUCKETS))
     commit_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))

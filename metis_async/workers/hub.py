@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -273,7 +274,13 @@ class WorkerHub(ControllerFace):
         worker = self._workers[index]
         worker.channel = channel
         channel.send(
-            ("config", self.config, self.core.run_id, self.core.policy.name, self.forward_updates)
+            (
+                "config",
+                self._worker_config(),
+                self.core.run_id,
+                self.core.policy.name,
+                self.forward_updates,
+            )
         )
         self._send_version(worker)
         self._send_state(worker)
@@ -415,7 +422,13 @@ class WorkerHub(ControllerFace):
     def _configured(self, config: ControllerConfig) -> None:
         for worker in self._workers:
             if worker.channel is not None:
-                worker.channel.send(("reconfigure", config))
+                worker.channel.send(("reconfigure", self._worker_config()))
+
+    def _worker_config(self) -> ControllerConfig:
+        """The settings a worker serves with: its share of `max_learners`."""
+        limit = self.config.max_learners
+        share = -(-limit // len(self._workers)) if limit else 0
+        return dataclasses.replace(self.config, max_learners=share)
 
     def _send_state(self, worker: _Worker) -> None:
         if worker.channel is not None:
