@@ -85,6 +85,7 @@ class Session:
         self.discard_chunks = 0  # chunks of a stale result still to skip
         self.discard_payload_id = 0
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
+        self.writing = False  # a message is being handed to gRPC
         self.closing = asyncio.Event()
         self.close_code: grpc.StatusCode | None = None
         self.close_message = ""

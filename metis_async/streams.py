@@ -162,6 +162,8 @@ class StreamServer:
             )
             if reader in done and not reader.cancelled():
                 self._close_on_error(session, reader.exception())
+            reader.cancel()
+            await _quiesce(writer, session)
             if session.close_code is not None:
                 await context.abort(session.close_code, session.close_message)
         finally:
@@ -313,8 +315,14 @@ class StreamServer:
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         stats = self.stats
         while (message := await session.queue.get()) is not None:
-            await context.write(message)
+            session.writing = True
+            try:
+                await context.write(message)
+            finally:
+                session.writing = False
             stats.bytes_sent_total += len(message)
+            if session.closing.is_set():
+                return
 
     async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
@@ -359,3 +367,17 @@ def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> No
     named = names[0].decode(errors="replace")
     if not hmac.compare_digest(named.encode(), learner_id.encode()):
         raise AuthError("the client certificate is for another learner id", denied=True)
+
+
+WRITE_DRAIN_SECONDS = 2.0
+"""How long a closing stream waits for a write already handed to gRPC."""
+
+
+async def _quiesce(writer: asyncio.Task[None], session: Session) -> None:
+    """Stop the stream's writer without leaving a write in flight: gRPC refuses to send the
+    final status while a message is still being sent (found by fuzzing: the stream hung)."""
+    if writer.done():
+        return
+    if session.writing:  # it returns after this write: the session is closing
+        await asyncio.wait({writer}, timeout=WRITE_DRAIN_SECONDS)
+    writer.cancel()
