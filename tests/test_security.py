@@ -11,10 +11,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import structlog.testing
 
 from metis_async import cli, keys
 from metis_async.auth import AuthError, TokenVerifier, issue_token, new_secret, read_secret
 from metis_async.client import tls_credentials
+from metis_async.telemetry import configure_logging
 from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
 from tests.test_server import _expect_abort, _start_learner
 
@@ -163,3 +165,27 @@ def test_revocations_take_effect_without_a_restart(
 
     assert before.welcome.learner_id == "dave"
     assert refused
+
+
+def test_tokens_never_reach_the_logs(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1), token_secret=SECRET)
+    token = issue_token(SECRET, "erin", 60)
+    wrong = issue_token(new_secret(), "erin", 60)
+
+    configure_logging("debug")  # every event, whatever the suite's level
+    try:
+        with structlog.testing.capture_logs() as events:
+            RawLearner(ct.address, "erin", token=token).until("welcome")
+            _expect_abort(
+                RawLearner(ct.address, "erin", token=wrong),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "invalid token",
+            )
+    finally:
+        configure_logging("error")
+
+    assert any(e["event"] == "auth_refused" for e in events), events
+    text = repr(events)
+    assert token not in text
+    assert wrong not in text
+    assert SECRET.hex() not in text
