@@ -187,6 +187,18 @@ class ControllerConfig:
         ]
 
 
+RELOADABLE = (
+    "tokens",
+    "token_secret",
+    "revoked",
+    "max_learners",
+    "max_messages_per_second",
+    "message_burst",
+    "max_learner_bytes_per_second",
+)
+"""ControllerConfig fields a SIGHUP takes over (`ControllerFace.reload_credentials`)."""
+
+
 class ControllerFace:
     """What every controller offers its operator, whatever drives its learners' streams
     (`Controller` in one process, `workers.hub.WorkerHub` with ingest workers).
@@ -265,16 +277,13 @@ class ControllerFace:
         )
 
     def reload_credentials(self, fresh: ControllerConfig) -> None:
-        """Take `fresh`'s learner credentials (tokens, token secret, revocations) without a
-        restart (SIGHUP); everything else needs one."""
+        """Take `fresh`'s learner credentials (tokens, token secret, revocations) and abuse
+        limits without a restart (SIGHUP: new streams get them); the rest needs a restart."""
         self.config = dataclasses.replace(
-            self.config,
-            tokens=fresh.tokens,
-            token_secret=fresh.token_secret,
-            revoked=fresh.revoked,
+            self.config, **{name: getattr(fresh, name) for name in RELOADABLE}
         )
         self._configured(self.config)
-        log.info("credentials_reloaded", revoked=len(fresh.revoked))
+        log.info("settings_reloaded", revoked=len(fresh.revoked))
 
     def _configured(self, config: ControllerConfig) -> None:
         """Hook: hand a changed `config` to whatever checks hellos."""

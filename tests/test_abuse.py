@@ -3,6 +3,7 @@ learners that take tasks but never answer are benched so synchronous rounds go o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -102,3 +103,14 @@ def test_without_benching_fake_learners_stall_every_round(controller_factory: Fa
 
     assert not ct.controller.finished  # 2 of 6 updates never reach the half every round needs
     assert ct.controller.version == 0
+
+
+def test_limits_reload_without_a_restart(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=5))
+    for name in ("a", "b"):
+        RawLearner(ct.address, name).until("welcome")
+    fresh = dataclasses.replace(ct.controller.config, max_learners=2)
+
+    ct.read(lambda: ct.controller.reload_credentials(fresh))
+
+    _expect_abort(RawLearner(ct.address, "c"), grpc.StatusCode.RESOURCE_EXHAUSTED, "maximum of 2")
