@@ -11,7 +11,9 @@ drawn from a log-normal, `--speed-seconds`). Every loop is bounded in count and 
 stays on loopback.
 
 Measured:
-- `streams_held`: learners welcomed at the end of the connect phase;
+- `streams_held`: learners welcomed at the end of the connect phase (at least once; a learner
+  whose stream broke and is being retried still counts); `streams_open_when_all_welcomed`:
+  streams welcomed and not ended at that moment;
 - `connect_seconds`: from the first learner dialing until every learner was welcomed
   (`start_to_all_welcomed_seconds` also counts starting the load processes);
 - `broadcast_seconds`: per round, from the first learner's train task to the last learner's
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import itertools
@@ -70,7 +73,7 @@ RUN_SECONDS_LIMIT = 900.0  # every phase gives up after this
 # ------------------------------------------------------------------------------ one learner
 
 
-ATTEMPTS = 5
+ATTEMPTS = 20
 """Streams a learner opens before it gives up (a real learner reconnects with backoff)."""
 
 
@@ -92,10 +95,14 @@ async def _learner(
         if error is None:
             break
         errors.append(error)
-        await asyncio.sleep(random.uniform(0.5, 2.0) * (attempt + 1))  # jittered backoff
+        _count(FAILED)
+        await asyncio.sleep(random.uniform(0.5, 2.0) * min(attempt + 1, 8))  # jittered backoff
     report["attempts"] = len(errors) + 1
+    report["retried_because"] = [e[:90] for e in errors]
     if errors and len(errors) == ATTEMPTS:
         report["error"] = errors[-1]
+        if "welcomed" not in report:
+            _count(GAVE_UP)  # never held a stream
 
 
 async def _session(
@@ -118,6 +125,7 @@ async def _session(
     gate = _connecting()
     await gate.acquire()  # bounded dialing: a fleet's joins are spread out, not all at once
     dialing = True
+    open_stream = False
     try:
         await call.write(pb.LearnerMessage(hello=hello).SerializeToString())
         while len(uploads) < rounds and not ended:
@@ -127,10 +135,11 @@ async def _session(
             for message in _opened(raw):
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
+                    open_stream = True
+                    _count(OPEN)
                     if "welcomed" not in report:
                         report["welcomed"] = time.time()
-                        with _WELCOMED[0].get_lock():
-                            _WELCOMED[0].value += 1
+                        _count(WELCOMED)
                     if dialing:
                         gate.release()
                         dialing = False
@@ -162,11 +171,17 @@ async def _session(
                 elif message.WhichOneof("body") == "shutdown":
                     report["shutdown"] = time.time()
                     ended = True
-    except (grpc.RpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as error:
-        return repr(error)[:200]  # InvalidStateError: the call ended before our first write
+    except asyncio.InvalidStateError:  # the call ended before our first write: say how
+        with contextlib.suppress(Exception):
+            return f"ended before hello: {await call.code()} {await call.details()}"[:200]
+        return "ended before hello"
+    except (grpc.RpcError, asyncio.TimeoutError) as error:
+        return repr(error)[:200]
     finally:
         if dialing:
             gate.release()
+        if open_stream:
+            _count(OPEN, -1)
         call.cancel()
     return None
 
@@ -175,7 +190,15 @@ DIALING_PER_PROCESS = 64
 """Learners of one load process between dialing and welcome at once (more starves this box)."""
 _GATE: list[asyncio.Semaphore] = []
 _WELCOMED: list[Any] = []
-"""Learners welcomed so far, over all load processes (a shared counter)."""
+"""Counters shared by all load processes: learners welcomed (at least once), failed attempts,
+learners that gave up, streams open now (welcomed and not ended)."""
+WELCOMED, FAILED, GAVE_UP, OPEN = 0, 1, 2, 3
+
+
+def _count(which: int, by: int = 1) -> None:
+    counters = _WELCOMED[0]
+    with counters.get_lock():
+        counters[which] += by
 
 
 def _connecting() -> asyncio.Semaphore:
@@ -346,6 +369,10 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
         str(RUN_SECONDS_LIMIT),
         "--heartbeat-timeout",
         str(RUN_SECONDS_LIMIT),
+        # A mass join on two shared cores delays hellos past the 10 s default, and every
+        # timed-out hello is a reconnect that costs more than the wait.
+        "--hello-timeout",
+        "120",
         "--local-steps",
         "1",
         "--log-level",
@@ -387,7 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ctx = mp.get_context("spawn")
             per = -(-args.learners // args.processes)
             procs, pipes = [], []
-            welcomed = ctx.Value("q", 0)
+            welcomed = ctx.Array("q", 4)
             started = time.time()
             for p in range(args.processes):
                 count = min(per, args.learners - p * per)
@@ -464,19 +491,26 @@ def _wait_for_streams(pid: int, welcomed: Any, learners: int, procs: list[Any]) 
     started = shown = time.monotonic()
     while time.monotonic() < deadline and any(p.is_alive() for p in procs):
         _guard_memory(procs, deadline)
-        count = welcomed.value
+        count, failed, gave_up = welcomed[WELCOMED], welcomed[FAILED], welcomed[GAVE_UP]
+        held = welcomed[OPEN]
         if time.monotonic() - shown >= 10.0:  # progress on stderr: a big run takes minutes
             shown = time.monotonic()
             print(
-                f"load: {count}/{learners} welcomed after {shown - started:.0f} s, controller "
+                f"load: {count}/{learners} welcomed, {held} streams open after "
+                f"{shown - started:.0f} s "
+                f"({failed} failed attempts, {gave_up} gave up), controller "
                 f"RSS {best['rss'] / 1e9:.2f} GB",
                 file=sys.stderr,
                 flush=True,
             )
+        if count + gave_up >= learners and count < learners:
+            return best  # the rest gave up
         with contextlib.suppress(OSError):
             if count > most:
                 best, most = _tree_stats(pid), count
+                best["open"] = held
         if count >= learners:
+            best["open"] = welcomed[OPEN]
             return best
         time.sleep(0.2)
     return best
@@ -537,6 +571,9 @@ def _summarize(
         "errors": len(errors),
         "reconnects": sum(r.get("attempts", 1) - 1 for r in reports),
         "first_errors": errors[:3],
+        "reconnect_reasons": collections.Counter(
+            why for r in reports for why in r.get("retried_because", [])
+        ).most_common(3),
         "connect_seconds": (max(welcomed) - min(dialed)) if welcomed else None,
         "start_to_all_welcomed_seconds": (max(welcomed) - started) if welcomed else None,
         "broadcast_seconds": statistics.median(broadcasts[1:]) if len(broadcasts) > 1 else None,
@@ -548,6 +585,7 @@ def _summarize(
         ),
         "ingest_updates_per_second": n / statistics.median(ingest) if ingest else None,
         "ingest_MBps": n * mb / statistics.median(ingest) if ingest else None,
+        "streams_open_when_all_welcomed": held.get("open"),
         "rss_bytes_per_stream": (held["rss"] - idle["rss"]) / n,
         "fds_per_stream": (held["fds"] - idle["fds"]) / n,
         "controller_rss_bytes": held["rss"],
@@ -585,7 +623,7 @@ def main() -> None:
     args.processes = args.processes or max(1, -(-args.learners // 5000))
     result = run(args)
     for key, value in result.items():
-        if key not in ("machine", "first_errors", "command"):
+        if key not in ("machine", "first_errors", "command", "reconnect_reasons"):
             print(f"{key:28s} {value}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
