@@ -218,6 +218,9 @@ class FederationCore:
         self._committed: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._committed_kept = committed_kept
         self._open_learners: list[str] = []  # the learner of each entry of _open
+        self._open_workers: list[int] = []  # the ingest worker holding each (-1: none)
+        # Accepted updates lost with an ingest worker's partial sum: a resend is taken again.
+        self._lost: OrderedDict[str, None] = OrderedDict()
         self._base_of: tuple[str, int] = ("", 0)  # (policy task id, base version) arriving
         self._max_missed = max_missed_tasks
         self._bench_seconds = bench_seconds
@@ -282,7 +285,10 @@ class FederationCore:
         return TaskLookup(closed_reason=closed)
 
     def _resendable(self, task_id: str) -> bool:
-        """A task id of this run from an earlier controller start (never outstanding here)."""
+        """A task id of this run from an earlier controller start (never outstanding here), or
+        one whose accepted update was lost with an ingest worker."""
+        if task_id in self._lost:
+            return True
         return (
             self._state_dir is not None
             and task_id.startswith(f"{self.run_id}.")
@@ -524,6 +530,7 @@ class FederationCore:
             return False
         if self._learners.closed_reason(learner_id, task_id) is not None:
             return False
+        self._lost.pop(task_id, None)
         self._learners.remember_closed(record, task_id, RESULT_RECEIVED)
         return True
 
@@ -716,6 +723,7 @@ class FederationCore:
         self._aggregate.add(update, decision.weight, True)
         self._open.append(self._wire_id(decision.task_id))
         self._open_learners.append(lid)
+        self._open_workers.append(update.worker if isinstance(update, RemoteUpdate) else -1)
         if self._base_of[0] == decision.task_id:
             self.stats.staleness.observe(max(self.version - self._base_of[1], 0))
         self.stats.updates_accepted_total += 1
@@ -726,14 +734,15 @@ class FederationCore:
         target = self.version + 1
         step = self._aggregate
         folded, weight = tuple(self._open), step.total_weight
-        learners = self._open_learners
-        self._open, self._open_learners = [], []
+        learners, workers = self._open_learners, self._open_workers
+        self._open, self._open_learners, self._open_workers = [], [], []
         try:
             new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
             bad = wire.first_non_finite(new)
             if bad is not None:
                 raise ValueError(f"the new model is not finite at value {bad}")
         except ValueError as error:
+            self._drop_lost(folded, learners, workers, step.lost_workers)
             step.reset()
             self.stats.commits_refused_total += 1
             self.stats.updates_discarded_total += len(folded)
@@ -747,6 +756,9 @@ class FederationCore:
             refused = CommitRefused(target, str(error), folded)
             effects.append(refused)
             return refused
+        counted, learners = self._drop_lost(folded, learners, workers, step.lost_workers)
+        self.stats.updates_discarded_total += len(folded) - len(counted)
+        folded = counted
         new.flags.writeable = False
         self._flat = new
         self.version = target
@@ -776,6 +788,30 @@ class FederationCore:
         record = CommitRecord(version, task_ids, weight, reason)
         self.commits.append(record)
         return record
+
+    def _drop_lost(
+        self,
+        folded: tuple[str, ...],
+        learners: list[str],
+        workers: list[int],
+        lost: set[int],
+    ) -> tuple[tuple[str, ...], list[str]]:
+        """The updates a commit really holds: those in a lost worker partial are not counted,
+        not acknowledged, and taken again when their learner resends them."""
+        if not lost:
+            return folded, learners
+        kept: list[tuple[str, str]] = []
+        for task_id, lid, worker in zip(folded, learners, workers, strict=True):
+            if worker in lost:
+                self._lost[task_id] = None
+                record = self._learners.get(lid)
+                if record is not None:
+                    record.closed.pop(task_id, None)
+            else:
+                kept.append((task_id, lid))
+        while len(self._lost) > self._committed_kept:
+            self._lost.popitem(last=False)
+        return tuple(t for t, _ in kept), [lid for _, lid in kept]
 
     def _remember_committed(
         self, task_ids: tuple[str, ...], learners: list[str], version: int
@@ -812,7 +848,7 @@ class FederationCore:
     def _discard(self, reason: str) -> None:
         dropped = len(self._open)
         self._aggregate.reset()
-        self._open, self._open_learners = [], []
+        self._open, self._open_learners, self._open_workers = [], [], []
         self.stats.updates_discarded_total += dropped
         log.info("aggregate_discarded", reason=reason, version=self.version, updates=dropped)
 

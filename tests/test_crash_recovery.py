@@ -8,6 +8,7 @@ order and a lost or double-counted update changes the final model.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -31,7 +32,10 @@ from metis_async.client import (
     UnackedUpdates,
 )
 from metis_async.client.learner import EvaluateConfig
+from metis_async.protocols import BufferedPolicy, BufferedSettings, TrainSettings
+from metis_async.protocols.staleness import StalenessFunction
 from metis_async.v1 import controller_pb2 as pb
+from tests.conftest import ControllerThread
 
 SIZE = 8  # parameters: one per learner, the last shared
 
@@ -289,3 +293,54 @@ def test_buffered_crashes_over_many_seeds(tmp_path: Path, seed: int) -> None:
 @pytest.mark.parametrize("seed", range(20, 26))
 def test_synchronous_crashes_over_many_seeds(tmp_path: Path, seed: int) -> None:
     _check_synchronous(tmp_path, seed=seed, kills=3)
+
+
+def test_updates_lost_with_a_killed_worker_are_resent_and_counted_once(tmp_path: Path) -> None:
+    """A worker killed mid-run takes its partial sum with it: its updates are not acknowledged,
+    their learners resend them (they reconnect anyway), and each counts once."""
+    rounds, buffer_size, learners = 10, 4, 6
+    policy = BufferedPolicy(
+        BufferedSettings(
+            buffer_size=buffer_size,
+            rounds=rounds,
+            staleness=StalenessFunction("constant"),
+            train=TrainSettings(local_steps=1),
+        )
+    )
+    ct = ControllerThread(policy, [np.zeros(SIZE, np.float32)], workers=2)
+    records = [_RecordingUnacked() for _ in range(learners)]
+    summaries: list[RunSummary] = []
+    threads = []
+    for i in range(learners):
+        runner = LearnerRunner(
+            ct.address,
+            _CountingLearner(i, False, 0.05),
+            learner_id=f"learner-{i}",
+            backoff=Backoff(initial_seconds=0.05, max_seconds=0.4),
+            seed=i,
+            unacked=records[i],
+        )
+        thread = threading.Thread(target=lambda r=runner: summaries.append(r.run()), daemon=True)
+        thread.start()
+        threads.append(thread)
+    try:
+        deadline = time.monotonic() + 30
+        core = ct.controller.core
+        while time.monotonic() < deadline and not (
+            ct.controller.version >= 3 and ct.read(lambda: 0 in core._open_workers)
+        ):
+            time.sleep(0.005)  # until worker 0 holds part of the open version's sum
+        os.kill(ct.read(lambda: ct.controller.worker_pids())[0], signal.SIGKILL)
+        assert ct.wait_finished(90)
+        for thread in threads:
+            thread.join(30)
+        model = ct.model()
+    finally:
+        ct.close()
+
+    acked = [(r, task) for r in records for task in r.acked]
+    expected = np.zeros(SIZE, np.float64)
+    for record, task in acked:
+        expected += record.sent[task]
+    assert len({task for _, task in acked}) == len(acked)
+    np.testing.assert_array_equal(model, (expected / buffer_size).astype(np.float32))

@@ -135,6 +135,8 @@ class ServerStep:
         self._generation = 0
         self._remote: dict[int, tuple[float, int]] = {}  # worker -> (weight, count) folded there
         self._sums: PartialSums | None = None  # where the remote updates came through
+        # Workers whose partial of the last commit was lost (the core un-counts their updates).
+        self.lost_workers: set[int] = set()
         if self.settings.optimizer != "fedavg" or self.settings.optimizer_options:
             from metis_async.aggregation.optimizers import make_optimizer
 
@@ -225,13 +227,19 @@ class ServerStep:
         sums = self._sums
         assert sums is not None
         partials = sums.collect(set(self._remote), self._generation)
-        self._remote = {}
+        remote, self._remote = self._remote, {}
         self._generation += 1
-        for total, weight, count in partials:
-            self._acc.merge(total, weight, count)
-        got = sum(c for _, _, c in partials)
+        got = 0
+        for worker, (_, count) in remote.items():
+            partial = partials.get(worker)
+            if partial is not None and partial[2] == count:
+                self._acc.merge(*partial)
+                got += count
+            else:
+                # The worker died with (part of) its partial: none of its updates of this version
+                # is counted, so a learner's resend of any of them is counted once, later.
+                self.lost_workers.add(worker)
         if got != expected_count:
-            # A worker died with its partial: those updates are lost, never counted twice.
             from structlog import get_logger
 
             get_logger("metis_async.aggregation").warning(
@@ -239,6 +247,7 @@ class ServerStep:
                 updates_expected=expected_count,
                 updates_merged=got,
                 weight_expected=expected_weight,
+                workers=sorted(self.lost_workers),
             )
 
     def _fold(self) -> None:
@@ -276,6 +285,7 @@ class ServerStep:
         optimizer's state are unchanged.
         """
         updates = self.count
+        self.lost_workers = set()
         if updates == 0:
             raise CommitRefused("nothing to commit: no update was accepted")
         self._merge_remote()

@@ -446,7 +446,7 @@ class WorkerHub(ControllerFace):
         for worker in workers:
             self._to_worker(worker, ("reset", generation))
 
-    def collect(self, workers: set[int], generation: int) -> list[Partial]:
+    def collect(self, workers: set[int], generation: int) -> dict[int, Partial | None]:
         """Blocks the core's thread until the listed workers sent their partial sums."""
         loop = self._loop
         assert loop is not None
@@ -456,11 +456,12 @@ class WorkerHub(ControllerFace):
         except FutureTimeout:
             log.error("partial_sums_timeout", workers=sorted(workers), generation=generation)
             future.cancel()
-            return []
+            return {}
 
-    async def _collect(self, workers: set[int], generation: int) -> list[Partial]:
+    async def _collect(self, workers: set[int], generation: int) -> dict[int, Partial | None]:
         self._send_outbox()  # every fold the core asked for reaches its worker first
         waits = []
+        asked = []
         for index in sorted(workers):
             worker = self._workers[index]
             if worker.channel is None:
@@ -470,8 +471,9 @@ class WorkerHub(ControllerFace):
             worker.pending[self._request_ids] = future
             worker.channel.send(("export", self._request_ids, generation))
             waits.append(future)
+            asked.append(index)
         partials = await asyncio.gather(*waits)
-        return [p for p in partials if p is not None]
+        return dict(zip(asked, partials, strict=True))
 
     def _to_worker(self, index: int, header: tuple[Any, ...]) -> None:
         """From the core's thread: queued, sent (in call order) after the core call ends."""

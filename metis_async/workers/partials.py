@@ -34,8 +34,9 @@ class PartialSums(Protocol):
         """Tell `worker` to forget update `handle` (rejected or unanswered)."""
         ...
 
-    def collect(self, workers: set[int], generation: int) -> list[Partial]:
-        """Every listed worker's partial sum of `generation` (blocks; a dead worker's is lost)."""
+    def collect(self, workers: set[int], generation: int) -> dict[int, Partial | None]:
+        """Each listed worker's partial sum of `generation` by worker (blocks; None for an empty
+        one; a worker that died since is missing or reports fewer updates)."""
         ...
 
     def reset(self, workers: set[int], generation: int) -> None:
