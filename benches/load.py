@@ -46,7 +46,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import shutil
 import socket
 import statistics
 import subprocess
@@ -346,8 +345,10 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
     model = workdir / "model.npz"
     np.savez(model, np.zeros(args.params, dtype=np.float32))
     port = _free_port()
-    exe = shutil.which("metis-async") or ""
-    cli = [exe] if exe else [sys.executable, "-m", "metis_async.cli"]
+    # The installed command beside this interpreter; run from the temporary directory, so a
+    # source checkout in the working directory never shadows the installed (built) package.
+    exe = Path(sys.executable).with_name("metis-async")
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "metis_async.cli"]
     command = [
         *cli,
         "serve",
@@ -386,7 +387,7 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
         command += ["--workers", str(args.workers)]
     # Logs to a file: an unread pipe would block the controller once 64 KB of warnings wait.
     log_file = open(workdir / "controller.log", "w")  # noqa: SIM115 - closed with the run
-    controller = subprocess.Popen(command, stderr=log_file, text=True)
+    controller = subprocess.Popen(command, stderr=log_file, text=True, cwd=workdir)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         # With workers, the port answers once the first worker serves: wait for all of them.

@@ -77,7 +77,9 @@ DIGITS_LIMIT_S = 300.0
 
 def controller_start_seconds(params: int) -> float | None:
     """Seconds from launching `metis-async serve` (a P-float32 model) until it listens."""
-    exe = REPO / ".venv" / "bin" / "metis-async"
+    # The installed command beside this interpreter, run from a temporary directory: a source
+    # checkout in the working directory must not shadow the installed (built) package.
+    exe = Path(sys.executable).with_name("metis-async")
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "metis_async.cli"]
     group = ProcessGroup()
     with tempfile.TemporaryDirectory(prefix="vs-flower-serve-") as tmp:
@@ -94,6 +96,7 @@ def controller_start_seconds(params: int) -> float | None:
                 [*cli, "serve", "--port", str(port), "--init-model", str(model), "--rounds", "1"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                cwd=tmp,
             )
             while time.monotonic() - started < 60:
                 with socket.socket() as s:
@@ -203,7 +206,7 @@ def run_config(
 def run_digits(flower_python: Path | None) -> dict[str, Any]:
     """Seconds to 0.90 on digits, 10% stragglers x10: Flower sync FedAvg vs our buffered."""
     out: dict[str, Any] = {"task": "digits, 10 learners, Dirichlet 0.5, 10% stragglers x10"}
-    exe = REPO / ".venv" / "bin" / "metis-async"
+    exe = Path(sys.executable).with_name("metis-async")
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "metis_async.cli"]
     ours: dict[str, Any] = {}
     for protocol in ("buffered", "synchronous"):
@@ -212,7 +215,12 @@ def run_digits(flower_python: Path | None) -> dict[str, Any]:
         command += ["--slowdown", "10", "--json", "--no-progress"]
         group = ProcessGroup()
         try:
-            proc = group.start(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            proc = group.start(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                cwd=tempfile.gettempdir(),  # not a source checkout that would shadow the package
+            )
             stdout, _ = proc.communicate(timeout=DIGITS_LIMIT_S)
             demo = json.loads(stdout.strip().splitlines()[-1])
             ours[protocol] = {
