@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class TokenVerifier:
     """
 
     secret: bytes | None = field(default=None, repr=False)
-    static: dict[str, str] = field(default_factory=dict, repr=False)
+    static: Mapping[str, str] = field(default_factory=dict, repr=False)
     revoked: frozenset[str] = frozenset()
 
     def check(self, learner_id: str, token: str, now: float | None = None) -> None:

@@ -280,8 +280,7 @@ class FederationCore:
             return TaskLookup(committed_version=committed[1])
         closed = self._learners.closed_reason(learner_id, task_id)
         if closed is None and self._resendable(task_id):
-            upload_delta = bool(getattr(self.policy, "upload_delta", True))
-            return TaskLookup(resendable=True, resent_upload_delta=upload_delta)
+            return TaskLookup(resendable=True, resent_upload_delta=self.policy.upload_delta)
         return TaskLookup(closed_reason=closed)
 
     def _resendable(self, task_id: str) -> bool:
@@ -837,7 +836,7 @@ class FederationCore:
             policy=self.policy.snapshot(),
             stats=self.stats.snapshot(),
             evaluations=dict(self.evaluations),
-            committed=dict(self._committed),
+            committed=self._committed,  # written out before the core goes on: no copy
         )
         try:
             self._state_dir.save(checkpoint)

@@ -50,7 +50,8 @@ class CoreLink(Protocol):
         ...
 
     async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
-        """Whether `task_id` is outstanding for `learner_id`, closed (and why), or unknown."""
+        """Whether `task_id` is outstanding for `learner_id`, closed (and why), committed,
+        resendable, or unknown (`FederationCore.lookup`)."""
         ...
 
     async def learner_joined(

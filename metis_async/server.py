@@ -152,7 +152,8 @@ class ControllerConfig:
         """The learner credential check in effect (None: authentication is off)."""
         if self.tokens is None and self.token_secret is None:
             return None
-        return TokenVerifier(self.token_secret, dict(self.tokens or {}), self.revoked)
+        # No copy of the token table: this runs at every hello.
+        return TokenVerifier(self.token_secret, self.tokens or {}, self.revoked)
 
     def server_credentials(self) -> Any:
         """gRPC server credentials when TLS is configured, else None."""
@@ -518,6 +519,7 @@ async def serve(
             handled.append(sig)
     try:
         waiters: set[asyncio.Future[bool]] = {asyncio.ensure_future(stop.wait())}
+        # A controller that failed (a checkpoint it could not write) also sets finished.
         if until_finished or controller.state is not None:
             waiters.add(asyncio.ensure_future(controller.wait_finished()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

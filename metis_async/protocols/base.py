@@ -275,6 +275,8 @@ class Policy(abc.ABC):
     """
 
     name: str = "policy"
+    upload_delta = True
+    """Whether learners upload deltas (trained − base) rather than trained weights."""
     mixes_full_models = False
     """Whether commits mix full uploaded models into the current one (`relative`): such an
     update cannot be pre-summed apart from the model, so ingest workers forward it whole."""

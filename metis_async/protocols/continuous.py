@@ -91,7 +91,6 @@ class ContinuousPolicy(Policy):
     other, weighted by its staleness; it holds no concurrency slot (its task is not ours).
     """
 
-    upload_delta = True
     checkpointed = (
         *Policy.checkpointed,
         "_task_seq",
