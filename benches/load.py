@@ -73,7 +73,7 @@ RUN_SECONDS_LIMIT = 900.0  # every phase gives up after this
 
 
 ATTEMPTS = 20
-"""Streams a learner opens before it gives up (a real learner reconnects with backoff)."""
+"""Failed streams in a row before a learner gives up (a real learner reconnects with backoff)."""
 
 
 async def _learner(
@@ -88,17 +88,21 @@ async def _learner(
 ) -> None:
     report["dialed"] = time.time()
     report["tasks"], report["uploads"] = [], []
-    errors = []
-    for attempt in range(ATTEMPTS):
+    errors: list[str] = []
+    failures = 0  # in a row: a welcome resets it, as a real learner's backoff does
+    deadline = time.monotonic() + RUN_SECONDS_LIMIT
+    while failures < ATTEMPTS and time.monotonic() < deadline:
+        welcomes = report.get("welcomes", 0)
         error = await _session(learner_id, channel, chunks, nbytes, rounds, sleep_seconds, report)
         if error is None:
             break
         errors.append(error)
         _count(FAILED)
-        await asyncio.sleep(random.uniform(0.5, 2.0) * min(attempt + 1, 8))  # jittered backoff
+        failures = 1 if report.get("welcomes", 0) > welcomes else failures + 1
+        await asyncio.sleep(random.uniform(0.5, 2.0) * min(failures, 8))  # jittered backoff
     report["attempts"] = len(errors) + 1
     report["retried_because"] = [e[:90] for e in errors]
-    if errors and len(errors) == ATTEMPTS:
+    if errors and failures >= ATTEMPTS:
         report["error"] = errors[-1]
         if "welcomed" not in report:
             _count(GAVE_UP)  # never held a stream
@@ -136,6 +140,7 @@ async def _session(
                 if kind == "welcome":
                     open_stream = True
                     _count(OPEN)
+                    report["welcomes"] = report.get("welcomes", 0) + 1
                     if "welcomed" not in report:
                         report["welcomed"] = time.time()
                         _count(WELCOMED)
@@ -147,6 +152,7 @@ async def _session(
                 elif kind == "train":
                     task = message.train
                     tasks.append((int(task.model_version), time.time()))
+                    _count(TASKS)
                     if sleep_seconds:
                         await asyncio.sleep(sleep_seconds)
                     first = time.time()
@@ -156,11 +162,13 @@ async def _session(
                     for chunk in _renumbered(chunks, len(uploads) + 1):
                         await call.write(chunk)
                     uploads.append((first, time.time()))
+                    _count(UPLOADS)
                 elif kind == "shutdown":
+                    report["shutdown"] = time.time()
                     ended = True
         # the task of the version after the last upload (or the shutdown) ends the round
         while not ended:
-            raw = await asyncio.wait_for(call.read(), 60.0)
+            raw = await asyncio.wait_for(call.read(), RUN_SECONDS_LIMIT)  # a round of all N
             if raw is grpc.aio.EOF:
                 break
             for message in _opened(raw):
@@ -190,8 +198,9 @@ DIALING_PER_PROCESS = 64
 _GATE: list[asyncio.Semaphore] = []
 _WELCOMED: list[Any] = []
 """Counters shared by all load processes: learners welcomed (at least once), failed attempts,
-learners that gave up, streams open now (welcomed and not ended)."""
-WELCOMED, FAILED, GAVE_UP, OPEN = 0, 1, 2, 3
+learners that gave up, streams open now (welcomed and not ended), train tasks received, uploads
+written."""
+WELCOMED, FAILED, GAVE_UP, OPEN, TASKS, UPLOADS = range(6)
 
 
 def _count(which: int, by: int = 1) -> None:
@@ -341,6 +350,44 @@ def _hosts(args: argparse.Namespace) -> list[str]:
     return [f"127.0.0.{1 + i}" for i in range(max(1, -(-args.learners // 25_000)))]
 
 
+def _start_bare(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """`bare_server.py` (the floor: hello, welcome, one broadcast, shutdown) on a free port."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "bare_server.py"),
+        "--port",
+        str(port),
+        "--learners",
+        str(args.learners),
+        "--params",
+        str(args.params),
+        "--hosts",
+        ",".join(_hosts(args)),
+        "--seconds",
+        str(RUN_SECONDS_LIMIT),
+    ]
+    log_file = open(workdir / "bare.log", "w")  # noqa: SIM115 - closed with the run
+    server = subprocess.Popen(command, stderr=log_file, text=True, cwd=workdir)
+    return _wait_listening(server, port, 1), f"{{host}}:{port}"
+
+
+def _wait_listening(
+    server: subprocess.Popen[str], port: int, processes: int
+) -> subprocess.Popen[str]:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        # With workers, the port answers once the first worker serves: wait for all of them.
+        with socket.socket() as s:
+            up = s.connect_ex(("127.0.0.1", port)) == 0
+        if up and _tree_stats(server.pid)["processes"] >= processes:
+            time.sleep(1.0 if processes > 1 else 0.0)
+            return server
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("the server did not start listening within 90 s")
+
+
 def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
     model = workdir / "model.npz"
     np.savez(model, np.zeros(args.params, dtype=np.float32))
@@ -385,29 +432,21 @@ def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subproce
         command += ["--extra-hosts", ",".join(hosts[1:])]
     if args.workers:
         command += ["--workers", str(args.workers)]
+    command += args.controller_arg
     # Logs to a file: an unread pipe would block the controller once 64 KB of warnings wait.
     log_file = open(workdir / "controller.log", "w")  # noqa: SIM115 - closed with the run
     controller = subprocess.Popen(command, stderr=log_file, text=True, cwd=workdir)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        # With workers, the port answers once the first worker serves: wait for all of them.
-        expected = 1 + args.workers
-        with socket.socket() as s:
-            up = s.connect_ex(("127.0.0.1", port)) == 0
-        if up and _tree_stats(controller.pid)["processes"] >= expected:
-            time.sleep(1.0 if args.workers else 0.0)
-            return controller, f"{{host}}:{port}"
-        time.sleep(0.1)
-    controller.kill()
-    raise RuntimeError("the controller did not start listening within 60 s")
+    return _wait_listening(controller, port, 1 + args.workers), f"{{host}}:{port}"
 
 
 # ------------------------------------------------------------------------------ the run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
+    """One load run against `metis-async serve` (or, `bare`, against `bare_server.py`)."""
     with tempfile.TemporaryDirectory(prefix="metis-load-") as tmp:
-        controller, address = _start_controller(args, Path(tmp))
+        start = _start_bare if bare else _start_controller
+        controller, address = start(args, Path(tmp))
         try:
             time.sleep(0.5)
             idle = _tree_stats(controller.pid)
@@ -415,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ctx = mp.get_context("spawn")
             per = -(-args.learners // args.processes)
             procs, pipes = [], []
-            welcomed = ctx.Array("q", 4)
+            welcomed = ctx.Array("q", 6)
             started = time.time()
             for p in range(args.processes):
                 count = min(per, args.learners - p * per)
@@ -444,11 +483,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
             peak_rss = held["rss"]
+            shown = time.monotonic()
             for receive in pipes:
                 while not receive.poll(0.2):
                     _guard_memory(procs, deadline)
                     with contextlib.suppress(OSError):
                         peak_rss = max(peak_rss, _tree_stats(controller.pid)["rss"])
+                    if time.monotonic() - shown >= 10.0:
+                        shown = time.monotonic()
+                        print(
+                            f"load: {welcomed[TASKS]} train tasks, {welcomed[UPLOADS]} uploads, "
+                            f"{welcomed[OPEN]} streams open, {welcomed[FAILED]} failed attempts, "
+                            f"controller peak RSS {peak_rss / 1e9:.2f} GB",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 reports += receive.recv()
             held["peak_rss"] = peak_rss
             for proc in procs:
@@ -587,12 +636,25 @@ def _summarize(
         "ingest_updates_per_second": n / statistics.median(ingest) if ingest else None,
         "ingest_MBps": n * mb / statistics.median(ingest) if ingest else None,
         "streams_open_when_all_welcomed": held.get("open"),
+        "learners_shut_down": sum(1 for r in reports if "shutdown" in r),
         "rss_bytes_per_stream": (held["rss"] - idle["rss"]) / n,
         "fds_per_stream": (held["fds"] - idle["fds"]) / n,
         "controller_rss_bytes": held["rss"],
         "controller_peak_rss_bytes": held.get("peak_rss"),
         "cpu_seconds_per_round": cpu,
     }
+
+
+COMPARED = ("connect_seconds", "first_broadcast_seconds", "rss_bytes_per_stream")
+
+
+def _ratios(ours: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | None]:
+    """ours / bare for what both measure (> 1: we are slower or bigger)."""
+    ratios: dict[str, float | None] = {}
+    for key in COMPARED:
+        a, b = ours.get(key), bare.get(key)
+        ratios[key] = round(a / b, 3) if a is not None and b else None
+    return ratios
 
 
 def main() -> None:
@@ -614,6 +676,19 @@ def main() -> None:
         default="auto",
         help="controller ingest workers (auto: none up to 12,000 learners, then one per 14,000)",
     )
+    parser.add_argument(
+        "--controller-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more flag for `metis-async serve` (repeatable), e.g. "
+        "--controller-arg=--stream-window-bytes=65536",
+    )
+    parser.add_argument(
+        "--compare-bare",
+        action="store_true",
+        help="also run the same load against a bare grpc.aio server (one round) and print ratios",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.workers == "auto":
@@ -622,9 +697,14 @@ def main() -> None:
     if args.learners > 18_000 and not args.workers:
         parser.error("one controller process holds at most ~19,000 streams here: use --workers")
     args.processes = args.processes or max(1, -(-args.learners // 5000))
+    if args.compare_bare:
+        args.rounds = 1  # the bare server broadcasts once
     result = run(args)
+    if args.compare_bare:
+        result["bare"] = run(args, bare=True)
+        result["vs_bare"] = _ratios(result, result["bare"])
     for key, value in result.items():
-        if key not in ("machine", "first_errors", "command", "reconnect_reasons"):
+        if key not in ("machine", "first_errors", "command", "reconnect_reasons", "bare"):
             print(f"{key:28s} {value}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

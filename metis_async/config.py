@@ -123,6 +123,12 @@ class ServerSection(_Section):
     hello_timeout_seconds: float = Field(
         default=10.0, gt=0, description="a new stream must say hello within this time"
     )
+    drain_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="on stop or finish, seconds streams get to take their last messages "
+        "(shutdown, final model); the stop ends sooner once every stream is done",
+    )
     max_chunk_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="largest chunk either side may send"
     )
@@ -154,6 +160,19 @@ class ServerSection(_Section):
         default=64 * 1024**2,
         ge=0,
         description="bytes of training uploads reassembled at once; more wait, unread",
+    )
+    download_buffer_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=1,
+        description="bytes of model chunks handed to gRPC for sending at once, per process; "
+        "more wait in their streams' queues",
+    )
+    stream_window_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="fixed HTTP/2 receive window per learner stream (bounds gRPC's buffers of "
+        "waiting uploads; caps a stream at window/RTT); 0: gRPC sizes it automatically",
     )
     upload_codec: Codec = Field(
         default="float32",

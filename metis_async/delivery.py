@@ -132,6 +132,8 @@ class CoreRunner:
         self._reschedule = reschedule
         self._on_fatal = on_fatal
         self.failure: CheckpointError | None = None
+        self.closed = False
+        """True once `close` ran: later batches are dropped (the run is over)."""
         self._thread = ThreadPoolExecutor(
             1, thread_name_prefix="federation-core", initializer=lower_thread_priority
         )
@@ -168,6 +170,8 @@ class CoreRunner:
         """Run several core calls, in order, in one hop to the core thread; their effects are
         delivered together (an ingest hub's many small events cost one thread switch)."""
         loop = asyncio.get_running_loop()
+        if self.closed:
+            return  # events read while the controller shuts down have no core left to reach
 
         def run() -> None:
             effects: list[Effect] = []
@@ -203,6 +207,7 @@ class CoreRunner:
 
     def close(self) -> None:
         """Stop the core thread once the calls in flight are done."""
+        self.closed = True
         self._thread.shutdown(wait=False, cancel_futures=True)
 
 

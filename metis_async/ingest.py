@@ -259,7 +259,6 @@ class Ingest:
         pending = session.pending
         assert pending is not None
         session.pending = None
-        self.release_upload_slot(session)
         result = pending.result
         report = UpdateReport(
             task_id=pending.task.task_id,
@@ -271,8 +270,13 @@ class Ingest:
             seconds_per_epoch=float(result.seconds_per_epoch),
             metrics={k: float(v) for k, v in result.metrics.items()},
         )
-        # every value was checked chunk by chunk on arrival
-        await self.link.update_arrived(session.learner_id, report, pending.upload.take())
+        # Every value was checked chunk by chunk on arrival. The slot is held until the core has
+        # taken the update: released earlier, uploads of every stream would queue for the core
+        # thread, each holding its model-sized messages (100 x 4 MB took 700 MB of RSS).
+        try:
+            await self.link.update_arrived(session.learner_id, report, pending.upload.take())
+        finally:
+            self.release_upload_slot(session)
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
         if self._limiter.allow(session.learner_id, "learner_error"):

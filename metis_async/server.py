@@ -65,6 +65,8 @@ class ControllerConfig:
         heartbeat_interval_seconds: learners send a heartbeat at least this often.
         heartbeat_timeout_seconds: a learner silent this long is disconnected and its tasks void.
         hello_timeout_seconds: a new stream must say hello within this time.
+        drain_seconds: when `serve` stops (finished, or a signal), how long streams get to
+            take their last messages (shutdown, final model); it ends sooner once all are done.
         max_chunk_bytes: largest chunk either side may send.
         send_queue_limit: messages queued per stream before a slow learner is dropped.
         max_model_bytes: largest flat model (bytes) a learner may propose or the controller
@@ -80,6 +82,14 @@ class ControllerConfig:
             its model-sized payload until it is folded); a result beyond it waits with its
             stream unread, so gRPC flow control holds that learner back and controller memory
             stays O(model + this).
+        download_buffer_bytes: bytes of large messages (model chunks) handed to gRPC for
+            sending at once, per process; the rest wait in their streams' queues, so a
+            broadcast costs this much send buffer, not a model copy per stream.
+        stream_window_bytes: HTTP/2 receive window of each learner stream, fixed (0: gRPC's
+            automatic sizing from the bandwidth-delay product, which on fast links grows to
+            megabytes per stream, so uploads waiting for a slot sit in gRPC's buffers). A fixed
+            window bounds that memory to this much per uploading stream, and caps one stream's
+            upload rate at window / round-trip time (1 MiB over 50 ms: 20 MB/s).
         upload_codec: what learners that offer it upload in (`Hello.codecs`; the others
             upload float32): float32, float16, bfloat16 or int8 (a scale per chunk).
         download_codec: what learners that offer it are sent models in.
@@ -115,6 +125,7 @@ class ControllerConfig:
     heartbeat_interval_seconds: float = 5.0
     heartbeat_timeout_seconds: float = 30.0
     hello_timeout_seconds: float = 10.0
+    drain_seconds: float = 30.0
     max_chunk_bytes: int = wire.MAX_CHUNK_BYTES
     send_queue_limit: int = 1024
     max_model_bytes: int = 2 * 1024**3
@@ -123,6 +134,8 @@ class ControllerConfig:
     initial_model_timeout_seconds: float = 60.0
     max_uploads_in_flight: int = 4
     upload_buffer_bytes: int = 64 * 1024**2
+    download_buffer_bytes: int = 64 * 1024**2
+    stream_window_bytes: int = 0
     upload_codec: str = "float32"
     download_codec: str = "float32"
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
@@ -185,6 +198,15 @@ class ControllerConfig:
             # drops new calls silently (shared/GRPC-NOTES.md).
             ("grpc.server.max_pending_requests", 200_000),
             ("grpc.server.max_pending_requests_hard_limit", 400_000),
+            *self._window_options(),
+        ]
+
+    def _window_options(self) -> list[tuple[str, Any]]:
+        if not self.stream_window_bytes:
+            return []  # gRPC sizes each stream's window from its measured bandwidth-delay product
+        return [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", self.stream_window_bytes),
         ]
 
 
@@ -475,18 +497,19 @@ async def serve(
     controller: Controller | WorkerHub,
     *,
     until_finished: bool = True,
-    grace_seconds: float = 5.0,
+    grace_seconds: float | None = None,
     notifier: Notifier | None = None,
     reload: Callable[[], None] | None = None,
 ) -> str:
     """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
 
     On a signal (systemd's stop, Ctrl-C) the controller drains: every learner is told to come
-    back later (`Shutdown` of kind DRAINING), streams get `grace_seconds` to finish, then the
-    server closes. Every committed version is already checkpointed (with a state directory),
-    so the open aggregate is all a drain gives up; learners resend those updates to the next
-    controller. Under systemd (`Type=notify`) it sends READY once serving, WATCHDOG from the
-    event loop and STOPPING on drain; SIGHUP calls `reload`. Returns why it stopped.
+    back later (`Shutdown` of kind DRAINING), streams get `grace_seconds` (default: the
+    config's `drain_seconds`) to finish, then the server closes. Every committed version is
+    already checkpointed (with a state directory), so the open aggregate is all a drain gives
+    up; learners resend those updates to the next controller. Under systemd (`Type=notify`) it
+    sends READY once serving, WATCHDOG from the event loop and STOPPING on drain; SIGHUP calls
+    `reload`. Returns why it stopped.
     """
     notifier = notifier or Notifier()
     await controller.start()
@@ -541,7 +564,8 @@ async def serve(
         for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
-            await controller.stop(grace_seconds)
+            grace = config.drain_seconds if grace_seconds is None else grace_seconds
+            await controller.stop(grace)
     return reason
 
 

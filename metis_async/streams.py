@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from metis_async.auth import AuthError
+from metis_async.budget import ByteBudget
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
 from metis_async.links import CoreLink
@@ -47,6 +48,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICE = "metis_async.v1.Controller"
 FEDERATION = "metis_async.v1.Federation"
 """Health-check name that is SERVING only while the federation trains (readiness)."""
+LARGE_MESSAGE_BYTES = 64 * 1024
+"""Messages from this size on (model chunks) are written within `download_buffer_bytes`."""
 
 
 class StreamServer:
@@ -76,6 +79,9 @@ class StreamServer:
         self.stats = stats
         self._ingest = ingest
         self._limiter = limiter
+        # gRPC copies each message it is given until it is sent: without a bound, a version
+        # broadcast to N streams holds N model copies at once.
+        self._sending = ByteBudget(config.download_buffer_bytes)
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.port = 0
@@ -313,13 +319,18 @@ class StreamServer:
             await self.link.learner_lost(session.learner_id, session.session_id, reason)
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        stats = self.stats
+        stats, budget = self.stats, self._sending
         while (message := await session.queue.get()) is not None:
-            session.writing = True
+            held = 0
             try:
+                if len(message) >= LARGE_MESSAGE_BYTES:
+                    held = await budget.acquire(len(message))
+                session.writing = True
                 await context.write(message)
             finally:
                 session.writing = False
+                if held:
+                    budget.release(held)
             stats.bytes_sent_total += len(message)
             if session.closing.is_set():
                 return
@@ -348,6 +359,9 @@ class StreamServer:
                     await asyncio.sleep((byte_debt - byte_rate) / byte_rate)
             last = now
             await self._ingest.handle(session, raw)
+            # A stream is often quiet for a whole round after an upload: holding its last
+            # message (a model-sized chunk) until the next read would cost a model per stream.
+            del raw
 
     async def _reap_silent_learners(self) -> None:
         timeout = self.config.heartbeat_timeout_seconds
