@@ -2,13 +2,14 @@
 
     python benches/bare_server.py --port P --learners N [--hosts 127.0.0.2,...] [--params 1000]
 
-What a controller cannot do with less: per stream it reads the hello, writes one pre-encoded
-welcome, waits until all N learners are in, writes one pre-encoded bundle (the model's bytes in
-one chunk and a train task), reads the upload (its header and chunks) and writes a shutdown.
-No federation, no validation, no queues: `load.py --compare-bare` runs the same load processes
-against it and against `metis-async serve`, so connect time, the first broadcast and memory per
-stream are compared on the same machine in the same run. Loopback only; it exits once every
-learner was shut down, or after --seconds.
+What a controller cannot do with less, on the controller's own gRPC transport options: per
+stream it reads the hello, writes one pre-encoded welcome, waits until all N learners are in,
+writes one pre-encoded bundle (the model's bytes in one chunk and a train task), reads the
+upload (its header and chunks) and writes a shutdown. No federation, no validation, no queues:
+`load.py --compare-bare` runs the same load processes against it and against `metis-async
+serve`, so connect time, the first broadcast and memory per stream are compared on the same
+machine in the same run. Loopback only; it exits once every learner was shut down, or after
+--seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import grpc
 
 from metis_async import wire
+from metis_async.server import ControllerConfig
 from metis_async.v1 import controller_pb2 as pb
 
 SERVICE, METHOD = "metis_async.v1.Controller", "Join"
@@ -66,14 +68,9 @@ async def serve(port: int, hosts: list[str], learners: int, params: int, seconds
         if done[0] >= learners:
             finished.set()
 
-    limit = wire.MAX_CHUNK_BYTES + (1 << 20)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.http2.settings_timeout", 60_000),  # as the controller: a busy box acks late
-        ]
-    )
+    # The controller's transport options (message limits, keepalive, pending-call limits):
+    # with gRPC's defaults a mass join has calls dropped and retried, which is not the floor.
+    server = grpc.aio.server(options=ControllerConfig().grpc_options())
     handler = grpc.stream_stream_rpc_method_handler(join)  # raw bytes both ways
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})]
