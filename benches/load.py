@@ -118,7 +118,8 @@ async def _session(
     report: dict[str, Any],
 ) -> str | None:
     """One stream until the learner is done; the error that ended it early, if any."""
-    call = channel.stream_stream(JOIN)()
+    # Learners started before the controller (--learners-first) wait for it to listen.
+    call = channel.stream_stream(JOIN)(wait_for_ready=_WAIT_FOR_READY[0])
     capabilities = ["train", "delta", "bundle"]
     hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
     tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
@@ -196,11 +197,12 @@ async def _session(
 DIALING_PER_PROCESS = 64
 """Learners of one load process between dialing and welcome at once (more starves this box)."""
 _GATE: list[asyncio.Semaphore] = []
+_WAIT_FOR_READY = [False]
 _WELCOMED: list[Any] = []
 """Counters shared by all load processes: learners welcomed (at least once), failed attempts,
 learners that gave up, streams open now (welcomed and not ended), train tasks received, uploads
-written."""
-WELCOMED, FAILED, GAVE_UP, OPEN, TASKS, UPLOADS = range(6)
+written, load processes ready to dial."""
+WELCOMED, FAILED, GAVE_UP, OPEN, TASKS, UPLOADS, READY = range(7)
 
 
 def _count(which: int, by: int = 1) -> None:
@@ -254,8 +256,10 @@ def _load_process(
     seed: int,
     welcomed: Any,
     out: Any,
+    learners_first: bool,
 ) -> None:
     _WELCOMED.append(welcomed)
+    _WAIT_FOR_READY[0] = learners_first
     delta = np.full(params, 1e-3, dtype=np.float32)
     chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, CHUNK_FIELD)
     # Pre-build the renumbered chunks so uploads do no protobuf work.
@@ -277,7 +281,14 @@ def _load_process(
                 ("grpc.http2.settings_timeout", 60_000),  # a busy box acks SETTINGS late
                 ("metis_async.load.connection", f"{first}-{c}"),
             ]
+            if learners_first:  # retry the connection often until the controller listens
+                options += [
+                    ("grpc.initial_reconnect_backoff_ms", 20),
+                    ("grpc.min_reconnect_backoff_ms", 20),
+                    ("grpc.max_reconnect_backoff_ms", 50),
+                ]
             channels.append(grpc.aio.insecure_channel(address, options=options))
+        _count(READY)
         reports: list[dict[str, Any]] = [{} for _ in range(count)]
         learners = [
             _learner(
@@ -350,9 +361,10 @@ def _hosts(args: argparse.Namespace) -> list[str]:
     return [f"127.0.0.{1 + i}" for i in range(max(1, -(-args.learners // 25_000)))]
 
 
-def _start_bare(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
-    """`bare_server.py` (the floor: hello, welcome, one broadcast, shutdown) on a free port."""
-    port = _free_port()
+def _start_bare(
+    args: argparse.Namespace, workdir: Path, port: int
+) -> tuple[subprocess.Popen[str], str]:
+    """`bare_server.py` (the floor: hello, welcome, one broadcast, shutdown) on `port`."""
     command = [
         sys.executable,
         str(Path(__file__).resolve().parent / "bare_server.py"),
@@ -388,10 +400,11 @@ def _wait_listening(
     raise RuntimeError("the server did not start listening within 90 s")
 
 
-def _start_controller(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen[str], str]:
+def _start_controller(
+    args: argparse.Namespace, workdir: Path, port: int
+) -> tuple[subprocess.Popen[str], str]:
     model = workdir / "model.npz"
     np.savez(model, np.zeros(args.params, dtype=np.float32))
-    port = _free_port()
     # The installed command beside this interpreter; run from the temporary directory, so a
     # source checkout in the working directory never shadows the installed (built) package.
     exe = Path(sys.executable).with_name("metis-async")
@@ -446,15 +459,21 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
     """One load run against `metis-async serve` (or, `bare`, against `bare_server.py`)."""
     with tempfile.TemporaryDirectory(prefix="metis-load-") as tmp:
         start = _start_bare if bare else _start_controller
-        controller, address = start(args, Path(tmp))
+        port = _free_port()
+        address = f"{{host}}:{port}"
+        hosts = _hosts(args)
+        ctx = mp.get_context("spawn")
+        per = -(-args.learners // args.processes)
+        procs, pipes = [], []
+        welcomed = ctx.Array("q", 7)
+        controller = None
+        launched = None
+        if not args.learners_first:
+            controller, _ = start(args, Path(tmp), port)
         try:
-            time.sleep(0.5)
-            idle = _tree_stats(controller.pid)
-            hosts = _hosts(args)
-            ctx = mp.get_context("spawn")
-            per = -(-args.learners // args.processes)
-            procs, pipes = [], []
-            welcomed = ctx.Array("q", 6)
+            if controller is not None:
+                time.sleep(0.5)
+                idle = _tree_stats(controller.pid)
             started = time.time()
             for p in range(args.processes):
                 count = min(per, args.learners - p * per)
@@ -474,11 +493,19 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                         p,
                         welcomed,
                         send,
+                        args.learners_first,
                     ),
                 )
                 proc.start()
                 procs.append(proc)
                 pipes.append(receive)
+            if controller is None:  # --learners-first: the learners wait for it to listen
+                while welcomed[READY] < len(procs):
+                    _guard_memory(procs, time.monotonic() + RUN_SECONDS_LIMIT)
+                    time.sleep(0.05)
+                launched = time.time()
+                controller, _ = start(args, Path(tmp), port)
+                idle = _tree_stats(controller.pid)
             held = _wait_for_streams(controller.pid, welcomed, args.learners, procs)
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
@@ -506,13 +533,28 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                     proc.kill()
             busy = _tree_stats(controller.pid) if controller.poll() is None else None
         finally:
-            if controller.poll() is None:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            if controller is not None and controller.poll() is None:
                 controller.terminate()
-            try:
-                controller.wait(30)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if controller is not None:
+                    controller.wait(30)
+            if controller is not None and controller.poll() is None:
                 controller.kill()
-    return _summarize(args, started, idle, held, busy, reports)
+    result = _summarize(args, started, idle, held, busy, reports)
+    if launched is not None:
+        result["start_to_first_version_seconds"] = _first_version_after(reports, launched)
+    return result
+
+
+def _first_version_after(reports: list[dict[str, Any]], launched: float) -> float | None:
+    """Seconds from launching the controller until a learner first saw version 1 committed
+    (a task of version >= 1, or the shutdown that ends a one-round run)."""
+    seen = [at for r in reports for version, at in r.get("tasks", []) if version >= 1]
+    seen += [r["shutdown"] for r in reports if "shutdown" in r]
+    return min(seen) - launched if seen else None
 
 
 MIN_AVAILABLE_BYTES = 1_500_000_000
@@ -683,6 +725,12 @@ def main() -> None:
         metavar="FLAG",
         help="one more flag for `metis-async serve` (repeatable), e.g. "
         "--controller-arg=--stream-window-bytes=65536",
+    )
+    parser.add_argument(
+        "--learners-first",
+        action="store_true",
+        help="start the learners first (they wait for the port) and report "
+        "start_to_first_version_seconds from launching the controller",
     )
     parser.add_argument(
         "--compare-bare",
