@@ -12,6 +12,7 @@ is disconnected rather than stalling the others.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ class Session:
         self.closing = asyncio.Event()
         self.close_code: grpc.StatusCode | None = None
         self.close_message = ""
+        self.on_close: Callable[[], None] | None = None  # wakes the stream's handler
 
     def send(self, *messages: bytes) -> bool:
         """Queue serialized `ControllerMessage`s; False (and the session closes) if full."""
@@ -118,6 +120,8 @@ class Session:
             self.close_code = code
             self.close_message = message
             self.closing.set()
+            if self.on_close is not None:
+                self.on_close()
 
     def send_error(self, code: pb.ErrorCode.ValueType, message: str, task_id: str = "") -> None:
         """Tell the learner about a problem that does not end the stream."""

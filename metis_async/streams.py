@@ -157,24 +157,46 @@ class StreamServer:
     # ------------------------------------------------------------------------------ streams
 
     async def _join(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
-        """Serve one learner stream from hello to close."""
+        """Serve one learner stream from hello to close.
+
+        The stream is read in this handler's own task and written by one more: a task per
+        stream fewer than a reader, a writer and a waiter would take (100K streams: ~0.4 GB).
+        When the session closes, or the writer ends (finished or failed), the handler is
+        woken out of its read by a cancellation it asked for itself, and ends the stream.
+        """
         session = await self._open_session(context)
-        reader = asyncio.create_task(self._read_loop(session, context))
+        handler = asyncio.current_task()
+        assert handler is not None
         writer = asyncio.create_task(self._write_loop(session, context))
-        closer = asyncio.create_task(session.closing.wait())
+        reading, woken = [True], [False]
+
+        def wake() -> None:
+            # Not from inside the handler's own step: its read loop then sees `closing` itself.
+            if reading[0] and not woken[0] and asyncio.current_task() is not handler:
+                woken[0] = True
+                handler.cancel()
+
+        session.on_close = wake
+        writer.add_done_callback(lambda _: wake())
         try:
-            done, _ = await asyncio.wait(
-                {reader, writer, closer}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if reader in done and not reader.cancelled():
-                self._close_on_error(session, reader.exception())
-            reader.cancel()
+            try:
+                await self._read_loop(session, context)
+            except asyncio.CancelledError:
+                if not woken[0]:
+                    raise  # the server stops or the call was cancelled: not ours to swallow
+                uncancel = getattr(handler, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None:
+                    uncancel()
+            except Exception as error:
+                self._close_on_error(session, error)
+            finally:
+                reading[0] = False
             await _quiesce(writer, session)
             if session.close_code is not None:
                 await context.abort(session.close_code, session.close_message)
         finally:
-            for task in (reader, writer, closer):
-                task.cancel()
+            session.on_close = None
+            writer.cancel()
             await self._close_session(session)
 
     def _close_on_error(self, session: Session, error: BaseException | None) -> None:
@@ -359,6 +381,8 @@ class StreamServer:
                     await asyncio.sleep((byte_debt - byte_rate) / byte_rate)
             last = now
             await self._ingest.handle(session, raw)
+            if session.closing.is_set():
+                return  # closed while this message was handled
             # A stream is often quiet for a whole round after an upload: holding its last
             # message (a model-sized chunk) until the next read would cost a model per stream.
             del raw
