@@ -27,7 +27,13 @@ Measured:
   first upload to the last upload written;
 - `rss_bytes_per_stream` and `fds_per_stream`: controller RSS and open files with N streams
   held, minus the same before any learner connected, per stream;
-- `cpu_seconds_per_round`: controller CPU (user + system) per steady round.
+- `cpu_seconds_per_round`: controller CPU (user + system) per steady round;
+- `learners_shut_down`: learners that received the controller's final `Shutdown`;
+- with `--learners-first` (learners start first and wait for the port):
+  `start_to_first_version_seconds`, from launching the controller until a learner first holds
+  version 1;
+- with `--compare-bare` (one round): the same load against `benches/bare_server.py` under
+  `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast and RSS per stream.
 With --json the last line is one JSON object, also written to benches/results/load.json.
 The controller's event-loop lag is measured by `benches/loop_lag.py` (in process); here the
 controller is a separate process with no metrics endpoint yet.
