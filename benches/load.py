@@ -126,12 +126,13 @@ async def _session(
     """One stream until the learner is done; the error that ended it early, if any."""
     # Learners started before the controller (--learners-first) wait for it to listen.
     call = channel.stream_stream(JOIN)(wait_for_ready=_WAIT_FOR_READY[0])
-    capabilities = ["train", "delta", "bundle"]
+    capabilities = ["train", "delta", "bundle", "grant"]
     hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
     tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
     uploads: list[tuple[float, float]] = report["uploads"]  # (first, last chunk written)
     layout_id = 0
     ended = False
+    waiting: tuple[str, float] | None = None  # (task id, header written) awaiting its grant
     gate = _connecting()
     await gate.acquire()  # bounded dialing: a fleet's joins are spread out, not all at once
     dialing = True
@@ -166,10 +167,19 @@ async def _session(
                     await call.write(
                         delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id)
                     )
+                    if task.upload_grant:  # the chunks go when the controller has a slot
+                        waiting = (task.task_id, first)
+                        continue
                     for chunk in _renumbered(chunks, len(uploads) + 1):
                         await call.write(chunk)
                     uploads.append((first, time.time()))
                     _count(UPLOADS)
+                elif kind == "grant" and waiting and message.grant.task_id == waiting[0]:
+                    for chunk in _renumbered(chunks, len(uploads) + 1):
+                        await call.write(chunk)
+                    uploads.append((waiting[1], time.time()))
+                    _count(UPLOADS)
+                    waiting = None
                 elif kind == "shutdown":
                     report["shutdown"] = time.time()
                     ended = True

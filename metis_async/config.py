@@ -167,6 +167,12 @@ class ServerSection(_Section):
         description="bytes of model chunks handed to gRPC for sending at once, per process; "
         "more wait in their streams' queues",
     )
+    upload_grant_bytes: int = Field(
+        default=1024 * 1024,
+        ge=-1,
+        description="learners announcing 'grant' send the chunks of models of at least this many "
+        "bytes only when the controller has a slot for them; -1: never",
+    )
     stream_window_bytes: int = Field(
         default=0,
         ge=0,

@@ -237,6 +237,9 @@ class EffectDelivery:
         self._finished = finished
         self._background: set[asyncio.Task[None]] = set()
         self._staged: list[Session] = []
+        self.upload_grant_bytes: int | None = None
+        """Models from this size on (bytes) are uploaded on grant by learners announcing
+        "grant" (TrainTask.upload_grant); None: never."""
 
     def __call__(self, effects: list[Effect]) -> None:
         """Carry out `effects` in order (on the event loop; never blocks).
@@ -314,7 +317,17 @@ class EffectDelivery:
             return
         if not session.has_layout:  # a learner holding the model still gets the layout once
             session.has_layout = self._out(session, self._store.layout_message)
-        self._out(session, task_message(effect.task))
+        task = effect.task
+        threshold = self.upload_grant_bytes
+        grant = (
+            threshold is not None
+            and task.kind is TaskKind.TRAIN
+            and "grant" in session.capabilities
+            and self._store.nbytes >= threshold
+        )
+        if grant:
+            session.grant_tasks.add(task.task_id)
+        self._out(session, task_message(task, upload_grant=grant))
 
     def _send_model(self, effect: SendModel) -> None:
         session = self._sessions.get(effect.learner_id)
@@ -455,8 +468,9 @@ def _log_core_failure(future: asyncio.Future[Any]) -> None:
         log.error("core_call_failed", error=repr(future.exception()))
 
 
-def task_message(task: Task) -> bytes:
-    """The serialized `ControllerMessage` carrying `task`."""
+def task_message(task: Task, upload_grant: bool = False) -> bytes:
+    """The serialized `ControllerMessage` carrying `task` (`upload_grant`: the learner waits
+    for UploadGrant before sending the result's chunks)."""
     if task.kind is TaskKind.TRAIN:
         s = task.settings
         if s is None:
@@ -476,6 +490,7 @@ def task_message(task: Task) -> bytes:
             config=config,
             deadline_seconds=task.deadline_seconds,
             upload_delta=task.upload_delta,
+            upload_grant=upload_grant,
         )
         return controller_message(train=train)
     batch = task.settings.batch_size if task.settings is not None else 0

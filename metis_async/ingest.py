@@ -164,6 +164,9 @@ class Ingest:
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         await self._take_upload_slot(session)
+        if result.task_id in session.grant_tasks:  # the learner waits for this to send chunks
+            session.grant_tasks.discard(result.task_id)
+            session.send(controller_message(grant=pb.UploadGrant(task_id=result.task_id)))
         upload = wire.Upload(
             result.payload,
             self.store.nbytes,
@@ -199,6 +202,9 @@ class Ingest:
 
     @staticmethod
     def _skip_chunks(session: Session, result: pb.TaskResult) -> None:
+        if result.task_id in session.grant_tasks:
+            session.grant_tasks.discard(result.task_id)
+            return  # it waits for a grant that will not come: it sends no chunks
         session.discard_chunks = int(result.payload.num_chunks)
         session.discard_payload_id = int(result.payload.payload_id)
 

@@ -85,6 +85,9 @@ class ControllerConfig:
         download_buffer_bytes: bytes of large messages (model chunks) handed to gRPC for
             sending at once, per process; the rest wait in their streams' queues, so a
             broadcast costs this much send buffer, not a model copy per stream.
+        upload_grant_bytes: learners announcing "grant" wait for the controller's go-ahead
+            (UploadGrant, sent when an upload slot is free) before sending the chunks of models
+            of at least this many bytes, so waiting uploads cost no memory at all; -1: never.
         stream_window_bytes: HTTP/2 receive window of each learner stream, fixed (0: gRPC's
             automatic sizing from the bandwidth-delay product, which on fast links grows to
             megabytes per stream, so uploads waiting for a slot sit in gRPC's buffers). A fixed
@@ -136,6 +139,7 @@ class ControllerConfig:
     upload_buffer_bytes: int = 64 * 1024**2
     download_buffer_bytes: int = 64 * 1024**2
     stream_window_bytes: int = 0
+    upload_grant_bytes: int = 1024 * 1024
     upload_codec: str = "float32"
     download_codec: str = "float32"
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
@@ -200,6 +204,10 @@ class ControllerConfig:
             ("grpc.server.max_pending_requests_hard_limit", 400_000),
             *self._window_options(),
         ]
+
+    def grant_threshold(self) -> int | None:
+        """Model bytes from which uploads wait for a grant (None: never)."""
+        return None if self.upload_grant_bytes < 0 else self.upload_grant_bytes
 
     def _window_options(self) -> list[tuple[str, Any]]:
         if not self.stream_window_bytes:
@@ -402,6 +410,7 @@ class Controller(ControllerFace):
         self._delivery = EffectDelivery(
             sessions, self.store, on_commit, self._finished, self._state_changed
         )
+        self._delivery.upload_grant_bytes = self.config.grant_threshold()
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule, self._on_fatal)
         link = LocalLink(self.core, self._runner, self._now)
         limiter = LogLimiter()

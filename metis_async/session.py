@@ -84,6 +84,7 @@ class Session:
         self.waiting_for_slot = False  # its result waits for an upload slot (stream not read)
         self.holds_slot = False
         self.discard_chunks = 0  # chunks of a stale result still to skip
+        self.grant_tasks: set[str] = set()  # train tasks sent with upload_grant, not yet answered
         self.discard_payload_id = 0
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=queue_limit)
         self.writing = False  # a message is being handed to gRPC

@@ -479,7 +479,7 @@ def test_capabilities_are_announced(scripted) -> None:
     run(controller)
 
     capabilities = set(controller.conversations[0].hello.capabilities)
-    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle", "ack"}
+    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle", "ack", "grant"}
 
 
 def test_status_messages_are_logged(scripted, caplog: pytest.LogCaptureFixture) -> None:
@@ -597,3 +597,52 @@ def test_a_nested_bundle_breaks_the_contract(scripted) -> None:
 
     assert summary.shutdown_reason == "done"
     assert any("bundle carried bundle" in e for e in summary.errors)
+
+
+# ---------------------------------------------------------------------------------- upload grants
+
+
+def _train_on_grant(task_id: str, version: int) -> pb.ControllerMessage:
+    message = train(task_id, version)
+    message.train.upload_grant = True
+    return message
+
+
+def test_chunks_of_a_task_asking_for_a_grant_follow_the_grant(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, run_id="r")
+        yield layout_message(LAYOUT)
+        yield from model(0, FLAT, LAYOUT)
+        yield _train_on_grant("t1", 0)
+        c.receive("result")
+        yield pb.ControllerMessage(grant=pb.UploadGrant(task_id="t1"))
+        while c.upload_chunks < 1:
+            c.receive("chunk")
+            c.upload_chunks += 1
+        yield finished()
+
+    controller = scripted(script)
+
+    summary = run(controller)
+
+    assert summary.tasks_completed == 1
+    assert controller.conversations[0].upload_chunks == 1
+
+
+def test_a_refused_grant_means_no_chunks_are_sent(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, run_id="r")
+        yield layout_message(LAYOUT)
+        yield from model(0, FLAT, LAYOUT)
+        yield _train_on_grant("t1", 0)
+        c.receive("result")
+        stale = pb.Error(code=pb.ERROR_CODE_STALE_TASK, message="closed", task_id="t1")
+        yield pb.ControllerMessage(error=stale)
+        yield finished()
+        c.drain()
+
+    controller = scripted(script)
+
+    run(controller)
+
+    assert "chunk" not in controller.conversations[0].kinds()

@@ -42,7 +42,7 @@ log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack")
+CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack", "grant")
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
 
 DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
@@ -280,11 +280,19 @@ class LearnerRunner:
                 self._on_status(message.status)
                 if message.status.need_initial_model:
                     self._send_initial_model(stream)
+            elif kind == "grant":
+                stream.answer_grant(message.grant.task_id, True)
             elif kind == "ack":
+                stream.answer_grant(message.ack.task_id, False)  # already counted: no chunks
                 if self._worker.unacked.acknowledged(message.ack.task_id):
                     self.summary.updates_acknowledged += 1
             elif kind == "error":
                 error = message.error
+                if error.task_id and error.code in (
+                    pb.ERROR_CODE_STALE_TASK,
+                    pb.ERROR_CODE_DUPLICATE,
+                ):
+                    stream.answer_grant(error.task_id, False)  # not taken: no chunks
                 if error.code == pb.ERROR_CODE_STALE_TASK and error.task_id:
                     self._worker.unacked.forget(error.task_id)  # it will never be counted
                 _log("controller_error", task_id=error.task_id, message=error.message)

@@ -30,7 +30,37 @@ class LearnerStream:
         self.sent_initial_model = False
         self.cancelled: set[str] = set()  # task ids the controller cancelled
         self.heartbeat_seconds = 5.0
+        self._grants: dict[str, tuple[threading.Event, list[bool]]] = {}
+        self._lock = threading.Lock()
         self.send(pb.LearnerMessage(hello=hello))
+
+    def expect_grant(self, task_id: str) -> None:
+        """Note, before its TaskResult is sent, that `task_id`'s chunks wait for a grant."""
+        with self._lock:
+            self._grants[task_id] = (threading.Event(), [])
+
+    def answer_grant(self, task_id: str, granted: bool) -> None:
+        """The controller granted (or refused: STALE_TASK, DUPLICATE, Ack) `task_id`'s upload."""
+        with self._lock:
+            waiting = self._grants.get(task_id)
+            if waiting is None or waiting[0].is_set():
+                return
+            waiting[1].append(granted)
+            waiting[0].set()
+
+    def wait_for_grant(self, task_id: str) -> bool:
+        """Block until `task_id`'s upload is granted (True) or refused, or the stream closed."""
+        with self._lock:
+            waiting = self._grants.get(task_id)
+        if waiting is None:
+            return True
+        event, answer = waiting
+        while not event.wait(0.25):
+            if self.closed.is_set():
+                break
+        with self._lock:
+            self._grants.pop(task_id, None)
+        return bool(answer and answer[0]) and not self.closed.is_set()
 
     def send(self, message: pb.LearnerMessage) -> None:
         """Queue a message for the controller (dropped once the stream is closed)."""

@@ -73,7 +73,8 @@ class TaskWorker:
                 continue  # the round closed while we trained: don't upload
             if chunks:  # a train result: kept until the controller acknowledges it
                 self.unacked.keep(stream.models.run_id, result, chunks)
-            send_result(stream, result, chunks)
+            grant = message.WhichOneof("body") == "train" and message.train.upload_grant
+            send_result(stream, result, chunks, wait_for_grant=bool(grant and chunks))
             self.summary.tasks_completed += 1
 
     def _fail(self, stream: LearnerStream, task_id: str, reason: str) -> None:
@@ -153,8 +154,18 @@ class TaskWorker:
         )
 
 
-def send_result(stream: LearnerStream, result: pb.TaskResult, chunks: list[pb.Chunk]) -> None:
-    """A result header and its chunks, in order."""
+def send_result(
+    stream: LearnerStream,
+    result: pb.TaskResult,
+    chunks: list[pb.Chunk],
+    wait_for_grant: bool = False,
+) -> None:
+    """A result header and its chunks, in order; with `wait_for_grant` (TrainTask.upload_grant)
+    the chunks go only once the controller grants them (see UPLOAD GRANTS in the proto)."""
+    if wait_for_grant:
+        stream.expect_grant(result.task_id)
     stream.send(pb.LearnerMessage(result=result))
+    if wait_for_grant and not stream.wait_for_grant(result.task_id):
+        return  # refused (stale, duplicate, already counted) or the stream ended
     for chunk in chunks:
         stream.send(pb.LearnerMessage(chunk=chunk))

@@ -358,6 +358,7 @@ class ControllerMessage(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello; always the first message"""
@@ -406,6 +407,10 @@ class ControllerMessage(_message.Message):
     def ack(self) -> Global___Ack:
         """an update is durably counted; only to learners announcing "ack" """
 
+    @_builtins.property
+    def grant(self) -> Global___UploadGrant:
+        """send the chunks of this upload now (see UPLOAD GRANTS)"""
+
     def __init__(
         self,
         *,
@@ -422,16 +427,50 @@ class ControllerMessage(_message.Message):
         status: Global___Status | None = ...,
         bundle: Global___Bundle | None = ...,
         ack: Global___Ack | None = ...,
+        grant: Global___UploadGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack", "grant"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class UploadGrant(_message.Message):
+    """UPLOAD GRANTS. The controller assembles a bounded number of uploads at once; without grants a
+    learner whose upload waits has its chunks held in the controller's transport buffers. A
+    learner whose Hello.capabilities include "grant" gets TrainTask.upload_grant set for models
+    from the controller's upload_grant_bytes on (1 MiB by default). For such a task it sends its
+    TaskResult and then WAITS: it sends the result's chunks only after an UploadGrant with that
+    task_id. The controller answers every such TaskResult exactly once, with one of:
+      UploadGrant              send the chunks now;
+      Error STALE_TASK or DUPLICATE, or an Ack   the result is not taken: send no chunks.
+    While waiting the learner keeps reading the stream and sending heartbeats (the controller does
+    not time out a stream whose upload waits for a slot); a CancelTask for the task changes
+    nothing (the TaskResult is answered anyway). Results of tasks from an earlier stream (resends,
+    see EXACTLY-ONCE UPDATES) and of tasks without upload_grant never wait.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadGrant: _TypeAlias = UploadGrant  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -580,6 +619,8 @@ class Hello(_message.Message):
           "bundle"       accepts ControllerMessage.bundle: several small messages in one write.
           "ack"          takes ControllerMessage.ack and resends unacknowledged updates after a
                          reconnect (see EXACTLY-ONCE UPDATES).
+          "grant"        waits for UploadGrant before sending an upload's chunks when the task asks
+                         (TrainTask.upload_grant; see UPLOAD GRANTS).
         An empty list means "train", "evaluate", "delta" (learners older than this list).
         Unknown strings are ignored.
         """
@@ -1043,6 +1084,7 @@ class TrainTask(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     UPLOAD_DELTA_FIELD_NUMBER: _builtins.int
+    UPLOAD_GRANT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     model_version: _builtins.int
     """the version to start from (already sent as a Model, or held)"""
@@ -1050,6 +1092,10 @@ class TrainTask(_message.Message):
     """relative; results after it may be discarded (STALE_TASK)"""
     upload_delta: _builtins.bool
     """upload trained - base (DELTA) or full weights (WEIGHTS)"""
+    upload_grant: _builtins.bool
+    """Only to learners announcing "grant": after the TaskResult, wait for UploadGrant before
+    sending its chunks (see UPLOAD GRANTS).
+    """
     @_builtins.property
     def config(self) -> Global___TrainConfig: ...
     def __init__(
@@ -1060,10 +1106,11 @@ class TrainTask(_message.Message):
         config: Global___TrainConfig | None = ...,
         deadline_seconds: _builtins.float = ...,
         upload_delta: _builtins.bool = ...,
+        upload_grant: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deadline_seconds", b"deadline_seconds", "model_version", b"model_version", "task_id", b"task_id", "upload_delta", b"upload_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deadline_seconds", b"deadline_seconds", "model_version", b"model_version", "task_id", b"task_id", "upload_delta", b"upload_delta", "upload_grant", b"upload_grant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

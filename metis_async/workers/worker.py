@@ -240,6 +240,7 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
         streams.set_health(*health_of(state))
 
     delivery = EffectDelivery(sessions, store, None, asyncio.Event(), state_changed)
+    delivery.upload_grant_bytes = config.grant_threshold()
     link.run_id, link.protocol, link.forward = header[2], header[3], header[4]
     streams.config = dataclasses.replace(config, port=port)
     await streams.start(reuse_port=True)
