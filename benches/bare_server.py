@@ -4,12 +4,12 @@
 
 What a controller cannot do with less, on the controller's own gRPC transport options: per
 stream it reads the hello, writes one pre-encoded welcome, waits until all N learners are in,
-writes one pre-encoded bundle (the model's bytes in one chunk and a train task), reads the
-upload (its header and chunks) and writes a shutdown. No federation, no validation, no queues:
-`load.py --compare-bare` runs the same load processes against it and against `metis-async
-serve`, so connect time, the first broadcast and memory per stream are compared on the same
-machine in the same run. Loopback only; it exits once every learner was shut down, or after
---seconds.
+writes the model's bytes in pre-encoded chunks and a train task (one bundle for a small
+model), reads the upload (its header and chunks) and writes a shutdown. No federation, no
+validation, no queues: `load.py --compare-bare` runs the same load processes against it and
+against `metis-async serve`, so connect time, the first broadcast, the first round and memory
+per stream are compared on the same machine in the same run. Loopback only; it exits once
+every learner was shut down, or after --seconds.
 """
 
 from __future__ import annotations
@@ -28,25 +28,34 @@ from metis_async.v1 import controller_pb2 as pb
 SERVICE, METHOD = "metis_async.v1.Controller", "Join"
 
 
-def _messages(params: int) -> tuple[bytes, bytes, bytes]:
+def _messages(params: int) -> tuple[bytes, list[bytes], bytes]:
+    """The welcome, the broadcast (the model in chunks, then a task; one bundle when it is
+    small, as the controller sends it) and the shutdown, each encoded once."""
     welcome = pb.ControllerMessage(
         welcome=pb.Welcome(
             learner_id="bare", session_id="bare", max_chunk_bytes=wire.MAX_CHUNK_BYTES
         )
     ).SerializeToString()
-    chunk = pb.ControllerMessage(chunk=pb.Chunk(payload_id=1, index=0, data=bytes(4 * params)))
+    data = bytes(4 * params)
+    step = wire.MAX_CHUNK_BYTES
+    chunks = [
+        pb.ControllerMessage(
+            chunk=pb.Chunk(payload_id=1, index=i, data=data[at : at + step])
+        ).SerializeToString()
+        for i, at in enumerate(range(0, max(len(data), 1), step))
+    ]
     train = pb.ControllerMessage(train=pb.TrainTask(task_id="t1", model_version=0))
-    bundle = pb.ControllerMessage(
-        bundle=pb.Bundle(messages=[chunk.SerializeToString(), train.SerializeToString()])
-    ).SerializeToString()
+    broadcast = [*chunks, train.SerializeToString()]
+    if len(data) <= 64 * 1024:
+        broadcast = [pb.ControllerMessage(bundle=pb.Bundle(messages=broadcast)).SerializeToString()]
     shutdown = pb.ControllerMessage(
         shutdown=pb.Shutdown(reason="done", kind=pb.SHUTDOWN_KIND_FINISHED)
     ).SerializeToString()
-    return welcome, bundle, shutdown
+    return welcome, broadcast, shutdown
 
 
 async def serve(port: int, hosts: list[str], learners: int, params: int, seconds: float) -> None:
-    welcome, bundle, shutdown = _messages(params)
+    welcome, broadcast, shutdown = _messages(params)
     upload_messages = 1 + max(1, math.ceil(4 * params / wire.MAX_CHUNK_BYTES))
     everyone_in = asyncio.Event()
     joined, done = [0], [0]
@@ -59,7 +68,8 @@ async def serve(port: int, hosts: list[str], learners: int, params: int, seconds
         if joined[0] >= learners:
             everyone_in.set()
         await everyone_in.wait()
-        await context.write(bundle)
+        for message in broadcast:
+            await context.write(message)
         for _ in range(upload_messages):
             if await context.read() is grpc.aio.EOF:
                 return

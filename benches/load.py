@@ -32,8 +32,11 @@ Measured:
 - with `--learners-first` (learners start first and wait for the port):
   `start_to_first_version_seconds`, from launching the controller until a learner first holds
   version 1;
+- `first_round_seconds`: from the first train task of version 0 to the last learner's first
+  upload written (one broadcast, one upload each);
 - with `--compare-bare` (one round): the same load against `benches/bare_server.py` under
-  `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast and RSS per stream.
+  `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast, the first round
+  and RSS per stream.
 With --json the last line is one JSON object, also written to benches/results/load.json.
 The controller's event-loop lag is measured by `benches/loop_lag.py` (in process); here the
 controller is a separate process with no metrics endpoint yet.
@@ -686,6 +689,7 @@ def _summarize(
         "start_to_all_welcomed_seconds": (max(welcomed) - started) if welcomed else None,
         "broadcast_seconds": statistics.median(broadcasts[1:]) if len(broadcasts) > 1 else None,
         "first_broadcast_seconds": broadcasts[0] if broadcasts else None,
+        "first_round_seconds": _first_round(reports, firsts),
         "round_seconds": statistics.median(steady_rounds) if steady_rounds else None,
         "upload_to_next_task_p50_ms": 1000 * statistics.median(ordered) if ordered else None,
         "upload_to_next_task_p99_ms": (
@@ -703,7 +707,21 @@ def _summarize(
     }
 
 
-COMPARED = ("connect_seconds", "first_broadcast_seconds", "rss_bytes_per_stream")
+COMPARED = (
+    "connect_seconds",
+    "first_broadcast_seconds",
+    "first_round_seconds",
+    "rss_bytes_per_stream",
+)
+
+
+def _first_round(reports: list[dict[str, Any]], firsts: dict[int, float]) -> float | None:
+    """From the first train task of version 0 to the last learner's first upload written: one
+    broadcast and one upload each (what `--compare-bare` compares with the bare server)."""
+    ends = [r["uploads"][0][1] for r in reports if r.get("uploads")]
+    if 0 not in firsts or len(ends) < len(reports):
+        return None
+    return max(ends) - firsts[0]
 
 
 def _ratios(ours: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | None]:
