@@ -59,13 +59,14 @@ CoreCall = tuple[Callable[..., list["Effect"]], tuple[Any, ...]]
 CommitHook = Callable[[int, list[npt.NDArray[np.generic]]], Awaitable[None] | None]
 
 _NOTICE_CODES = {Notice.STALE: pb.ERROR_CODE_STALE_TASK, Notice.DUPLICATE: pb.ERROR_CODE_DUPLICATE}
-_STATES = {
+PROTO_STATES = {
     FederationState.WAITING_FOR_MODEL: pb.FEDERATION_STATE_WAITING_FOR_MODEL,
     FederationState.WAITING_FOR_LEARNERS: pb.FEDERATION_STATE_WAITING_FOR_LEARNERS,
     FederationState.TRAINING: pb.FEDERATION_STATE_TRAINING,
     FederationState.FINISHED: pb.FEDERATION_STATE_FINISHED,
     FederationState.DRAINING: pb.FEDERATION_STATE_DRAINING,
 }
+"""The wire value of each federation state."""
 DRAIN_RETRY_SECONDS = 5.0
 """How long draining learners are asked to wait before they reconnect (seconds)."""
 
@@ -342,7 +343,7 @@ class EffectDelivery:
 
     def _send_status(self, effect: SendStatus) -> None:
         status = pb.Status(
-            state=_STATES[effect.state],
+            state=PROTO_STATES[effect.state],
             learners_connected=effect.learners_connected,
             learners_needed=effect.learners_needed,
             message=effect.message,

@@ -239,6 +239,9 @@ class FederationCore:
         self._provider_deadline: float | None = None
         self._failed_providers: set[str] = set()
         self._state: FederationState | None = None
+        self.status_in_welcome = False
+        """Set by drivers that put `status_now()` in every new learner's Welcome: a learner that
+        joins while the federation waits then gets no Status of its own (one write less each)."""
 
     # ------------------------------------------------------------------------------ queries
 
@@ -876,6 +879,10 @@ class FederationCore:
         needed = int(getattr(settings, "min_learners", 1))
         return max(needed, int(getattr(settings, "learners_per_round", 0) or 0))
 
+    def status_now(self) -> tuple[FederationState | None, int, int]:
+        """(state, learners connected, learners needed), for a new learner's Welcome."""
+        return self._state, self.connected, self.learners_needed()
+
     def _status(self, now: float, joined: str | None = None) -> list[Effect]:
         """Say when the federation starts or stops waiting; tell a new learner if it waits."""
         if self.finished or self._state is FederationState.DRAINING:
@@ -901,6 +908,8 @@ class FederationCore:
         if changed and state is not FederationState.WAITING_FOR_MODEL:
             return [SendStatus(None, state, self.connected, needed, message)]
         if joined is not None and state is not FederationState.TRAINING:
+            if self.status_in_welcome:
+                return []  # the driver told it in its Welcome
             return [SendStatus(joined, state, self.connected, needed, message)]
         return []
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from metis_async import wire
 from metis_async.delivery import CoreRunner
+from metis_async.effects import FederationState
 from metis_async.federation import FederationCore, TaskLookup, UpdateReport
 from metis_async.v1 import controller_pb2 as pb
 
@@ -47,6 +48,11 @@ class CoreLink(Protocol):
     @property
     def provider(self) -> str | None:
         """The learner asked for the initial model, if one is being waited for."""
+        ...
+
+    @property
+    def federation_status(self) -> tuple[FederationState | None, int, int]:
+        """(state, learners connected, learners needed) for a new learner's Welcome."""
         ...
 
     async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
@@ -125,6 +131,10 @@ class LocalLink:
     @property
     def provider(self) -> str | None:
         return self.core.provider
+
+    @property
+    def federation_status(self) -> tuple[FederationState | None, int, int]:
+        return self.core.status_now()  # attribute reads: safe beside the core thread
 
     async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
         return self.core.lookup(learner_id, task_id)  # dict reads: safe beside the core thread

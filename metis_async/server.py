@@ -306,6 +306,7 @@ class ControllerFace:
             max_missed_tasks=self.config.max_missed_tasks,
             bench_seconds=self.config.bench_seconds,
         )
+        self.core.status_in_welcome = True  # StreamServer puts it in every Welcome
 
     def reload_credentials(self, fresh: ControllerConfig) -> None:
         """Take `fresh`'s learner credentials (tokens, token secret, revocations) and abuse

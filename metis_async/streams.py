@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import sys
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import structlog
@@ -24,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from metis_async.auth import AuthError
 from metis_async.budget import ByteBudget
+from metis_async.delivery import PROTO_STATES
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
 from metis_async.links import CoreLink
@@ -43,6 +46,7 @@ CODECS = {
 """Payload codecs by their settings name."""
 
 log = structlog.get_logger("metis_async.server")
+T = TypeVar("T")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICE = "metis_async.v1.Controller"
@@ -248,7 +252,11 @@ class StreamServer:
         link = self.link
         need_model = not link.ready and link.provider is None
         session.asked_for_model = need_model
+        state, connected, needed = link.federation_status
         welcome = pb.Welcome(
+            state=PROTO_STATES[state] if state is not None else pb.FEDERATION_STATE_UNSPECIFIED,
+            learners_connected=connected,
+            learners_needed=needed,
             learner_id=learner_id,
             session_id=session.session_id,
             heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
@@ -309,7 +317,7 @@ class StreamServer:
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
         try:
-            raw = await asyncio.wait_for(context.read(), self.config.hello_timeout_seconds)
+            raw = await _within(context.read(), self.config.hello_timeout_seconds)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
             raise
@@ -409,6 +417,15 @@ def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> No
 
 WRITE_DRAIN_SECONDS = 2.0
 """How long a closing stream waits for a write already handed to gRPC."""
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`await awaitable`, or asyncio.TimeoutError after `seconds`; on Python >= 3.11 without
+    the extra task `asyncio.wait_for` makes per call (one per hello in a mass join)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 async def _quiesce(writer: asyncio.Task[None], session: Session) -> None:

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import structlog
@@ -37,9 +38,17 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One shared printer: the default factory builds a PrintLogger (and looks up its file
+        # lock) on every log call, filtered or not, a few percent of a mass join. Loggers stay
+        # uncached so a reload's new level applies at once.
+        logger_factory=_shared_printer(),
         cache_logger_on_first_use=False,
     )
+
+
+def _shared_printer() -> Callable[..., structlog.PrintLogger]:
+    printer = structlog.PrintLogger(file=sys.stderr)
+    return lambda *_args: printer
 
 
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)

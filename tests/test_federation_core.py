@@ -3,6 +3,7 @@ limits, the initial-model flow, status, held models, capabilities and refused co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import grpc
@@ -165,13 +166,39 @@ def test_another_learner_is_asked_when_the_provider_stalls(controller_factory: F
 
 def test_a_learner_is_told_the_federation_waits_for_more(controller_factory: Factory) -> None:
     ct = controller_factory(sync_policy(min_learners=3))
-    raw = RawLearner(ct.address, "a")
+    first = RawLearner(ct.address, "a")
+    first_welcome = first.until("welcome").welcome
+    _wait_until(lambda: ct.read(lambda: ct.controller.core.connected) == 1)
+    second = RawLearner(ct.address, "b")
 
-    status = raw.until("status").status
+    welcome = second.until("welcome").welcome
 
-    assert status.state == pb.FEDERATION_STATE_WAITING_FOR_LEARNERS
-    assert (status.learners_connected, status.learners_needed) == (1, 3)
-    raw.close()
+    assert welcome.state == pb.FEDERATION_STATE_WAITING_FOR_LEARNERS
+    assert (welcome.learners_connected, welcome.learners_needed) == (1, 3)  # before b
+    assert (first_welcome.learners_connected, first_welcome.learners_needed) == (0, 3)
+    first.close()
+    second.close()
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_the_state_change_reaches_every_learner_as_a_status(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=2))
+    first = RawLearner(ct.address, "a")
+    first.until("welcome")
+    second = RawLearner(ct.address, "b")
+
+    status = first.until("status").status  # its own wait was in its Welcome; this is the change
+
+    assert status.state == pb.FEDERATION_STATE_TRAINING
+    assert (status.learners_connected, status.learners_needed) == (2, 2)
+    first.close()
+    second.close()
 
 
 # ------------------------------------------------------------------------------ held models

@@ -347,6 +347,8 @@ class LearnerRunner:
             learner_id=welcome.learner_id,
             protocol=welcome.protocol,
             state=_state_name(welcome.state),
+            learners_connected=welcome.learners_connected,
+            learners_needed=welcome.learners_needed,
         )
         if welcome.need_initial_model:
             self._send_initial_model(stream)

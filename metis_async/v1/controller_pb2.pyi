@@ -677,6 +677,8 @@ class Welcome(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     UPLOAD_DTYPE_FIELD_NUMBER: _builtins.int
     DOWNLOAD_DTYPE_FIELD_NUMBER: _builtins.int
+    LEARNERS_CONNECTED_FIELD_NUMBER: _builtins.int
+    LEARNERS_NEEDED_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """the id to reuse (assigned if Hello's was empty)"""
     session_id: _builtins.str
@@ -705,7 +707,11 @@ class Welcome(_message.Message):
     max_model_bytes: _builtins.int
     """Largest model (ModelLayout.total_bytes) this controller accepts or holds; 0 = not stated."""
     state: Global___FederationState.ValueType
-    """the federation's state when the learner joined"""
+    """The federation's state when the learner joined, with the learners connected then (this one
+    not counted) and the learners the policy needs; 0 where the controller does not know the
+    count (an ingest worker between updates). Controllers that fill these send the new learner
+    no Status of its own; Status messages follow whenever the state changes.
+    """
     upload_dtype: Global___DType.ValueType
     """The dtype the controller asks this learner to encode training uploads (TaskResult payloads)
     with on this stream: one of Hello.codecs, or DTYPE_UNSPECIFIED / DTYPE_FLOAT32 for float32
@@ -717,6 +723,8 @@ class Welcome(_message.Message):
     DTYPE_UNSPECIFIED / DTYPE_FLOAT32 for float32. Informational: every Model's Payload.dtype
     says how that model is encoded, and a learner decodes whatever it says.
     """
+    learners_connected: _builtins.int
+    learners_needed: _builtins.int
     def __init__(
         self,
         *,
@@ -731,10 +739,12 @@ class Welcome(_message.Message):
         state: Global___FederationState.ValueType = ...,
         upload_dtype: Global___DType.ValueType = ...,
         download_dtype: Global___DType.ValueType = ...,
+        learners_connected: _builtins.int = ...,
+        learners_needed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

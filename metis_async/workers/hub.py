@@ -432,7 +432,8 @@ class WorkerHub(ControllerFace):
 
     def _send_state(self, worker: _Worker) -> None:
         if worker.channel is not None:
-            worker.channel.send(("state", self.core.ready, self.core.provider))
+            core = self.core
+            worker.channel.send(("state", core.ready, core.provider, core.status_now()))
 
     # ------------------------------------------------------------------------------ PartialSums
 

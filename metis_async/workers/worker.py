@@ -66,6 +66,7 @@ class HubLink:
         self.protocol = ""
         self.ready = False
         self.provider: str | None = None
+        self.federation_status: tuple[FederationState | None, int, int] = (None, 0, 0)
         self.forward = False
         self._budget_bytes = budget_bytes
         self._budget: asyncio.Semaphore | None = None
@@ -267,7 +268,7 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
             elif kind == "reconfigure":  # credentials reloaded (SIGHUP)
                 streams.config = dataclasses.replace(header[1], port=port)
             elif kind == "state":
-                link.ready, link.provider = header[1], header[2]
+                link.ready, link.provider, link.federation_status = header[1], header[2], header[3]
             elif kind == "lookup_reply":
                 link.lookup_answered(header[1], header[2])
             elif kind == "partials":
