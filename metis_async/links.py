@@ -148,10 +148,14 @@ class LocalLink:
         held: tuple[str, int, int] | None,
     ) -> None:
         core = self.core
-        await self._call(core.learner_joined, learner_id, num_examples, capabilities, held)
+        now = self._now()
+        await self._runner.call_batched(
+            core.learner_joined, now, learner_id, num_examples, capabilities, held
+        )
 
     async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
-        await self._call(self.core.learner_lost, learner_id, reason)
+        # batched like joins, so a learner's loss never overtakes its join
+        await self._runner.call_batched(self.core.learner_lost, self._now(), learner_id, reason)
 
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
