@@ -182,24 +182,32 @@ class CoreRunner:
             return
 
         def run() -> None:
-            effects: list[Effect] = []
-            errors: list[BaseException | None] = []
-            for method, args, _ in batch:
-                if self.failure is not None:
-                    errors.append(self.failure)
-                    continue
-                try:
-                    effects += method(*args)
-                    errors.append(None)
-                except CheckpointError as error:
-                    self._fail(loop, error)
-                    errors.append(error)
-                except Exception as error:  # goes to its caller; the others still run
-                    errors.append(error)
+            effects, errors = self._run_calls(loop, [(method, args) for method, args, _ in batch])
             loop.call_soon_threadsafe(self._settle, batch, errors, effects, self.core.next_wakeup())
 
         done = loop.run_in_executor(self._thread, run)
         done.add_done_callback(_log_core_failure)
+
+    def _run_calls(
+        self, loop: asyncio.AbstractEventLoop, calls: list[CoreCall]
+    ) -> tuple[list[Effect], list[BaseException | None]]:
+        """On the core thread: run `calls` in order; their effects, and each one's error (a
+        failing event must not lose the others; after a CheckpointError none runs)."""
+        effects: list[Effect] = []
+        errors: list[BaseException | None] = []
+        for method, args in calls:
+            if self.failure is not None:
+                errors.append(self.failure)
+                continue
+            try:
+                effects += method(*args)
+                errors.append(None)
+            except CheckpointError as error:
+                self._fail(loop, error)
+                errors.append(error)
+            except Exception as error:
+                errors.append(error)
+        return effects, errors
 
     def _settle(
         self,
@@ -232,18 +240,12 @@ class CoreRunner:
             return  # events read while the controller shuts down have no core left to reach
 
         def run() -> None:
-            effects: list[Effect] = []
-            for method, args in calls:
-                if self.failure is not None:
-                    return
-                try:
-                    effects += method(*args)
-                except CheckpointError as error:
-                    self._fail(loop, error)
-                    return
-                except Exception as error:  # one bad event must not lose the others
+            effects, errors = self._run_calls(loop, calls)
+            for (method, _), error in zip(calls, errors, strict=True):
+                if error is not None and not isinstance(error, CheckpointError):
                     log.error("core_call_failed", method=method.__name__, error=repr(error))
-            loop.call_soon_threadsafe(self._apply, effects, self.core.next_wakeup())
+            if self.failure is None:
+                loop.call_soon_threadsafe(self._apply, effects, self.core.next_wakeup())
 
         future = loop.run_in_executor(self._thread, run)
         future.add_done_callback(_log_core_failure)

@@ -83,8 +83,9 @@ class StreamServer:
         self.stats = stats
         self._ingest = ingest
         self._limiter = limiter
-        # gRPC copies each message it is given until it is sent: without a bound, a version
-        # broadcast to N streams holds N model copies at once.
+        # gRPC copies each message it is given. This bounds the copies being handed over at
+        # once; gRPC completes a write once the copy is queued in its transport, so each stream
+        # can still hold one more until its learner reads it (benches/README.md).
         self._sending = ByteBudget(config.download_buffer_bytes)
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -163,8 +164,8 @@ class StreamServer:
     async def _join(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         """Serve one learner stream from hello to close.
 
-        The stream is read in this handler's own task and written by one more: a task per
-        stream fewer than a reader, a writer and a waiter would take (100K streams: ~0.4 GB).
+        The stream is read in this handler's own task and written by one more: two tasks per
+        stream fewer than a reader, a writer and a waiter (~2 KB a stream measured).
         When the session closes, or the writer ends (finished or failed), the handler is
         woken out of its read by a cancellation it asked for itself, and ends the stream.
         """
