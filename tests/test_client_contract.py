@@ -608,13 +608,17 @@ def _train_on_grant(task_id: str, version: int) -> pb.ControllerMessage:
     return message
 
 
+def _task_on_grant_until_its_result(c: Conversation) -> Messages:
+    yield welcome(c, run_id="r")
+    yield layout_message(LAYOUT)
+    yield from model(0, FLAT, LAYOUT)
+    yield _train_on_grant("t1", 0)
+    c.receive("result")
+
+
 def test_chunks_of_a_task_asking_for_a_grant_follow_the_grant(scripted) -> None:
     def script(c: Conversation) -> Messages:
-        yield welcome(c, run_id="r")
-        yield layout_message(LAYOUT)
-        yield from model(0, FLAT, LAYOUT)
-        yield _train_on_grant("t1", 0)
-        c.receive("result")
+        yield from _task_on_grant_until_its_result(c)
         yield pb.ControllerMessage(grant=pb.UploadGrant(task_id="t1"))
         while c.upload_chunks < 1:
             c.receive("chunk")
@@ -631,11 +635,7 @@ def test_chunks_of_a_task_asking_for_a_grant_follow_the_grant(scripted) -> None:
 
 def test_a_refused_grant_means_no_chunks_are_sent(scripted) -> None:
     def script(c: Conversation) -> Messages:
-        yield welcome(c, run_id="r")
-        yield layout_message(LAYOUT)
-        yield from model(0, FLAT, LAYOUT)
-        yield _train_on_grant("t1", 0)
-        c.receive("result")
+        yield from _task_on_grant_until_its_result(c)
         stale = pb.Error(code=pb.ERROR_CODE_STALE_TASK, message="closed", task_id="t1")
         yield pb.ControllerMessage(error=stale)
         yield finished()
