@@ -6,9 +6,12 @@ once the stream is closed, sends are dropped, so late results of a dead session 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from metis_async.client.models import ModelReceiver
 from metis_async.v1 import controller_pb2 as pb
@@ -30,37 +33,32 @@ class LearnerStream:
         self.sent_initial_model = False
         self.cancelled: set[str] = set()  # task ids the controller cancelled
         self.heartbeat_seconds = 5.0
-        self._grants: dict[str, tuple[threading.Event, list[bool]]] = {}
-        self._lock = threading.Lock()
+        self._grants: dict[str, Future[bool]] = {}  # task id -> granted (True) or refused
         self.send(pb.LearnerMessage(hello=hello))
 
     def expect_grant(self, task_id: str) -> None:
         """Note, before its TaskResult is sent, that `task_id`'s chunks wait for a grant."""
-        with self._lock:
-            self._grants[task_id] = (threading.Event(), [])
+        self._grants[task_id] = Future()
 
     def answer_grant(self, task_id: str, granted: bool) -> None:
         """The controller granted (or refused: STALE_TASK, DUPLICATE, Ack) `task_id`'s upload."""
-        with self._lock:
-            waiting = self._grants.get(task_id)
-            if waiting is None or waiting[0].is_set():
-                return
-            waiting[1].append(granted)
-            waiting[0].set()
+        answer = self._grants.get(task_id)
+        if answer is not None:
+            with contextlib.suppress(InvalidStateError):  # answered already
+                answer.set_result(granted)
 
     def wait_for_grant(self, task_id: str) -> bool:
         """Block until `task_id`'s upload is granted (True) or refused, or the stream closed."""
-        with self._lock:
-            waiting = self._grants.get(task_id)
-        if waiting is None:
+        answer = self._grants.get(task_id)
+        if answer is None:
             return True
-        event, answer = waiting
-        while not event.wait(0.25):
-            if self.closed.is_set():
-                break
-        with self._lock:
+        try:
+            while not self.closed.is_set():
+                with contextlib.suppress(FutureTimeout):
+                    return answer.result(timeout=0.25) and not self.closed.is_set()
+            return False
+        finally:
             self._grants.pop(task_id, None)
-        return bool(answer and answer[0]) and not self.closed.is_set()
 
     def send(self, message: pb.LearnerMessage) -> None:
         """Queue a message for the controller (dropped once the stream is closed)."""
