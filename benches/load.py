@@ -129,13 +129,14 @@ async def _session(
     """One stream until the learner is done; the error that ended it early, if any."""
     # Learners started before the controller (--learners-first) wait for it to listen.
     call = channel.stream_stream(JOIN)(wait_for_ready=_WAIT_FOR_READY[0])
-    capabilities = ["train", "delta", "bundle", "grant"]
+    capabilities = ["train", "delta", "bundle", "grant", "receipt"]
     hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
     tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
     uploads: list[tuple[float, float]] = report["uploads"]  # (first, last chunk written)
     layout_id = 0
     ended = False
     waiting: tuple[str, float] | None = None  # (task id, header written) awaiting its grant
+    receipt: list[int] = []  # [version, chunks received, chunks] of a model asking for receipts
     gate = _connecting()
     await gate.acquire()  # bounded dialing: a fleet's joins are spread out, not all at once
     dialing = True
@@ -148,7 +149,10 @@ async def _session(
                 break
             for message in _opened(raw):
                 kind = message.WhichOneof("body")
-                if kind == "welcome":
+                if kind in ("model", "chunk"):
+                    if (answer := _receipt(message, receipt)) is not None:
+                        await call.write(answer)
+                elif kind == "welcome":
                     open_stream = True
                     _count(OPEN)
                     report["welcomes"] = report.get("welcomes", 0) + 1
@@ -192,7 +196,9 @@ async def _session(
             if raw is grpc.aio.EOF:
                 break
             for message in _opened(raw):
-                if message.WhichOneof("body") == "train":
+                if (answer := _receipt(message, receipt)) is not None:
+                    await call.write(answer)
+                elif message.WhichOneof("body") == "train":
                     tasks.append((int(message.train.model_version), time.time()))
                     ended = True
                 elif message.WhichOneof("body") == "shutdown":
@@ -242,6 +248,24 @@ def _opened(raw: bytes) -> list[pb.ControllerMessage]:
     if message.WhichOneof("body") != "bundle":
         return [message]
     return [pb.ControllerMessage.FromString(m) for m in message.bundle.messages]
+
+
+def _receipt(message: pb.ControllerMessage, state: list[int]) -> bytes | None:
+    """The ModelReceived to send for a model header or chunk, if one is due (DOWNLOAD RECEIPTS
+    in the proto); `state` is the learner's [version, chunks received, chunks] of the model."""
+    kind = message.WhichOneof("body")
+    if kind == "model":
+        model = message.model
+        state[:] = [model.version, 0, model.payload.num_chunks] if model.receipt else []
+        return None
+    if kind != "chunk" or not state:
+        return None
+    state[1] += 1  # each chunk at once, as the reference client does
+    version, received, total = state
+    if received == total:
+        state.clear()
+    answer = pb.ModelReceived(version=version, chunks=received)
+    return pb.LearnerMessage(received=answer).SerializeToString()
 
 
 def _renumbered(chunks: list[bytes], payload_id: int) -> list[bytes]:

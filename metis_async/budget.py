@@ -64,3 +64,79 @@ class ByteBudget:
             self._waiters.popleft()
             self.held += size
             future.set_result(None)
+
+
+RECEIPT_WINDOW_CHUNKS = 16
+"""Chunks of a model a learner may leave unacknowledged before its stream sends no more
+(DOWNLOAD RECEIPTS in the proto)."""
+
+
+class ReceiptLedger:
+    """The model chunks written to one learner that it has not acknowledged yet.
+
+    For a learner that acknowledges downloads (`ModelReceived`), a chunk's share of the send
+    budget stays held after gRPC has taken the chunk, until the learner says it has it: so the
+    budget bounds the bytes on their way to learners, wherever they wait (gRPC's buffers, the
+    kernel's), not just the bytes being handed to gRPC. At most `window` chunks are outstanding,
+    so one learner never holds the budget alone.
+
+    Args:
+        budget: the process's send budget the chunks were taken from.
+        window: chunks outstanding at most.
+    """
+
+    __slots__ = ("_entries", "_waiter", "acknowledged", "budget", "since", "window")
+
+    def __init__(self, budget: ByteBudget, window: int = RECEIPT_WINDOW_CHUNKS) -> None:
+        self.budget = budget
+        self.window = window
+        self._entries: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.since = 0.0  # loop time of the oldest outstanding chunk's write, or last progress
+        self.acknowledged = 0  # receipts that freed chunks (they are exempt from rate limits)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def room(self) -> None:
+        """Wait until fewer than `window` chunks are outstanding."""
+        while len(self._entries) >= self.window:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def written(self, version: int, index: int, held: int, now: float) -> None:
+        """Chunk `index` of model `version` was handed to gRPC holding `held` budget bytes."""
+        if not self._entries:
+            self.since = now
+        self._entries.append((version, index, held))
+
+    def received(self, version: int, chunks: int, now: float) -> None:
+        """The learner holds the first `chunks` chunks of `version` (and every older model)."""
+        entries, before, freed = self._entries, len(self._entries), 0
+        while entries and (
+            entries[0][0] < version or (entries[0][0] == version and entries[0][1] < chunks)
+        ):
+            freed += entries.popleft()[2]
+        if len(entries) == before:
+            return  # nothing outstanding was acknowledged
+        self.acknowledged += 1
+        self.since = now
+        if freed:
+            self.budget.release(freed)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def stalled(self, before: float) -> bool:
+        """Whether a chunk has waited for its receipt, with no progress, since before `before`."""
+        return bool(self._entries) and self.since < before
+
+    def release_all(self) -> None:
+        """The stream ended: give back everything still held."""
+        freed = sum(held for _, _, held in self._entries)
+        self._entries.clear()
+        if freed:
+            self.budget.release(freed)

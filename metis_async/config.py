@@ -132,6 +132,12 @@ class ServerSection(_Section):
     max_chunk_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="largest chunk either side may send"
     )
+    download_chunk_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        description="chunk size of the models the controller sends (capped at max_chunk_bytes); "
+        "gRPC buffers up to one chunk per stream outside download_buffer_bytes",
+    )
     send_queue_limit: int = Field(
         default=1024,
         ge=1,
@@ -172,6 +178,13 @@ class ServerSection(_Section):
         ge=-1,
         description="learners announcing 'grant' send the chunks of models of at least this many "
         "bytes only when the controller has a slot for them; -1: never",
+    )
+    download_receipt_bytes: int = Field(
+        default=1024 * 1024,
+        ge=-1,
+        description="models of at least this many bytes are paced by the receipts of learners "
+        "announcing 'receipt' (sent chunks hold download_buffer_bytes until acknowledged); "
+        "-1: never",
     )
     stream_window_bytes: int = Field(
         default=0,

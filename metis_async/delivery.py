@@ -47,7 +47,7 @@ from metis_async.effects import (
 )
 from metis_async.federation import FederationCore
 from metis_async.protocols import Task, TaskKind
-from metis_async.session import Session, controller_message
+from metis_async.session import Outgoing, Session, controller_message
 from metis_async.store import EncodedVersion, ModelStore
 from metis_async.v1 import controller_pb2 as pb
 
@@ -300,6 +300,9 @@ class EffectDelivery:
         self.upload_grant_bytes: int | None = None
         """Models from this size on (bytes) are uploaded on grant by learners announcing
         "grant" (TrainTask.upload_grant); None: never."""
+        self.download_receipt_bytes: int | None = None
+        """Models from this size on (bytes) are sent with `Model.receipt` to learners
+        announcing "receipt" (their chunks wait for ModelReceived); None: never."""
 
     def __call__(self, effects: list[Effect]) -> None:
         """Carry out `effects` in order (on the event loop; never blocks).
@@ -313,7 +316,7 @@ class EffectDelivery:
             self._flush(session)
         self._staged.clear()
 
-    def _out(self, session: Session, *messages: bytes) -> bool:
+    def _out(self, session: Session, *messages: Outgoing) -> bool:
         """Queue `messages` for `session` (staged for bundling where it takes bundles)."""
         if not session.takes_bundles:
             return session.send(*messages)
@@ -326,7 +329,7 @@ class EffectDelivery:
         staged, session.staged = session.staged, []
         run: list[bytes] = []
         for message in staged:
-            if len(message) <= BUNDLE_ITEM_BYTES:
+            if isinstance(message, bytes) and len(message) <= BUNDLE_ITEM_BYTES:
                 run.append(message)
                 continue
             _send_run(session, run)
@@ -398,7 +401,12 @@ class EffectDelivery:
             return
         if not session.has_layout:
             session.has_layout = self._out(session, self._store.layout_message)
-        self._out(session, *self._store.broadcast(session.download_dtype))
+        store, threshold = self._store, self.download_receipt_bytes
+        receipt = threshold is not None and session.ledger is not None and store.nbytes >= threshold
+        if receipt or store.nbytes > BUNDLE_ITEM_BYTES:  # its chunks go alone anyway
+            self._out(session, store.download(session.download_dtype, receipt))
+        else:  # header and chunk may share a bundle with the task
+            self._out(session, *store.broadcast(session.download_dtype))
 
     def _send_status(self, effect: SendStatus) -> None:
         status = pb.Status(

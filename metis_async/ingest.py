@@ -87,6 +87,12 @@ class Ingest:
         kind = msg.WhichOneof("body")
         if kind == "heartbeat":
             return
+        if kind == "received":
+            if session.ledger is not None:  # a receipt the stream did not ask for is ignored
+                received = msg.received
+                now = asyncio.get_running_loop().time()
+                session.ledger.received(int(received.version), int(received.chunks), now)
+            return
         if kind == "result":
             await self._on_result(session, msg.result)
         elif kind == "error":

@@ -68,6 +68,10 @@ class ControllerConfig:
         drain_seconds: when `serve` stops (finished, or a signal), how long streams get to
             take their last messages (shutdown, final model); it ends sooner once all are done.
         max_chunk_bytes: largest chunk either side may send.
+        download_chunk_bytes: chunk size of the models the controller sends (capped at
+            `max_chunk_bytes`). gRPC takes one message per stream off the send budget
+            (`download_buffer_bytes`) before the learner reads it, so a broadcast to N streams
+            costs up to N x this in gRPC's buffers: small chunks keep that small.
         send_queue_limit: messages queued per stream before a slow learner is dropped.
         max_model_bytes: largest flat model (bytes) a learner may propose or the controller
             holds; larger layouts are refused before anything is allocated.
@@ -88,6 +92,10 @@ class ControllerConfig:
         upload_grant_bytes: learners announcing "grant" wait for the controller's go-ahead
             (UploadGrant, sent when an upload slot is free) before sending the chunks of models
             of at least this many bytes, so waiting uploads cost no memory at all; -1: never.
+        download_receipt_bytes: models of at least this many bytes are sent to learners
+            announcing "receipt" with `Model.receipt`: each chunk's share of
+            `download_buffer_bytes` stays held until the learner acknowledges it, so the budget
+            bounds the model bytes on their way wherever they wait; -1: never.
         stream_window_bytes: HTTP/2 receive window of each learner stream, fixed (0: gRPC's
             automatic sizing from the bandwidth-delay product, which on fast links grows to
             megabytes per stream, so uploads waiting for a slot sit in gRPC's buffers). A fixed
@@ -130,6 +138,7 @@ class ControllerConfig:
     hello_timeout_seconds: float = 10.0
     drain_seconds: float = 30.0
     max_chunk_bytes: int = wire.MAX_CHUNK_BYTES
+    download_chunk_bytes: int = wire.DOWNLOAD_CHUNK_BYTES
     send_queue_limit: int = 1024
     max_model_bytes: int = 2 * 1024**3
     max_learner_id_length: int = 128
@@ -140,6 +149,7 @@ class ControllerConfig:
     download_buffer_bytes: int = 64 * 1024**2
     stream_window_bytes: int = 0
     upload_grant_bytes: int = 1024 * 1024
+    download_receipt_bytes: int = 1024 * 1024
     upload_codec: str = "float32"
     download_codec: str = "float32"
     tokens: Mapping[str, str] | None = field(default=None, repr=False)
@@ -164,6 +174,10 @@ class ControllerConfig:
             value = getattr(self, name)
             if value not in CODECS:
                 raise ValueError(f"{name} must be one of {sorted(CODECS)}, got {value!r}")
+        if self.download_chunk_bytes < 1024:
+            raise ValueError(
+                f"download_chunk_bytes must be >= 1024, got {self.download_chunk_bytes}"
+            )
 
     def verifier(self) -> TokenVerifier | None:
         """The learner credential check in effect (None: authentication is off)."""
@@ -208,6 +222,14 @@ class ControllerConfig:
     def grant_threshold(self) -> int | None:
         """Model bytes from which uploads wait for a grant (None: never)."""
         return None if self.upload_grant_bytes < 0 else self.upload_grant_bytes
+
+    def download_chunk(self) -> int:
+        """Chunk size of the models sent: `download_chunk_bytes`, at most `max_chunk_bytes`."""
+        return min(self.download_chunk_bytes, self.max_chunk_bytes)
+
+    def receipt_threshold(self) -> int | None:
+        """Model bytes from which downloads wait for receipts (None: never)."""
+        return None if self.download_receipt_bytes < 0 else self.download_receipt_bytes
 
     def _window_options(self) -> list[tuple[str, Any]]:
         if not self.stream_window_bytes:
@@ -291,7 +313,7 @@ class ControllerFace:
         """Set `config`, `stats`, `store` and the `core` whose versions `_encode` publishes."""
         self.config = config or ControllerConfig()
         self.stats = ControllerStats()
-        self.store = ModelStore(self.config.max_chunk_bytes)
+        self.store = ModelStore(self.config.download_chunk())
         if self.config.state_dir is not None:
             self.state = StateDirectory(self.config.state_dir, self.config.checkpoints_kept)
         self.core = FederationCore(
@@ -337,7 +359,7 @@ class ControllerFace:
         assert layout is not None
         config = self.config
         return encode_for_learners(
-            layout, version, flat, config.max_chunk_bytes, CODECS[config.download_codec]
+            layout, version, flat, config.download_chunk(), CODECS[config.download_codec]
         )
 
     async def _adopt_initial_model(self) -> None:
@@ -412,6 +434,7 @@ class Controller(ControllerFace):
             sessions, self.store, on_commit, self._finished, self._state_changed
         )
         self._delivery.upload_grant_bytes = self.config.grant_threshold()
+        self._delivery.download_receipt_bytes = self.config.receipt_threshold()
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule, self._on_fatal)
         link = LocalLink(self.core, self._runner, self._now)
         limiter = LogLimiter()

@@ -19,9 +19,14 @@ from typing import Any
 
 import grpc
 
+from metis_async.budget import ReceiptLedger
 from metis_async.protocols import Task
+from metis_async.store import ModelDownload
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.wire import Upload
+
+Outgoing = bytes | ModelDownload
+"""What a stream's queue holds: one serialized `ControllerMessage`, or a model's messages."""
 
 
 class SendQueue:
@@ -38,10 +43,10 @@ class SendQueue:
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._items: collections.deque[bytes | None] | None = None
+        self._items: collections.deque[Outgoing | None] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    def put_nowait(self, item: bytes | None) -> None:
+    def put_nowait(self, item: Outgoing | None) -> None:
         """Queue `item` (None: the end of the stream); asyncio.QueueFull when full."""
         items = self._items
         if items is None:
@@ -53,7 +58,7 @@ class SendQueue:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> bytes | None:
+    async def get(self) -> Outgoing | None:
         """The next item, waiting for one (one reader at a time)."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -134,6 +139,7 @@ class Session:
         "initial_upload",
         "last_seen",
         "learner_id",
+        "ledger",
         "on_close",
         "peer",
         "pending",
@@ -162,7 +168,7 @@ class Session:
         self.last_seen = now
         self.has_layout = False
         self.takes_bundles = "bundle" in capabilities
-        self.staged: list[bytes] = []  # messages of one effect list, bundled when it ends
+        self.staged: list[Outgoing] = []  # messages of one effect list, bundled when it ends
         self.upload_dtype: int = pb.DTYPE_FLOAT32  # negotiated at hello (Welcome)
         self.download_dtype: int = pb.DTYPE_FLOAT32
         self.asked_for_model = False  # this stream was asked for the initial model
@@ -176,13 +182,16 @@ class Session:
         self.discard_payload_id = 0
         self.queue = SendQueue(queue_limit)
         self.writing = False  # a message is being handed to gRPC
+        # Model chunks awaiting the learner's receipt ("receipt" learners; set by the server).
+        self.ledger: ReceiptLedger | None = None
         self.closing = _Flag()  # set by close(); on_close wakes the stream's handler
         self.close_code: grpc.StatusCode | None = None
         self.close_message = ""
         self.on_close: Callable[[], None] | None = None  # wakes the stream's handler
 
-    def send(self, *messages: bytes) -> bool:
-        """Queue serialized `ControllerMessage`s; False (and the session closes) if full."""
+    def send(self, *messages: Outgoing) -> bool:
+        """Queue serialized `ControllerMessage`s (or a model's); False (and the session
+        closes) if full."""
         if self.closing.is_set():
             return False
         for message in messages:

@@ -27,6 +27,23 @@ log = structlog.get_logger("metis_async.store")
 CONTROLLER_CHUNK_FIELD = pb.ControllerMessage.DESCRIPTOR.fields_by_name["chunk"].number
 
 
+@dataclass(frozen=True, slots=True)
+class ModelDownload:
+    """A version's messages (header, then chunks) as one item of a stream's send queue, so the
+    stream's writer paces the chunks (send budget, download receipts) and a model of thousands of
+    chunks takes one queue slot.
+
+    Attributes:
+        version: the model version.
+        messages: the serialized `ControllerMessage`s: `Model` header first, then its chunks.
+        receipt: the header asks the learner for `ModelReceived` (DOWNLOAD RECEIPTS).
+    """
+
+    version: int
+    messages: list[bytes]
+    receipt: bool = False
+
+
 @dataclass(frozen=True)
 class EncodedVersion:
     """A version's layout and the serialized messages (header, then chunks) that deliver it:
@@ -102,6 +119,7 @@ class ModelStore:
         self._flat: wire.FloatVector | None = None
         self._broadcast: list[bytes] = []
         self._codecs: dict[int, list[bytes]] = {}
+        self._downloads: dict[tuple[int, bool], ModelDownload] = {}
 
     @property
     def ready(self) -> bool:
@@ -144,6 +162,7 @@ class ModelStore:
         self._flat = flat
         self._broadcast = messages
         self._codecs = codecs or {}
+        self._downloads = {}
         self.version = version
 
     def encodings(self) -> dict[int, list[bytes]]:
@@ -154,3 +173,18 @@ class ModelStore:
         """Serialized messages (header, then chunks) that deliver the published version, in
         download `dtype` where it was encoded so (float32 otherwise)."""
         return self._codecs.get(dtype, self._broadcast)
+
+    def download(self, dtype: int = pb.DTYPE_FLOAT32, receipt: bool = False) -> ModelDownload:
+        """The published version as one send-queue item, in download `dtype` (as `broadcast`);
+        with `receipt`, its header asks for `ModelReceived`. Built once per version and kind,
+        and shared by every stream."""
+        key = (dtype if dtype in self._codecs else pb.DTYPE_FLOAT32, receipt)
+        item = self._downloads.get(key)
+        if item is None:
+            messages = self.broadcast(dtype)
+            if receipt:
+                header = pb.ControllerMessage.FromString(messages[0])
+                header.model.receipt = True
+                messages = [header.SerializeToString(), *messages[1:]]
+            item = self._downloads[key] = ModelDownload(self.version, messages, receipt)
+        return item

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from metis_async.auth import AuthError
-from metis_async.budget import ByteBudget
+from metis_async.budget import ByteBudget, ReceiptLedger
 from metis_async.delivery import PROTO_STATES
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
@@ -36,6 +36,7 @@ from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
     from metis_async.server import ControllerConfig
+    from metis_async.store import ModelDownload
 
 CODECS = {
     "float32": pb.DTYPE_FLOAT32,
@@ -233,6 +234,8 @@ class StreamServer:
             capabilities,
             peer=context.peer(),
         )
+        if "receipt" in capabilities:
+            session.ledger = ReceiptLedger(self._sending)
         old = self.sessions.get(learner_id)
         limit = self.config.max_learners
         if limit and old is None and len(self.sessions) >= limit:
@@ -350,21 +353,60 @@ class StreamServer:
             await self.link.learner_lost(session.learner_id, session.session_id, reason)
 
     async def _write_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        stats, budget = self.stats, self._sending
-        while (message := await session.queue.get()) is not None:
-            held = 0
+        try:
+            while (item := await session.queue.get()) is not None:
+                if isinstance(item, bytes):
+                    await self._write(session, context, item)
+                else:
+                    await self._write_model(session, context, item)
+                if session.closing.is_set():
+                    return
+        finally:
+            if session.ledger is not None:
+                session.ledger.release_all()
+
+    async def _write(
+        self, session: Session, context: grpc.aio.ServicerContext, message: bytes
+    ) -> None:
+        """Hand one message to gRPC, a large one within the send budget."""
+        budget, held = self._sending, 0
+        try:
+            if len(message) >= LARGE_MESSAGE_BYTES:
+                held = await budget.acquire(len(message))
+            session.writing = True
+            await context.write(message)
+        finally:
+            session.writing = False
+            if held:
+                budget.release(held)
+        self.stats.bytes_sent_total += len(message)
+
+    async def _write_model(
+        self, session: Session, context: grpc.aio.ServicerContext, model: ModelDownload
+    ) -> None:
+        """A model's header and chunks; with receipts, each chunk's budget share stays held
+        until the learner acknowledges it, and at most a window of chunks is unacknowledged."""
+        header, *chunks = model.messages
+        await self._write(session, context, header)
+        ledger = session.ledger if model.receipt else None
+        if ledger is None:
+            for chunk in chunks:
+                await self._write(session, context, chunk)
+            return
+        loop, budget = asyncio.get_running_loop(), self._sending
+        for index, chunk in enumerate(chunks):
+            await ledger.room()
+            held = await budget.acquire(len(chunk))
             try:
-                if len(message) >= LARGE_MESSAGE_BYTES:
-                    held = await budget.acquire(len(message))
                 session.writing = True
-                await context.write(message)
+                await context.write(chunk)
+            except BaseException:
+                budget.release(held)
+                raise
             finally:
                 session.writing = False
-                if held:
-                    budget.release(held)
-            stats.bytes_sent_total += len(message)
-            if session.closing.is_set():
-                return
+            ledger.written(model.version, index, held, loop.time())
+            self.stats.bytes_sent_total += len(chunk)
 
     async def _read_loop(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
@@ -389,7 +431,11 @@ class StreamServer:
                 if byte_debt > byte_rate:
                     await asyncio.sleep((byte_debt - byte_rate) / byte_rate)
             last = now
+            ledger = session.ledger
+            acknowledged = 0 if ledger is None else ledger.acknowledged
             await self._ingest.handle(session, raw)
+            if ledger is not None and ledger.acknowledged != acknowledged:
+                tokens = min(burst, tokens + 1.0)  # a receipt our own chunks asked for is free
             if session.closing.is_set():
                 return  # closed while this message was handled
             # A stream is often quiet for a whole round after an upload: holding its last
@@ -404,6 +450,11 @@ class StreamServer:
             for session in list(self.sessions.values()):
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
+                elif session.ledger is not None and session.ledger.stalled(deadline):
+                    session.close(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"model chunks unacknowledged for {timeout:g} s (ModelReceived)",
+                    )
 
 
 def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> None:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 """Largest chunk either side sends (bytes); gRPC's default message limit is 4 MiB plus framing."""
 
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
+"""Chunk size of the models the controller sends (bytes): gRPC holds up to one message per stream
+beyond the controller's send budget, so a broadcast's buffers grow with this times the streams."""
+
 WIRE_DTYPE = np.dtype("<f4")
 """Element type of the flat model vector (layouts count its bytes), and the default encoding."""
 

@@ -1,4 +1,5 @@
-"""ByteBudget: the bound on large messages handed to gRPC at once (streams.py)."""
+"""ByteBudget (the bound on large messages handed to gRPC at once) and ReceiptLedger (chunks
+held until the learner acknowledges them), both used by streams.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from metis_async.budget import ByteBudget
+from metis_async.budget import ByteBudget, ReceiptLedger
 
 
 def test_requests_within_the_limit_are_granted_at_once() -> None:
@@ -84,3 +85,85 @@ def test_a_cancelled_waiter_lets_the_next_one_through() -> None:
 def test_a_non_positive_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="positive limit"):
         ByteBudget(0)
+
+
+# ------------------------------------------------------------------------- download receipts
+
+
+def test_a_ledger_holds_written_chunks_budget_until_their_receipt() -> None:
+    async def scenario() -> tuple[int, int]:
+        budget = ByteBudget(10)
+        ledger = ReceiptLedger(budget)
+        for index in range(3):
+            ledger.written(7, index, await budget.acquire(2), now=0.0)
+        held_before = budget.held
+        ledger.received(7, 2, now=1.0)  # chunks 0 and 1
+        return held_before, budget.held
+
+    assert asyncio.run(scenario()) == (6, 2)
+
+
+def test_a_full_window_waits_for_a_receipt() -> None:
+    async def scenario() -> list[str]:
+        ledger = ReceiptLedger(ByteBudget(100), window=2)
+        ledger.written(1, 0, 0, now=0.0)
+        ledger.written(1, 1, 0, now=0.0)
+        order: list[str] = []
+
+        async def writer() -> None:
+            await ledger.room()
+            order.append("room")
+
+        task = asyncio.ensure_future(writer())
+        await asyncio.sleep(0)
+        order.append("receipt")
+        ledger.received(1, 1, now=1.0)
+        await asyncio.wait_for(task, 1.0)
+        return order
+
+    assert asyncio.run(scenario()) == ["receipt", "room"]
+
+
+def test_a_receipt_for_a_newer_version_covers_every_older_chunk() -> None:
+    budget = ByteBudget(10)
+    ledger = ReceiptLedger(budget)
+    budget.held = 6
+    ledger.written(1, 0, 3, now=0.0)
+    ledger.written(2, 0, 3, now=0.0)
+
+    ledger.received(2, 0, now=1.0)  # nothing of version 2 yet, all of version 1
+
+    assert (len(ledger), budget.held) == (1, 3)
+
+
+def test_receipts_for_chunks_never_sent_are_ignored() -> None:
+    budget = ByteBudget(10)
+    ledger = ReceiptLedger(budget)
+    budget.held = 3
+    ledger.written(5, 0, 3, now=0.0)
+
+    ledger.received(4, 99, now=1.0)  # an older version: nothing outstanding of it
+
+    assert (len(ledger), budget.held, ledger.acknowledged) == (1, 3, 0)
+
+
+def test_a_ledger_without_progress_is_stalled() -> None:
+    ledger = ReceiptLedger(ByteBudget(10))
+    ledger.written(1, 0, 0, now=5.0)
+    ledger.written(1, 1, 0, now=9.0)
+
+    ledger.received(1, 1, now=12.0)  # progress at 12
+
+    assert (ledger.stalled(before=11.0), ledger.stalled(before=13.0)) == (False, True)
+
+
+def test_releasing_a_ledger_gives_everything_back() -> None:
+    budget = ByteBudget(10)
+    ledger = ReceiptLedger(budget)
+    budget.held = 7
+    ledger.written(1, 0, 3, now=0.0)
+    ledger.written(1, 1, 4, now=0.0)
+
+    ledger.release_all()
+
+    assert (len(ledger), budget.held, ledger.stalled(before=1.0)) == (0, 0, False)

@@ -479,7 +479,16 @@ def test_capabilities_are_announced(scripted) -> None:
     run(controller)
 
     capabilities = set(controller.conversations[0].hello.capabilities)
-    assert capabilities == {"train", "evaluate", "delta", "final_model", "bundle", "ack", "grant"}
+    assert capabilities == {
+        "train",
+        "evaluate",
+        "delta",
+        "final_model",
+        "bundle",
+        "ack",
+        "grant",
+        "receipt",
+    }
 
 
 def test_status_messages_are_logged(scripted, caplog: pytest.LogCaptureFixture) -> None:
@@ -646,3 +655,42 @@ def test_a_refused_grant_means_no_chunks_are_sent(scripted) -> None:
     run(controller)
 
     assert "chunk" not in controller.conversations[0].kinds()
+
+
+# ------------------------------------------------------------------------------ download receipts
+
+
+def test_each_chunk_of_a_model_asking_for_receipts_is_acknowledged(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, run_id="r")
+        yield layout_message(LAYOUT)
+        head, *chunks = model(0, FLAT, LAYOUT, chunk_bytes=16)  # 40 bytes: 3 chunks
+        head.model.receipt = True
+        yield head
+        for chunk in chunks:
+            yield chunk
+            c.receive("received")
+        yield finished()
+        c.drain()
+
+    controller = scripted(script)
+
+    run(controller)
+
+    receipts = [m.received for m in controller.conversations[0].received if m.HasField("received")]
+    assert [(r.version, r.chunks) for r in receipts] == [(0, 1), (0, 2), (0, 3)]
+
+
+def test_a_model_without_the_receipt_flag_is_not_acknowledged(scripted) -> None:
+    def script(c: Conversation) -> Messages:
+        yield welcome(c, run_id="r")
+        yield layout_message(LAYOUT)
+        yield from model(0, FLAT, LAYOUT, chunk_bytes=16)
+        yield finished()
+        c.drain()
+
+    controller = scripted(script)
+
+    run(controller)
+
+    assert "received" not in controller.conversations[0].kinds()

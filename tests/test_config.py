@@ -250,6 +250,14 @@ def test_heartbeat_timeout_must_exceed_the_interval() -> None:
     )
 
 
+def test_download_chunks_are_capped_at_the_chunk_limit() -> None:
+    flags = _serve_flags(["--max-chunk-bytes", "65536", "--download-chunk-bytes", "131072"])
+
+    config = load_settings(None, None, flags).controller_config()
+
+    assert config.download_chunk() == 65536
+
+
 # ------------------------------------------------------------------------------ tokens
 
 

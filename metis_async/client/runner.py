@@ -42,7 +42,7 @@ log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack", "grant")
+CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack", "grant", "receipt")
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
 
 DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
@@ -269,9 +269,12 @@ class LearnerRunner:
             elif kind == "layout":
                 stream.models.on_layout(message.layout)
             elif kind == "model":
+                stream.model_announced(message.model)
                 self._received(stream.models.on_model(message.model))
             elif kind == "chunk":
-                self._received(stream.models.on_chunk(message.chunk))
+                held = stream.models.on_chunk(message.chunk)
+                stream.chunk_received(complete=held is not None)
+                self._received(held)
             elif kind in ("train", "evaluate"):
                 tasks.put(message)
             elif kind == "cancel":

@@ -34,7 +34,26 @@ class LearnerStream:
         self.cancelled: set[str] = set()  # task ids the controller cancelled
         self.heartbeat_seconds = 5.0
         self._grants: dict[str, Future[bool]] = {}  # task id -> granted (True) or refused
+        self._receipt: list[int] | None = None  # [version, chunks received] of a receipt model
         self.send(pb.LearnerMessage(hello=hello))
+
+    def model_announced(self, model: pb.Model) -> None:
+        """A model header arrived: acknowledge its chunks if it asks (DOWNLOAD RECEIPTS)."""
+        self._receipt = [int(model.version), 0] if model.receipt else None
+
+    def chunk_received(self, complete: bool) -> None:
+        """A chunk of the announced model arrived (`complete`: it was the last one); a receipt
+        model's chunks are acknowledged one by one, at once (the controller's window of sent
+        chunks only moves on receipts, so an acknowledgement held back for a later chunk could
+        wait forever)."""
+        receipt = self._receipt
+        if receipt is None:
+            return
+        receipt[1] += 1
+        received = pb.ModelReceived(version=receipt[0], chunks=receipt[1])
+        self.send(pb.LearnerMessage(received=received))
+        if complete:
+            self._receipt = None
 
     def expect_grant(self, task_id: str) -> None:
         """Note, before its TaskResult is sent, that `task_id`'s chunks wait for a grant."""

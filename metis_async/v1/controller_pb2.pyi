@@ -290,6 +290,7 @@ class LearnerMessage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     LAYOUT_FIELD_NUMBER: _builtins.int
     INITIAL_MODEL_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """first message on every stream, and only there"""
@@ -318,6 +319,10 @@ class LearnerMessage(_message.Message):
     def initial_model(self) -> Global___InitialModel:
         """after `layout`; followed by its chunks"""
 
+    @_builtins.property
+    def received(self) -> Global___ModelReceived:
+        """chunks of a Model with `receipt` taken (DOWNLOAD RECEIPTS)"""
+
     def __init__(
         self,
         *,
@@ -328,12 +333,13 @@ class LearnerMessage(_message.Message):
         error: Global___Error | None = ...,
         layout: Global___ModelLayout | None = ...,
         initial_model: Global___InitialModel | None = ...,
+        received: Global___ModelReceived | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model", "received"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -471,6 +477,44 @@ class UploadGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadGrant: _TypeAlias = UploadGrant  # noqa: Y015
+
+@_typing.final
+class ModelReceived(_message.Message):
+    """DOWNLOAD RECEIPTS. gRPC counts a message as sent once it is queued in the controller's
+    transport, not when the learner has read it, so without receipts a model broadcast can sit in
+    the controller's buffers once per learner (as much as each learner's HTTP/2 window lets
+    through). A learner whose Hello.capabilities include "receipt" gets Model.receipt set for
+    models from the controller's download_receipt_bytes on (1 MiB by default). For such a model it
+    answers the chunks it has received with ModelReceived: `version` the Model's version, `chunks`
+    how many of that model's chunks it has received so far (1 after chunk 0). Acknowledge each
+    chunk as soon as it has arrived: the controller keeps at most 16 chunks unacknowledged per
+    learner, and the chunks of all learners share one send budget, so an acknowledgement held back
+    until a later chunk arrives can wait forever (chunks that arrived together may share one
+    ModelReceived). Receipts that acknowledge a chunk do not count against the controller's
+    message rate limit. A learner that leaves a chunk unacknowledged for the heartbeat timeout is
+    disconnected (UNAVAILABLE). Receipts for other versions, or for more chunks than were sent,
+    are ignored.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    chunks: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        chunks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelReceived: _TypeAlias = ModelReceived  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -621,6 +665,8 @@ class Hello(_message.Message):
                          reconnect (see EXACTLY-ONCE UPDATES).
           "grant"        waits for UploadGrant before sending an upload's chunks when the task asks
                          (TrainTask.upload_grant; see UPLOAD GRANTS).
+          "receipt"      acknowledges the chunks of models with Model.receipt set (ModelReceived;
+                         see DOWNLOAD RECEIPTS).
         An empty list means "train", "evaluate", "delta" (learners older than this list).
         Unknown strings are ignored.
         """
@@ -965,7 +1011,12 @@ class Model(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
+    receipt: _builtins.bool
+    """Only to learners announcing "receipt": acknowledge this model's chunks with ModelReceived
+    as they arrive (see DOWNLOAD RECEIPTS).
+    """
     @_builtins.property
     def payload(self) -> Global___Payload:
         """kind PAYLOAD_KIND_WEIGHTS"""
@@ -975,10 +1026,11 @@ class Model(_message.Message):
         *,
         version: _builtins.int = ...,
         payload: Global___Payload | None = ...,
+        receipt: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "receipt", b"receipt", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

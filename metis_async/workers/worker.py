@@ -229,7 +229,7 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     if header[0] != "config":
         raise RuntimeError(f"worker {index}: expected the controller's settings, got {header[0]}")
     config: ControllerConfig = header[1]
-    store = ModelStore(config.max_chunk_bytes)
+    store = ModelStore(config.download_chunk())
     stats = ControllerStats()
     limiter = LogLimiter()
     sessions: dict[str, Session] = {}
@@ -242,6 +242,7 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
 
     delivery = EffectDelivery(sessions, store, None, asyncio.Event(), state_changed)
     delivery.upload_grant_bytes = config.grant_threshold()
+    delivery.download_receipt_bytes = config.receipt_threshold()
     link.run_id, link.protocol, link.forward = header[2], header[3], header[4]
     streams.config = dataclasses.replace(config, port=port)
     await streams.start(reuse_port=True)
