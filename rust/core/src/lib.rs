@@ -6,6 +6,7 @@
 pub mod accumulate;
 pub mod codec;
 pub mod error;
+pub mod he;
 pub mod optim;
 pub mod robust;
 pub mod wire;

@@ -4,10 +4,11 @@
 //! [`BindingError`] wraps the core's errors and adds the input errors only the bindings can
 //! produce (not a numpy array, wrong dtype or layout, a poisoned lock, ...). Binding functions
 //! return [`Result`] and use `?` on core results, on their own errors and on `PyErr`s alike.
-//! Wire-format errors become `WireFormatError`; everything else `AggregationError`. Both are
-//! `ValueError`s.
+//! Wire-format errors become `WireFormatError`, encryption errors `EncryptionError`; everything
+//! else `AggregationError`. All are `ValueError`s.
 
 use metis_async_core::error::AggregationError;
+use metis_async_core::he::HeError;
 use metis_async_core::optim::OptimError;
 use metis_async_core::robust::RobustError;
 use metis_async_core::wire::WireError;
@@ -21,6 +22,12 @@ pub mod exceptions {
         AggregationError,
         pyo3::exceptions::PyValueError,
         "Invalid input to the aggregation core; raised before any state changes."
+    );
+    pyo3::create_exception!(
+        metis_async._core,
+        EncryptionError,
+        pyo3::exceptions::PyValueError,
+        "Invalid encryption settings, key or ciphertext; raised before any sum changes."
     );
     pyo3::create_exception!(
         metis_async._core,
@@ -47,6 +54,9 @@ pub enum BindingError {
 
     #[error(transparent)]
     Wire(#[from] WireError),
+
+    #[error(transparent)]
+    Encryption(#[from] HeError),
 
     /// A Python error raised while talking to Python (extracting an argument, say); passed
     /// through unchanged.
@@ -145,6 +155,9 @@ impl From<BindingError> for PyErr {
         match error {
             BindingError::Python(error) => error,
             BindingError::Wire(error) => exceptions::WireFormatError::new_err(error.to_string()),
+            BindingError::Encryption(error) => {
+                exceptions::EncryptionError::new_err(error.to_string())
+            }
             error => exceptions::AggregationError::new_err(error.to_string()),
         }
     }

@@ -7,6 +7,7 @@ mod error;
 mod py_accumulate;
 mod py_arrays;
 mod py_chunks;
+mod py_he;
 mod py_optim;
 mod py_robust;
 mod py_segments;
@@ -32,6 +33,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<error::exceptions::AggregationError>(),
     )?;
     m.add(
+        "EncryptionError",
+        py.get_type::<error::exceptions::EncryptionError>(),
+    )?;
+    m.add(
         "WireFormatError",
         py.get_type::<error::exceptions::WireFormatError>(),
     )?;
@@ -50,5 +55,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_segments::PySegments>()?;
     m.add_function(wrap_pyfunction!(py_chunks::peek_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(py_chunks::encode_chunk_messages, m)?)?;
+    m.add_class::<py_he::PyHeContext>()?;
+    m.add_class::<py_he::PyCipherSum>()?;
     Ok(())
 }

@@ -1,0 +1,201 @@
+//! Python binding of homomorphic aggregation (`he`): `HeContext` (keys, encrypt, decrypt) and
+//! `CipherSum` (the controller's keyless weighted sum).
+//!
+//! Ciphertexts cross as `bytes` (`PyBackedBytes`: borrowed, no copy) and every O(model) call runs
+//! with the GIL released. Errors become `metis_async._core.EncryptionError` (a `ValueError`).
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use metis_async_core::he::{CipherSum, HeContext, HeSettings};
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
+
+use crate::error::{BindingError, Result};
+use crate::py_arrays::{self, readonly, values};
+
+fn not_f32(what: &'static str, got: String) -> BindingError {
+    BindingError::not_float32(what, got)
+}
+
+fn slices(ciphertexts: &[PyBackedBytes]) -> Vec<&[u8]> {
+    ciphertexts.iter().map(|c| c.as_ref()).collect()
+}
+
+fn to_list<'py>(py: Python<'py>, lists: Vec<Vec<u8>>) -> Vec<Bound<'py, PyBytes>> {
+    lists.iter().map(|b| PyBytes::new(py, b)).collect()
+}
+
+/// BFV settings and parameters: what every party needs besides its key.
+#[pyclass(name = "HeContext", module = "metis_async._core", frozen)]
+pub struct PyHeContext {
+    inner: HeContext,
+}
+
+#[pymethods]
+impl PyHeContext {
+    #[new]
+    #[pyo3(signature = (
+        degree = 4096,
+        moduli_bits = vec![54, 55],
+        plaintext_bits = 40,
+        scale_bits = 16,
+        clip = 4.0,
+        max_total_weight = 1 << 20,
+    ))]
+    fn new(
+        degree: usize,
+        moduli_bits: Vec<usize>,
+        plaintext_bits: u32,
+        scale_bits: u32,
+        clip: f64,
+        max_total_weight: u64,
+    ) -> Result<Self> {
+        let settings = HeSettings {
+            degree,
+            moduli_bits,
+            plaintext_bits,
+            scale_bits,
+            clip,
+            max_total_weight,
+        };
+        Ok(Self {
+            inner: HeContext::new(settings)?,
+        })
+    }
+
+    #[getter]
+    fn degree(&self) -> usize {
+        self.inner.settings.degree
+    }
+
+    #[getter]
+    fn moduli_bits(&self) -> Vec<usize> {
+        self.inner.settings.moduli_bits.clone()
+    }
+
+    #[getter]
+    fn plaintext_bits(&self) -> u32 {
+        self.inner.settings.plaintext_bits
+    }
+
+    #[getter]
+    fn scale_bits(&self) -> u32 {
+        self.inner.settings.scale_bits
+    }
+
+    #[getter]
+    fn clip(&self) -> f64 {
+        self.inner.settings.clip
+    }
+
+    #[getter]
+    fn max_total_weight(&self) -> u64 {
+        self.inner.settings.max_total_weight
+    }
+
+    fn ciphertexts_for(&self, length: usize) -> usize {
+        self.inner.ciphertexts_for(length)
+    }
+
+    fn generate_keys<'py>(&self, py: Python<'py>) -> (Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
+        let (secret, public) = py.detach(|| self.inner.generate_keys());
+        (PyBytes::new(py, &secret), PyBytes::new(py, &public))
+    }
+
+    fn encrypt<'py>(
+        &self,
+        py: Python<'py>,
+        public_key: PyBackedBytes,
+        values_: &Bound<'py, PyAny>,
+    ) -> Result<Vec<Bound<'py, PyBytes>>> {
+        let array = readonly::<f32>(values_, "values", not_f32)?;
+        let data = values(&array)?;
+        let lists = py_arrays::detached(py, || self.inner.encrypt(&public_key, data))?;
+        Ok(to_list(py, lists))
+    }
+
+    #[pyo3(signature = (secret_key, ciphertexts, length, divisor = 1.0))]
+    fn decrypt<'py>(
+        &self,
+        py: Python<'py>,
+        secret_key: PyBackedBytes,
+        ciphertexts: Vec<PyBackedBytes>,
+        length: usize,
+        divisor: f64,
+    ) -> Result<Bound<'py, PyArray1<f32>>> {
+        let refs = slices(&ciphertexts);
+        let out = py_arrays::detached(py, || {
+            self.inner.decrypt(&secret_key, &refs, length, divisor)
+        })?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    fn sum(&self) -> PyCipherSum {
+        PyCipherSum {
+            inner: Mutex::new(CipherSum::new(self.inner.clone())),
+        }
+    }
+}
+
+/// A running weighted sum of ciphertext lists, computed without any key.
+#[pyclass(name = "CipherSum", module = "metis_async._core", frozen)]
+pub struct PyCipherSum {
+    inner: Mutex<CipherSum>,
+}
+
+impl PyCipherSum {
+    fn lock(&self) -> Result<MutexGuard<'_, CipherSum>> {
+        self.inner
+            .lock()
+            .map_err(|_: PoisonError<_>| BindingError::AccumulatorPoisoned)
+    }
+}
+
+#[pymethods]
+impl PyCipherSum {
+    fn add(&self, py: Python<'_>, ciphertexts: Vec<PyBackedBytes>, weight: u64) -> Result<()> {
+        let refs = slices(&ciphertexts);
+        py_arrays::detached(py, || -> Result<()> {
+            Ok(self.lock()?.add(&refs, weight)?)
+        })
+    }
+
+    fn add_partial(
+        &self,
+        py: Python<'_>,
+        ciphertexts: Vec<PyBackedBytes>,
+        total_weight: u64,
+        count: u64,
+    ) -> Result<()> {
+        let refs = slices(&ciphertexts);
+        py_arrays::detached(py, || -> Result<()> {
+            Ok(self.lock()?.add_partial(&refs, total_weight, count)?)
+        })
+    }
+
+    fn ciphertexts<'py>(&self, py: Python<'py>) -> Result<Vec<Bound<'py, PyBytes>>> {
+        let lists = py_arrays::detached(py, || Ok::<_, BindingError>(self.lock()?.to_bytes()))?;
+        Ok(to_list(py, lists))
+    }
+
+    #[getter]
+    fn total_weight(&self) -> Result<u64> {
+        Ok(self.lock()?.total_weight)
+    }
+
+    #[getter]
+    fn count(&self) -> Result<u64> {
+        Ok(self.lock()?.count)
+    }
+
+    fn __len__(&self) -> Result<usize> {
+        Ok(self.lock()?.len())
+    }
+
+    fn reset(&self) -> Result<()> {
+        self.lock()?.reset();
+        Ok(())
+    }
+}
