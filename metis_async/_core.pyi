@@ -434,3 +434,109 @@ class Segments:
     @property
     def nbytes(self) -> int:
         """Bytes of encoded values (int8 scales not counted)."""
+
+# ------------------------------------------------------------------ homomorphic aggregation (BFV)
+
+__all__ += ["CipherSum", "EncryptionError", "HeContext"]
+
+class EncryptionError(ValueError):
+    """Invalid encryption settings, key or ciphertext; raised before any sum changes.
+
+    Covers settings below 128-bit security or that could let a sum overflow (the message says
+    which bound and what to change), keys and ciphertexts of other settings or malformed
+    (wrong length, a coefficient beyond its modulus), a total weight beyond
+    ``max_total_weight``, a zero weight, non-finite values to encrypt.
+    """
+
+@final
+class HeContext:
+    """BFV settings (fhe.rs) and their parameters: all a party needs besides its key. Nothing in
+    it is secret.
+
+    Values are clipped to ``[-clip, clip]`` and encoded as ``round(x * 2**scale_bits)``; one
+    ciphertext holds ``degree`` values. Construction refuses settings below 128-bit security or
+    whose sums of total weight up to ``max_total_weight`` could overflow (``rust/core/src/he``
+    documents the arithmetic).
+    """
+
+    def __new__(
+        cls,
+        degree: int = 4096,
+        moduli_bits: Sequence[int] = ...,
+        plaintext_bits: int = 40,
+        scale_bits: int = 16,
+        clip: float = 4.0,
+        max_total_weight: int = ...,
+    ) -> HeContext: ...
+    @property
+    def degree(self) -> int:
+        """Ring degree: values per ciphertext."""
+
+    @property
+    def moduli_bits(self) -> list[int]:
+        """Bit sizes of the ciphertext moduli."""
+
+    @property
+    def plaintext_bits(self) -> int:
+        """log2 of the plaintext modulus."""
+
+    @property
+    def scale_bits(self) -> int:
+        """Fractional bits of the fixed-point encoding."""
+
+    @property
+    def clip(self) -> float:
+        """Values are clipped to ``[-clip, clip]`` before encoding."""
+
+    @property
+    def max_total_weight(self) -> int:
+        """Largest total of integer weights one sum may reach."""
+
+    def ciphertexts_for(self, length: int) -> int:
+        """Ciphertexts that carry ``length`` values."""
+
+    def generate_keys(self) -> tuple[bytes, bytes]:
+        """A new key pair from the operating system's randomness: ``(secret, public)``."""
+
+    def encrypt(self, public_key: bytes, values: NDArray[np.float32]) -> list[bytes]:
+        """Clip, encode and encrypt ``values`` (float32, 1-D), one ciphertext per ``degree``
+        values, in parallel with the GIL released."""
+
+    def decrypt(
+        self, secret_key: bytes, ciphertexts: Sequence[bytes], length: int, divisor: float = 1.0
+    ) -> NDArray[np.float32]:
+        """Decrypt a (weighted) sum of ``length`` values and divide it by ``divisor`` (the
+        sum's total weight, for an average)."""
+
+    def sum(self) -> CipherSum:
+        """An empty keyless sum under these settings."""
+
+@final
+class CipherSum:
+    """A running sum of ``weight * ciphertexts`` with integer weights, computed without any key
+    (modular additions on the ciphertexts' NTT coefficients, straight from the bytes). Memory is
+    one ciphertext list however many updates are added."""
+
+    def __len__(self) -> int:
+        """Ciphertexts in the sum (0 until the first add)."""
+
+    def add(self, ciphertexts: Sequence[bytes], weight: int) -> None:
+        """Add one update's ciphertexts times ``weight`` (>= 1); every ciphertext is checked
+        first, so an error leaves the sum unchanged."""
+
+    def add_partial(self, ciphertexts: Sequence[bytes], total_weight: int, count: int) -> None:
+        """Add another sum's ciphertexts (already weighted) with its total weight and count."""
+
+    def ciphertexts(self) -> list[bytes]:
+        """The sum's ciphertexts (what learners decrypt, or a worker forwards)."""
+
+    def reset(self) -> None:
+        """Empty the sum."""
+
+    @property
+    def total_weight(self) -> int:
+        """Sum of the weights added (the divisor of the weighted average)."""
+
+    @property
+    def count(self) -> int:
+        """Updates added (partial sums add their counts)."""

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("file", metavar="TOML", nargs="?")
 
-    keys = sub.add_parser("keys", help="create a CA, certificates and learner tokens")
+    keys = sub.add_parser(
+        "keys", help="create a CA, certificates, learner tokens and encryption keys"
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     ca = keys_sub.add_parser("ca", help="a self-signed CA: DIR/ca.key, DIR/ca.crt")
     ca.add_argument("dir", metavar="DIR")
@@ -73,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("learner_id", metavar="ID")
     token.add_argument("--secret", required=True, metavar="FILE", help="the token secret")
     token.add_argument("--days", type=float, default=365.0, help="validity (days)")
+    he = keys_sub.add_parser(
+        "he-init",
+        help="a shared learner key pair for homomorphic aggregation: DIR/he-controller.json "
+        "(settings only, for the controller), DIR/he-learner.key (secret, for learners), "
+        "DIR/he-public.key",
+    )
+    he.add_argument("dir", metavar="DIR")
+    he.add_argument("--clip", type=float, default=4.0, help="update values clipped to +-CLIP")
+    he.add_argument("--scale-bits", type=int, default=16, help="fixed-point fractional bits")
+    he.add_argument(
+        "--max-total-weight",
+        type=int,
+        default=1 << 20,
+        help="largest total integer weight of one aggregate (sizing is checked against it)",
+    )
 
     learner = sub.add_parser("learner", help="run the built-in example learner (digits)")
     learner.add_argument("--address", default="127.0.0.1:50051")
@@ -278,6 +295,13 @@ def _keys(args: argparse.Namespace) -> int:
         written = keys.create_learner_certificate(args.dir, args.learner_id)
     elif command == "token-secret":
         written = (keys.create_token_secret(args.file),)
+    elif command == "he-init":
+        from metis_async.secure import HeSettings, create_he_keys
+
+        settings = HeSettings(
+            clip=args.clip, scale_bits=args.scale_bits, max_total_weight=args.max_total_weight
+        )
+        written = create_he_keys(args.dir, settings)
     else:
         print(issue_token(read_secret(args.secret), args.learner_id, args.days * 86400.0))
         return 0

@@ -13,7 +13,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use crate::error::{BindingError, Result};
-use crate::py_arrays::{self, readonly, values};
+use crate::py_arrays::{self, readonly};
 
 fn not_f32(what: &'static str, got: String) -> BindingError {
     BindingError::not_float32(what, got)
@@ -108,10 +108,10 @@ impl PyHeContext {
         &self,
         py: Python<'py>,
         public_key: PyBackedBytes,
-        values_: &Bound<'py, PyAny>,
+        values: &Bound<'py, PyAny>,
     ) -> Result<Vec<Bound<'py, PyBytes>>> {
-        let array = readonly::<f32>(values_, "values", not_f32)?;
-        let data = values(&array)?;
+        let array = readonly::<f32>(values, "values", not_f32)?;
+        let data = py_arrays::values(&array)?;
         let lists = py_arrays::detached(py, || self.inner.encrypt(&public_key, data))?;
         Ok(to_list(py, lists))
     }
