@@ -1,0 +1,154 @@
+"""Encrypted aggregation benchmark: BFV (Rust, fhe.rs) side by side with plaintext aggregation.
+
+    python benches/secure.py [--params N] [--learners K] [--repeats R] [--json]
+
+For one update of ``params`` float32 values (1M by default) it measures, in one run:
+
+- the learner's side: ciphertext bytes (against the 4 bytes a value of float32), encryption and
+  decryption time;
+- the controller's side: adding one update's ciphertexts to the keyless sum (``CipherSum.add``)
+  with weight 1 and with an integer weight, against ``Accumulator.add`` of the same float32
+  update (the plaintext path), and the ratio;
+- a whole aggregate of ``learners`` updates: every learner encrypts (timed once, times K),
+  the controller adds K ciphertext lists, one learner decrypts the weighted average; its error
+  against numpy's average of the plaintext updates.
+
+Targets (issue 10): <= 34 MB of ciphertext and <= 5 ms of controller time per 1M-parameter
+update. SecAgg+ and Flower's SecAgg+ workflow are not built yet: their entries are null with the
+reason. Results go to ``benches/results/secure.json``; ``--json`` prints them as the last line.
+Run from an installed package (``pip install ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metis_async._core import Accumulator
+from metis_async.secure import HeSettings
+
+RESULTS = Path(__file__).resolve().parent / "results" / "secure.json"
+
+
+def _median_seconds(work: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(params: int, learners: int, repeats: int) -> dict[str, Any]:
+    """Measure everything for `params` values and an aggregate of `learners` updates."""
+    settings = HeSettings()
+    ctx = settings.context()
+    secret, public = ctx.generate_keys()
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0.0, 0.01, params).astype(np.float32) for _ in range(learners)]
+    update = updates[0]
+
+    ciphertexts = ctx.encrypt(public, update)
+    encrypt_s = _median_seconds(lambda: ctx.encrypt(public, update), repeats)
+    total = ctx.sum()
+    total.add(ciphertexts, 1)
+    add_s = _median_seconds(lambda: total.add(ciphertexts, 1), repeats)
+    weighted_add_s = _median_seconds(lambda: total.add(ciphertexts, 7), repeats)
+    summed = total.ciphertexts()
+    decrypt_s = _median_seconds(
+        lambda: ctx.decrypt(secret, summed, params, total.total_weight), repeats
+    )
+    plain = Accumulator(params)
+    plain.add(update, 1.0)
+    plain_add_s = _median_seconds(lambda: plain.add(update, 1.0), repeats)
+
+    weights = [int(w) for w in rng.integers(1, 100, size=learners)]
+    encrypted = [ctx.encrypt(public, u) for u in updates]
+    aggregate = ctx.sum()
+    start = time.perf_counter()
+    for cts, weight in zip(encrypted, weights, strict=True):
+        aggregate.add(cts, weight)
+    aggregate_add_s = time.perf_counter() - start
+    start = time.perf_counter()
+    average = ctx.decrypt(secret, aggregate.ciphertexts(), params, aggregate.total_weight)
+    aggregate_decrypt_s = time.perf_counter() - start
+    expected = np.average(np.stack(updates), axis=0, weights=weights)
+    cipher_bytes = sum(len(c) for c in ciphertexts)
+    return {
+        "benchmark": "secure",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "params": params,
+        "learners": learners,
+        "repeats": repeats,
+        "he": {
+            "scheme": "BFV (fhe.rs 0.1.1), shared learner key",
+            "settings": settings.to_json(),
+            "ciphertexts": len(ciphertexts),
+            "ciphertext_bytes": cipher_bytes,
+            "ciphertext_bytes_per_1m_params": cipher_bytes * 1_000_000 / params,
+            "vs_float32_bytes": cipher_bytes / update.nbytes,
+            "encrypt_seconds": encrypt_s,
+            "decrypt_seconds": decrypt_s,
+            "controller_add_seconds": add_s,
+            "controller_weighted_add_seconds": weighted_add_s,
+            "controller_add_seconds_per_1m_params": add_s * 1_000_000 / params,
+            "plaintext_add_seconds": plain_add_s,
+            "add_vs_plaintext": add_s / plain_add_s,
+            "aggregate_add_seconds": aggregate_add_s,
+            "aggregate_decrypt_seconds": aggregate_decrypt_s,
+            "aggregate_max_abs_error": float(np.abs(average - expected).max()),
+        },
+        "secagg": None,
+        "secagg_reason": "SecAgg+ is not built yet (issue 10, part 2)",
+        "flower_secagg": None,
+        "flower_secagg_reason": "compared once SecAgg+ exists",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=int, default=1_000_000, help="float32 values")
+    parser.add_argument("--learners", type=int, default=10, help="updates in the aggregate")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    result = run(args.params, args.learners, args.repeats)
+    he = result["he"]
+    mb = he["ciphertext_bytes"] / 1e6
+    print(
+        f"BFV, {args.params:,} float32 values: {he['ciphertexts']} ciphertexts, {mb:.1f} MB "
+        f"({he['vs_float32_bytes']:.1f}x float32); learner encrypt "
+        f"{he['encrypt_seconds'] * 1e3:.0f} ms, decrypt {he['decrypt_seconds'] * 1e3:.0f} ms"
+    )
+    print(
+        f"controller add {he['controller_add_seconds'] * 1e3:.2f} ms (weighted "
+        f"{he['controller_weighted_add_seconds'] * 1e3:.2f} ms) vs plaintext Accumulator.add "
+        f"{he['plaintext_add_seconds'] * 1e3:.2f} ms: {he['add_vs_plaintext']:.1f}x"
+    )
+    print(
+        f"aggregate of {args.learners}: adds {he['aggregate_add_seconds'] * 1e3:.0f} ms, decrypt "
+        f"{he['aggregate_decrypt_seconds'] * 1e3:.0f} ms, max error "
+        f"{he['aggregate_max_abs_error']:.2e}"
+    )
+    print(f"SecAgg+: {result['secagg_reason']}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
