@@ -9,4 +9,5 @@ pub mod error;
 pub mod he;
 pub mod optim;
 pub mod robust;
+pub mod secagg;
 pub mod wire;
