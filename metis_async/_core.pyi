@@ -540,3 +540,62 @@ class CipherSum:
     @property
     def count(self) -> int:
         """Updates added (partial sums add their counts)."""
+
+# --------------------------------------------------------------------------------------- SecAgg+
+
+__all__ += ["SecAggError", "SecAggLearner", "secagg_mean", "secagg_unmask_sum"]
+
+class SecAggError(ValueError):
+    """Invalid SecAgg+ settings (a threshold of half the neighbours or less, a sum that could
+    wrap 2**32), a message that does not fit the round (altered, misaddressed, out of step), or
+    a round that cannot be unmasked because too many learners dropped."""
+
+@final
+class SecAggLearner:
+    """One learner's state through a SecAgg+ round; randomness from the OS's CSPRNG."""
+
+    def __new__(
+        cls,
+        round: bytes,
+        learners: int,
+        neighbours: int,
+        threshold: int,
+        index: int,
+        clip: float = 1.0,
+        bits: int = 16,
+    ) -> SecAggLearner: ...
+    def advertise(self) -> tuple[bytes, bytes]:
+        """Step 1: the (sealing, masking) X25519 public keys."""
+
+    def share(self, keys: Mapping[int, tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
+        """Step 2: given the neighbours' keys, the sealed shares for each neighbour."""
+
+    def receive(self, sender: int, sealed: bytes) -> None:
+        """Keep the shares neighbour ``sender`` sealed to this learner."""
+
+    def masked_input(self, values: NDArray[np.float32]) -> NDArray[np.uint32]:
+        """Step 3: the quantized, masked update (GIL released)."""
+
+    def unmask(self, survivors: set[int], dropped: set[int]) -> list[tuple[int, bytes]]:
+        """Step 4: (owner, share) for each neighbour: a survivor's self-mask share or a dropped
+        learner's masking-secret share. Answered once per round."""
+
+def secagg_unmask_sum(
+    round: bytes,
+    learners: int,
+    neighbours: int,
+    threshold: int,
+    keys: Mapping[int, tuple[bytes, bytes]],
+    shared: set[int],
+    inputs: Mapping[int, NDArray[np.uint32]],
+    shares: Sequence[tuple[int, bytes]],
+    clip: float = 1.0,
+    bits: int = 16,
+) -> NDArray[np.uint32]:
+    """The server's step: the sum (mod 2**32) of the survivors' quantized values; raises
+    :class:`SecAggError`, changing nothing, when too many learners dropped."""
+
+def secagg_mean(
+    sum: NDArray[np.uint32], count: int, clip: float = 1.0, bits: int = 16
+) -> NDArray[np.float32]:
+    """The mean of ``count`` learners' values from their unmasked quantized sum."""

@@ -1,7 +1,7 @@
-"""Encrypted aggregation: the Python side of homomorphic aggregation (BFV, in Rust).
+"""Encrypted aggregation: the Python side of homomorphic aggregation (BFV) and SecAgg+ masking.
 
-`he` holds the settings, the key files and the learner's and controller's operations; the
-arithmetic lives in `metis_async._core` (`rust/core/src/he`).
+`he` holds the BFV settings and key files; `secagg` the SecAgg+ round settings and an in-process
+round driver. The arithmetic lives in `metis_async._core` (`rust/core/src/he`, `secagg`).
 """
 
 from metis_async.secure.he import (
@@ -14,6 +14,7 @@ from metis_async.secure.he import (
     read_controller_settings,
     read_learner_keys,
 )
+from metis_async.secure.secagg import SecAggSettings, run_round
 
 __all__ = [
     "CONTROLLER_FILE",
@@ -21,7 +22,9 @@ __all__ = [
     "PUBLIC_FILE",
     "HeSettings",
     "LearnerKeys",
+    "SecAggSettings",
     "create_he_keys",
     "read_controller_settings",
     "read_learner_keys",
+    "run_round",
 ]

@@ -4,13 +4,14 @@
 //! [`BindingError`] wraps the core's errors and adds the input errors only the bindings can
 //! produce (not a numpy array, wrong dtype or layout, a poisoned lock, ...). Binding functions
 //! return [`Result`] and use `?` on core results, on their own errors and on `PyErr`s alike.
-//! Wire-format errors become `WireFormatError`, encryption errors `EncryptionError`; everything
-//! else `AggregationError`. All are `ValueError`s.
+//! Wire-format errors become `WireFormatError`, encryption errors `EncryptionError`, SecAgg+
+//! errors `SecAggError`; everything else `AggregationError`. All are `ValueError`s.
 
 use metis_async_core::error::AggregationError;
 use metis_async_core::he::HeError;
 use metis_async_core::optim::OptimError;
 use metis_async_core::robust::RobustError;
+use metis_async_core::secagg::SecAggError;
 use metis_async_core::wire::WireError;
 use pyo3::PyErr;
 use thiserror::Error;
@@ -28,6 +29,12 @@ pub mod exceptions {
         EncryptionError,
         pyo3::exceptions::PyValueError,
         "Invalid encryption settings, key or ciphertext; raised before any sum changes."
+    );
+    pyo3::create_exception!(
+        metis_async._core,
+        SecAggError,
+        pyo3::exceptions::PyValueError,
+        "Invalid secure-aggregation settings or message, or a round that cannot be unmasked."
     );
     pyo3::create_exception!(
         metis_async._core,
@@ -57,6 +64,9 @@ pub enum BindingError {
 
     #[error(transparent)]
     Encryption(#[from] HeError),
+
+    #[error(transparent)]
+    SecAgg(#[from] SecAggError),
 
     /// A Python error raised while talking to Python (extracting an argument, say); passed
     /// through unchanged.
@@ -158,6 +168,7 @@ impl From<BindingError> for PyErr {
             BindingError::Encryption(error) => {
                 exceptions::EncryptionError::new_err(error.to_string())
             }
+            BindingError::SecAgg(error) => exceptions::SecAggError::new_err(error.to_string()),
             error => exceptions::AggregationError::new_err(error.to_string()),
         }
     }

@@ -10,6 +10,7 @@ mod py_chunks;
 mod py_he;
 mod py_optim;
 mod py_robust;
+mod py_secagg;
 mod py_segments;
 
 use pyo3::prelude::*;
@@ -37,6 +38,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<error::exceptions::EncryptionError>(),
     )?;
     m.add(
+        "SecAggError",
+        py.get_type::<error::exceptions::SecAggError>(),
+    )?;
+    m.add(
         "WireFormatError",
         py.get_type::<error::exceptions::WireFormatError>(),
     )?;
@@ -57,5 +62,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_chunks::encode_chunk_messages, m)?)?;
     m.add_class::<py_he::PyHeContext>()?;
     m.add_class::<py_he::PyCipherSum>()?;
+    m.add_class::<py_secagg::PySecAggLearner>()?;
+    m.add_function(wrap_pyfunction!(py_secagg::secagg_unmask_sum, m)?)?;
+    m.add_function(wrap_pyfunction!(py_secagg::secagg_mean, m)?)?;
     Ok(())
 }

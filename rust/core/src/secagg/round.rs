@@ -178,7 +178,7 @@ impl SecAggLearner {
 
     /// Keep the shares neighbour `from` sealed to this learner (step 2's delivery).
     pub fn receive(&mut self, from: u32, sealed: Vec<u8>) -> Result<(), SecAggError> {
-        if !self.keys.contains_key(&from) {
+        if !self.settings.neighbours_of(self.index).contains(&from) {
             return Err(SecAggError::Malformed(format!(
                 "shares from {from}, not a neighbour"
             )));
@@ -188,13 +188,17 @@ impl SecAggLearner {
     }
 
     /// Step 3: the masked, quantized input; `uniform` gives floats in [0, 1) for rounding.
-    pub fn masked_input(&self, values: &[f32], uniform: impl FnMut() -> f64) -> Vec<u32> {
+    pub fn masked_input(
+        &self,
+        values: &[f32],
+        uniform: impl FnMut() -> f64,
+    ) -> Result<Vec<u32>, SecAggError> {
         let mut y = quantize(values, self.settings.clip, self.settings.bits, uniform);
         apply_mask(&mut y, &self.self_seed, 1);
         // Only neighbours whose shares arrived: the server delivers shares among the learners
         // that all completed step 2, so a pair masks with each other exactly when both did.
         for &j in self.held.keys() {
-            let key = &self.keys[&j];
+            let key = self.keys.get(&j).ok_or(SecAggError::MissingKeys(j))?;
             let seed = agree(
                 &self.masking,
                 &key.masking,
@@ -203,7 +207,7 @@ impl SecAggLearner {
             );
             apply_mask(&mut y, &seed, if self.index < j { 1 } else { -1 });
         }
-        y
+        Ok(y)
     }
 
     /// Step 4: for each neighbour that sealed shares to this learner, its self-mask share if it
@@ -233,9 +237,10 @@ impl SecAggLearner {
             } else {
                 continue;
             };
+            let theirs = self.keys.get(&j).ok_or(SecAggError::MissingKeys(j))?;
             let key = agree(
                 &self.sealing,
-                &self.keys[&j].sealing,
+                &theirs.sealing,
                 SHARE_LABEL,
                 &self.settings.round,
             );
@@ -409,7 +414,7 @@ mod tests {
                 .collect();
             let mut seed = Rng(1000 + i as u64);
             let mut again = Rng(1000 + i as u64);
-            inputs.insert(i, learner.masked_input(&values, || seed.uniform()));
+            inputs.insert(i, learner.masked_input(&values, || seed.uniform()).unwrap());
             let q = quantize(&values, s.clip, s.bits, || again.uniform());
             plain
                 .iter_mut()
@@ -480,7 +485,9 @@ mod tests {
             learners[to as usize].receive(from, sealed).unwrap();
         }
 
-        let y = learners[0].masked_input(&vec![0.0; 160_000], || 0.0); // a constant input
+        let y = learners[0]
+            .masked_input(&vec![0.0; 160_000], || 0.0)
+            .unwrap(); // a constant input
 
         let mut buckets = [0f64; 16];
         for v in &y {
