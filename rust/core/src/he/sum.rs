@@ -259,7 +259,9 @@ mod tests {
     #[test]
     fn the_shoup_product_matches_plain_modular_arithmetic() {
         let q = 0x3fffffff000001u64; // a 54-bit NTT prime
-        let values: Vec<u64> = (0..1000u64).map(|i| (i * 0x9e3779b97f4a7c15) % q).collect();
+        let values: Vec<u64> = (0..1000u64)
+            .map(|i| i.wrapping_mul(0x9e3779b97f4a7c15) % q)
+            .collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         for w in [2u64, 3, 1000, (1 << 20) - 1] {
             let mut out: Vec<u64> = values.iter().rev().copied().collect();
