@@ -172,9 +172,9 @@ pub fn secagg_unmask_sum<'py>(
 ) -> Result<Bound<'py, PyArray1<u32>>> {
     let s = settings(round, learners, neighbours, threshold, clip, bits);
     let keys = advertised(&keys)?;
-    let inputs: BTreeMap<u32, Vec<u32>> = inputs
+    let inputs: BTreeMap<u32, &[u32]> = inputs
         .iter()
-        .map(|(&i, y)| Ok((i, py_arrays::values(y)?.to_vec())))
+        .map(|(&i, y)| Ok((i, py_arrays::values(y)?)))
         .collect::<Result<_>>()?;
     let shares: Vec<(u32, [u8; SHARE_BYTES])> = shares
         .iter()

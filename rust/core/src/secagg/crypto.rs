@@ -9,11 +9,12 @@
 //! - share encryption: ChaCha20-Poly1305 (`chacha20poly1305`, an audited AEAD), with the
 //!   sender and receiver indices in the nonce and the associated data.
 
-use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20::ChaCha20;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use hkdf::Hkdf;
+use rayon::prelude::*;
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -46,24 +47,32 @@ pub fn agree(mine: &StaticSecret, theirs: &[u8; 32], label: &[u8], round: &[u8])
     key
 }
 
-/// `len` words of the ChaCha20 keystream of `seed`, added (`sign` +1) or subtracted (-1) to
-/// `out` modulo 2^32.
-pub fn apply_mask(out: &mut [u32], seed: &[u8; 32], sign: i8) {
-    let mut cipher = ChaCha20::new(seed.into(), &[0u8; 12].into());
-    let mut block = vec![0u8; 64 * 1024];
-    for part in out.chunks_mut(block.len() / 4) {
-        let bytes = &mut block[..part.len() * 4];
-        bytes.fill(0);
-        cipher.apply_keystream(bytes);
-        for (value, word) in part.iter_mut().zip(bytes.chunks_exact(4)) {
-            let m = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            *value = if sign >= 0 {
-                value.wrapping_add(m)
-            } else {
-                value.wrapping_sub(m)
-            };
-        }
-    }
+/// Words of output each thread masks at once (256 KiB).
+const MASK_CHUNK: usize = 64 * 1024;
+
+/// Add (`sign` +1) or subtract (-1) the ChaCha20 keystream of each seed to `out`, modulo 2^32.
+/// Parallel over contiguous ranges of `out`: each range seeks every keystream to its offset,
+/// so the result does not depend on the number of threads.
+pub fn apply_masks(out: &mut [u32], seeds: &[([u8; 32], i8)]) {
+    out.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(index, part)| {
+            let mut bytes = vec![0u8; part.len() * 4];
+            for (seed, sign) in seeds {
+                let mut cipher = ChaCha20::new(seed.into(), &[0u8; 12].into());
+                cipher.seek((index * MASK_CHUNK * 4) as u64);
+                bytes.fill(0);
+                cipher.apply_keystream(&mut bytes);
+                for (value, word) in part.iter_mut().zip(bytes.chunks_exact(4)) {
+                    let m = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                    *value = if *sign >= 0 {
+                        value.wrapping_add(m)
+                    } else {
+                        value.wrapping_sub(m)
+                    };
+                }
+            }
+        });
 }
 
 fn nonce(sender: u32, receiver: u32) -> Nonce {
@@ -129,12 +138,28 @@ mod tests {
         let mut values: Vec<u32> = (0..100_000).collect();
         let seed = [7u8; 32];
 
-        apply_mask(&mut values, &seed, 1);
+        apply_masks(&mut values, &[(seed, 1)]);
         let masked = values.clone();
-        apply_mask(&mut values, &seed, -1);
+        apply_masks(&mut values, &[(seed, -1)]);
 
         assert_ne!(masked[..10], (0..10).collect::<Vec<u32>>()[..]);
         assert_eq!(values, (0..100_000).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn the_parallel_mask_is_one_continuous_keystream() {
+        let seed = [5u8; 32];
+        let mut sequential = vec![0u8; (MASK_CHUNK * 3 + 17) * 4];
+        ChaCha20::new((&seed).into(), &[0u8; 12].into()).apply_keystream(&mut sequential);
+        let mut masked = vec![0u32; MASK_CHUNK * 3 + 17];
+
+        apply_masks(&mut masked, &[(seed, 1)]);
+
+        let expected: Vec<u32> = sequential
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        assert_eq!(masked, expected);
     }
 
     #[test]

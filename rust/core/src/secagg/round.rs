@@ -19,8 +19,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use x25519_dalek::StaticSecret;
 
+use rayon::prelude::*;
+
 use super::crypto::{
-    agree, apply_mask, open, public_of, seal, secret_from, MASK_LABEL, SHARE_LABEL,
+    agree, apply_masks, open, public_of, seal, secret_from, MASK_LABEL, SHARE_LABEL,
 };
 use super::field::{combine, split, SHARE_BYTES};
 use super::quantize::quantize;
@@ -194,7 +196,7 @@ impl SecAggLearner {
         uniform: impl FnMut() -> f64,
     ) -> Result<Vec<u32>, SecAggError> {
         let mut y = quantize(values, self.settings.clip, self.settings.bits, uniform);
-        apply_mask(&mut y, &self.self_seed, 1);
+        let mut seeds = vec![(self.self_seed, 1i8)];
         // Only neighbours whose shares arrived: the server delivers shares among the learners
         // that all completed step 2, so a pair masks with each other exactly when both did.
         for &j in self.held.keys() {
@@ -205,8 +207,9 @@ impl SecAggLearner {
                 MASK_LABEL,
                 &self.settings.round,
             );
-            apply_mask(&mut y, &seed, if self.index < j { 1 } else { -1 });
+            seeds.push((seed, if self.index < j { 1 } else { -1 }));
         }
+        apply_masks(&mut y, &seeds);
         Ok(y)
     }
 
@@ -266,11 +269,11 @@ impl SecAggLearner {
 /// `shared`); the learners of `shared` without an input dropped. `shares` are the unmask
 /// answers, each (owner, share). Fails, changing nothing, when a survivor's self mask or a
 /// dropped learner's secret has fewer than `threshold` shares.
-pub fn unmask_sum(
+pub fn unmask_sum<V: AsRef<[u32]> + Sync>(
     settings: &RoundSettings,
     keys: &BTreeMap<u32, AdvertisedKeys>,
     shared: &BTreeSet<u32>,
-    inputs: &BTreeMap<u32, Vec<u32>>,
+    inputs: &BTreeMap<u32, V>,
     shares: &[(u32, [u8; SHARE_BYTES])],
 ) -> Result<Vec<u32>, SecAggError> {
     settings.check()?;
@@ -279,10 +282,10 @@ pub fn unmask_sum(
             "an input from {i}, who shared no keys"
         )));
     }
-    let Some(len) = inputs.values().next().map(Vec::len) else {
+    let Some(len) = inputs.values().next().map(|y| y.as_ref().len()) else {
         return Err(SecAggError::TooFewShares { got: 0, needed: 1 });
     };
-    if inputs.values().any(|y| y.len() != len) {
+    if inputs.values().any(|y| y.as_ref().len() != len) {
         return Err(SecAggError::Malformed(
             "masked inputs of different lengths".into(),
         ));
@@ -313,15 +316,7 @@ pub fn unmask_sum(
         .filter(|j| !inputs.contains_key(j))
         .map(|&j| Ok((j, secret_from(rebuild(j)?))))
         .collect::<Result<_, SecAggError>>()?;
-    let mut sum = vec![0u32; len];
-    for y in inputs.values() {
-        sum.iter_mut()
-            .zip(y)
-            .for_each(|(s, v)| *s = s.wrapping_add(*v));
-    }
-    for (_, seed) in &survivors {
-        apply_mask(&mut sum, seed, -1);
-    }
+    let mut seeds: Vec<([u8; 32], i8)> = survivors.iter().map(|(_, b)| (*b, -1)).collect();
     for (j, secret) in &dropped {
         for i in settings
             .neighbours_of(*j)
@@ -331,9 +326,23 @@ pub fn unmask_sum(
             let key = keys.get(&i).ok_or(SecAggError::MissingKeys(i))?;
             let seed = agree(secret, &key.masking, MASK_LABEL, &settings.round);
             // survivor i added +PRG(s_ij) when i < j: take it back out
-            apply_mask(&mut sum, &seed, if i < *j { -1 } else { 1 });
+            seeds.push((seed, if i < *j { -1 } else { 1 }));
         }
     }
+    let mut sum = vec![0u32; len];
+    let rows: Vec<&[u32]> = inputs.values().map(AsRef::as_ref).collect();
+    sum.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(index, part)| {
+            let start = index << 16;
+            for y in &rows {
+                let y = &y[start..start + part.len()];
+                part.iter_mut()
+                    .zip(y)
+                    .for_each(|(s, v)| *s = s.wrapping_add(*v));
+            }
+        });
+    apply_masks(&mut sum, &seeds);
     Ok(sum)
 }
 
