@@ -86,14 +86,11 @@ impl CipherSum {
             });
         }
         let params = &self.ctx.params;
-        let bodies: Vec<&[u8]> = ciphertexts
-            .par_iter()
-            .map(|bytes| format::limbs(bytes, params))
-            .collect::<Result<_>>()?;
         let (moduli, degree) = (params.moduli(), params.degree());
-        if self.sums.is_empty() {
-            let zeros = vec![0u64; bodies.first().map_or(0, |b| b.len() / 8)];
-            self.sums = vec![zeros; bodies.len()];
+        let limbs = format::ciphertext_bytes(params).saturating_sub(format::MAGIC.len()) / 8;
+        let fresh = self.sums.is_empty();
+        if fresh {
+            self.sums = vec![vec![0u64; limbs]; ciphertexts.len()];
         }
         let shoup: Vec<(u64, u64, u64)> = moduli
             .iter()
@@ -102,19 +99,44 @@ impl CipherSum {
                 (q, w, (((w as u128) << 64) / q as u128) as u64)
             })
             .collect();
-        self.sums
+        let fold = |sum: &mut Vec<u64>, body: &[u8], undo: bool| {
+            for (row, (out, limbs)) in sum
+                .chunks_exact_mut(degree)
+                .zip(body.chunks_exact(degree * 8))
+                .enumerate()
+            {
+                let (q, w, w_shoup) = shoup[row % moduli.len()];
+                add_row(out, limbs, q, (factor != 1).then_some((w, w_shoup)), undo);
+            }
+        };
+        // One pass from memory: each ciphertext is checked (131 KB, then in cache) and added at
+        // once; if any is malformed, the ones already added are taken out again.
+        let added: Vec<Result<&[u8]>> = self
+            .sums
             .par_iter_mut()
-            .zip(bodies.par_iter())
-            .for_each(|(sum, body)| {
-                for (row, (out, limbs)) in sum
-                    .chunks_exact_mut(degree)
-                    .zip(body.chunks_exact(degree * 8))
-                    .enumerate()
-                {
-                    let (q, w, w_shoup) = shoup[row % moduli.len()];
-                    add_row(out, limbs, q, (factor != 1).then_some((w, w_shoup)));
-                }
-            });
+            .zip(ciphertexts.par_iter())
+            .map(|(sum, bytes)| {
+                let body = format::limbs(bytes, params)?;
+                fold(sum, body, false);
+                Ok(body)
+            })
+            .collect();
+        if let Some(Err(error)) = added.iter().find(|r| r.is_err()) {
+            let error = error.clone();
+            if fresh {
+                self.sums.clear();
+            } else {
+                self.sums
+                    .par_iter_mut()
+                    .zip(added.par_iter())
+                    .for_each(|(sum, body)| {
+                        if let Ok(body) = body {
+                            fold(sum, body, true);
+                        }
+                    });
+            }
+            return Err(error);
+        }
         self.total_weight = total;
         self.count += count;
         Ok(())
@@ -141,21 +163,27 @@ impl CipherSum {
     }
 }
 
-/// out = (out + w * c) mod q for one modulus' row, c read from little-endian bytes (each already
-/// checked below q); `weight` is (w mod q, its Shoup constant), None for w = 1.
-fn add_row(out: &mut [u64], limbs: &[u8], q: u64, weight: Option<(u64, u64)>) {
+/// out = (out + w * c) mod q for one modulus' row (out - w * c with `undo`), c read from
+/// little-endian bytes (each already checked below q); `weight` is (w mod q, its Shoup
+/// constant), None for w = 1.
+fn add_row(out: &mut [u64], limbs: &[u8], q: u64, weight: Option<(u64, u64)>, undo: bool) {
     let reduce = |x: u64| if x >= q { x - q } else { x };
     let values = limbs.chunks_exact(8).map(|c| u64::from_le_bytes(word(c)));
-    match weight {
-        None => out
-            .iter_mut()
-            .zip(values)
-            .for_each(|(s, c)| *s = reduce(*s + c)),
-        Some((w, w_shoup)) => out.iter_mut().zip(values).for_each(|(s, c)| {
+    let product = |c: u64| match weight {
+        None => c,
+        Some((w, w_shoup)) => {
             let quotient = ((c as u128 * w_shoup as u128) >> 64) as u64;
-            let product = reduce(c.wrapping_mul(w).wrapping_sub(quotient.wrapping_mul(q)));
-            *s = reduce(*s + product);
-        }),
+            reduce(c.wrapping_mul(w).wrapping_sub(quotient.wrapping_mul(q)))
+        }
+    };
+    if undo {
+        out.iter_mut()
+            .zip(values)
+            .for_each(|(s, c)| *s = reduce(*s + (q - product(c))));
+    } else {
+        out.iter_mut()
+            .zip(values)
+            .for_each(|(s, c)| *s = reduce(*s + product(c)));
     }
 }
 
@@ -250,10 +278,25 @@ mod tests {
         let mut sum = CipherSum::new(ctx);
         sum.add(&refs(&update), 1).unwrap();
 
-        let error = sum.add(&[update[0].as_slice(), b"garbage"], 1).unwrap_err();
+        let before = sum.to_bytes();
+
+        let error = sum.add(&[update[0].as_slice(), b"garbage"], 3).unwrap_err();
 
         assert!(matches!(error, HeError::Malformed { .. }));
         assert_eq!((sum.total_weight, sum.count), (1, 1));
+        assert_eq!(sum.to_bytes(), before); // the first ciphertext was added, then taken out
+    }
+
+    #[test]
+    fn a_malformed_first_update_leaves_the_sum_empty() {
+        let ctx = HeContext::new(HeSettings::default()).unwrap();
+        let (_, public) = ctx.generate_keys();
+        let update = ctx.encrypt(&public, &[1.0; 5000]).unwrap();
+        let mut sum = CipherSum::new(ctx);
+
+        assert!(sum.add(&[update[0].as_slice(), b"garbage"], 1).is_err());
+
+        assert_eq!((sum.len(), sum.count), (0, 0));
     }
 
     #[test]
@@ -272,7 +315,7 @@ mod tests {
                 .collect();
             let shoup = (((w as u128) << 64) / q as u128) as u64;
 
-            add_row(&mut out, &bytes, q, Some((w, shoup)));
+            add_row(&mut out, &bytes, q, Some((w, shoup)), false);
 
             assert_eq!(out, expected, "weight {w}");
         }
