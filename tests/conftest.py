@@ -14,7 +14,7 @@ import pytest
 from hypothesis import settings
 
 from metis_async.aggregation.server_step import AggregationSettings
-from metis_async.client import EvaluateConfig, FitConfig, Learner, NDArrays
+from metis_async.client import Backoff, EvaluateConfig, FitConfig, Learner, NDArrays, run_learner
 from metis_async.protocols import Policy, SynchronousPolicy, SynchronousSettings, TrainSettings
 from metis_async.server import Controller, ControllerConfig
 from metis_async.telemetry import configure_logging
@@ -149,6 +149,34 @@ class ShiftLearner(Learner):
 
     def num_examples(self) -> int:
         return self.examples
+
+
+class ShiftLearners:
+    """Reference clients (`run_learner` with `ShiftLearner`s) in threads, one per learner id;
+    `join` waits for them and returns each one's `RunSummary`, or the exception it raised."""
+
+    def __init__(self, address: str, shifts: dict[str, float], size: int = 10) -> None:
+        self._out: list[Any] = []
+
+        def run(learner_id: str, shift: float) -> None:
+            backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
+            try:
+                learner = ShiftLearner(shift, 1, size=size)
+                summary = run_learner(address, learner, learner_id=learner_id, backoff=backoff)
+                self._out.append(summary)
+            except BaseException as error:  # surfaced by join
+                self._out.append(error)
+
+        self._threads = [
+            threading.Thread(target=run, args=item, daemon=True) for item in shifts.items()
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout_seconds: float = 10.0) -> list[Any]:
+        for thread in self._threads:
+            thread.join(timeout_seconds)
+        return list(self._out)
 
 
 class RawLearner:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from metis_async.client import Backoff, RunSummary, run_learner
+from metis_async.client import RunSummary
 from metis_async.v1 import controller_pb2 as pb
-from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+from tests.conftest import ControllerThread, RawLearner, ShiftLearners, sync_policy
 
 Factory = Callable[..., ControllerThread]
 GRANT = ["train", "delta", "grant"]
@@ -133,26 +133,9 @@ def test_a_stale_result_is_refused_instead_of_granted(controller_factory: Factor
 
 def test_the_client_waits_for_its_grants_and_finishes(controller_factory: Factory) -> None:
     ct = controller_factory(sync_policy(min_learners=2, rounds=2), upload_grant_bytes=0)
-    out: list[RunSummary | BaseException] = []
 
-    def run(lid: str, shift: float) -> None:
-        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
-        try:
-            out.append(
-                run_learner(ct.address, ShiftLearner(shift, 1), learner_id=lid, backoff=backoff)
-            )
-        except BaseException as error:  # surfaced below
-            out.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(lid, s), daemon=True)
-        for lid, s in (("x", 1.0), ("y", 3.0))
-    ]
-    for thread in threads:
-        thread.start()
+    learners = ShiftLearners(ct.address, {"x": 1.0, "y": 3.0})
 
     assert ct.wait_finished(20)
     np.testing.assert_allclose(ct.model(), np.full(10, 4.0, np.float32))  # 2 rounds of +2
-    for thread in threads:
-        thread.join(10)
-    assert all(isinstance(o, RunSummary) for o in out)
+    assert all(isinstance(o, RunSummary) for o in learners.join())

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from metis_async.budget import RECEIPT_WINDOW_CHUNKS
-from metis_async.client import Backoff, RunSummary, run_learner
+from metis_async.client import RunSummary
 from metis_async.v1 import controller_pb2 as pb
-from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+from tests.conftest import ControllerThread, RawLearner, ShiftLearners, sync_policy
 
 Factory = Callable[..., ControllerThread]
 RECEIPT = ["train", "delta", "receipt"]
@@ -177,26 +177,11 @@ def test_the_client_acknowledges_downloads_and_trains(controller_factory: Factor
         download_buffer_bytes=8 * 1024,
         **SMALL_CHUNKS,
     )
-    out: list[RunSummary | BaseException] = []
 
-    def run(lid: str, shift: float) -> None:
-        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
-        try:
-            learner = ShiftLearner(shift, 1, size=PARAMS)
-            out.append(run_learner(ct.address, learner, learner_id=lid, backoff=backoff))
-        except BaseException as error:  # surfaced below
-            out.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(lid, s), daemon=True)
-        for lid, s in (("x", 1.0), ("y", 3.0))
-    ]
-    for thread in threads:
-        thread.start()
+    learners = ShiftLearners(ct.address, {"x": 1.0, "y": 3.0}, size=PARAMS)
 
     assert ct.wait_finished(30)
     np.testing.assert_allclose(ct.model(), np.full(PARAMS, 6.0, np.float32))  # 3 rounds of +2
-    for thread in threads:
-        thread.join(10)
+    out = learners.join()
     assert all(isinstance(o, RunSummary) for o in out)
-    assert all(o.sessions == 1 for o in out if isinstance(o, RunSummary))  # never dropped
+    assert all(o.sessions == 1 for o in out)  # never dropped
