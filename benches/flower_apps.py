@@ -7,6 +7,9 @@ runtime, and runs it as a script for the legacy runtime:
     python flower_apps.py legacy-server --port P --nodes N --params P --rounds R --timing FILE
     python flower_apps.py legacy-clients --port P --count C
 
+`secagg_server_app` / `secagg_client_app` are the same workload through Flower's SecAgg+
+(deployment runtime only; `benches/secure.py` runs them).
+
 Workload, both runtimes: synchronous FedAvg over every node, fit (train) only, no evaluation;
 "instant" clients return the arrays they got + 0.001 at once. Round boundaries are written as
 JSON lines `{"event": "round_start" | "round_end", "round": r, "t": unix seconds}` to the timing
@@ -175,10 +178,74 @@ def _deployment_apps() -> tuple[object, object]:
     return server, client
 
 
+def _secagg_apps() -> tuple[object, object]:
+    """Flower's SecAgg+ (`SecAggPlusWorkflow` on the server, `secaggplus_mod` on the clients)
+    around the legacy FedAvg, as Flower's secaggplus example builds it; instant clients."""
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    class Instant(NumPyClient):  # type: ignore[misc]
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+            return [p + DELTA for p in parameters], 10, {}
+
+    def client_fn(context: Context) -> object:
+        return Instant().to_client()
+
+    client = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        nodes = int(context.run_config["num-nodes"])
+        params = int(context.run_config["params"])
+        rounds = int(context.run_config["rounds"])
+        timing = str(context.run_config["timing-file"])
+
+        class TimedFedAvg(FedAvg):  # type: ignore[misc]
+            def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+                _mark(timing, "round_start", round=server_round)
+                return super().configure_fit(server_round, parameters, client_manager)
+
+            def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+                result = super().aggregate_fit(server_round, results, failures)
+                _mark(
+                    timing, "round_end", round=server_round, replies=len(results), ok=len(results)
+                )
+                return result
+
+        strategy = TimedFedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=nodes,
+            min_evaluate_clients=0,
+            min_available_clients=nodes,
+            initial_parameters=ndarrays_to_parameters([np.zeros(params, dtype=np.float32)]),
+        )
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        secagg = SecAggPlusWorkflow(
+            num_shares=int(context.run_config["secagg-shares"]),
+            reconstruction_threshold=int(context.run_config["secagg-threshold"]),
+        )
+        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
+        _mark(timing, "done")
+
+    return server, client
+
+
 try:
     server_app, client_app = _deployment_apps()
 except ImportError:  # an old flwr without the Message API: only the legacy runtime
     server_app = client_app = None
+try:
+    secagg_server_app, secagg_client_app = _secagg_apps()
+except ImportError:  # a flwr without SecAgg+ workflows
+    secagg_server_app = secagg_client_app = None
 
 
 # ------------------------------------------------------------------------------ legacy runtime

@@ -326,8 +326,8 @@ packages = ["."]
 publisher = "metisbench"
 
 [tool.flwr.app.components]
-serverapp = "vsflower_app:server_app"
-clientapp = "vsflower_app:client_app"
+serverapp = "vsflower_app:{apps}server_app"
+clientapp = "vsflower_app:{apps}client_app"
 
 [tool.flwr.app.config]
 task = "{task}"
@@ -336,6 +336,8 @@ params = {params}
 rounds = {rounds}
 timing-file = "{timing}"
 data-file = "{data}"
+secagg-shares = {shares}
+secagg-threshold = {threshold}
 """
 
 CONNECTION = """\
@@ -357,8 +359,10 @@ def run_deployment(
     data: Path | None = None,
     limit_s: float | None = None,
     stop_on_accuracy: float | None = None,
+    secagg: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """flower-superlink + `nodes` flower-supernode + `flwr run`, measured; never raises."""
+    """flower-superlink + `nodes` flower-supernode + `flwr run`, measured; never raises.
+    `secagg` (shares, threshold) runs the workload through Flower's SecAgg+ workflow."""
     group, sampler = ProcessGroup(), TreeSampler()
     tmp = Path(tempfile.mkdtemp(prefix="vs-flower-deploy-"))
     try:
@@ -368,7 +372,15 @@ def run_deployment(
         shutil.copy(APPS, app / "vsflower_app.py")
         (app / "pyproject.toml").write_text(
             PYPROJECT.format(
-                task=task, nodes=nodes, params=params, rounds=rounds, timing=timing, data=data
+                task=task,
+                nodes=nodes,
+                params=params,
+                rounds=rounds,
+                timing=timing,
+                data=data,
+                apps="secagg_" if secagg else "",
+                shares=secagg[0] if secagg else 0,
+                threshold=secagg[1] if secagg else 0,
             )
         )
         port = _free_port()
@@ -445,7 +457,8 @@ def run_deployment(
     finally:
         sampler.stop()
         group.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("KEEP_FLOWER_TMP"):  # set it to read the logs of a failed run
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_deployment_digits(python: Path, limit_s: float) -> dict[str, Any]:
@@ -544,4 +557,5 @@ def run_legacy(python: Path, nodes: int, params: int, rounds: int) -> dict[str, 
     finally:
         sampler.stop()
         group.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("KEEP_FLOWER_TMP"):  # set it to read the logs of a failed run
+            shutil.rmtree(tmp, ignore_errors=True)

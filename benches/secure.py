@@ -16,7 +16,9 @@ For one update of ``params`` float32 values (1M by default) it measures, in one 
 Then one SecAgg+ round for each of ``--secagg-learners`` (10 and 100): key agreement and
 sealed shares, every learner's masked input (per learner: they run in parallel in a
 deployment), the server's unmasking, against plaintext aggregation of the same updates, with
-the error of the mean. Flower's SecAgg+ workflow is not measured yet (null, with the reason).
+the error of the mean. ``--flower NODES`` also runs Flower's SecAgg+ workflow (its deployment
+runtime, NODES SuperNodes, instant clients, our neighbours and threshold) and the same run
+without SecAgg+, in a Flower venv the benchmark creates (``benches/.flower-venv``); minutes.
 
 Targets (issue 10): <= 34 MB of ciphertext and <= 5 ms of controller time per 1M-parameter
 update; SecAgg+ >= 10x faster than Flower's on 100 learners x 1M. Results go to
@@ -117,9 +119,34 @@ def run(params: int, learners: int, repeats: int, secagg_learners: Sequence[int]
             "aggregate_max_abs_error": float(np.abs(average - expected).max()),
         },
         "secagg": {str(n): secagg_round(params, n) for n in secagg_learners},
-        "flower_secagg": None,
-        "flower_secagg_reason": "not run yet: Flower's SecAgg+ workflow needs its deployment "
-        "runtime with the secaggplus mods (next step of issue 10)",
+    }
+
+
+def flower_secagg(params: int, nodes: int, rounds: int) -> dict[str, Any]:
+    """Flower's SecAgg+ workflow (deployment runtime: SuperLink, `nodes` SuperNodes, instant
+    clients) with our round's neighbours and threshold, and the same run without SecAgg+, so
+    its cost is isolated from the runtime's own."""
+    from flower_runtime import ensure_flower_venv, run_deployment  # benches/, beside this script
+
+    venv = ensure_flower_venv(Path(__file__).resolve().parent / ".flower-venv")
+    if venv["python"] is None:
+        return {"status": venv["status"]}
+    s = SecAggSettings.for_learners(nodes)
+    python = Path(venv["python"])
+    # Flower's num_shares counts the node's own share (an odd number: (num_shares - 1) / 2
+    # neighbours each side; an even one ends the workflow before any aggregate): k + 1.
+    shares = s.neighbours + 1
+    secagg = run_deployment(python, nodes, params, rounds, secagg=(shares, s.threshold))
+    plain = run_deployment(python, nodes, params, rounds)
+    for run in (secagg, plain):
+        run.pop("events", None)
+    return {
+        "flwr": venv["version"],
+        "nodes": nodes,
+        "num_shares": shares,
+        "reconstruction_threshold": s.threshold,
+        "secagg": secagg,
+        "plain": plain,
     }
 
 
@@ -178,10 +205,18 @@ def main() -> None:
     parser.add_argument(
         "--secagg-learners", default="10,100", help="SecAgg+ round sizes, comma-separated"
     )
+    parser.add_argument(
+        "--flower",
+        type=int,
+        default=0,
+        metavar="NODES",
+        help="also run Flower's SecAgg+ workflow with NODES SuperNodes (minutes; its own venv)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     sizes = [int(n) for n in args.secagg_learners.split(",") if n]
     result = run(args.params, args.learners, args.repeats, sizes)
+    result["flower_secagg"] = flower_secagg(args.params, args.flower, 3) if args.flower else None
     he = result["he"]
     mb = he["ciphertext_bytes"] / 1e6
     print(
@@ -208,7 +243,25 @@ def main() -> None:
             f"plaintext {row['plaintext_aggregation_seconds']:.3f} s "
             f"({row['vs_plaintext']:.0f}x); max error {row['max_abs_error']:.1e}"
         )
-    print(f"Flower SecAgg+: {result['flower_secagg_reason']}")
+    flower = result["flower_secagg"]
+    if flower and "secagg" in flower:
+        theirs, plain = flower["secagg"], flower["plain"]
+        ours = result["secagg"].get(str(flower["nodes"]))
+        line = f"Flower {flower['flwr']} SecAgg+ {flower['nodes']} nodes: {theirs['status']}"
+        if theirs.get("round_s") and plain.get("round_s"):
+            cost = theirs["round_s"] - plain["round_s"]
+            line += (
+                f", round {theirs['round_s']:.1f} s (without SecAgg+ {plain['round_s']:.1f} s:"
+                f" SecAgg+ costs {cost:.1f} s)"
+            )
+            if ours:
+                flower["ours_round_s"] = ours["round_seconds"]
+                flower["ratio"] = theirs["round_s"] / ours["round_seconds"]
+                flower["secagg_cost_ratio"] = cost / ours["round_seconds"]
+                line += f"; ours {ours['round_seconds']:.3f} s: {flower['ratio']:.0f}x"
+        print(line)
+    elif flower:
+        print(f"Flower SecAgg+: {flower['status']}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
