@@ -178,6 +178,24 @@ def _deployment_apps() -> tuple[object, object]:
     return server, client
 
 
+def _timed_legacy_fedavg(timing: str) -> type:
+    """The legacy FedAvg, marking each round's start and end in the timing file."""
+    from flwr.server.strategy import FedAvg
+
+    class TimedFedAvg(FedAvg):  # type: ignore[misc]
+        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+            _mark(timing, "round_start", round=server_round)
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            out = super().aggregate_fit(server_round, results, failures)
+            replies = len(results) + len(failures)
+            _mark(timing, "round_end", round=server_round, replies=replies, ok=len(results))
+            return out
+
+    return TimedFedAvg
+
+
 def _secagg_apps() -> tuple[object, object]:
     """Flower's SecAgg+ (`SecAggPlusWorkflow` on the server, `secaggplus_mod` on the clients)
     around the legacy FedAvg, as Flower's secaggplus example builds it; instant clients."""
@@ -185,7 +203,6 @@ def _secagg_apps() -> tuple[object, object]:
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Context, ndarrays_to_parameters
     from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-    from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     class Instant(NumPyClient):  # type: ignore[misc]
@@ -205,18 +222,7 @@ def _secagg_apps() -> tuple[object, object]:
         rounds = int(context.run_config["rounds"])
         timing = str(context.run_config["timing-file"])
 
-        class TimedFedAvg(FedAvg):  # type: ignore[misc]
-            def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-                _mark(timing, "round_start", round=server_round)
-                return super().configure_fit(server_round, parameters, client_manager)
-
-            def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-                result = super().aggregate_fit(server_round, results, failures)
-                _mark(
-                    timing, "round_end", round=server_round, replies=len(results), ok=len(results)
-                )
-                return result
-
+        TimedFedAvg = _timed_legacy_fedavg(timing)
         strategy = TimedFedAvg(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -258,7 +264,6 @@ def legacy_server(args: argparse.Namespace) -> None:
     except ImportError:
         from flwr.server import start_server  # type: ignore[attr-defined,no-redef]
     from flwr.server.server_config import ServerConfig
-    from flwr.server.strategy import FedAvg
 
     try:
         from flwr.compat.common.parameter import ndarrays_to_parameters
@@ -267,21 +272,7 @@ def legacy_server(args: argparse.Namespace) -> None:
 
     timing = args.timing
 
-    class TimedFedAvg(FedAvg):  # type: ignore[misc]
-        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-            _mark(timing, "round_start", round=server_round)
-            return super().configure_fit(server_round, parameters, client_manager)
-
-        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-            out = super().aggregate_fit(server_round, results, failures)
-            _mark(
-                timing,
-                "round_end",
-                round=server_round,
-                replies=len(results) + len(failures),
-                ok=len(results),
-            )
-            return out
+    TimedFedAvg = _timed_legacy_fedavg(timing)
 
     strategy = TimedFedAvg(
         fraction_fit=1.0,
