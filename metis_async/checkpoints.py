@@ -63,7 +63,8 @@ class Checkpoint:
         version: the committed version.
         incarnation: the controller start that wrote it.
         layout: the model's layout.
-        model: the model of `version` (float32, flat).
+        model: the model of `version` (float32, flat), or its encrypted version (uint8, under
+            homomorphic aggregation: stored as the bytes it is, as "model_encrypted").
         optimizer: the server optimizer's state vectors by name (empty for plain FedAvg).
         protocol: the policy's name (a checkpoint resumes only under the same policy).
         policy: the policy's counters (`Policy.snapshot`).
@@ -77,7 +78,7 @@ class Checkpoint:
     version: int
     incarnation: int
     layout: pb.ModelLayout
-    model: npt.NDArray[np.float32]
+    model: npt.NDArray[np.float32] | npt.NDArray[np.uint8]
     optimizer: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     protocol: str = ""
     policy: dict[str, Any] = field(default_factory=dict)
@@ -106,8 +107,11 @@ class Checkpoint:
         arrays: dict[str, npt.NDArray[Any]] = {
             "document": np.frombuffer(json.dumps(document).encode(), dtype=np.uint8),
             "layout": np.frombuffer(self.layout.SerializeToString(), dtype=np.uint8),
-            "model": np.ascontiguousarray(self.model, dtype=np.float32),
         }
+        if self.model.dtype == np.uint8:
+            arrays["model_encrypted"] = np.ascontiguousarray(self.model)
+        else:
+            arrays["model"] = np.ascontiguousarray(self.model, dtype=np.float32)
         for name, vector in self.optimizer.items():
             arrays[f"optimizer_{name}"] = np.ascontiguousarray(vector, dtype=np.float32)
         out = io.BytesIO()
@@ -121,7 +125,11 @@ class Checkpoint:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 document = json.loads(archive["document"].tobytes())
                 layout = pb.ModelLayout.FromString(archive["layout"].tobytes())
-                model = np.array(archive["model"], dtype=np.float32)
+                model: npt.NDArray[np.float32] | npt.NDArray[np.uint8]
+                if "model_encrypted" in archive.files:
+                    model = np.array(archive["model_encrypted"], dtype=np.uint8)
+                else:
+                    model = np.array(archive["model"], dtype=np.float32)
                 optimizer = {
                     name: np.array(archive[f"optimizer_{name}"], dtype=np.float32)
                     for name in document["optimizer"]
@@ -130,7 +138,7 @@ class Checkpoint:
             raise ValueError(f"not a readable checkpoint: {error}") from error
         if document.get("format") != FORMAT:
             raise ValueError(f"checkpoint format {document.get('format')!r}, expected {FORMAT}")
-        if model.nbytes != layout.total_bytes:
+        if model.dtype != np.uint8 and model.nbytes != layout.total_bytes:
             raise ValueError(
                 f"model has {model.nbytes} bytes, its layout says {layout.total_bytes}"
             )

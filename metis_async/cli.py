@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "float16", "bfloat16", "int8"],
         help="payload codec of uploads and downloads",
     )
+    demo.add_argument(
+        "--secure",
+        default="none",
+        choices=["none", "he"],
+        help="aggregate under encryption: he = BFV with a shared learner key pair",
+    )
+    demo.add_argument("--save-model", default=None, help="write the final model (.npz)")
     demo.add_argument("--json", action="store_true", help="print one JSON object last")
     demo.add_argument("--no-progress", action="store_true")
     _add_log_flags(demo, default="warning")
@@ -332,6 +339,8 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log_level=args.log_level,
         codec=args.codec,
+        secure=args.secure,
+        save_model=args.save_model,
     )
     out = sys.stderr if args.json else sys.stdout
     if args.compare:

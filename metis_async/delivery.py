@@ -447,15 +447,18 @@ class EffectDelivery:
             self._spawn(self._run_commit_hook(record.version, effect.model, layout))
 
     async def _run_commit_hook(
-        self, version: int, model: wire.FloatVector, layout: pb.ModelLayout
+        self, version: int, model: wire.ModelVector, layout: pb.ModelLayout
     ) -> None:
         hook = self._on_commit
         if hook is None or version != self._store.version:
             return  # a newer version already replaced it
-        # The copy into per-tensor arrays is O(model): off the loop.
-        params = await asyncio.to_thread(
-            lambda: [np.array(a) for a in wire.unflatten(model, layout)]
-        )
+        if model.dtype == np.uint8:  # an encrypted version: the hook gets its bytes as they are
+            params: list[npt.NDArray[np.generic]] = [model]
+        else:  # the copy into per-tensor arrays is O(model): off the loop
+            flat = wire.plain(model)
+            params = await asyncio.to_thread(
+                lambda: [np.array(a) for a in wire.unflatten(flat, layout)]
+            )
         if inspect.iscoroutinefunction(hook):
             await hook(version, params)
         else:

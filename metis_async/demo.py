@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing as mp
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -21,12 +23,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from metis_async import wire
+from metis_async.client.encrypted import LearnerEncryption
 from metis_async.examples import digits
 from metis_async.federation import summarize_participation
 from metis_async.profiles import DEMO_PROFILES, default_demo_settings
 from metis_async.protocols import TrainSettings, make_policy
+from metis_async.secure.aggregate import HomomorphicAggregation, split_version
+from metis_async.secure.he import create_he_keys, read_controller_file, read_learner_keys
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
+
+SECURE_MODES = ("none", "he")
+"""Encryption modes of `metis-async demo --secure`."""
 
 BASE_STEP_SECONDS = 0.005
 """Per-step delay of every learner when stragglers are simulated (seconds)."""
@@ -41,6 +50,10 @@ class DemoOptions:
         codec: payload codec of uploads and downloads (float32, float16, bfloat16, int8).
         stragglers: fraction of learners made `slowdown` times slower; with any, every learner
             also sleeps `BASE_STEP_SECONDS` per SGD step, so speeds differ as on real devices.
+        secure: "none", or "he": homomorphic aggregation with a shared learner key pair made
+            for this run (the controller gets the settings only; the demo's scorer, like every
+            learner, holds the key to read the encrypted versions).
+        save_model: write the final model here (`numpy.savez`, the layout's tensors in order).
     """
 
     learners: int = 10
@@ -59,6 +72,8 @@ class DemoOptions:
     progress: bool = True
     log_level: str = "warning"
     codec: str = "float32"
+    secure: str = "none"
+    save_model: str | None = None
 
     def policy_settings(self) -> dict[str, object]:
         """Settings for `make_policy`: the protocol's profile plus these options."""
@@ -117,11 +132,13 @@ def _learner_process(
     seed: int,
     log_level: str,
     step_delay_seconds: float,
+    he_key_file: str | None = None,
 ) -> None:
     """Entry point of one learner process (spawned, so it starts clean)."""
     import logging
 
     from metis_async.client import Backoff, run_learner
+    from metis_async.secure.he import read_learner_keys
 
     logging.basicConfig(level=log_level.upper(), format=f"learner-{index} %(message)s")
     learner = digits.DigitsLearner(
@@ -133,17 +150,53 @@ def _learner_process(
         learner_id=f"learner-{index}",
         seed=seed + index,
         backoff=Backoff(initial_seconds=0.1, max_seconds=2.0, max_attempts=30),
+        he_keys=read_learner_keys(he_key_file) if he_key_file else None,
     )
 
 
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run the demo federation to completion and return its result."""
+    if options.secure not in SECURE_MODES:
+        raise ValueError(f"unknown secure mode {options.secure!r}; choose from {SECURE_MODES}")
     configure_logging(options.log_level)
-    return run_event_loop(_run(options))
+    with tempfile.TemporaryDirectory(prefix="metis-demo-keys-") as keys:
+        return run_event_loop(_run(options, Path(keys)))
 
 
-async def _run(options: DemoOptions) -> DemoResult:
+class _Scorer:
+    """Reads each committed version as the demo's evaluator: plain arrays as they are, an
+    encrypted version with the learners' key (the controller itself holds none)."""
+
+    def __init__(self, he_key_file: Path | None) -> None:
+        self._keys = (
+            None if he_key_file is None else LearnerEncryption(read_learner_keys(he_key_file))
+        )
+        self._layout = wire.make_layout(digits.initial_parameters())
+
+    def parameters(self, params: list[npt.NDArray[np.generic]]) -> list[npt.NDArray[np.generic]]:
+        if self._keys is None or params[0].dtype != np.uint8:
+            return params
+        size = self._keys.keys.settings.ciphertext_bytes
+        divisor, body = split_version(params[0], size)
+        flat = self._keys.decrypt(body, wire.num_parameters(self._layout), divisor)
+        return [np.array(a) for a in wire.unflatten(flat, self._layout)]
+
+
+def _secure_config(
+    options: DemoOptions, keys: Path
+) -> tuple[HomomorphicAggregation | None, Path | None]:
+    """The controller's encryption settings and the learners' key file for `options.secure`."""
+    if options.secure == "none":
+        return None, None
+    controller_file, learner_file, _ = create_he_keys(keys)
+    settings, key_id = read_controller_file(controller_file)  # settings only: no key
+    return HomomorphicAggregation(settings, key_id), learner_file
+
+
+async def _run(options: DemoOptions, keys: Path) -> DemoResult:
     started = time.perf_counter()
+    he, he_key_file = _secure_config(options, keys)
+    scorer = _Scorer(he_key_file)
     federation = digits.load_digits_federated(options.learners, options.alpha, options.seed)
     test_x, test_y = federation.test
     history: list[float] = []
@@ -167,7 +220,7 @@ async def _run(options: DemoOptions) -> DemoResult:
     scored: list[int] = []  # versions in `history`, in order
 
     def on_commit(version: int, params: list[npt.NDArray[np.generic]]) -> None:
-        _, acc = digits.evaluate_global(params, test_x, test_y)
+        _, acc = digits.evaluate_global(scorer.parameters(params), test_x, test_y)
         history.append(acc)
         scored.append(version)
         if acc >= 0.90 and not reached_90:
@@ -184,6 +237,7 @@ async def _run(options: DemoOptions) -> DemoResult:
             port=options.port,
             upload_codec=options.codec,
             download_codec=options.codec,
+            he=he,
         ),
         initial_model=digits.initial_parameters(),
         on_commit=on_commit,
@@ -198,7 +252,16 @@ async def _run(options: DemoOptions) -> DemoResult:
             target=_learner_process,
             name=f"learner-{i}",
             daemon=True,
-            args=(address, i, x, y, options.seed, options.log_level, delays[i]),
+            args=(
+                address,
+                i,
+                x,
+                y,
+                options.seed,
+                options.log_level,
+                delays[i],
+                str(he_key_file) if he_key_file else None,
+            ),
         )
         p.start()
         processes.append(p)
@@ -207,10 +270,11 @@ async def _run(options: DemoOptions) -> DemoResult:
             await controller.wait_finished()
             # Commit hooks run in the background and skip superseded versions: score the final
             # model here so the result always describes the version the federation ended with.
+            final_params = scorer.parameters(controller.store.published())
             if not scored or scored[-1] != controller.version:
-                await asyncio.to_thread(
-                    on_commit, controller.version, controller.store.parameters()
-                )
+                await asyncio.to_thread(on_commit, controller.version, final_params)
+            if options.save_model:
+                np.savez(options.save_model, *final_params)
         finally:
             participation = await controller.participation()
             await controller.stop(grace_seconds=2.0)

@@ -117,7 +117,8 @@ class CommitRecord:
 
 @dataclass(frozen=True)
 class VersionCommitted:
-    """A new version exists; `model` is its flat float32 model (read-only, never modified).
+    """A new version exists; `model` is its flat float32 model, or an encrypted version (uint8)
+    under homomorphic aggregation (read-only, never modified).
 
     `published` is whatever the driver's publish hook made of it while the commit ran in the
     core's thread (the gRPC driver: the version's encoded broadcast), so the driver switches to
@@ -125,7 +126,7 @@ class VersionCommitted:
     """
 
     record: CommitRecord
-    model: npt.NDArray[np.float32] = field(repr=False)
+    model: npt.NDArray[np.float32] | npt.NDArray[np.uint8] = field(repr=False)
     published: object = field(default=None, repr=False)
 
 

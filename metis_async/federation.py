@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from metis_async import wire
-from metis_async.aggregation.compatibility import check_compatible
+from metis_async.aggregation.compatibility import check_compatible, check_homomorphic
 from metis_async.aggregation.server_step import AggregationSettings, ServerStep
 from metis_async.checkpoints import Checkpoint, CheckpointError, StateDirectory
 from metis_async.effects import (
@@ -80,6 +80,7 @@ from metis_async.protocols import (
     Tick,
     UpdateArrived,
 )
+from metis_async.secure.aggregate import HomomorphicAggregation, HomomorphicStep
 from metis_async.telemetry import ControllerStats, short_id
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers.partials import RemoteUpdate
@@ -93,7 +94,7 @@ RESULT_RECEIVED = "result already received"
 RESENT = "resent:"
 """Prefix of the policy-side id of an update resent from an earlier controller start."""
 
-_Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate"]]
+_Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate | bytes"]]
 
 _Method = TypeVar("_Method", bound=Callable[..., list[Effect]])
 
@@ -111,7 +112,7 @@ def _counted(method: _Method) -> _Method:
     return handle  # type: ignore[return-value]  # policy task id -> (learner id, update)
 
 
-Publish = Callable[[int, wire.FloatVector], object]
+Publish = Callable[[int, wire.ModelVector], object]
 """Called in the core's thread with each new version and its model; returns what the driver
 needs to send it (the gRPC driver: encoded messages). Must not modify the model."""
 
@@ -179,6 +180,9 @@ class FederationCore:
             row (it holds rounds up: a hung or fake learner) is benched: the policy stops
             seeing it for `bench_seconds`, though it stays connected; 0 never benches.
         bench_seconds: how long a benched learner gets no work.
+        he: aggregate under homomorphic encryption (`metis_async.secure.aggregate`): updates
+            are ciphertext bytes, every version after 0 is an encrypted version the core
+            cannot read, and tasks ask for full trained models (upload_delta off).
     """
 
     def __init__(
@@ -198,13 +202,17 @@ class FederationCore:
         committed_kept: int = 200_000,
         max_missed_tasks: int = 5,
         bench_seconds: float = 300.0,
+        he: HomomorphicAggregation | None = None,
     ) -> None:
         self.policy = policy
+        self.he = he
         if rng is not None:
             policy.rng = rng
         self.aggregation = aggregation or AggregationSettings()
         for warning in check_compatible(policy, self.aggregation):  # raises if impossible
             log.warning("settings_warning", protocol=policy.name, warning=warning)
+        if he is not None:
+            check_homomorphic(policy, self.aggregation)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.stats = stats or ControllerStats()
         self.evaluations: OrderedDict[int, dict[str, float]] = OrderedDict()
@@ -228,9 +236,9 @@ class FederationCore:
         self._publish = publish
         self._initial_timeout = initial_model_timeout_seconds
         self._layout: pb.ModelLayout | None = None
-        self._flat: wire.FloatVector | None = None
+        self._flat: wire.ModelVector | None = None
         self.version = 0
-        self._step: ServerStep | None = None
+        self._step: ServerStep | HomomorphicStep | None = None
         self._open: list[str] = []  # wire task ids folded into the open aggregate
         self._learners = LearnerBook(closed_tasks_kept, learners_remembered)
         self._tasks: dict[str, Task] = {}  # outstanding tasks by wire id
@@ -251,11 +259,22 @@ class FederationCore:
         return self._flat is not None
 
     @property
-    def model(self) -> wire.FloatVector:
-        """The current model (read-only; a new array on every commit)."""
+    def model(self) -> wire.ModelVector:
+        """The current model (read-only; a new array on every commit): float32 values, or under
+        homomorphic aggregation an encrypted version (uint8) after version 0."""
         if self._flat is None:
             raise RuntimeError("the federation has no model yet")
         return self._flat
+
+    @property
+    def plain_model(self) -> wire.FloatVector:
+        """The current model as float32 values; RuntimeError for an encrypted version."""
+        return wire.plain(self.model)
+
+    def _new_step(self, layout: pb.ModelLayout) -> ServerStep | HomomorphicStep:
+        if self.he is not None:
+            return HomomorphicStep(wire.num_parameters(layout), self.he)
+        return ServerStep(wire.num_parameters(layout), self.aggregation)
 
     @property
     def layout(self) -> pb.ModelLayout | None:
@@ -324,7 +343,7 @@ class FederationCore:
         self._layout = layout
         self._flat = flat
         self._flat.flags.writeable = False
-        self._step = ServerStep(wire.num_parameters(layout), self.aggregation)
+        self._step = self._new_step(layout)
         self._provider = None
         self._provider_deadline = None
         effects: list[Effect] = []
@@ -355,7 +374,7 @@ class FederationCore:
                 f"the state directory holds a {checkpoint.protocol} run; this controller runs "
                 f"{self.policy.name} (use another state directory to start a new run)"
             )
-        step = ServerStep(wire.num_parameters(checkpoint.layout), self.aggregation)
+        step = self._new_step(checkpoint.layout)
         try:
             step.load_state(checkpoint.optimizer)
         except ValueError as error:
@@ -496,7 +515,7 @@ class FederationCore:
         now: float,
         learner_id: str,
         report: UpdateReport,
-        update: wire.FloatVector | Segments | RemoteUpdate,
+        update: wire.FloatVector | Segments | RemoteUpdate | bytes,
     ) -> list[Effect]:
         """A complete, validated training update for `report.task_id` arrived (an array,
         `Segments`: the upload still in the chunk messages it arrived in, or a `RemoteUpdate`
@@ -646,7 +665,7 @@ class FederationCore:
         if isinstance(decision, AssignTask):
             return self._assign(decision.task, now, effects)
         if isinstance(decision, AcceptUpdate):
-            self._accept(decision, updates)
+            self._accept(decision, updates, effects)
         elif isinstance(decision, RejectUpdate):
             answered = updates.pop(decision.task_id, None)
             if answered is not None:
@@ -710,6 +729,8 @@ class FederationCore:
                 f"{self.policy.name} assigned version {task.version}, the model is {self.version}"
             )
         wired = replace(task, task_id=self._wire_id(task.task_id))
+        if self.he is not None and wired.kind is TaskKind.TRAIN:
+            wired = replace(wired, upload_delta=False)  # ciphertexts of full trained models
         if record.held_version != task.version:
             effects.append(SendModel(task.learner_id, task.version))
             record.held_version = task.version
@@ -719,10 +740,20 @@ class FederationCore:
         effects.append(SendTask(wired))
         return []
 
-    def _accept(self, decision: AcceptUpdate, updates: _Updates) -> None:
+    def _accept(self, decision: AcceptUpdate, updates: _Updates, effects: list[Effect]) -> None:
+        step = self._aggregate
+        if isinstance(step, HomomorphicStep) and not step.has_room(decision.weight):
+            reason = "the encrypted aggregate is full (max_total_weight)"
+            self._execute(RejectUpdate(decision.task_id, reason), 0.0, updates, effects)
+            return
         lid, update = updates.pop(decision.task_id)
         # The driver checked every value when the upload arrived: the fold does not re-read.
-        self._aggregate.add(update, decision.weight, True)
+        if isinstance(step, HomomorphicStep):
+            step.add(update, decision.weight)
+        elif isinstance(update, bytes):
+            raise TypeError("ciphertext bytes arrived for a plaintext aggregate")
+        else:
+            step.add(update, decision.weight, True)
         self._open.append(self._wire_id(decision.task_id))
         self._open_learners.append(lid)
         self._open_workers.append(update.worker if isinstance(update, RemoteUpdate) else -1)
@@ -739,8 +770,15 @@ class FederationCore:
         learners, workers = self._open_learners, self._open_workers
         self._open, self._open_learners, self._open_workers = [], [], []
         try:
-            new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
-            bad = wire.first_non_finite(new)
+            new: wire.ModelVector
+            if isinstance(step, HomomorphicStep):
+                new = step.commit(self.model, decision.scale, decision.normalize)
+                bad = None  # ciphertexts: checked as they were added
+            else:
+                new = step.commit(
+                    self.plain_model, decision.scale, decision.normalize, decision.relative
+                )
+                bad = wire.first_non_finite(new)
             if bad is not None:
                 raise ValueError(f"the new model is not finite at value {bad}")
         except ValueError as error:
@@ -947,7 +985,7 @@ class FederationCore:
         return wire_task_id[len(self._prefix) :]
 
     @property
-    def _aggregate(self) -> ServerStep:
+    def _aggregate(self) -> ServerStep | HomomorphicStep:
         if self._step is None:
             raise RuntimeError("no model yet")
         return self._step

@@ -26,7 +26,9 @@ import structlog
 from metis_async import wire
 from metis_async.delivery import keep_freed_memory, lower_thread_priority, start_bulk_threads
 from metis_async.federation import RESULT_RECEIVED, UpdateReport
+from metis_async._core import EncryptionError
 from metis_async.protocols import Task, TaskKind
+from metis_async.secure.aggregate import CipherUpload, check_ciphertexts
 from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message
 from metis_async.store import ModelStore
 from metis_async.telemetry import ControllerStats, LogLimiter, short_id
@@ -159,6 +161,9 @@ class Ingest:
             )
         layout = self.store.layout
         assert layout is not None
+        if self.config.he is not None:
+            await self._take_encrypted(session, task, result, layout)
+            return
         try:
             wire.check_header(
                 result.payload,
@@ -180,6 +185,26 @@ class Ingest:
             self.config.max_chunk_bytes,
             allowed=_accepted(session),
         )
+        session.pending = PendingUpload(task, result, upload)
+        if upload.done:
+            await self._upload_complete(session)
+
+    async def _take_encrypted(
+        self, session: Session, task: Task, result: pb.TaskResult, layout: pb.ModelLayout
+    ) -> None:
+        """Start receiving an encrypted upload (HOMOMORPHIC AGGREGATION in the proto)."""
+        he = self.config.he
+        expected = he.upload_bytes(wire.num_parameters(layout))
+        try:
+            upload = CipherUpload(
+                result.payload, expected, layout.layout_id, self.config.max_chunk_bytes
+            )
+        except wire.WireError as error:
+            raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
+        await self._take_upload_slot(session)
+        if result.task_id in session.grant_tasks:
+            session.grant_tasks.discard(result.task_id)
+            session.send(controller_message(grant=pb.UploadGrant(task_id=result.task_id)))
         session.pending = PendingUpload(task, result, upload)
         if upload.done:
             await self._upload_complete(session)
@@ -286,9 +311,19 @@ class Ingest:
         # taken the update: released earlier, uploads of every stream would queue for the core
         # thread, each holding its model-sized messages (100 x 4 MB took 700 MB of RSS).
         try:
-            await self.link.update_arrived(session.learner_id, report, pending.upload.take())
+            update = pending.upload.take()
+            if isinstance(update, bytes):  # ciphertexts: checked whole before the core sees them
+                await self._check_ciphertexts(pending.task, update)
+            await self.link.update_arrived(session.learner_id, report, update)
         finally:
             self.release_upload_slot(session)
+
+    async def _check_ciphertexts(self, task: Task, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, check_ciphertexts, self.config.he, data)
+        except EncryptionError as error:
+            raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
 
     async def _on_learner_error(self, session: Session, error: pb.Error) -> None:
         if self._limiter.allow(session.learner_id, "learner_error"):

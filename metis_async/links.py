@@ -76,7 +76,7 @@ class CoreLink(Protocol):
         ...
 
     async def update_arrived(
-        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
+        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
         """A complete training upload, every value checked."""
         ...
@@ -158,7 +158,7 @@ class LocalLink:
         await self._runner.call_batched(self.core.learner_lost, self._now(), learner_id, reason)
 
     async def update_arrived(
-        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
+        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
         await self._call(self.core.update_arrived, learner_id, report, update)
 

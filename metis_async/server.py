@@ -37,6 +37,7 @@ from metis_async.ingest import Ingest
 from metis_async.links import LocalLink
 from metis_async.metrics import LoopLag, start_metrics_server
 from metis_async.protocols import Policy
+from metis_async.secure.aggregate import HomomorphicAggregation
 from metis_async.session import Session
 from metis_async.store import ModelStore, encode_for_learners
 from metis_async.streams import CODECS, StreamServer
@@ -128,6 +129,9 @@ class ControllerConfig:
             it is benched (no work for `bench_seconds`: fake or hung learners stop holding
             rounds up); 0 never benches.
         bench_seconds: how long a benched learner gets no work.
+        he: aggregate under homomorphic encryption (`metis_async.secure.aggregate`): only
+            learners announcing "he" join, updates are ciphertexts the controller sums with
+            no key, and versions after the first are encrypted. None: plaintext.
     """
 
     host: str = "127.0.0.1"
@@ -168,12 +172,18 @@ class ControllerConfig:
     max_learner_bytes_per_second: float = 0.0
     max_missed_tasks: int = 5
     bench_seconds: float = 300.0
+    he: HomomorphicAggregation | None = None
 
     def __post_init__(self) -> None:
         for name in ("upload_codec", "download_codec"):
             value = getattr(self, name)
             if value not in CODECS:
                 raise ValueError(f"{name} must be one of {sorted(CODECS)}, got {value!r}")
+        if self.he is not None and self.upload_codec != "float32":
+            raise ValueError(
+                "upload_codec does not apply under homomorphic aggregation: uploads are "
+                "ciphertexts (leave it float32)"
+            )
         if self.download_chunk_bytes < 1024:
             raise ValueError(
                 f"download_chunk_bytes must be >= 1024, got {self.download_chunk_bytes}"
@@ -327,6 +337,7 @@ class ControllerFace:
             state=self.state,
             max_missed_tasks=self.config.max_missed_tasks,
             bench_seconds=self.config.bench_seconds,
+            he=self.config.he,
         )
         self.core.status_in_welcome = True  # StreamServer puts it in every Welcome
 
@@ -353,7 +364,7 @@ class ControllerFace:
         if self.state is not None:
             self.state.close()
 
-    def _encode(self, version: int, flat: wire.FloatVector) -> object:
+    def _encode(self, version: int, flat: wire.ModelVector) -> object:
         """Publish hook (core thread): encode the version once for every stream."""
         layout = self.core.layout
         assert layout is not None

@@ -23,6 +23,7 @@ from metis_async.budget import ReceiptLedger
 from metis_async.protocols import Task
 from metis_async.store import ModelDownload
 from metis_async.v1 import controller_pb2 as pb
+from metis_async.secure.aggregate import CipherUpload
 from metis_async.wire import Upload
 
 Outgoing = bytes | ModelDownload
@@ -108,7 +109,7 @@ class PendingUpload:
 
     task: Task
     result: pb.TaskResult
-    upload: Upload
+    upload: Upload | CipherUpload
 
 
 class Session:

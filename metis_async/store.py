@@ -20,6 +20,7 @@ import structlog
 
 from metis_async import wire
 from metis_async._core import WireFormatError, encode_chunk_messages
+from metis_async.secure.aggregate import DIVISOR_BYTES
 from metis_async.v1 import controller_pb2 as pb
 
 log = structlog.get_logger("metis_async.store")
@@ -57,20 +58,24 @@ class EncodedVersion:
 def encode_for_learners(
     layout: pb.ModelLayout,
     version: int,
-    flat: wire.FloatVector,
+    flat: wire.ModelVector,
     max_chunk_bytes: int,
     download_dtype: int = pb.DTYPE_FLOAT32,
 ) -> EncodedVersion:
-    """Version `version` encoded once in float32 and once in `download_dtype` (if another).
+    """Version `version` encoded once in float32 and once in `download_dtype` (if another);
+    an encrypted version once, as its ciphertexts (DTYPE_BFV).
 
     A model that does not fit the codec (float16: |x| >= 65520) is sent in float32 to every
     learner; learners decode whatever dtype a `Model` header announces.
     """
-    plain = encode_version(layout, version, flat, max_chunk_bytes)
+    if flat.dtype == np.uint8:
+        return encode_encrypted_version(layout, version, flat, max_chunk_bytes)
+    values = wire.plain(flat)
+    plain = encode_version(layout, version, values, max_chunk_bytes)
     if download_dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
         return plain
     try:
-        coded = encode_version(layout, version, flat, max_chunk_bytes, download_dtype)
+        coded = encode_version(layout, version, values, max_chunk_bytes, download_dtype)
     except WireFormatError as error:
         log.warning("download_codec_skipped", version=version, reason=str(error))
         return plain
@@ -104,6 +109,31 @@ def encode_version(
     return EncodedVersion(layout, [model.SerializeToString(), *chunks])
 
 
+def encode_encrypted_version(
+    layout: pb.ModelLayout, version: int, encrypted: wire.ModelVector, max_chunk_bytes: int
+) -> EncodedVersion:
+    """The messages that deliver an encrypted version (`metis_async.secure.aggregate`): a
+    `Model` with dtype DTYPE_BFV and its divisor, then the ciphertext bytes in chunks."""
+    data = np.ascontiguousarray(encrypted, dtype=np.uint8).tobytes()
+    divisor, body = int.from_bytes(data[:DIVISOR_BYTES], "little"), data[DIVISOR_BYTES:]
+    chunks = [
+        pb.ControllerMessage(
+            chunk=pb.Chunk(payload_id=version, index=i, data=body[at : at + max_chunk_bytes])
+        ).SerializeToString()
+        for i, at in enumerate(range(0, len(body), max_chunk_bytes))
+    ]
+    header = pb.Payload(
+        payload_id=version,
+        kind=pb.PAYLOAD_KIND_WEIGHTS,
+        dtype=pb.DTYPE_BFV,
+        total_bytes=len(body),
+        num_chunks=len(chunks),
+        layout_id=layout.layout_id,
+    )
+    model = pb.ControllerMessage(model=pb.Model(version=version, payload=header, divisor=divisor))
+    return EncodedVersion(layout, [model.SerializeToString(), *chunks])
+
+
 class ModelStore:
     """The published version, its layout and its ready-to-send messages (event-loop side).
 
@@ -116,7 +146,7 @@ class ModelStore:
         self.version = 0
         self.layout: pb.ModelLayout | None = None
         self.layout_message = b""
-        self._flat: wire.FloatVector | None = None
+        self._flat: wire.ModelVector | None = None
         self._broadcast: list[bytes] = []
         self._codecs: dict[int, list[bytes]] = {}
         self._downloads: dict[tuple[int, bool], ModelDownload] = {}
@@ -127,11 +157,17 @@ class ModelStore:
         return self._flat is not None
 
     @property
+    def encrypted(self) -> bool:
+        """Whether the published version is encrypted (homomorphic aggregation)."""
+        return self._flat is not None and self._flat.dtype == np.uint8
+
+    @property
     def flat(self) -> wire.FloatVector:
-        """The published parameters as one float32 vector (read-only view)."""
+        """The published parameters as one float32 vector (read-only view); RuntimeError for an
+        encrypted version."""
         if self._flat is None:
             raise RuntimeError("the controller has no model yet")
-        view: wire.FloatVector = self._flat.view()
+        view: wire.FloatVector = wire.plain(self._flat).view()
         view.flags.writeable = False
         return view
 
@@ -139,6 +175,13 @@ class ModelStore:
     def nbytes(self) -> int:
         """Size of the flat model in bytes."""
         return 0 if self.layout is None else int(self.layout.total_bytes)
+
+    def published(self) -> list[npt.NDArray[np.generic]]:
+        """The published version as the commit hook gets it: arrays in the layout's shapes, or
+        an encrypted version as its one uint8 vector (copies)."""
+        if self._flat is not None and self._flat.dtype == np.uint8:
+            return [np.array(self._flat)]
+        return self.parameters()
 
     def parameters(self) -> list[npt.NDArray[np.generic]]:
         """The published model as a list of arrays in the layout's shapes (copies)."""
@@ -150,7 +193,7 @@ class ModelStore:
         self,
         layout: pb.ModelLayout,
         version: int,
-        flat: wire.FloatVector,
+        flat: wire.ModelVector,
         messages: list[bytes],
         codecs: dict[int, list[bytes]] | None = None,
     ) -> None:

@@ -226,6 +226,12 @@ class StreamServer:
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
         await self._check_hello(hello, learner_id, context)
         capabilities = frozenset(hello.capabilities) or DEFAULT_CAPABILITIES
+        if self.config.he is not None and "he" not in capabilities:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this federation aggregates under homomorphic encryption: a learner must "
+                "announce the 'he' capability and hold the federation's key pair",
+            )
         session = Session(
             learner_id,
             uuid.uuid4().hex,
@@ -272,6 +278,8 @@ class StreamServer:
             upload_dtype=session.upload_dtype,  # type: ignore[arg-type]
             download_dtype=session.download_dtype,  # type: ignore[arg-type]
         )
+        if self.config.he is not None:
+            welcome.he.CopyFrom(self.config.he.message())
         session.send(controller_message(welcome=welcome))
         log.info(
             "learner_joined",

@@ -38,6 +38,17 @@ FLOAT32_ONLY: frozenset[int] = frozenset({pb.DTYPE_FLOAT32})
 
 FloatVector = npt.NDArray[np.float32]
 
+ModelVector = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
+"""A committed version as the controller holds it: float32 values, or under homomorphic
+aggregation an encrypted version (uint8 bytes, `metis_async.secure.aggregate`)."""
+
+
+def plain(model: ModelVector) -> FloatVector:
+    """`model` as float32 values; RuntimeError for an encrypted version (no key to read it)."""
+    if model.dtype != WIRE_DTYPE:
+        raise RuntimeError("this version is encrypted: the controller holds no key to read it")
+    return model  # type: ignore[return-value]
+
 _NP_TO_PB: dict[np.dtype[np.generic], pb.DType.ValueType] = {
     np.dtype("float32"): pb.DTYPE_FLOAT32,
     np.dtype("float64"): pb.DTYPE_FLOAT64,

@@ -25,7 +25,7 @@ from metis_async.protocols.base import Policy
 from metis_async.protocols.buffered import BufferedPolicy
 from metis_async.protocols.synchronous import SynchronousPolicy
 
-__all__ = ["check_compatible", "min_updates_per_version"]
+__all__ = ["check_compatible", "check_homomorphic", "min_updates_per_version"]
 
 
 def min_updates_per_version(policy: Policy) -> tuple[int, str] | None:
@@ -97,3 +97,32 @@ def check_compatible(policy: Policy, aggregation: AggregationSettings) -> list[s
     if errors:
         raise ValueError("; ".join(errors))
     return warnings
+
+
+def check_homomorphic(policy: Policy, aggregation: AggregationSettings) -> None:
+    """Refuse what homomorphic aggregation cannot do: the controller holds ciphertexts it
+    cannot read, so it can only add them with integer weights and commit the weighted average.
+
+    Raises:
+        ValueError: naming the setting, for a policy other than synchronous or
+            semi-synchronous rounds (the buffered and asynchronous steps mix updates of
+            different base versions and scale them by staleness), a server optimizer, a
+            robust rule or clipping (each needs the plaintext update).
+    """
+    if not isinstance(policy, SynchronousPolicy):
+        raise ValueError(
+            f"homomorphic aggregation works with the synchronous and semi_synchronous "
+            f"protocols (a weighted average of one round's models); {policy.name} is not "
+            "supported under encryption yet"
+        )
+    if aggregation.optimizer != "fedavg" or aggregation.optimizer_options:
+        raise ValueError(
+            "homomorphic aggregation commits the plain weighted average: server optimizer "
+            f"{aggregation.optimizer!r} with options {dict(aggregation.optimizer_options)} "
+            "needs the plaintext aggregate (use fedavg without options)"
+        )
+    if aggregation.robust is not None or aggregation.clip_norm:
+        raise ValueError(
+            "robust rules and norm clipping need plaintext updates; under homomorphic "
+            "aggregation learners clip their values to the encryption settings' clip instead"
+        )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metis_async import wire
+from metis_async.client.encrypted import EncryptedDownload, LearnerEncryption
 from metis_async.client.learner import NDArrays
 from metis_async.v1 import controller_pb2 as pb
 
@@ -72,9 +73,18 @@ class ModelReceiver:
             Welcome carries the same run id and any layout sent matches it.
         codecs: payload dtypes besides float32 this learner offered in `Hello.codecs`: models
             may arrive in any of them, and the controller may pick one for uploads.
+        encryption: the learner's federation keys: encrypted models (DTYPE_BFV) are decrypted
+            on arrival; None refuses them.
     """
 
-    def __init__(self, held: HeldModel | None, codecs: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        held: HeldModel | None,
+        codecs: Collection[int] = (),
+        encryption: LearnerEncryption | None = None,
+    ) -> None:
+        self.encryption = encryption
+        self.encrypted = False  # the controller aggregates under HE (Welcome.he)
         self.layout: pb.ModelLayout | None = held.layout if held is not None else None
         self.model = held  # newest complete model valid on this session (read by the worker)
         self.run_id = ""
@@ -82,7 +92,7 @@ class ModelReceiver:
         self.max_model_bytes = 0
         self.accepted = frozenset({pb.DTYPE_FLOAT32, *codecs})
         self.upload_dtype: int = pb.DTYPE_FLOAT32  # Welcome.upload_dtype, checked
-        self._pending: tuple[int, wire.PayloadAssembler] | None = None
+        self._pending: tuple[int, wire.PayloadAssembler | EncryptedDownload] | None = None
 
     def on_welcome(self, welcome: pb.Welcome) -> None:
         """Adopt the session's limits; forget a held model of another (or unknown) run."""
@@ -96,6 +106,14 @@ class ModelReceiver:
                 "learner did not offer"
             )
         self.upload_dtype = upload
+        self.encrypted = welcome.HasField("he")
+        if self.encrypted:
+            if self.encryption is None:
+                raise ValueError(
+                    "the controller aggregates under homomorphic encryption and this learner "
+                    "holds no federation key (he_keys)"
+                )
+            self.encryption.check_welcome(welcome.he)
         if self.model is not None and (not welcome.run_id or welcome.run_id != self.model.run_id):
             self.model = None  # its version numbers belong to another run
 
@@ -120,6 +138,18 @@ class ModelReceiver:
             raise wire.WireError(
                 f"model payload kind is {model.payload.kind}, expected PAYLOAD_KIND_WEIGHTS"
             )
+        if model.payload.dtype == pb.DTYPE_BFV:
+            if self.encryption is None:
+                raise wire.WireError("an encrypted model arrived and this learner holds no key")
+            values = wire.num_parameters(self.layout)
+            expected = self.encryption.keys.settings.ciphertexts_for(values)
+            download = EncryptedDownload(
+                model,
+                expected * self.encryption.keys.settings.ciphertext_bytes,
+                self.max_chunk_bytes,
+            )
+            self._pending = (int(model.version), download)
+            return None
         assembler = wire.PayloadAssembler(
             model.payload,
             int(self.layout.total_bytes),
@@ -142,5 +172,11 @@ class ModelReceiver:
         assert self.layout is not None
         version, assembler = self._pending
         self._pending = None
-        self.model = HeldModel(version, self.run_id, self.layout, assembler.result())
+        if isinstance(assembler, EncryptedDownload):
+            assert self.encryption is not None
+            values = wire.num_parameters(self.layout)
+            flat = self.encryption.decrypt(assembler.data(), values, assembler.divisor)
+        else:
+            flat = assembler.result()
+        self.model = HeldModel(version, self.run_id, self.layout, flat)
         return self.model

@@ -30,12 +30,14 @@ import grpc
 
 from metis_async import codecs as wire_codecs
 from metis_async import wire
+from metis_async.client.encrypted import LearnerEncryption
 from metis_async.client.learner import Learner
 from metis_async.client.models import HeldModel, ModelReceiver
 from metis_async.client.stream import LearnerStream
 from metis_async.client.summary import Backoff, RunSummary
 from metis_async.client.tasks import TaskWorker, send_result
 from metis_async.client.unacked import UnackedUpdates
+from metis_async.secure.he import LearnerKeys
 from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
@@ -111,6 +113,8 @@ class LearnerRunner:
         unacked: where train results wait for the controller's acknowledgement (keeps the
             newest `UNACKED_KEPT` by default), resent after a reconnect.
         credentials: TLS to the controller (`tls_credentials`); None dials in plaintext.
+        he_keys: the federation's key pair (`secure.he.read_learner_keys`) for a controller
+            that aggregates under homomorphic encryption; the learner then announces "he".
     """
 
     def __init__(
@@ -126,8 +130,10 @@ class LearnerRunner:
         codecs: Sequence[int] = DEFAULT_CODECS,
         unacked: UnackedUpdates | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        he_keys: LearnerKeys | None = None,
     ) -> None:
         self.credentials = credentials
+        self.encryption = LearnerEncryption(he_keys) if he_keys is not None else None
         unknown = [c for c in codecs if c not in wire_codecs.CODEC_DTYPES]
         if unknown:
             raise ValueError(f"codecs must be among {wire_codecs.CODEC_DTYPES}, got {unknown}")
@@ -189,7 +195,7 @@ class LearnerRunner:
             learner_id=self.summary.learner_id,
             token=self.token,
             num_examples=self.learner.num_examples(),
-            capabilities=CAPABILITIES,
+            capabilities=CAPABILITIES + (("he",) if self.encryption is not None else ()),
             client_version="metis-async",
             codecs=self.codecs,  # type: ignore[arg-type]
         )
@@ -224,7 +230,8 @@ class LearnerRunner:
         # A model from a controller without run ids could be mistaken for the same version
         # number of a restarted run, so only a model with a run id is carried over.
         held = self._held if self._held is not None and self._held.run_id else None
-        stream = LearnerStream(self._hello(held), ModelReceiver(held, self.codecs))
+        models = ModelReceiver(held, self.codecs, self.encryption)
+        stream = LearnerStream(self._hello(held), models)
         tasks: queue.SimpleQueue[pb.ControllerMessage | None] = queue.SimpleQueue()
         with self._channel() as channel:
             join = channel.stream_stream(
@@ -344,7 +351,12 @@ class LearnerRunner:
         stream.welcomed = True
         self.summary.sessions += 1
         stream.heartbeat_seconds = welcome.heartbeat_interval_seconds or 5.0
-        stream.models.on_welcome(welcome)
+        try:
+            stream.models.on_welcome(welcome)
+        except wire.WireError:
+            raise
+        except ValueError as error:  # keys that cannot work with this controller, ever
+            raise LearnerStopped(str(error)) from None
         _log(
             "welcomed",
             learner_id=welcome.learner_id,
@@ -465,12 +477,15 @@ def run_learner(
     stop: threading.Event | None = None,
     seed: int | None = None,
     codecs: Sequence[int] = DEFAULT_CODECS,
+    he_keys: LearnerKeys | None = None,
 ) -> RunSummary:
     """Connect `learner` to the controller at `address` and serve tasks until the run ends.
 
     Reconnects with jittered exponential backoff when the stream breaks or the controller drains;
-    raises `LearnerStopped` on a fatal status (bad token) or after `backoff.max_attempts`
-    consecutive failed attempts. `codecs`: payload dtypes offered besides float32.
+    raises `LearnerStopped` on a fatal status (bad token), keys that do not fit the controller's
+    encryption, or after `backoff.max_attempts` consecutive failed attempts. `codecs`: payload
+    dtypes offered besides float32; `he_keys`: the federation's key pair under homomorphic
+    aggregation.
     """
     runner = LearnerRunner(
         address,
@@ -482,5 +497,6 @@ def run_learner(
         seed=seed,
         codecs=codecs,
         credentials=credentials,
+        he_keys=he_keys,
     )
     return runner.run()

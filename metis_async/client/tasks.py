@@ -130,6 +130,9 @@ class TaskWorker:
         (the controller always accepts float32)."""
         payload_id = next(self._payload_ids)
         limit = stream.models.max_chunk_bytes
+        encryption = stream.models.encryption
+        if stream.models.encrypted and encryption is not None:
+            return encryption.encrypt_payload(flat, payload_id, layout_id, limit)
         dtype = stream.models.upload_dtype
         if dtype != pb.DTYPE_FLOAT32:
             try:

@@ -23,6 +23,7 @@ single party can decrypt, are the mode that closes the first gap.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,16 @@ class HeSettings:
     scale_bits: int = 16
     clip: float = 4.0
     max_total_weight: int = 1 << 20
+
+    @property
+    def ciphertext_bytes(self) -> int:
+        """Bytes of one ciphertext on the wire ("MAC2", then 2 polynomials x moduli x degree
+        little-endian u64 coefficients: `rust/core/src/he/format.rs`)."""
+        return 4 + 2 * len(self.moduli_bits) * self.degree * 8
+
+    def ciphertexts_for(self, values: int) -> int:
+        """Ciphertexts that carry `values` values (one per `degree`)."""
+        return -(-values // self.degree)
 
     def context(self) -> HeContext:
         """The Rust context (checks the settings: `EncryptionError` names the bound broken)."""
@@ -105,7 +116,7 @@ def create_he_keys(directory: str | Path, settings: HeSettings | None = None) ->
     secret, public = settings.context().generate_keys()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    header = {"format": _FORMAT, "settings": settings.to_json()}
+    header = {"format": _FORMAT, "settings": settings.to_json(), "key_id": key_id(public)}
     controller = out / CONTROLLER_FILE
     controller.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     learner = out / LEARNER_FILE
@@ -118,12 +129,24 @@ def create_he_keys(directory: str | Path, settings: HeSettings | None = None) ->
     return controller, learner, public_path
 
 
+def key_id(public_key: bytes) -> str:
+    """The public key's identity in `Welcome.he.key_id`: hex SHA-256 of its bytes (nothing
+    about the secret key can be learnt from it)."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
 def read_controller_settings(path: str | Path) -> HeSettings:
     """The settings in a controller file; refuses a file carrying any key."""
+    return read_controller_file(path)[0]
+
+
+def read_controller_file(path: str | Path) -> tuple[HeSettings, str]:
+    """The settings and the key id (`key_id`; "" in files without one) in a controller file;
+    refuses a file carrying any key."""
     document = _read(path)
     if {"secret_key", "public_key"} & set(document):
         raise ValueError(f"{path}: the controller's file must carry no key; use {CONTROLLER_FILE}")
-    return HeSettings.from_json(document["settings"])
+    return HeSettings.from_json(document["settings"]), str(document.get("key_id", ""))
 
 
 def read_learner_keys(path: str | Path) -> LearnerKeys:

@@ -189,7 +189,7 @@ class SimulatedFederation:
 
     def parameters(self) -> NDArrays:
         """A copy of the current global model as a list of arrays."""
-        return [np.array(a) for a in wire.unflatten(self.core.model, self._layout)]
+        return [np.array(a) for a in wire.unflatten(self.core.plain_model, self._layout)]
 
     def run(self, seconds: float) -> SimulationResult:
         """Advance the clock to `seconds` (simulated, from the start) or until the policy finishes.
@@ -277,7 +277,7 @@ class SimulatedFederation:
         self._events[_EVENT_NAMES[method]] += 1
         effects = getattr(self.core, method)(*args)
         if self.trace is not None:
-            self.trace.append(TraceStep(method, args, self.core.version, _digest(self.core.model)))
+            self.trace.append(TraceStep(method, args, self.core.version, _digest(self.core.plain_model)))
         self._apply(effects)
 
     # ------------------------------------------------------------------------------ learners
@@ -351,7 +351,7 @@ class SimulatedFederation:
     def _assign(self, effect: SendTask) -> None:
         task = effect.task
         learner = self.learners[task.learner_id]
-        job = Job(task, self.core.model)  # commits make new arrays: this one stays as it is
+        job = Job(task, self.core.plain_model)  # commits make new arrays: this one stays as it is
         self._jobs[task.task_id] = job
         learner.queue.append(job)
         self._start_next(learner)

@@ -154,6 +154,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_FLOAT16: _DType.ValueType  # 3
     DTYPE_BFLOAT16: _DType.ValueType  # 4
     DTYPE_INT8: _DType.ValueType  # 5
+    DTYPE_BFV: _DType.ValueType  # 6
+    """BFV ciphertexts (see HOMOMORPHIC AGGREGATION); never a TensorSpec dtype"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ DTYPE_FLOAT64: DType.ValueType  # 2
 DTYPE_FLOAT16: DType.ValueType  # 3
 DTYPE_BFLOAT16: DType.ValueType  # 4
 DTYPE_INT8: DType.ValueType  # 5
+DTYPE_BFV: DType.ValueType  # 6
+"""BFV ciphertexts (see HOMOMORPHIC AGGREGATION); never a TensorSpec dtype"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _PayloadKind:
@@ -725,6 +729,7 @@ class Welcome(_message.Message):
     DOWNLOAD_DTYPE_FIELD_NUMBER: _builtins.int
     LEARNERS_CONNECTED_FIELD_NUMBER: _builtins.int
     LEARNERS_NEEDED_FIELD_NUMBER: _builtins.int
+    HE_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """the id to reuse (assigned if Hello's was empty)"""
     session_id: _builtins.str
@@ -771,6 +776,12 @@ class Welcome(_message.Message):
     """
     learners_connected: _builtins.int
     learners_needed: _builtins.int
+    @_builtins.property
+    def he(self) -> Global___HomomorphicSettings:
+        """Set when this federation aggregates under homomorphic encryption (see HOMOMORPHIC
+        AGGREGATION): the settings every ciphertext of this run uses.
+        """
+
     def __init__(
         self,
         *,
@@ -787,14 +798,102 @@ class Welcome(_message.Message):
         download_dtype: Global___DType.ValueType = ...,
         learners_connected: _builtins.int = ...,
         learners_needed: _builtins.int = ...,
+        he: Global___HomomorphicSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["he", b"he"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "he", b"he", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class HomomorphicSettings(_message.Message):
+    """HOMOMORPHIC AGGREGATION. A controller that aggregates under BFV homomorphic encryption puts
+    its settings in Welcome.he and accepts only learners announcing "he" (others: the stream ends
+    with FAILED_PRECONDITION). The controller holds no key: learners hold the federation's key
+    pair (created by `metis-async keys he-init`, shared out of band) and check that SHA-256 of
+    their public key equals `key_id` (a learner with another key ends its stream: it could
+    neither read the models nor send usable updates).
+      Uploads: every TrainTask has upload_delta = false. The learner clips its trained weights
+        to [-clip, clip], encodes each as round(x * 2^scale_bits) and encrypts them, `degree`
+        values per ciphertext (the last zero-padded), under the public key. The TaskResult's
+        payload has kind PAYLOAD_KIND_WEIGHTS, dtype DTYPE_BFV, total_bytes = number of
+        ciphertexts (ceil(layout values / degree)) x ciphertext_bytes, and the usual chunks
+        (byte slices of the ciphertexts one after the other; any size up to max_chunk_bytes).
+        num_examples is the update's weight: the controller multiplies the ciphertexts by an
+        integer weight, min(max(round(num_examples / weight_unit), 1), max_update_weight).
+      Models: version 0 (the initial model) is float32 in the clear, as usual. Every committed
+        version after it is a Model with payload dtype DTYPE_BFV: the weighted sum of the
+        round's ciphertexts, and Model.divisor, the sum of their integer weights. The learner
+        decrypts each ciphertext, takes each coefficient centered mod 2^plaintext_bits, and
+        divides it by 2^scale_bits x divisor: the weighted average of the round's models.
+      Ciphertext bytes (`rust/core/src/he/format.rs`; metis_async's `_core.HeContext` writes and
+        reads them): the 4 bytes "MAC2", then the two polynomials (c0, c1) of the fhe.rs BFV
+        ciphertext at level 0 in NTT form, each as one row per ciphertext modulus (in
+        `moduli_bits` order) of `degree` little-endian uint64 coefficients, each below its
+        modulus: ciphertext_bytes = 4 + 2 x len(moduli) x degree x 8. The moduli, the NTT and the
+        encoding are fhe.rs 0.1.1's for these settings.
+    A malformed upload (wrong size, a coefficient not below its modulus, wrong magic) ends the
+    stream with INVALID_ARGUMENT; the open aggregate is unchanged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEGREE_FIELD_NUMBER: _builtins.int
+    MODULI_BITS_FIELD_NUMBER: _builtins.int
+    PLAINTEXT_BITS_FIELD_NUMBER: _builtins.int
+    SCALE_BITS_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    MAX_TOTAL_WEIGHT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_BYTES_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_UPDATE_WEIGHT_FIELD_NUMBER: _builtins.int
+    degree: _builtins.int
+    """ring degree N: values per ciphertext"""
+    plaintext_bits: _builtins.int
+    """the plaintext modulus is 2^plaintext_bits"""
+    scale_bits: _builtins.int
+    """fixed-point fractional bits"""
+    clip: _builtins.float
+    """values are clipped to [-clip, clip] before encoding"""
+    max_total_weight: _builtins.int
+    """largest divisor (sum of integer weights) of one version"""
+    ciphertext_bytes: _builtins.int
+    """bytes of one ciphertext on the wire"""
+    key_id: _builtins.str
+    """hex SHA-256 of the federation's public key bytes"""
+    weight_unit: _builtins.float
+    """examples per unit of integer weight"""
+    max_update_weight: _builtins.int
+    """largest integer weight of one update"""
+    @_builtins.property
+    def moduli_bits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """bit sizes of the ciphertext moduli (fhe.rs generates them)"""
+
+    def __init__(
+        self,
+        *,
+        degree: _builtins.int = ...,
+        moduli_bits: _abc.Iterable[_builtins.int] | None = ...,
+        plaintext_bits: _builtins.int = ...,
+        scale_bits: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        max_total_weight: _builtins.int = ...,
+        ciphertext_bytes: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        weight_unit: _builtins.float = ...,
+        max_update_weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "clip", b"clip", "degree", b"degree", "key_id", b"key_id", "max_total_weight", b"max_total_weight", "max_update_weight", b"max_update_weight", "moduli_bits", b"moduli_bits", "plaintext_bits", b"plaintext_bits", "scale_bits", b"scale_bits", "weight_unit", b"weight_unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HomomorphicSettings: _TypeAlias = HomomorphicSettings  # noqa: Y015
 
 @_typing.final
 class Status(_message.Message):
@@ -1012,10 +1111,15 @@ class Model(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    DIVISOR_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     receipt: _builtins.bool
     """Only to learners announcing "receipt": acknowledge this model's chunks with ModelReceived
     as they arrive (see DOWNLOAD RECEIPTS).
+    """
+    divisor: _builtins.int
+    """DTYPE_BFV models only: the sum of the integer weights the decrypted values are divided by
+    (see HOMOMORPHIC AGGREGATION); 0 otherwise.
     """
     @_builtins.property
     def payload(self) -> Global___Payload:
@@ -1027,10 +1131,11 @@ class Model(_message.Message):
         version: _builtins.int = ...,
         payload: Global___Payload | None = ...,
         receipt: _builtins.bool = ...,
+        divisor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "receipt", b"receipt", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["divisor", b"divisor", "payload", b"payload", "receipt", b"receipt", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,8 +102,10 @@ class HubLink:
         self.channel.send(("lost", learner_id, session_id, reason))
 
     async def update_arrived(
-        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments
+        self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
+        if isinstance(update, bytes):  # config refuses --workers with homomorphic aggregation
+            raise RuntimeError("ingest workers do not carry encrypted updates")
         length = len(update)
         if self.forward:
             values = update if isinstance(update, np.ndarray) else update.to_array()

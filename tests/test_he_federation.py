@@ -1,0 +1,217 @@
+"""Homomorphic aggregation through the real controller (HOMOMORPHIC AGGREGATION in the proto):
+learners encrypt under the federation's key, the controller sums ciphertexts holding no key,
+learners decrypt the new versions. Real gRPC on loopback, real BFV keys."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from metis_async.client import Backoff, LearnerStopped, run_learner
+from metis_async.protocols import BufferedPolicy, BufferedSettings
+from metis_async.secure.aggregate import HomomorphicAggregation, split_version
+from metis_async.secure.he import (
+    HeSettings,
+    LearnerKeys,
+    create_he_keys,
+    read_controller_file,
+    read_learner_keys,
+)
+from metis_async.server import Controller, ControllerConfig
+from metis_async.v1 import controller_pb2 as pb
+from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+
+Factory = Callable[..., ControllerThread]
+SETTINGS = HeSettings()  # the defaults: N 4096, 109-bit q, t 2^40
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[HomomorphicAggregation, LearnerKeys]:
+    directory = tmp_path_factory.mktemp("he")
+    controller_file, learner_file, _ = create_he_keys(directory, SETTINGS)
+    settings, key_id = read_controller_file(controller_file)
+    return HomomorphicAggregation(settings, key_id), read_learner_keys(learner_file)
+
+
+def run_encrypted(
+    address: str, learners: dict[str, tuple[float, int]], keys: LearnerKeys
+) -> list[Any]:
+    """Reference learners (shift, examples) with the federation's keys, in threads."""
+    out: list[Any] = []
+
+    def run(learner_id: str, shift: float, examples: int) -> None:
+        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
+        try:
+            learner = ShiftLearner(shift, examples)
+            out.append(
+                run_learner(address, learner, learner_id=learner_id, backoff=backoff, he_keys=keys)
+            )
+        except BaseException as error:
+            out.append(error)
+
+    threads = [
+        threading.Thread(target=run, args=(lid, *spec), daemon=True)
+        for lid, spec in learners.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return out
+
+
+def test_rounds_commit_the_encrypted_weighted_average(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he, learner_keys = keys
+    ct = controller_factory(sync_policy(min_learners=3, rounds=2), he=he)
+    learners = {"a": (0.1, 1), "b": (0.2, 2), "c": (0.3, 3)}  # within the clip of 4
+
+    summaries = run_encrypted(ct.address, learners, learner_keys)
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3) / 6  # weighted by num_examples, each round
+    for summary in summaries:
+        assert summary.final_version == 2
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)
+
+
+def test_values_beyond_the_clip_are_clipped(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he, learner_keys = keys
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1), he=he)
+
+    summaries = run_encrypted(ct.address, {"a": (9.0, 1), "b": (-1.0, 1)}, learner_keys)
+
+    expected = (he.settings.clip + -1.0) / 2  # 9 is clipped to 4 before encryption
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, expected), atol=1e-4)
+
+
+def test_the_controller_holds_only_ciphertexts(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he, learner_keys = keys
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1), he=he)
+
+    run_encrypted(ct.address, {"a": (1.0, 1), "b": (2.0, 1)}, learner_keys)
+
+    assert ct.wait_finished(10)
+    assert ct.read(lambda: ct.controller.store.encrypted)
+    with pytest.raises(RuntimeError, match="encrypted"):
+        ct.model()
+    blob = ct.read(lambda: np.array(ct.controller.core.model))
+    divisor, body = split_version(blob, he.settings.ciphertext_bytes)
+    assert divisor == 2
+    assert len(body) == he.settings.ciphertext_bytes  # 10 values: one ciphertext
+    # the learners' values (1.5 x 2^16 after averaging) appear nowhere in the clear
+    assert np.frombuffer(body[4:], dtype="<u8").max() > 2**40
+
+
+def test_a_learner_without_he_is_refused(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1), he=keys[0])
+    raw = RawLearner(ct.address, capabilities=["train"])
+
+    with pytest.raises(grpc.RpcError) as failure:
+        raw.drain()
+
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "homomorphic" in (failure.value.details() or "")
+    raw.close()
+
+
+def _first_task(raw: RawLearner) -> pb.TrainTask:
+    welcome = raw.until("welcome").welcome
+    assert welcome.HasField("he")
+    return raw.until("train").train
+
+
+def test_a_malformed_ciphertext_ends_the_stream_and_leaves_the_model(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he = keys[0]
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), he=he)
+    raw = RawLearner(ct.address, capabilities=["train", "he"])
+    task = _first_task(raw)
+    assert not task.upload_delta  # full trained models under HE
+    size = he.settings.ciphertext_bytes
+    header = pb.Payload(
+        payload_id=1,
+        kind=pb.PAYLOAD_KIND_WEIGHTS,
+        dtype=pb.DTYPE_BFV,
+        total_bytes=size,
+        num_chunks=1,
+        layout_id=ct.read(lambda: ct.controller.store.layout.layout_id),
+    )
+    garbage = b"MAC2" + b"\xff" * (size - 4)  # every coefficient beyond its modulus
+
+    result = pb.TaskResult(task_id=task.task_id, base_version=0, payload=header, num_examples=1)
+    raw.send(pb.LearnerMessage(result=result))
+    raw.send(pb.LearnerMessage(chunk=pb.Chunk(payload_id=1, index=0, data=garbage)))
+
+    with pytest.raises(grpc.RpcError) as failure:
+        raw.drain()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "modulus" in (failure.value.details() or "")
+    assert ct.read(lambda: ct.controller.version) == 0
+    raw.close()
+
+
+def test_a_plaintext_upload_is_refused(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), he=keys[0])
+    raw = RawLearner(ct.address, capabilities=["train", "he"])
+    task = _first_task(raw)
+    header = pb.Payload(
+        payload_id=1,
+        kind=pb.PAYLOAD_KIND_WEIGHTS,
+        dtype=pb.DTYPE_FLOAT32,
+        total_bytes=40,
+        num_chunks=1,
+        layout_id=ct.read(lambda: ct.controller.store.layout.layout_id),
+    )
+
+    result = pb.TaskResult(task_id=task.task_id, base_version=0, payload=header, num_examples=1)
+    raw.send(pb.LearnerMessage(result=result))
+
+    with pytest.raises(grpc.RpcError) as failure:
+        raw.drain()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "DTYPE_BFV" in (failure.value.details() or "")
+    raw.close()
+
+
+def test_a_learner_with_another_key_stops(
+    controller_factory: Factory,
+    keys: tuple[HomomorphicAggregation, LearnerKeys],
+    tmp_path: Path,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1), he=keys[0])
+    _, other_file, _ = create_he_keys(tmp_path, SETTINGS)
+
+    with pytest.raises(LearnerStopped, match="another federation's key"):
+        run_learner(
+            ct.address,
+            ShiftLearner(1.0, 1),
+            he_keys=read_learner_keys(other_file),
+            backoff=Backoff(initial_seconds=0.05, max_attempts=3),
+        )
+
+
+def test_policies_that_need_the_plaintext_are_refused(
+    keys: tuple[HomomorphicAggregation, LearnerKeys],
+) -> None:
+    policy = BufferedPolicy(BufferedSettings(buffer_size=2))
+
+    with pytest.raises(ValueError, match="not supported under encryption"):
+        Controller(policy, ControllerConfig(port=0, he=keys[0]))
