@@ -24,9 +24,9 @@ import numpy as np
 import structlog
 
 from metis_async import wire
+from metis_async._core import EncryptionError
 from metis_async.delivery import keep_freed_memory, lower_thread_priority, start_bulk_threads
 from metis_async.federation import RESULT_RECEIVED, UpdateReport
-from metis_async._core import EncryptionError
 from metis_async.protocols import Task, TaskKind
 from metis_async.secure.aggregate import CipherUpload, check_ciphertexts
 from metis_async.session import PendingUpload, ProtocolViolation, Session, controller_message

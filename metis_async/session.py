@@ -21,9 +21,9 @@ import grpc
 
 from metis_async.budget import ReceiptLedger
 from metis_async.protocols import Task
+from metis_async.secure.aggregate import CipherUpload
 from metis_async.store import ModelDownload
 from metis_async.v1 import controller_pb2 as pb
-from metis_async.secure.aggregate import CipherUpload
 from metis_async.wire import Upload
 
 Outgoing = bytes | ModelDownload

@@ -49,6 +49,7 @@ def plain(model: ModelVector) -> FloatVector:
         raise RuntimeError("this version is encrypted: the controller holds no key to read it")
     return model  # type: ignore[return-value]
 
+
 _NP_TO_PB: dict[np.dtype[np.generic], pb.DType.ValueType] = {
     np.dtype("float32"): pb.DTYPE_FLOAT32,
     np.dtype("float64"): pb.DTYPE_FLOAT64,

@@ -277,7 +277,9 @@ class SimulatedFederation:
         self._events[_EVENT_NAMES[method]] += 1
         effects = getattr(self.core, method)(*args)
         if self.trace is not None:
-            self.trace.append(TraceStep(method, args, self.core.version, _digest(self.core.plain_model)))
+            self.trace.append(
+                TraceStep(method, args, self.core.version, _digest(self.core.plain_model))
+            )
         self._apply(effects)
 
     # ------------------------------------------------------------------------------ learners
