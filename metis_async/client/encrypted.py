@@ -9,13 +9,15 @@ Rust (`_core.HeContext`), in parallel, with the GIL released.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from metis_async import wire
-from metis_async.secure.aggregate import settings_from_message, split_ciphertexts
-from metis_async.secure.he import LearnerKeys, key_id
 from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async.secure.he import LearnerKeys
 
 
 class LearnerEncryption:
@@ -26,6 +28,8 @@ class LearnerEncryption:
     """
 
     def __init__(self, keys: LearnerKeys) -> None:
+        from metis_async.secure.he import key_id  # the Rust extension: only learners using HE
+
         self.keys = keys
         self.context = keys.settings.context()
         self.key_id = key_id(keys.public_key)
@@ -33,6 +37,8 @@ class LearnerEncryption:
     def check_welcome(self, he: pb.HomomorphicSettings) -> None:
         """Refuse (ValueError, naming the difference) a controller whose settings or key id do
         not match this learner's keys: it could neither read the models nor use the updates."""
+        from metis_async.secure.aggregate import settings_from_message
+
         theirs = settings_from_message(he)
         if theirs != self.keys.settings:
             raise ValueError(
@@ -49,6 +55,8 @@ class LearnerEncryption:
         """The `length` values of an encrypted version's ciphertexts divided by `divisor`."""
         if divisor < 1:
             raise wire.WireError(f"an encrypted model needs a divisor >= 1, got {divisor}")
+        from metis_async.secure.aggregate import split_ciphertexts
+
         parts = split_ciphertexts(data, self.keys.settings.ciphertext_bytes)
         values = self.context.decrypt(self.keys.secret_key, parts, length, float(divisor))
         return np.ascontiguousarray(values, dtype=wire.WIRE_DTYPE)

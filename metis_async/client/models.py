@@ -11,13 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from metis_async import wire
-from metis_async.client.encrypted import EncryptedDownload, LearnerEncryption
+from metis_async.client.encrypted import EncryptedDownload
 from metis_async.client.learner import NDArrays
 from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async.client.encrypted import LearnerEncryption
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -37,8 +38,10 @@ from metis_async.client.stream import LearnerStream
 from metis_async.client.summary import Backoff, RunSummary
 from metis_async.client.tasks import TaskWorker, send_result
 from metis_async.client.unacked import UnackedUpdates
-from metis_async.secure.he import LearnerKeys
 from metis_async.v1 import controller_pb2 as pb
+
+if TYPE_CHECKING:
+    from metis_async.secure.he import LearnerKeys
 
 log = logging.getLogger("metis_async.client")
 
