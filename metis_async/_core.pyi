@@ -541,6 +541,75 @@ class CipherSum:
     def count(self) -> int:
         """Updates added (partial sums add their counts)."""
 
+# multiparty keys (rust/core/src/he/multiparty.rs): P-of-P, no single party can decrypt
+
+__all__ += ["HeParty", "he_collective_public_key", "he_combine", "he_smudging"]
+
+@final
+class HeParty:
+    """One member of a committee of ``parties`` that holds the BFV key in shares: its ternary
+    secret share s_i. Decrypting anything takes a share from **every** party (P-of-P, no
+    threshold: one party that leaves blocks decryption). Shares are not proven honest (no
+    zero-knowledge proofs); all parties together can decrypt anything.
+
+    ``crs`` (32 bytes, public, the same for the whole committee) seeds the common random
+    polynomial of the key. The secret comes from the operating system's randomness.
+    """
+
+    def __new__(cls, context: HeContext, index: int, parties: int, crs: bytes) -> HeParty: ...
+    @staticmethod
+    def from_secret(context: HeContext, secret: bytes) -> HeParty:
+        """The party saved by :meth:`secret` (a learner restarting)."""
+
+    @property
+    def index(self) -> int:
+        """This party's index in the committee (0-based)."""
+
+    @property
+    def parties(self) -> int:
+        """Parties in the committee."""
+
+    @property
+    def crs(self) -> bytes:
+        """The committee's common reference string (32 bytes)."""
+
+    @property
+    def smudging_bits(self) -> int:
+        """Each decryption share carries noise uniform in ``[-2**bits, 2**bits)``."""
+
+    def secret(self) -> bytes:
+        """The party's state to persist like a private key: index, parties, CRS and s_i
+        (``degree / 4 + 44`` bytes)."""
+
+    def key_share(self) -> bytes:
+        """This party's share of the collective public key (the same bytes on every call)."""
+
+    def decryption_shares(self, ciphertexts: Sequence[bytes]) -> list[bytes]:
+        """This party's decryption share of each ciphertext (e.g. a :class:`CipherSum`'s),
+        bound to that ciphertext by its SHA-256; in parallel with the GIL released."""
+
+def he_collective_public_key(context: HeContext, crs: bytes, shares: Sequence[bytes]) -> bytes:
+    """The collective public key from every party's :meth:`HeParty.key_share`, in any order,
+    for :meth:`HeContext.encrypt`. Raises :class:`EncryptionError` on a missing or repeated
+    party or shares of another committee."""
+
+def he_combine(
+    context: HeContext,
+    ciphertexts: Sequence[bytes],
+    shares_per_party: Sequence[Sequence[bytes]],
+    length: int,
+    divisor: float = 1.0,
+) -> NDArray[np.float32]:
+    """Decrypt a sum of ``length`` values from its ciphertexts and every party's decryption
+    shares (``shares_per_party[p][k]``: one party's share of ciphertext ``k``), divided by
+    ``divisor``; needs no secret. Raises :class:`EncryptionError`, decrypting nothing, when a
+    party is missing or a share was made for another ciphertext or committee."""
+
+def he_smudging(context: HeContext, parties: int) -> tuple[int, float]:
+    """The smudging noise of a committee of ``parties`` under these settings: ``(bits,
+    margin_bits)``, the margin over the worst-case noise it hides at ``max_total_weight``.
+    Raises :class:`EncryptionError` when the noise budget leaves less than 16 bits."""
+
 # --------------------------------------------------------------------------------------- SecAgg+
 
 __all__ += ["SecAggError", "SecAggLearner", "secagg_mean", "secagg_unmask_sum"]

@@ -62,6 +62,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_chunks::encode_chunk_messages, m)?)?;
     m.add_class::<py_he::PyHeContext>()?;
     m.add_class::<py_he::PyCipherSum>()?;
+    m.add_class::<py_he::PyHeParty>()?;
+    m.add_function(wrap_pyfunction!(py_he::he_collective_public_key, m)?)?;
+    m.add_function(wrap_pyfunction!(py_he::he_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(py_he::he_smudging, m)?)?;
     m.add_class::<py_secagg::PySecAggLearner>()?;
     m.add_function(wrap_pyfunction!(py_secagg::secagg_unmask_sum, m)?)?;
     m.add_function(wrap_pyfunction!(py_secagg::secagg_mean, m)?)?;

@@ -1,12 +1,15 @@
-//! Python binding of homomorphic aggregation (`he`): `HeContext` (keys, encrypt, decrypt) and
-//! `CipherSum` (the controller's keyless weighted sum).
+//! Python binding of homomorphic aggregation (`he`): `HeContext` (keys, encrypt, decrypt),
+//! `CipherSum` (the controller's keyless weighted sum), and the multiparty mode: `HeParty` (a
+//! committee member's secret share), `he_collective_public_key`, `he_combine`.
 //!
 //! Ciphertexts cross as `bytes` (`PyBackedBytes`: borrowed, no copy) and every O(model) call runs
 //! with the GIL released. Errors become `metis_async._core.EncryptionError` (a `ValueError`).
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use metis_async_core::he::{CipherSum, HeContext, HeSettings};
+use metis_async_core::he::{
+    collective_public_key, combine, CipherSum, HeContext, HeParty, HeSettings, Smudging,
+};
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -198,4 +201,110 @@ impl PyCipherSum {
         self.lock()?.reset();
         Ok(())
     }
+}
+
+/// One member of a multiparty committee: its secret share of the collective key.
+#[pyclass(name = "HeParty", module = "metis_async._core", frozen)]
+pub struct PyHeParty {
+    inner: HeParty,
+}
+
+#[pymethods]
+impl PyHeParty {
+    #[new]
+    fn new(
+        context: &PyHeContext,
+        index: usize,
+        parties: usize,
+        crs: PyBackedBytes,
+    ) -> Result<Self> {
+        Ok(Self {
+            inner: HeParty::generate(context.inner.clone(), index, parties, &crs)?,
+        })
+    }
+
+    #[staticmethod]
+    fn from_secret(context: &PyHeContext, secret: PyBackedBytes) -> Result<Self> {
+        Ok(Self {
+            inner: HeParty::from_secret(context.inner.clone(), &secret)?,
+        })
+    }
+
+    #[getter]
+    fn index(&self) -> usize {
+        self.inner.index()
+    }
+
+    #[getter]
+    fn parties(&self) -> usize {
+        self.inner.parties()
+    }
+
+    #[getter]
+    fn crs<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.crs())
+    }
+
+    #[getter]
+    fn smudging_bits(&self) -> u32 {
+        self.inner.smudging().bits
+    }
+
+    fn secret<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.secret())
+    }
+
+    fn key_share<'py>(&self, py: Python<'py>) -> Result<Bound<'py, PyBytes>> {
+        let share = py_arrays::detached(py, || self.inner.key_share())?;
+        Ok(PyBytes::new(py, &share))
+    }
+
+    fn decryption_shares<'py>(
+        &self,
+        py: Python<'py>,
+        ciphertexts: Vec<PyBackedBytes>,
+    ) -> Result<Vec<Bound<'py, PyBytes>>> {
+        let refs = slices(&ciphertexts);
+        let lists = py_arrays::detached(py, || self.inner.decryption_shares(&refs))?;
+        Ok(to_list(py, lists))
+    }
+}
+
+/// The collective public key from every party's key share.
+#[pyfunction]
+pub fn he_collective_public_key<'py>(
+    py: Python<'py>,
+    context: &PyHeContext,
+    crs: PyBackedBytes,
+    shares: Vec<PyBackedBytes>,
+) -> Result<Bound<'py, PyBytes>> {
+    let refs = slices(&shares);
+    let key = py_arrays::detached(py, || collective_public_key(&context.inner, &crs, &refs))?;
+    Ok(PyBytes::new(py, &key))
+}
+
+/// Decrypt a sum from its ciphertexts and every party's decryption shares.
+#[pyfunction]
+#[pyo3(signature = (context, ciphertexts, shares_per_party, length, divisor = 1.0))]
+pub fn he_combine<'py>(
+    py: Python<'py>,
+    context: &PyHeContext,
+    ciphertexts: Vec<PyBackedBytes>,
+    shares_per_party: Vec<Vec<PyBackedBytes>>,
+    length: usize,
+    divisor: f64,
+) -> Result<Bound<'py, PyArray1<f32>>> {
+    let refs = slices(&ciphertexts);
+    let shares: Vec<Vec<&[u8]>> = shares_per_party.iter().map(|s| slices(s)).collect();
+    let out = py_arrays::detached(py, || {
+        combine(&context.inner, &refs, &shares, length, divisor)
+    })?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// The smudging noise of a committee of `parties`: (bits, margin_bits).
+#[pyfunction]
+pub fn he_smudging(context: &PyHeContext, parties: usize) -> Result<(u32, f64)> {
+    let smudging = Smudging::new(&context.inner, parties)?;
+    Ok((smudging.bits, smudging.margin_bits))
 }

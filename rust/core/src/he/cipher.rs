@@ -82,21 +82,9 @@ impl HeContext {
         len: usize,
         divisor: f64,
     ) -> Result<Vec<f32>> {
-        if ciphertexts.len() != self.ciphertexts_for(len) {
-            return Err(HeError::CiphertextCount {
-                what: "the sum",
-                got: ciphertexts.len(),
-                expected: self.ciphertexts_for(len),
-            });
-        }
-        if !(divisor.is_finite() && divisor > 0.0) {
-            return Err(HeError::Decrypt(format!(
-                "divisor must be finite and > 0, got {divisor}"
-            )));
-        }
+        let factor = self.decode_factor(ciphertexts.len(), len, divisor)?;
         let secret = SecretKey::from_bytes(secret_key, &self.params)
             .map_err(|e| HeError::malformed("secret key", e))?;
-        let factor = 1.0 / (divisor * 2f64.powi(self.settings.scale_bits as i32));
         let parts: Vec<Vec<f32>> = ciphertexts
             .par_iter()
             .map(|bytes| {
@@ -106,7 +94,7 @@ impl HeContext {
                     .map_err(|e| HeError::malformed("ciphertext", e))?;
                 let sums = Vec::<i64>::try_decode(&plaintext, Encoding::poly())
                     .map_err(|e| HeError::malformed("ciphertext", e))?;
-                Ok(sums.iter().map(|&m| (m as f64 * factor) as f32).collect())
+                Ok(scaled(&sums, factor))
             })
             .collect::<Result<_>>()?;
         let mut out: Vec<f32> = parts.into_iter().flatten().collect();
@@ -114,11 +102,34 @@ impl HeContext {
         Ok(out)
     }
 
+    /// Check a decryption's arguments (`count` ciphertexts for `len` values, a finite
+    /// `divisor` > 0); the factor from decoded sums to values: 1 / (divisor * 2^scale_bits).
+    pub(crate) fn decode_factor(&self, count: usize, len: usize, divisor: f64) -> Result<f64> {
+        if count != self.ciphertexts_for(len) {
+            return Err(HeError::CiphertextCount {
+                what: "the sum",
+                got: count,
+                expected: self.ciphertexts_for(len),
+            });
+        }
+        if !(divisor.is_finite() && divisor > 0.0) {
+            return Err(HeError::Decrypt(format!(
+                "divisor must be finite and > 0, got {divisor}"
+            )));
+        }
+        Ok(1.0 / (divisor * 2f64.powi(self.settings.scale_bits as i32)))
+    }
+
     /// A ciphertext in the wire format (`format`): two polynomials at level 0, each
     /// coefficient checked, so anything parsed can be added to a sum.
     pub(crate) fn parse(&self, bytes: &[u8]) -> Result<Ciphertext> {
         format::decode(bytes, &self.params)
     }
+}
+
+/// Decoded fixed-point sums times `factor` ([`HeContext::decode_factor`]) as values.
+pub(crate) fn scaled(sums: &[i64], factor: f64) -> Vec<f32> {
+    sums.iter().map(|&m| (m as f64 * factor) as f32).collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! mode in which no single party holds the secret key. OpenFHE and SEAL are C++ (bindings
 //! need their toolchains); TFHE-rs is a different scheme (boolean/short integers, no cheap
 //! SIMD-style addition of large vectors); concrete-ml cannot aggregate encrypted updates.
+//! `fhe::mbfv`'s shares cannot be serialized, so `multiparty` implements the same protocols
+//! on `fhe_math` polynomials.
 //!
 //! # What one ciphertext holds
 //!
@@ -45,10 +47,12 @@
 
 mod cipher;
 mod format;
+mod multiparty;
 mod params;
 mod sum;
 
 pub use cipher::HeContext;
+pub use multiparty::{collective_public_key, combine, HeParty, Smudging, CRS_BYTES};
 pub use params::HeSettings;
 pub use sum::CipherSum;
 
@@ -91,6 +95,16 @@ pub enum HeError {
     /// Decrypting a sum of nothing, or for a length beyond what the ciphertexts hold.
     #[error("{0}")]
     Decrypt(String),
+
+    /// Multiparty shares that do not make up one whole committee: a party missing (all must
+    /// take part) or given twice, shares of different committees, a party index beyond the
+    /// committee.
+    #[error("committee: {0}")]
+    Committee(String),
+
+    /// A decryption share made for another ciphertext than the one it is combined with.
+    #[error("the decryption share of party {party} for ciphertext {ciphertext} was made for another ciphertext")]
+    ShareMismatch { party: usize, ciphertext: usize },
 }
 
 impl HeError {
