@@ -18,6 +18,7 @@ from metis_async.secure import (
     LEARNER_FILE,
     PUBLIC_FILE,
     HeSettings,
+    key_id,
     read_controller_settings,
     read_learner_keys,
 )
@@ -127,7 +128,8 @@ def test_he_init_gives_the_controller_no_key(tmp_path: Path) -> None:
     for path in controller_files:
         data = path.read_bytes()
         document = json.loads(data)
-        assert set(document) == {"format", "settings"}
+        assert set(document) == {"format", "settings", "fingerprint"}
+        assert document["fingerprint"] == key_id(learner.public_key)  # SHA-256: public
         assert not any(form[:64] in data for form in secret_forms)
         assert b"key" not in data
     assert stat.S_IMODE((tmp_path / LEARNER_FILE).stat().st_mode) == 0o600

@@ -1,7 +1,9 @@
 """Encrypted aggregation: the Python side of homomorphic aggregation (BFV) and SecAgg+ masking.
 
-`he` holds the BFV settings and key files; `secagg` the SecAgg+ round settings and an in-process
-round driver. The arithmetic lives in `metis_async._core` (`rust/core/src/he`, `secagg`).
+`he` holds the BFV settings and key files, `aggregate` the controller's keyless ciphertext sum
+and encrypted versions, `multiparty` the committee keys (no single party can decrypt);
+`secagg` the SecAgg+ round settings and an in-process round driver. The arithmetic lives in
+`metis_async._core` (`rust/core/src/he`, `secagg`).
 """
 
 from metis_async.secure.he import (
@@ -11,6 +13,8 @@ from metis_async.secure.he import (
     HeSettings,
     LearnerKeys,
     create_he_keys,
+    key_id,
+    read_controller_file,
     read_controller_settings,
     read_learner_keys,
 )
@@ -24,6 +28,8 @@ __all__ = [
     "LearnerKeys",
     "SecAggSettings",
     "create_he_keys",
+    "key_id",
+    "read_controller_file",
     "read_controller_settings",
     "read_learner_keys",
     "run_round",

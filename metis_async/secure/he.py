@@ -116,7 +116,7 @@ def create_he_keys(directory: str | Path, settings: HeSettings | None = None) ->
     secret, public = settings.context().generate_keys()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    header = {"format": _FORMAT, "settings": settings.to_json(), "key_id": key_id(public)}
+    header = {"format": _FORMAT, "settings": settings.to_json(), "fingerprint": key_id(public)}
     controller = out / CONTROLLER_FILE
     controller.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     learner = out / LEARNER_FILE
@@ -141,12 +141,12 @@ def read_controller_settings(path: str | Path) -> HeSettings:
 
 
 def read_controller_file(path: str | Path) -> tuple[HeSettings, str]:
-    """The settings and the key id (`key_id`; "" in files without one) in a controller file;
-    refuses a file carrying any key."""
+    """The settings and the public key's fingerprint (`key_id`; "" in files without one) in a
+    controller file; refuses a file carrying any key."""
     document = _read(path)
     if {"secret_key", "public_key"} & set(document):
         raise ValueError(f"{path}: the controller's file must carry no key; use {CONTROLLER_FILE}")
-    return HeSettings.from_json(document["settings"]), str(document.get("key_id", ""))
+    return HeSettings.from_json(document["settings"]), str(document.get("fingerprint", ""))
 
 
 def read_learner_keys(path: str | Path) -> LearnerKeys:
