@@ -47,6 +47,8 @@ from metis_async.effects import (
 )
 from metis_async.federation import FederationCore
 from metis_async.protocols import Task, TaskKind
+from metis_async.secure.aggregate import HomomorphicAggregation
+from metis_async.secure.relay import DecryptionRelay
 from metis_async.session import Outgoing, Session, controller_message
 from metis_async.store import EncodedVersion, ModelStore
 from metis_async.v1 import controller_pb2 as pb
@@ -303,6 +305,13 @@ class EffectDelivery:
         self.download_receipt_bytes: int | None = None
         """Models from this size on (bytes) are sent with `Model.receipt` to learners
         announcing "receipt" (their chunks wait for ModelReceived); None: never."""
+        self.relay: DecryptionRelay | None = None
+        """MULTIPARTY KEYS: the committee's decryption shares of each encrypted version."""
+
+    def enable_relay(self, he: HomomorphicAggregation) -> DecryptionRelay:
+        """Relay decryption shares for the committee of `he` (multiparty keys)."""
+        self.relay = DecryptionRelay(he, self._sessions, self._queue_model, self._out)
+        return self.relay
 
     def __call__(self, effects: list[Effect]) -> None:
         """Carry out `effects` in order (on the event loop; never blocks).
@@ -399,14 +408,23 @@ class EffectDelivery:
         if self._store.version != effect.version:  # effects run in core order: cannot happen
             log.error("model_out_of_order", wanted=effect.version, published=self._store.version)
             return
+        if session.model_sent == effect.version:
+            return  # sent already (a committee member gets every encrypted version at once)
+        self._queue_model(session)
+
+    def _queue_model(self, session: Session) -> None:
+        """Queue the published version for `session` (and its decryption shares, if any)."""
         if not session.has_layout:
             session.has_layout = self._out(session, self._store.layout_message)
+        session.model_sent = self._store.version
         store, threshold = self._store, self.download_receipt_bytes
         receipt = threshold is not None and session.ledger is not None and store.nbytes >= threshold
         if receipt or store.nbytes > BUNDLE_ITEM_BYTES:  # its chunks go alone anyway
             self._out(session, store.download(session.download_dtype, receipt))
         else:  # header and chunk may share a bundle with the task
             self._out(session, *store.broadcast(session.download_dtype))
+        if self.relay is not None and store.encrypted:
+            self.relay.model_sent(session, store.version)
 
     def _send_status(self, effect: SendStatus) -> None:
         status = pb.Status(
@@ -443,6 +461,10 @@ class EffectDelivery:
         record, layout = effect.record, encoded.layout
         store = self._store
         store.publish(layout, record.version, effect.model, encoded.messages, encoded.codecs)
+        if self.relay is not None and store.encrypted:
+            he = self.relay.he
+            values = wire.num_parameters(layout)
+            self.relay.published(record.version, he.settings.ciphertexts_for(values))
         if self._on_commit is not None and record.version > 0:
             self._spawn(self._run_commit_hook(record.version, effect.model, layout))
 
@@ -482,6 +504,8 @@ class EffectDelivery:
             else [s for s in (self._sessions.get(effect.learner_id),) if s is not None]
         )
         for session in targets:
+            if self.relay is not None and self.relay.hold_shutdown(session, message):
+                continue  # it ends once the committee's shares of the final version are out
             self._out(session, message)
             self._flush(session)  # everything before the shutdown goes out before the end
             session.finish()

@@ -24,18 +24,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from metis_async import wire
-from metis_async.client.encrypted import LearnerEncryption
+from metis_async.client.encrypted import CommitteeEncryption, LearnerEncryption
 from metis_async.examples import digits
 from metis_async.federation import summarize_participation
 from metis_async.profiles import DEMO_PROFILES, default_demo_settings
 from metis_async.protocols import TrainSettings, make_policy
 from metis_async.secure.aggregate import HomomorphicAggregation, split_version
 from metis_async.secure.he import create_he_keys, read_controller_file, read_learner_keys
+from metis_async.secure.multiparty import create_committee_files, read_committee_file
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
 
-SECURE_MODES = ("none", "he")
+SECURE_MODES = ("none", "he", "he-multiparty")
 """Encryption modes of `metis-async demo --secure`."""
+
+COMMITTEE_SIZE = 3
+"""Committee members (the first learners) of `--secure he-multiparty`."""
 
 BASE_STEP_SECONDS = 0.005
 """Per-step delay of every learner when stragglers are simulated (seconds)."""
@@ -50,9 +54,11 @@ class DemoOptions:
         codec: payload codec of uploads and downloads (float32, float16, bfloat16, int8).
         stragglers: fraction of learners made `slowdown` times slower; with any, every learner
             also sleeps `BASE_STEP_SECONDS` per SGD step, so speeds differ as on real devices.
-        secure: "none", or "he": homomorphic aggregation with a shared learner key pair made
+        secure: "none"; "he": homomorphic aggregation with a shared learner key pair made
             for this run (the controller gets the settings only; the demo's scorer, like every
-            learner, holds the key to read the encrypted versions).
+            learner, holds the key to read the encrypted versions); "he-multiparty": the first
+            `COMMITTEE_SIZE` learners hold the key in shares and every version is decrypted
+            with all their shares.
         save_model: write the final model here (`numpy.savez`, the layout's tensors in order).
     """
 
@@ -132,13 +138,16 @@ def _learner_process(
     seed: int,
     log_level: str,
     step_delay_seconds: float,
-    he_key_file: str | None = None,
+    keys: tuple[str | None, str | None, str | None] = (None, None, None),
 ) -> None:
     """Entry point of one learner process (spawned, so it starts clean)."""
     import logging
 
     from metis_async.client import Backoff, run_learner
     from metis_async.secure.he import read_learner_keys
+    from metis_async.secure.multiparty import read_committee_file, read_party_file
+
+    he_key_file, committee_file, party_file = keys
 
     logging.basicConfig(level=log_level.upper(), format=f"learner-{index} %(message)s")
     learner = digits.DigitsLearner(
@@ -151,6 +160,8 @@ def _learner_process(
         seed=seed + index,
         backoff=Backoff(initial_seconds=0.1, max_seconds=2.0, max_attempts=30),
         he_keys=read_learner_keys(he_key_file) if he_key_file else None,
+        he_committee=read_committee_file(committee_file) if committee_file else None,
+        he_party=read_party_file(party_file) if party_file else None,
     )
 
 
@@ -163,40 +174,87 @@ def run_demo(options: DemoOptions) -> DemoResult:
         return run_event_loop(_run(options, Path(keys)))
 
 
-class _Scorer:
-    """Reads each committed version as the demo's evaluator: plain arrays as they are, an
-    encrypted version with the learners' key (the controller itself holds none)."""
+@dataclass
+class _SecureSetup:
+    """What `--secure` gives the controller and each learner (key files by learner index)."""
 
-    def __init__(self, he_key_file: Path | None) -> None:
+    he: HomomorphicAggregation | None = None
+    learner_key: Path | None = None  # he: the shared key pair, every learner
+    committee: Path | None = None  # he-multiparty: the committee's public file, every learner
+    parties: dict[int, Path] = field(default_factory=dict)  # he-multiparty: members' files
+
+    def learner_files(self, index: int) -> tuple[str | None, str | None, str | None]:
+        party = self.parties.get(index)
+        return (
+            str(self.learner_key) if self.learner_key else None,
+            str(self.committee) if self.committee else None,
+            str(party) if party else None,
+        )
+
+
+def _secure_setup(options: DemoOptions, keys: Path) -> _SecureSetup:
+    """Keys for `options.secure`. The demo runs on one machine, so it makes every key here; in
+    a deployment each committee member makes its own party file (`keys he-party`)."""
+    if options.secure == "he":
+        controller_file, learner_file, _ = create_he_keys(keys)
+        settings, key_id = read_controller_file(controller_file)  # settings only: no key
+        return _SecureSetup(HomomorphicAggregation(settings, key_id), learner_key=learner_file)
+    if options.secure == "he-multiparty":
+        members = min(COMMITTEE_SIZE, options.learners)
+        committee_file, *party_files = create_committee_files(keys, members)
+        committee = read_committee_file(committee_file)
+        ids = tuple(f"learner-{i}" for i in range(members))
+        he = HomomorphicAggregation(committee.settings, committee.key_id, committee=ids)
+        return _SecureSetup(he, committee=committee_file, parties=dict(enumerate(party_files)))
+    return _SecureSetup()
+
+
+class _Scorer:
+    """Reads each committed version as the demo's evaluator: plain arrays as they are; an
+    encrypted version with the learners' key pair (he), or once the committee's decryption
+    shares are out (he-multiparty: whoever holds all of them can read the version)."""
+
+    def __init__(self, setup: _SecureSetup) -> None:
         self._keys = (
-            None if he_key_file is None else LearnerEncryption(read_learner_keys(he_key_file))
+            LearnerEncryption(read_learner_keys(setup.learner_key)) if setup.learner_key else None
+        )
+        self._committee = (
+            CommitteeEncryption(read_committee_file(setup.committee)) if setup.committee else None
         )
         self._layout = wire.make_layout(digits.initial_parameters())
+        self.controller: Controller | None = None
 
-    def parameters(self, params: list[npt.NDArray[np.generic]]) -> list[npt.NDArray[np.generic]]:
-        if self._keys is None or params[0].dtype != np.uint8:
+    async def parameters(
+        self, version: int, params: list[npt.NDArray[np.generic]]
+    ) -> list[npt.NDArray[np.generic]] | None:
+        """The version's arrays; None if its decryption shares did not come in time."""
+        if params[0].dtype != np.uint8:
             return params
-        size = self._keys.keys.settings.ciphertext_bytes
-        divisor, body = split_version(params[0], size)
-        flat = self._keys.decrypt(body, wire.num_parameters(self._layout), divisor)
+        values = wire.num_parameters(self._layout)
+        if self._keys is not None:
+            divisor, body = split_version(params[0], self._keys.settings.ciphertext_bytes)
+            flat = self._keys.decrypt(body, values, divisor)
+        else:
+            assert self._committee is not None
+            assert self.controller is not None
+            divisor, body = split_version(params[0], self._committee.settings.ciphertext_bytes)
+            relay = self.controller.relay
+            assert relay is not None
+            for _ in range(1000):  # up to 10 s: the members answer within one round trip
+                shares = relay.shares_of(version)
+                if shares is not None:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                return None
+            flat = self._committee.combine(body, shares, values, divisor)
         return [np.array(a) for a in wire.unflatten(flat, self._layout)]
-
-
-def _secure_config(
-    options: DemoOptions, keys: Path
-) -> tuple[HomomorphicAggregation | None, Path | None]:
-    """The controller's encryption settings and the learners' key file for `options.secure`."""
-    if options.secure == "none":
-        return None, None
-    controller_file, learner_file, _ = create_he_keys(keys)
-    settings, key_id = read_controller_file(controller_file)  # settings only: no key
-    return HomomorphicAggregation(settings, key_id), learner_file
 
 
 async def _run(options: DemoOptions, keys: Path) -> DemoResult:
     started = time.perf_counter()
-    he, he_key_file = _secure_config(options, keys)
-    scorer = _Scorer(he_key_file)
+    setup = _secure_setup(options, keys)
+    scorer = _Scorer(setup)
     federation = digits.load_digits_federated(options.learners, options.alpha, options.seed)
     test_x, test_y = federation.test
     history: list[float] = []
@@ -219,8 +277,11 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
 
     scored: list[int] = []  # versions in `history`, in order
 
-    def on_commit(version: int, params: list[npt.NDArray[np.generic]]) -> None:
-        _, acc = digits.evaluate_global(scorer.parameters(params), test_x, test_y)
+    async def on_commit(version: int, params: list[npt.NDArray[np.generic]]) -> None:
+        readable = await scorer.parameters(version, params)
+        if readable is None:
+            return
+        _, acc = digits.evaluate_global(readable, test_x, test_y)
         history.append(acc)
         scored.append(version)
         if acc >= 0.90 and not reached_90:
@@ -237,11 +298,12 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
             port=options.port,
             upload_codec=options.codec,
             download_codec=options.codec,
-            he=he,
+            he=setup.he,
         ),
         initial_model=digits.initial_parameters(),
         on_commit=on_commit,
     )
+    scorer.controller = controller
     port = await controller.start()
     address = f"{options.host}:{port}"
     ctx = mp.get_context("spawn")  # grpc and fork do not mix
@@ -260,7 +322,7 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
                 options.seed,
                 options.log_level,
                 delays[i],
-                str(he_key_file) if he_key_file else None,
+                setup.learner_files(i),
             ),
         )
         p.start()
@@ -270,11 +332,12 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
             await controller.wait_finished()
             # Commit hooks run in the background and skip superseded versions: score the final
             # model here so the result always describes the version the federation ended with.
-            final_params = scorer.parameters(controller.store.published())
-            if not scored or scored[-1] != controller.version:
-                await asyncio.to_thread(on_commit, controller.version, final_params)
-            if options.save_model:
-                np.savez(options.save_model, *final_params)
+            published = controller.store.published()
+            last = await scorer.parameters(controller.version, published)
+            if last is not None and (not scored or scored[-1] != controller.version):
+                await on_commit(controller.version, last)
+            if last is not None and options.save_model:
+                np.savez(options.save_model, *last)
         finally:
             participation = await controller.participation()
             await controller.stop(grace_seconds=2.0)

@@ -36,6 +36,7 @@ from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
     from metis_async.links import CoreLink
+    from metis_async.secure.relay import DecryptionRelay
 
 log = structlog.get_logger("metis_async.server")
 
@@ -68,6 +69,7 @@ class Ingest:
         self.store = store
         self.stats = stats
         self._limiter = limiter
+        self.relay: DecryptionRelay | None = None  # multiparty keys: members' shares
         self._slots: asyncio.Semaphore | None = None  # sized once the model's size is known
         self._pool = ThreadPoolExecutor(
             2, thread_name_prefix="ingest", initializer=lower_thread_priority
@@ -103,6 +105,12 @@ class Ingest:
             self._on_initial_layout(session, msg.layout)
         elif kind == "initial_model":
             self._on_initial_model(session, msg.initial_model)
+        elif kind == "decryption_share":
+            if self.relay is None:
+                raise ProtocolViolation(
+                    INVALID, "decryption share sent to a controller without multiparty keys"
+                )
+            self.relay.share_arrived(session, msg.decryption_share)
         elif kind == "hello":
             raise ProtocolViolation(INVALID, "hello sent twice on one stream")
         elif kind == "chunk":  # a chunk the Rust decoder could not read as one

@@ -38,6 +38,7 @@ from metis_async.links import LocalLink
 from metis_async.metrics import LoopLag, start_metrics_server
 from metis_async.protocols import Policy
 from metis_async.secure.aggregate import HomomorphicAggregation
+from metis_async.secure.relay import DecryptionRelay
 from metis_async.session import Session
 from metis_async.store import ModelStore, encode_for_learners
 from metis_async.streams import CODECS, StreamServer
@@ -446,11 +447,15 @@ class Controller(ControllerFace):
         )
         self._delivery.upload_grant_bytes = self.config.grant_threshold()
         self._delivery.download_receipt_bytes = self.config.receipt_threshold()
+        relay = None
+        if self.config.he is not None and self.config.he.committee:
+            relay = self._delivery.enable_relay(self.config.he)
         self._runner = CoreRunner(self.core, self._delivery, self._reschedule, self._on_fatal)
         link = LocalLink(self.core, self._runner, self._now)
         limiter = LogLimiter()
         self._ingest = Ingest(self.config, link, self.store, self.stats, limiter)
         self.streams = StreamServer(self.config, link, self._ingest, self.stats, limiter, sessions)
+        self.streams.relay = self._ingest.relay = relay
         self.port = 0
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -481,6 +486,11 @@ class Controller(ControllerFace):
         self._ingest.close()
         self._release_state()
         log.info("controller_stopped", version=self.store.version, **self.stats.snapshot())
+
+    @property
+    def relay(self) -> DecryptionRelay | None:
+        """Multiparty keys: the committee's decryption shares of the published version."""
+        return self._delivery.relay
 
     def sessions(self) -> list[dict[str, object]]:
         """Connected learners, for the dashboard and tests."""

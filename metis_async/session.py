@@ -141,6 +141,7 @@ class Session:
         "last_seen",
         "learner_id",
         "ledger",
+        "model_sent",
         "on_close",
         "peer",
         "pending",
@@ -168,6 +169,7 @@ class Session:
         self.peer = peer
         self.last_seen = now
         self.has_layout = False
+        self.model_sent = -1  # the version last queued on this stream (-1: none)
         self.takes_bundles = "bundle" in capabilities
         self.staged: list[Outgoing] = []  # messages of one effect list, bundled when it ends
         self.upload_dtype: int = pb.DTYPE_FLOAT32  # negotiated at hello (Welcome)

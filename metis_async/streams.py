@@ -35,6 +35,7 @@ from metis_async.telemetry import ControllerStats, LogLimiter, short_id
 from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
+    from metis_async.secure.relay import DecryptionRelay
     from metis_async.server import ControllerConfig
     from metis_async.store import ModelDownload
 
@@ -84,6 +85,7 @@ class StreamServer:
         self.stats = stats
         self._ingest = ingest
         self._limiter = limiter
+        self.relay: DecryptionRelay | None = None  # multiparty keys: members' shares
         # gRPC copies each message it is given. This bounds the copies being handed over at
         # once; gRPC completes a write once the copy is queued in its transport, so each stream
         # can still hold one more until its learner reads it (benches/README.md).
@@ -279,7 +281,7 @@ class StreamServer:
             download_dtype=session.download_dtype,  # type: ignore[arg-type]
         )
         if self.config.he is not None:
-            welcome.he.CopyFrom(self.config.he.message())
+            welcome.he.CopyFrom(self.config.he.message(learner_id))
         session.send(controller_message(welcome=welcome))
         log.info(
             "learner_joined",
@@ -294,6 +296,8 @@ class StreamServer:
         await link.learner_joined(
             learner_id, session.session_id, int(hello.num_examples), capabilities, held
         )
+        if self.relay is not None:
+            self.relay.member_joined(session)
         return session
 
     async def _check_hello(

@@ -23,6 +23,13 @@ from metis_async.secure.he import (
     read_controller_file,
     read_learner_keys,
 )
+from metis_async.secure.multiparty import (
+    Committee,
+    PartyKeys,
+    create_committee_files,
+    read_committee_file,
+    read_party_file,
+)
 from metis_async.server import Controller, ControllerConfig
 from metis_async.v1 import controller_pb2 as pb
 from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
@@ -215,3 +222,105 @@ def test_policies_that_need_the_plaintext_are_refused(
 
     with pytest.raises(ValueError, match="not supported under encryption"):
         Controller(policy, ControllerConfig(port=0, he=keys[0]))
+
+
+# ------------------------------------------------------------------------- multiparty keys
+
+
+@pytest.fixture(scope="module")
+def committee(tmp_path_factory: pytest.TempPathFactory) -> tuple[Committee, list[PartyKeys]]:
+    paths = create_committee_files(tmp_path_factory.mktemp("committee"), 3)
+    return read_committee_file(paths[0]), [read_party_file(p) for p in paths[1:]]
+
+
+def run_committee(
+    address: str,
+    learners: dict[str, tuple[float, int]],
+    committee: Committee,
+    parties: dict[str, PartyKeys],
+) -> list[Any]:
+    """Reference learners under multiparty keys; those in `parties` are committee members."""
+    out: list[Any] = []
+
+    def run(learner_id: str, shift: float, examples: int) -> None:
+        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
+        try:
+            summary = run_learner(
+                address,
+                ShiftLearner(shift, examples),
+                learner_id=learner_id,
+                backoff=backoff,
+                he_committee=committee,
+                he_party=parties.get(learner_id),
+            )
+            out.append(summary)
+        except BaseException as error:
+            out.append(error)
+
+    threads = [
+        threading.Thread(target=run, args=(lid, *spec), daemon=True)
+        for lid, spec in learners.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return out
+
+
+def test_a_committee_decrypts_each_version_together(
+    controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
+) -> None:
+    public, parties = committee
+    members = ("a", "b", "c")
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=members)
+    ct = controller_factory(sync_policy(min_learners=4, rounds=2), he=he)
+    learners = {"a": (0.1, 1), "b": (0.2, 2), "c": (0.3, 3), "outsider": (0.0, 4)}
+
+    summaries = run_committee(
+        ct.address, learners, public, dict(zip(members, parties, strict=True))
+    )
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3 + 0.0 * 4) / 10
+    for summary in summaries:
+        assert summary.final_version == 2
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)
+
+
+def test_members_that_do_not_train_still_decrypt(
+    controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
+) -> None:
+    public, parties = committee
+    members = ("a", "b", "c")
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=members)
+    policy = sync_policy(min_learners=3, learners_per_round=2, rounds=3)
+    ct = controller_factory(policy, he=he)
+    learners = {lid: (0.1, 1) for lid in members}  # any two of them: +0.1 a round
+
+    summaries = run_committee(
+        ct.address, learners, public, dict(zip(members, parties, strict=True))
+    )
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 0.3), atol=1e-4)
+
+
+def test_a_share_from_a_non_member_ends_its_stream(
+    controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
+) -> None:
+    public, _ = committee
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=("a", "b", "c"))
+    ct = controller_factory(sync_policy(min_learners=1), he=he)
+    raw = RawLearner(ct.address, learner_id="intruder", capabilities=["train", "he"])
+    raw.until("welcome")
+
+    share = pb.DecryptionShare(version=1, party=0, shares=[b"x"])
+    raw.send(pb.LearnerMessage(decryption_share=share))
+
+    with pytest.raises(grpc.RpcError) as failure:
+        raw.drain()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no committee member" in (failure.value.details() or "")
+    raw.close()

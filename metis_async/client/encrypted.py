@@ -2,8 +2,12 @@
 
 A learner given the federation's key pair (`metis_async.secure.he.read_learner_keys`) announces
 "he", checks the controller's `Welcome.he` against its keys, decrypts encrypted versions
-(DTYPE_BFV models) and uploads its trained model encrypted. Encryption and decryption run in
-Rust (`_core.HeContext`), in parallel, with the GIL released.
+(DTYPE_BFV models) and uploads its trained model encrypted. Under MULTIPARTY KEYS a learner
+holds the committee's public file instead (`CommitteeEncryption`), and a committee member also
+its party file: members answer each encrypted version with their decryption shares, and every
+learner combines all members' shares into the model. Encryption and decryption run in Rust
+(`_core`), in parallel, with the GIL released; nothing here loads the extension unless a
+learner is given keys.
 """
 
 from __future__ import annotations
@@ -17,22 +21,27 @@ from metis_async import wire
 from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
-    from metis_async.secure.he import LearnerKeys
+    from metis_async.secure.he import HeSettings, LearnerKeys
+    from metis_async.secure.multiparty import Committee, PartyKeys
 
 
-class LearnerEncryption:
-    """A learner's key pair and what it does with it.
+class Encryption:
+    """What every encrypting learner does: check the controller's settings, encrypt uploads.
 
     Args:
-        keys: the federation's settings and key pair (`he-learner.key`).
+        settings: the federation's BFV settings.
+        public_key: the key uploads are encrypted under (the shared or the collective key).
     """
 
-    def __init__(self, keys: LearnerKeys) -> None:
+    committee_size = 0
+
+    def __init__(self, settings: HeSettings, public_key: bytes) -> None:
         from metis_async.secure.he import key_id  # the Rust extension: only learners using HE
 
-        self.keys = keys
-        self.context = keys.settings.context()
-        self.key_id = key_id(keys.public_key)
+        self.settings = settings
+        self.public_key = public_key
+        self.context = settings.context()
+        self.key_id = key_id(public_key)
 
     def check_welcome(self, he: pb.HomomorphicSettings) -> None:
         """Refuse (ValueError, naming the difference) a controller whose settings or key id do
@@ -40,32 +49,33 @@ class LearnerEncryption:
         from metis_async.secure.aggregate import settings_from_message
 
         theirs = settings_from_message(he)
-        if theirs != self.keys.settings:
+        if theirs != self.settings:
             raise ValueError(
                 f"the controller's encryption settings {theirs} differ from this learner's "
-                f"keys' {self.keys.settings}"
+                f"keys' {self.settings}"
             )
         if he.key_id and he.key_id != self.key_id:
             raise ValueError(
                 f"the controller's federation key is {he.key_id[:16]}..., this learner holds "
                 f"{self.key_id[:16]}...: it was given another federation's key"
             )
+        if he.committee_size != self.committee_size:
+            raise ValueError(
+                f"the controller's committee has {he.committee_size} members (0: one shared "
+                f"key); this learner's keys are for {self.committee_size}"
+            )
 
-    def decrypt(self, data: bytes, length: int, divisor: int) -> wire.FloatVector:
-        """The `length` values of an encrypted version's ciphertexts divided by `divisor`."""
-        if divisor < 1:
-            raise wire.WireError(f"an encrypted model needs a divisor >= 1, got {divisor}")
+    def parts(self, data: bytes) -> list[bytes]:
+        """An encrypted version's bytes cut into its ciphertexts."""
         from metis_async.secure.aggregate import split_ciphertexts
 
-        parts = split_ciphertexts(data, self.keys.settings.ciphertext_bytes)
-        values = self.context.decrypt(self.keys.secret_key, parts, length, float(divisor))
-        return np.ascontiguousarray(values, dtype=wire.WIRE_DTYPE)
+        return split_ciphertexts(data, self.settings.ciphertext_bytes)
 
     def encrypt_payload(
         self, flat: wire.FloatVector, payload_id: int, layout_id: int, max_chunk_bytes: int
     ) -> tuple[pb.Payload, list[pb.Chunk]]:
         """`flat` (the trained model) clipped, encrypted and cut into chunks."""
-        data = b"".join(self.context.encrypt(self.keys.public_key, flat))
+        data = b"".join(self.context.encrypt(self.public_key, flat))
         chunks = list(_chunks(data, payload_id, max_chunk_bytes))
         header = pb.Payload(
             payload_id=payload_id,
@@ -76,6 +86,80 @@ class LearnerEncryption:
             layout_id=layout_id,
         )
         return header, chunks
+
+
+class LearnerEncryption(Encryption):
+    """A learner holding the federation's shared key pair (`he-learner.key`): it decrypts each
+    encrypted version itself."""
+
+    def __init__(self, keys: LearnerKeys) -> None:
+        super().__init__(keys.settings, keys.public_key)
+        self.keys = keys
+
+    def decrypt(self, data: bytes, length: int, divisor: int) -> wire.FloatVector:
+        """The `length` values of an encrypted version's ciphertexts divided by `divisor`."""
+        if divisor < 1:
+            raise wire.WireError(f"an encrypted model needs a divisor >= 1, got {divisor}")
+        secret = self.keys.secret_key
+        values = self.context.decrypt(secret, self.parts(data), length, float(divisor))
+        return np.ascontiguousarray(values, dtype=wire.WIRE_DTYPE)
+
+
+class CommitteeEncryption(Encryption):
+    """A learner of a federation with MULTIPARTY KEYS: it encrypts under the collective key
+    and reads a version once every member's decryption shares are in; as a member (`party`)
+    it also makes its own shares.
+
+    Args:
+        committee: the committee's public file (`he-committee.json`).
+        party: this learner's party file, if it is a member.
+    """
+
+    def __init__(self, committee: Committee, party: PartyKeys | None = None) -> None:
+        if not committee.public_key:
+            raise ValueError("the committee file has no collective public key yet")
+        super().__init__(committee.settings, committee.public_key)
+        self.committee = committee
+        self.committee_size = committee.parties
+        self.party = party
+
+    def check_welcome(self, he: pb.HomomorphicSettings) -> None:
+        """As `Encryption.check_welcome`, and the controller must agree on this learner's
+        membership and party index."""
+        super().check_welcome(he)
+        mine = self.party.party.index if self.party is not None else None
+        theirs = int(he.party) if he.committee_member else None
+        if mine != theirs:
+            raise ValueError(
+                f"the controller counts this learner as committee party {theirs}; its keys "
+                f"say {mine} (None: not a member)"
+            )
+
+    def shares(self, data: bytes) -> list[bytes]:
+        """This member's decryption shares of an encrypted version's ciphertexts."""
+        if self.party is None:
+            raise RuntimeError("only committee members make decryption shares")
+        return list(self.party.party.decryption_shares(self.parts(data)))
+
+    def combine(
+        self, data: bytes, shares: pb.DecryptionShares, length: int, divisor: int
+    ) -> wire.FloatVector:
+        """The version from its ciphertexts and every member's shares (`wire.WireError` if a
+        member is missing or a share does not fit)."""
+        from metis_async._core import EncryptionError
+
+        if divisor < 1:
+            raise wire.WireError(f"an encrypted model needs a divisor >= 1, got {divisor}")
+        by_party = sorted(shares.parties, key=lambda p: p.party)
+        try:
+            values = self.committee.decrypt(
+                self.parts(data), [list(p.shares) for p in by_party], length, float(divisor)
+            )
+        except EncryptionError as error:
+            raise wire.WireError(
+                f"decryption shares of version {shares.version}: {error}"
+            ) from None
+        return np.ascontiguousarray(values, dtype=wire.WIRE_DTYPE)
 
 
 def _chunks(data: bytes, payload_id: int, size: int) -> Iterator[pb.Chunk]:

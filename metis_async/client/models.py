@@ -9,6 +9,7 @@ session delivers (layout, model header, chunks) against the wire contract and ra
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,12 +17,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from metis_async import wire
-from metis_async.client.encrypted import EncryptedDownload
+from metis_async.client.encrypted import (
+    CommitteeEncryption,
+    EncryptedDownload,
+    LearnerEncryption,
+)
 from metis_async.client.learner import NDArrays
 from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
-    from metis_async.client.encrypted import LearnerEncryption
+    from metis_async.client.encrypted import Encryption
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,14 @@ class ModelReceiver:
         self,
         held: HeldModel | None,
         codecs: Collection[int] = (),
-        encryption: LearnerEncryption | None = None,
+        encryption: Encryption | None = None,
     ) -> None:
         self.encryption = encryption
+        # MULTIPARTY KEYS: (version, ciphertext bytes, divisor) of a downloaded encrypted
+        # version waiting for the committee's decryption shares
+        self.awaiting_shares: tuple[int, bytes, int] | None = None
+        self._downloaded = False
+        self._changed = threading.Condition()
         self.encrypted = False  # the controller aggregates under HE (Welcome.he)
         self.layout: pb.ModelLayout | None = held.layout if held is not None else None
         self.model = held  # newest complete model valid on this session (read by the worker)
@@ -146,12 +156,9 @@ class ModelReceiver:
             if self.encryption is None:
                 raise wire.WireError("an encrypted model arrived and this learner holds no key")
             values = wire.num_parameters(self.layout)
-            expected = self.encryption.keys.settings.ciphertexts_for(values)
-            download = EncryptedDownload(
-                model,
-                expected * self.encryption.keys.settings.ciphertext_bytes,
-                self.max_chunk_bytes,
-            )
+            settings = self.encryption.settings
+            expected = settings.ciphertexts_for(values) * settings.ciphertext_bytes
+            download = EncryptedDownload(model, expected, self.max_chunk_bytes)
             self._pending = (int(model.version), download)
             return None
         assembler = wire.PayloadAssembler(
@@ -171,16 +178,56 @@ class ModelReceiver:
         self._pending[1].add(chunk)
         return self._complete() if self._pending[1].done else None
 
-    def _complete(self) -> HeldModel:
+    def _complete(self) -> HeldModel | None:
         assert self._pending is not None
         assert self.layout is not None
         version, assembler = self._pending
         self._pending = None
         if isinstance(assembler, EncryptedDownload):
-            assert self.encryption is not None
+            encryption = self.encryption
+            if not isinstance(encryption, LearnerEncryption):  # the committee must decrypt it
+                self.awaiting_shares = (version, assembler.data(), assembler.divisor)
+                self._downloaded = True
+                return None
             values = wire.num_parameters(self.layout)
-            flat = self.encryption.decrypt(assembler.data(), values, assembler.divisor)
+            flat = encryption.decrypt(assembler.data(), values, assembler.divisor)
         else:
             flat = assembler.result()
-        self.model = HeldModel(version, self.run_id, self.layout, flat)
-        return self.model
+        return self._hold(HeldModel(version, self.run_id, self.layout, flat))
+
+    def take_downloaded(self) -> tuple[int, bytes, int] | None:
+        """The encrypted version whose download just completed and that waits for decryption
+        shares (once: a member answers it with its own shares)."""
+        if not self._downloaded:
+            return None
+        self._downloaded = False
+        return self.awaiting_shares
+
+    def _hold(self, model: HeldModel) -> HeldModel:
+        with self._changed:
+            self.model = model
+            self._changed.notify_all()
+        return model
+
+    def on_shares(self, shares: pb.DecryptionShares) -> HeldModel | None:
+        """Every committee member's decryption shares of a version (MULTIPARTY KEYS); returns
+        the model when they are for the encrypted version just downloaded."""
+        pending = self.awaiting_shares
+        if pending is None or pending[0] != shares.version:
+            return None  # of a version this learner does not wait for: nothing to do
+        encryption = self.encryption
+        if not isinstance(encryption, CommitteeEncryption) or self.layout is None:
+            raise wire.WireError("decryption shares arrived for a learner without a committee")
+        self.awaiting_shares = None
+        values = wire.num_parameters(self.layout)
+        flat = encryption.combine(pending[1], shares, values, pending[2])
+        return self._hold(HeldModel(pending[0], self.run_id, self.layout, flat))
+
+    def wait_for(self, version: int, timeout: float) -> HeldModel | None:
+        """The held model once it is `version` (a task may arrive before the committee's
+        shares complete its model), or whatever is held after `timeout` seconds."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self.model is not None and self.model.version == version, timeout
+            )
+            return self.model

@@ -31,7 +31,7 @@ import grpc
 
 from metis_async import codecs as wire_codecs
 from metis_async import wire
-from metis_async.client.encrypted import LearnerEncryption
+from metis_async.client.encrypted import CommitteeEncryption, Encryption, LearnerEncryption
 from metis_async.client.learner import Learner
 from metis_async.client.models import HeldModel, ModelReceiver
 from metis_async.client.stream import LearnerStream
@@ -42,6 +42,7 @@ from metis_async.v1 import controller_pb2 as pb
 
 if TYPE_CHECKING:
     from metis_async.secure.he import LearnerKeys
+    from metis_async.secure.multiparty import Committee, PartyKeys
 
 log = logging.getLogger("metis_async.client")
 
@@ -118,6 +119,10 @@ class LearnerRunner:
         credentials: TLS to the controller (`tls_credentials`); None dials in plaintext.
         he_keys: the federation's key pair (`secure.he.read_learner_keys`) for a controller
             that aggregates under homomorphic encryption; the learner then announces "he".
+        he_committee: instead of `he_keys`, under multiparty keys: the committee's public file
+            (`secure.multiparty.read_committee_file`).
+        he_party: with `he_committee`, this learner's party file if it is a committee member
+            (`secure.multiparty.read_party_file`).
     """
 
     def __init__(
@@ -134,9 +139,19 @@ class LearnerRunner:
         unacked: UnackedUpdates | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         he_keys: LearnerKeys | None = None,
+        he_committee: Committee | None = None,
+        he_party: PartyKeys | None = None,
     ) -> None:
         self.credentials = credentials
-        self.encryption = LearnerEncryption(he_keys) if he_keys is not None else None
+        self.encryption: Encryption | None = None
+        if he_keys is not None and he_committee is not None:
+            raise ValueError("give he_keys (one shared key pair) or he_committee, not both")
+        if he_keys is not None:
+            self.encryption = LearnerEncryption(he_keys)
+        elif he_committee is not None:
+            self.encryption = CommitteeEncryption(he_committee, he_party)
+        elif he_party is not None:
+            raise ValueError("he_party needs he_committee (the committee's public file)")
         unknown = [c for c in codecs if c not in wire_codecs.CODEC_DTYPES]
         if unknown:
             raise ValueError(f"codecs must be among {wire_codecs.CODEC_DTYPES}, got {unknown}")
@@ -283,8 +298,13 @@ class LearnerRunner:
                 self._received(stream.models.on_model(message.model))
             elif kind == "chunk":
                 held = stream.models.on_chunk(message.chunk)
-                stream.chunk_received(complete=held is not None)
+                downloaded = stream.models.take_downloaded()  # encrypted, awaiting shares
+                stream.chunk_received(complete=held is not None or downloaded is not None)
                 self._received(held)
+                if downloaded is not None:
+                    self._share(stream, *downloaded)
+            elif kind == "decryption_shares":
+                self._received(stream.models.on_shares(message.decryption_shares))
             elif kind in ("train", "evaluate"):
                 tasks.put(message)
             elif kind == "cancel":
@@ -410,6 +430,16 @@ class LearnerRunner:
         for chunk in chunks:
             stream.send(pb.LearnerMessage(chunk=chunk))
 
+    def _share(self, stream: LearnerStream, version: int, data: bytes, _: int) -> None:
+        """A committee member's decryption shares of the encrypted `version` just received."""
+        encryption = self.encryption
+        if not isinstance(encryption, CommitteeEncryption) or encryption.party is None:
+            return  # not a member: it waits for the members' shares
+        share = pb.DecryptionShare(
+            version=version, party=encryption.party.party.index, shares=encryption.shares(data)
+        )
+        stream.send(pb.LearnerMessage(decryption_share=share))
+
     def _received(self, model: HeldModel | None) -> None:
         if model is not None:
             self._held = model
@@ -481,6 +511,8 @@ def run_learner(
     seed: int | None = None,
     codecs: Sequence[int] = DEFAULT_CODECS,
     he_keys: LearnerKeys | None = None,
+    he_committee: Committee | None = None,
+    he_party: PartyKeys | None = None,
 ) -> RunSummary:
     """Connect `learner` to the controller at `address` and serve tasks until the run ends.
 
@@ -488,7 +520,8 @@ def run_learner(
     raises `LearnerStopped` on a fatal status (bad token), keys that do not fit the controller's
     encryption, or after `backoff.max_attempts` consecutive failed attempts. `codecs`: payload
     dtypes offered besides float32; `he_keys`: the federation's key pair under homomorphic
-    aggregation.
+    aggregation; `he_committee` and `he_party`: the same under multiparty keys (see
+    `LearnerRunner`).
     """
     runner = LearnerRunner(
         address,
@@ -501,5 +534,7 @@ def run_learner(
         codecs=codecs,
         credentials=credentials,
         he_keys=he_keys,
+        he_committee=he_committee,
+        he_party=he_party,
     )
     return runner.run()

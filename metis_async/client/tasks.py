@@ -24,6 +24,9 @@ from metis_async.v1 import controller_pb2 as pb
 
 log = logging.getLogger("metis_async.client")
 
+MODEL_WAIT_SECONDS = 60.0
+"""How long a task without a deadline waits for its model's decryption shares (seconds)."""
+
 
 class TaskWorker:
     """Runs the tasks of a session with the model the session holds.
@@ -57,6 +60,11 @@ class TaskWorker:
             if task.task_id in stream.cancelled:
                 continue
             model = stream.models.model
+            awaiting = stream.models.awaiting_shares
+            if awaiting is not None and awaiting[0] == task.model_version:
+                # under multiparty keys the model completes when the committee's shares arrive
+                wait = task.deadline_seconds if isinstance(task, pb.TrainTask) else 0.0
+                model = stream.models.wait_for(task.model_version, wait or MODEL_WAIT_SECONDS)
             if model is None or model.version != task.model_version:
                 self._fail(stream, task.task_id, f"model version {task.model_version} missing")
                 continue

@@ -46,12 +46,15 @@ class HomomorphicAggregation:
         max_update_weight: the largest integer weight of one update; with
             `settings.max_total_weight` it bounds the updates one version can hold
             (`max_updates`).
+        committee: MULTIPARTY KEYS: the learner ids of the committee members, in party order
+            (member i holds key share i); () for the shared learner key pair.
     """
 
     settings: HeSettings
     key_id: str = ""
     weight_unit: float = 1.0
     max_update_weight: int = 1024
+    committee: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.weight_unit > 0:
@@ -76,10 +79,14 @@ class HomomorphicAggregation:
         """Bytes of the ciphertexts that carry `values` values."""
         return self.settings.ciphertexts_for(values) * self.settings.ciphertext_bytes
 
-    def message(self) -> pb.HomomorphicSettings:
-        """The settings as sent in `Welcome.he`."""
+    def message(self, learner_id: str = "") -> pb.HomomorphicSettings:
+        """The settings as sent in `Welcome.he` to `learner_id` (its party, if a member)."""
         s = self.settings
+        member = learner_id in self.committee
         return pb.HomomorphicSettings(
+            committee_size=len(self.committee),
+            committee_member=member,
+            party=self.committee.index(learner_id) if member else 0,
             degree=s.degree,
             moduli_bits=list(s.moduli_bits),
             plaintext_bits=s.plaintext_bits,

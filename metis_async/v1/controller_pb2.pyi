@@ -78,6 +78,7 @@ HOW A STREAM ENDS (gRPC status of the Join call)
   INVALID_ARGUMENT    the learner broke this contract; the status message names the rule.
   RESOURCE_EXHAUSTED  the learner read too slowly, or sent a message over the gRPC limit.
   UNAUTHENTICATED     missing or wrong token: retrying with the same token is pointless.
+  FAILED_PRECONDITION the learner lacks a capability this controller requires ("he").
   ALREADY_EXISTS      a newer stream with the same learner_id replaced this one.
   DEADLINE_EXCEEDED   no Hello within the hello timeout.
   UNAVAILABLE         no message within the heartbeat timeout (also: controller unreachable).
@@ -295,6 +296,7 @@ class LearnerMessage(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     INITIAL_MODEL_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
+    DECRYPTION_SHARE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """first message on every stream, and only there"""
@@ -327,6 +329,10 @@ class LearnerMessage(_message.Message):
     def received(self) -> Global___ModelReceived:
         """chunks of a Model with `receipt` taken (DOWNLOAD RECEIPTS)"""
 
+    @_builtins.property
+    def decryption_share(self) -> Global___DecryptionShare:
+        """a committee member's share (MULTIPARTY KEYS)"""
+
     def __init__(
         self,
         *,
@@ -338,12 +344,13 @@ class LearnerMessage(_message.Message):
         layout: Global___ModelLayout | None = ...,
         initial_model: Global___InitialModel | None = ...,
         received: Global___ModelReceived | None = ...,
+        decryption_share: Global___DecryptionShare | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model", "received"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model", "received", "decryption_share"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -369,6 +376,7 @@ class ControllerMessage(_message.Message):
     BUNDLE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     GRANT_FIELD_NUMBER: _builtins.int
+    DECRYPTION_SHARES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello; always the first message"""
@@ -421,6 +429,10 @@ class ControllerMessage(_message.Message):
     def grant(self) -> Global___UploadGrant:
         """send the chunks of this upload now (see UPLOAD GRANTS)"""
 
+    @_builtins.property
+    def decryption_shares(self) -> Global___DecryptionShares:
+        """every member's share of a version (MULTIPARTY KEYS)"""
+
     def __init__(
         self,
         *,
@@ -438,12 +450,13 @@ class ControllerMessage(_message.Message):
         bundle: Global___Bundle | None = ...,
         ack: Global___Ack | None = ...,
         grant: Global___UploadGrant | None = ...,
+        decryption_shares: Global___DecryptionShares | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack", "grant"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack", "grant", "decryption_shares"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -809,7 +822,7 @@ class Welcome(_message.Message):
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
-class HomomorphicSettings(_message.Message):
+class DecryptionShare(_message.Message):
     """HOMOMORPHIC AGGREGATION. A controller that aggregates under BFV homomorphic encryption puts
     its settings in Welcome.he and accepts only learners announcing "he" (others: the stream ends
     with FAILED_PRECONDITION). The controller holds no key: learners hold the federation's key
@@ -837,8 +850,101 @@ class HomomorphicSettings(_message.Message):
         encoding are fhe.rs 0.1.1's for these settings.
     A malformed upload (wrong size, a coefficient not below its modulus, wrong magic) ends the
     stream with INVALID_ARGUMENT; the open aggregate is unchanged.
+
+    MULTIPARTY KEYS. With `committee_size` P > 0 no one holds the secret key: P committee members
+    (learners) each hold a share of it (`metis-async keys he-party`, on their own machines) and
+    the public key is the collective key of their key shares (`keys he-committee`); its SHA-256
+    is `key_id`. Everything above holds, except decrypting an encrypted version:
+      1. The controller sends every committee member each new encrypted version (Model + chunks)
+         as soon as it is committed, whether or not the member trains in it.
+      2. A member (Welcome.he.committee_member set, party index `party`) answers every encrypted
+         Model it receives, once its chunks are complete, with a DecryptionShare: the version,
+         its party index and one share per ciphertext, in order (`_core.HeParty`).
+      3. Once all P members' shares of the version are in, the controller sends DecryptionShares
+         (all P, by party) to every learner it sent that version, right after the model or as
+         soon as they are complete. A learner combines them with the ciphertexts
+         (`_core.he_combine`) into the model; tasks for that version wait for it.
+    A share from a learner that is not member `party`, or with the wrong number of shares, ends
+    its stream with INVALID_ARGUMENT; shares for an older version are ignored. One member that
+    never answers stalls every later version (P-of-P: there is no threshold).
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    party: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """one per ciphertext of the version, in order"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        party: _builtins.int = ...,
+        shares: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "shares", b"shares", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptionShare: _TypeAlias = DecryptionShare  # noqa: Y015
+
+@_typing.final
+class PartyShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    party: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        party: _builtins.int = ...,
+        shares: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartyShares: _TypeAlias = PartyShares  # noqa: Y015
+
+@_typing.final
+class DecryptionShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PARTIES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    @_builtins.property
+    def parties(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyShares]:
+        """all committee_size members, by party index"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        parties: _abc.Iterable[Global___PartyShares] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parties", b"parties", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptionShares: _TypeAlias = DecryptionShares  # noqa: Y015
+
+@_typing.final
+class HomomorphicSettings(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEGREE_FIELD_NUMBER: _builtins.int
@@ -851,6 +957,9 @@ class HomomorphicSettings(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     WEIGHT_UNIT_FIELD_NUMBER: _builtins.int
     MAX_UPDATE_WEIGHT_FIELD_NUMBER: _builtins.int
+    COMMITTEE_SIZE_FIELD_NUMBER: _builtins.int
+    COMMITTEE_MEMBER_FIELD_NUMBER: _builtins.int
+    PARTY_FIELD_NUMBER: _builtins.int
     degree: _builtins.int
     """ring degree N: values per ciphertext"""
     plaintext_bits: _builtins.int
@@ -869,6 +978,11 @@ class HomomorphicSettings(_message.Message):
     """examples per unit of integer weight"""
     max_update_weight: _builtins.int
     """largest integer weight of one update"""
+    committee_size: _builtins.int
+    """MULTIPARTY KEYS: members holding key shares; 0 = one key"""
+    committee_member: _builtins.bool
+    """this learner is a member, of index `party`"""
+    party: _builtins.int
     @_builtins.property
     def moduli_bits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """bit sizes of the ciphertext moduli (fhe.rs generates them)"""
@@ -886,10 +1000,13 @@ class HomomorphicSettings(_message.Message):
         key_id: _builtins.str = ...,
         weight_unit: _builtins.float = ...,
         max_update_weight: _builtins.int = ...,
+        committee_size: _builtins.int = ...,
+        committee_member: _builtins.bool = ...,
+        party: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "clip", b"clip", "degree", b"degree", "key_id", b"key_id", "max_total_weight", b"max_total_weight", "max_update_weight", b"max_update_weight", "moduli_bits", b"moduli_bits", "plaintext_bits", b"plaintext_bits", "scale_bits", b"scale_bits", "weight_unit", b"weight_unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext_bytes", b"ciphertext_bytes", "clip", b"clip", "committee_member", b"committee_member", "committee_size", b"committee_size", "degree", b"degree", "key_id", b"key_id", "max_total_weight", b"max_total_weight", "max_update_weight", b"max_update_weight", "moduli_bits", b"moduli_bits", "party", b"party", "plaintext_bits", b"plaintext_bits", "scale_bits", b"scale_bits", "weight_unit", b"weight_unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,137 @@
+"""Multiparty keys on the controller: relaying the committee's decryption shares.
+
+Under MULTIPARTY KEYS (the proto) no one holds the secret key. Each encrypted version is sent
+to every committee member as soon as it is committed; each member answers with its decryption
+shares; once all P are in, the controller sends them (one `DecryptionShares` message, encoded
+once) to every learner that was sent the version, and learners combine them into the model.
+
+The controller itself never decrypts: the shares are public, and whoever holds all P of them
+and the ciphertexts can read the version, the controller included, so what this mode keeps from
+the controller is every individual update (the sum is all that is ever decrypted) and the model
+until the whole committee has agreed to decrypt it. Lives on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import grpc
+import structlog
+
+from metis_async.secure.aggregate import HomomorphicAggregation
+from metis_async.session import ProtocolViolation, Session, controller_message
+from metis_async.v1 import controller_pb2 as pb
+
+log = structlog.get_logger("metis_async.secure")
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DecryptionRelay:
+    """Collects the committee's shares of the published encrypted version and hands them out.
+
+    Args:
+        he: the controller's homomorphic-aggregation settings (`committee` in party order).
+        sessions: the live sessions by learner id.
+        send_model: queues the published version for a session (as a `SendModel` would).
+        send: queues messages for a session in order with what the delivery staged for it.
+    """
+
+    def __init__(
+        self,
+        he: HomomorphicAggregation,
+        sessions: Mapping[str, Session],
+        send_model: Callable[[Session], None],
+        send: Callable[[Session, bytes], object],
+    ) -> None:
+        self.he = he
+        self._sessions = sessions
+        self._send_model = send_model
+        self._send = send
+        self._party = {lid: index for index, lid in enumerate(he.committee)}
+        self.version: int | None = None  # the encrypted version whose shares are collected
+        self._ciphertexts = 0
+        self._shares: dict[int, list[bytes]] = {}
+        self._message: bytes | None = None  # DecryptionShares, once complete
+        self._complete: pb.DecryptionShares | None = None
+        self._waiting: set[str] = set()  # learners sent the version, not yet its shares
+        self._shutdowns: dict[str, bytes] = {}  # learner -> Shutdown held until the shares
+
+    @property
+    def complete(self) -> bool:
+        """Whether all P shares of the current version are in."""
+        return self._message is not None
+
+    def published(self, version: int, ciphertexts: int) -> None:
+        """A new encrypted version: collect its shares; send it to every member at once."""
+        self.version, self._ciphertexts = version, ciphertexts
+        self._shares, self._message, self._waiting = {}, None, set()
+        for learner_id in self.he.committee:
+            session = self._sessions.get(learner_id)
+            if session is not None and not session.closing.is_set():
+                self._send_model(session)
+
+    def member_joined(self, session: Session) -> None:
+        """A member (re)connected while its share is missing: send it the version."""
+        party = self._party.get(session.learner_id)
+        if self.version is not None and party is not None and party not in self._shares:
+            self._send_model(session)
+
+    def model_sent(self, session: Session, version: int) -> None:
+        """`session` was sent encrypted `version`: it gets the shares now or when complete."""
+        if version != self.version:
+            return
+        if self._message is not None:
+            self._send(session, self._message)
+        else:
+            self._waiting.add(session.learner_id)
+
+    def shares_of(self, version: int) -> pb.DecryptionShares | None:
+        """All members' shares of `version` once complete (what every learner is sent)."""
+        done = self._complete
+        return done if done is not None and done.version == version else None
+
+    def hold_shutdown(self, session: Session, message: bytes) -> bool:
+        """Whether `session`'s Shutdown must wait for the shares of the version it was sent
+        last (the final model; members must also still be read to give theirs). If so, the
+        relay sends it, and ends the stream, once the shares are out."""
+        if self._message is not None or session.learner_id not in self._waiting:
+            return False
+        self._shutdowns[session.learner_id] = message
+        return True
+
+    def share_arrived(self, session: Session, share: pb.DecryptionShare) -> None:
+        """A member's shares; raises `ProtocolViolation` for one that breaks the contract."""
+        party = self._party.get(session.learner_id)
+        if party is None or party != share.party:
+            raise ProtocolViolation(
+                INVALID,
+                f"decryption share for party {share.party} from a learner that is "
+                + ("no committee member" if party is None else f"party {party}"),
+            )
+        if share.version != self.version or party in self._shares:
+            return  # an older version's (or a repeated) share: nothing to do
+        if len(share.shares) != self._ciphertexts:
+            raise ProtocolViolation(
+                INVALID,
+                f"{len(share.shares)} decryption shares; version {share.version} has "
+                f"{self._ciphertexts} ciphertexts",
+            )
+        self._shares[party] = list(share.shares)
+        if len(self._shares) < len(self.he.committee):
+            return
+        parties = [pb.PartyShares(party=p, shares=self._shares[p]) for p in sorted(self._shares)]
+        shares = pb.DecryptionShares(version=share.version, parties=parties)
+        self._message = controller_message(decryption_shares=shares)
+        self._complete = shares
+        log.info("decryption_shares_complete", version=share.version, parties=len(parties))
+        for learner_id in self._waiting:
+            waiting = self._sessions.get(learner_id)
+            if waiting is None:
+                continue
+            waiting.send(self._message)
+            shutdown = self._shutdowns.pop(learner_id, None)
+            if shutdown is not None:
+                waiting.send(shutdown)
+                waiting.finish()
+        self._waiting = set()
