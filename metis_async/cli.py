@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest total integer weight of one aggregate (sizing is checked against it)",
     )
 
+    committee_init = keys_sub.add_parser(
+        "he-committee-init",
+        help="step 1 of multiparty keys: DIR/he-committee.json with the settings, a fresh CRS "
+        "and the committee size (public; every member gets a copy)",
+    )
+    committee_init.add_argument("dir", metavar="DIR")
+    committee_init.add_argument("--parties", type=int, required=True, help="committee members")
+    party = keys_sub.add_parser(
+        "he-party",
+        help="step 2, on each member's own machine: its secret share DIR/he-party-I.key (0600) "
+        "and its public key share DIR/he-share-I.bin (sent to whoever runs step 3)",
+    )
+    party.add_argument("committee", metavar="COMMITTEE_FILE")
+    party.add_argument("--index", type=int, required=True, help="this member's party index")
+    party.add_argument("-o", "--out", default=".", metavar="DIR")
+    collect = keys_sub.add_parser(
+        "he-committee",
+        help="step 3: the collective public key from every member's key share, written into "
+        "COMMITTEE_FILE (for the controller and every learner)",
+    )
+    collect.add_argument("committee", metavar="COMMITTEE_FILE")
+    collect.add_argument("shares", nargs="+", metavar="SHARE_FILE")
+
     learner = sub.add_parser("learner", help="run the built-in example learner (digits)")
     learner.add_argument("--address", default="127.0.0.1:50051")
     learner.add_argument("--learner-id", default="", help="stable identity (default: assigned)")
@@ -98,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--tls-ca", metavar="PEM", help="dial with TLS, trusting this CA")
     learner.add_argument("--tls-cert", metavar="PEM", help="learner certificate (mutual TLS)")
     learner.add_argument("--tls-key", metavar="PEM", help="its private key")
+    learner.add_argument("--he-keys", metavar="FILE", help="he: the learner key file")
+    learner.add_argument("--he-committee", metavar="FILE", help="he-multiparty: the committee file")
+    learner.add_argument("--he-party", metavar="FILE", help="he-multiparty: a member's file")
     learner.add_argument("--index", type=int, default=0, help="which partition of the data")
     learner.add_argument(
         "--of",
@@ -268,27 +295,30 @@ def _learner(args: argparse.Namespace) -> int:
     )
     credentials = None
     if args.tls_ca or args.tls_cert:
-        from pathlib import Path
-
         from metis_async.client import tls_credentials
 
         def read(path: str | None) -> bytes | None:
             return Path(path).read_bytes() if path else None
 
         credentials = tls_credentials(read(args.tls_ca), read(args.tls_cert), read(args.tls_key))
+    from metis_async.secure.he import read_learner_keys
+    from metis_async.secure.multiparty import read_committee_file, read_party_file
+
     summary = run_learner(
         args.address,
         learner,
         learner_id=args.learner_id,
         token=args.token,
         credentials=credentials,
+        he_keys=read_learner_keys(args.he_keys) if args.he_keys else None,
+        he_committee=read_committee_file(args.he_committee) if args.he_committee else None,
+        he_party=read_party_file(args.he_party) if args.he_party else None,
     )
     print(json.dumps(summary.as_dict()))
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from metis_async import keys
     from metis_async.auth import issue_token, read_secret
@@ -310,12 +340,45 @@ def _keys(args: argparse.Namespace) -> int:
             clip=args.clip, scale_bits=args.scale_bits, max_total_weight=args.max_total_weight
         )
         written = create_he_keys(args.dir, settings)
+    elif command.startswith("he-"):
+        written = _committee_keys(args)
     else:
         print(issue_token(read_secret(args.secret), args.learner_id, args.days * 86400.0))
         return 0
     for path in written:
         print(path)
     return 0
+
+
+def _committee_keys(args: argparse.Namespace) -> tuple[Path, ...]:
+    """`keys he-committee-init`, `he-party`, `he-committee`: multiparty keys in three steps,
+    no secret leaving the member that made it."""
+
+    from metis_async.secure import HeSettings
+    from metis_async.secure import multiparty as mp
+
+    if args.keys_command == "he-committee-init":
+        if args.parties < 1:
+            raise ValueError(f"--parties must be >= 1, got {args.parties}")
+        committee = mp.Committee(HeSettings(), mp.new_crs(), args.parties)
+        committee.smudging()  # refuses a committee the noise budget cannot serve
+        out = Path(args.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return (mp.write_committee_file(out / mp.COMMITTEE_FILE, committee),)
+    committee = mp.read_committee_file(args.committee)
+    if args.keys_command == "he-party":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        secret = out / mp.party_file_name(args.index)
+        share = mp.create_party_file(
+            secret, committee.settings, args.index, committee.parties, committee.crs
+        )
+        share_path = out / f"he-share-{args.index}.bin"
+        share_path.write_bytes(share)
+        return secret, share_path
+    shares = [Path(path).read_bytes() for path in args.shares]
+    done = committee.with_public_key(shares)
+    return (mp.write_committee_file(args.committee, done),)
 
 
 def _demo(args: argparse.Namespace) -> int:

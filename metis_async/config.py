@@ -57,6 +57,7 @@ else:  # pragma: no cover - Python 3.10
 
 if TYPE_CHECKING:
     from metis_async.aggregation.server_step import AggregationSettings
+    from metis_async.secure.aggregate import HomomorphicAggregation
     from metis_async.server import ControllerConfig
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "ModelSection",
     "Problem",
     "ProtocolSection",
+    "SecureSection",
     "ServerSection",
     "TrainSection",
     "add_flags",
@@ -449,6 +451,65 @@ class ModelSection(_Section):
     )
 
 
+class SecureSection(_Section):
+    """`[secure]`: aggregation under homomorphic encryption (the controller holds no key)."""
+
+    mode: Literal["none", "he", "he-multiparty"] = Field(
+        default="none",
+        description="none; he: one learner key pair (keys he-init); he-multiparty: the key in "
+        "shares of a committee of learners (keys he-committee)",
+    )
+    he_file: Annotated[str | None, Flag(metavar="FILE")] = Field(
+        default=None,
+        description="he: the controller's file of keys he-init (settings only); he-multiparty: "
+        "the committee file of keys he-committee (public)",
+    )
+    committee: str = Field(
+        default="",
+        description="he-multiparty: the members' learner ids in party order, comma-separated",
+    )
+    weight_unit: float = Field(default=1.0, description="examples per unit of integer weight")
+    max_update_weight: int = Field(default=1024, description="largest integer weight of an update")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecureSection:
+        if self.mode != "none" and not self.he_file:
+            raise _invalid("secure", f"mode {self.mode} needs he_file", type(self).model_fields)
+        if self.mode == "he-multiparty" and not self.members():
+            raise _invalid("secure", "he-multiparty needs the committee", type(self).model_fields)
+        return self
+
+    def members(self) -> tuple[str, ...]:
+        """The committee's learner ids, in party order."""
+        return tuple(m.strip() for m in self.committee.split(",") if m.strip())
+
+    def homomorphic(self) -> HomomorphicAggregation | None:
+        """The controller's encryption settings, read from `he_file` (None: mode none)."""
+        from metis_async.secure.aggregate import HomomorphicAggregation
+        from metis_async.secure.he import read_controller_file
+        from metis_async.secure.multiparty import read_committee_file
+
+        if self.mode == "none" or self.he_file is None:
+            return None
+        try:
+            if self.mode == "he":
+                settings, key_id = read_controller_file(self.he_file)
+                members: tuple[str, ...] = ()
+            else:
+                committee = read_committee_file(self.he_file)
+                settings, key_id, members = committee.settings, committee.key_id, self.members()
+                if len(members) != committee.parties:
+                    raise ValueError(
+                        f"committee lists {len(members)} learners; the committee file has "
+                        f"{committee.parties} parties"
+                    )
+            return HomomorphicAggregation(
+                settings, key_id, self.weight_unit, self.max_update_weight, members
+            )
+        except ValueError as error:
+            raise ConfigError([Problem("secure.he_file", str(error))]) from None
+
+
 class LogSection(_Section):
     """`[log]`: structured logs on stderr."""
 
@@ -466,6 +527,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "train": TrainSection,
     "aggregation": AggregationSection,
     "model": ModelSection,
+    "secure": SecureSection,
     "log": LogSection,
 }
 """The sections of the schema, in file order."""
@@ -479,6 +541,7 @@ class ControllerSettings(_Section):
     train: TrainSection = Field(default_factory=lambda: TrainSection())
     aggregation: AggregationSection = Field(default_factory=lambda: AggregationSection())
     model: ModelSection = Field(default_factory=lambda: ModelSection())
+    secure: SecureSection = Field(default_factory=lambda: SecureSection())
     log: LogSection = Field(default_factory=lambda: LogSection())
 
     @model_validator(mode="after")
@@ -491,6 +554,15 @@ class ControllerSettings(_Section):
             _compatibility(policy, self.aggregation_settings())
         except ValueError as error:
             raise _invalid("aggregation", str(error), AggregationSection.model_fields) from None
+        if self.secure.mode != "none":
+            from metis_async.aggregation.compatibility import check_homomorphic
+
+            try:
+                check_homomorphic(policy, self.aggregation_settings())
+                if self.server.workers != "0":
+                    raise ValueError("ingest workers do not carry encrypted updates yet")
+            except ValueError as error:
+                raise _invalid("secure", str(error), SecureSection.model_fields) from None
         return self
 
     def policy_settings(self) -> dict[str, object]:
@@ -532,6 +604,7 @@ class ControllerSettings(_Section):
             tls_cert=_read(server.tls_cert_file, "tls_cert_file", _bytes),
             tls_key=_read(server.tls_key_file, "tls_key_file", _bytes),
             tls_client_ca=_read(server.tls_client_ca_file, "tls_client_ca_file", _bytes),
+            he=self.secure.homomorphic(),
         )
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ConfigError(

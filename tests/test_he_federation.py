@@ -13,7 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
+from metis_async.cli import main
 from metis_async.client import Backoff, LearnerStopped, run_learner
+from metis_async.config import load_settings
 from metis_async.protocols import BufferedPolicy, BufferedSettings
 from metis_async.secure.aggregate import HomomorphicAggregation, split_version
 from metis_async.secure.he import (
@@ -24,9 +26,11 @@ from metis_async.secure.he import (
     read_learner_keys,
 )
 from metis_async.secure.multiparty import (
+    COMMITTEE_FILE,
     Committee,
     PartyKeys,
     create_committee_files,
+    party_file_name,
     read_committee_file,
     read_party_file,
 )
@@ -324,3 +328,36 @@ def test_a_share_from_a_non_member_ends_its_stream(
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no committee member" in (failure.value.details() or "")
     raw.close()
+
+
+def test_committee_keys_from_the_cli_serve_a_federation(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    assert main(["keys", "he-committee-init", str(tmp_path), "--parties", "2"]) == 0
+    committee_file = tmp_path / COMMITTEE_FILE
+    for index in (0, 1):  # each on its member's own machine
+        out = tmp_path / f"member-{index}"
+        assert (
+            main(["keys", "he-party", str(committee_file), "--index", str(index), "-o", str(out)])
+            == 0
+        )
+    shares = [str(tmp_path / f"member-{i}" / f"he-share-{i}.bin") for i in (0, 1)]
+    assert main(["keys", "he-committee", str(committee_file), *shares]) == 0
+    toml = tmp_path / "controller.toml"
+    toml.write_text(
+        f'[secure]\nmode = "he-multiparty"\nhe_file = "{committee_file}"\ncommittee = "m0,m1"\n'
+    )
+
+    he = load_settings(toml).controller_config().he
+    assert he is not None
+    assert he.committee == ("m0", "m1")
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1), he=he)
+    parties = {
+        f"m{i}": read_party_file(tmp_path / f"member-{i}" / party_file_name(i)) for i in (0, 1)
+    }
+    summaries = run_committee(
+        ct.address, {"m0": (0.1, 1), "m1": (0.3, 1)}, read_committee_file(committee_file), parties
+    )
+
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 0.2), atol=1e-4)
