@@ -612,7 +612,13 @@ def he_smudging(context: HeContext, parties: int) -> tuple[int, float]:
 
 # --------------------------------------------------------------------------------------- SecAgg+
 
-__all__ += ["SecAggError", "SecAggLearner", "secagg_mean", "secagg_unmask_sum"]
+__all__ += [
+    "SecAggError",
+    "SecAggLearner",
+    "secagg_mean",
+    "secagg_unmask_sum",
+    "secagg_unmask_total",
+]
 
 class SecAggError(ValueError):
     """Invalid SecAgg+ settings (a threshold of half the neighbours or less, a sum that could
@@ -663,6 +669,22 @@ def secagg_unmask_sum(
 ) -> NDArray[np.uint32]:
     """The server's step: the sum (mod 2**32) of the survivors' quantized values; raises
     :class:`SecAggError`, changing nothing, when too many learners dropped."""
+
+def secagg_unmask_total(
+    round: bytes,
+    learners: int,
+    neighbours: int,
+    threshold: int,
+    keys: Mapping[int, tuple[bytes, bytes]],
+    shared: set[int],
+    survivors: set[int],
+    total: NDArray[np.uint32],
+    shares: Sequence[tuple[int, bytes]],
+    clip: float = 1.0,
+    bits: int = 16,
+) -> NDArray[np.uint32]:
+    """``secagg_unmask_sum`` for a server that added the ``survivors``' masked inputs into
+    ``total`` (mod 2**32) as they arrived: ``total`` with the masks removed (a new array)."""
 
 def secagg_mean(
     sum: NDArray[np.uint32], count: int, clip: float = 1.0, bits: int = 16

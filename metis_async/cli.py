@@ -168,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--secure",
         default="none",
-        choices=["none", "he", "he-multiparty"],
+        choices=["none", "he", "he-multiparty", "secagg"],
         help="aggregate under encryption: he = BFV with a shared learner key pair, "
-        "he-multiparty = BFV with the key in shares of a committee of learners",
+        "he-multiparty = BFV with the key in shares of a committee of learners, "
+        "secagg = SecAgg+ masking (the controller learns only each round's sum)",
     )
     demo.add_argument("--save-model", default=None, help="write the final model (.npz)")
     demo.add_argument("--json", action="store_true", help="print one JSON object last")

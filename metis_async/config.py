@@ -454,10 +454,10 @@ class ModelSection(_Section):
 class SecureSection(_Section):
     """`[secure]`: aggregation under homomorphic encryption (the controller holds no key)."""
 
-    mode: Literal["none", "he", "he-multiparty"] = Field(
+    mode: Literal["none", "he", "he-multiparty", "secagg"] = Field(
         default="none",
         description="none; he: one learner key pair (keys he-init); he-multiparty: the key in "
-        "shares of a committee of learners (keys he-committee)",
+        "shares of a committee of learners (keys he-committee); secagg: SecAgg+ masking",
     )
     he_file: Annotated[str | None, Flag(metavar="FILE")] = Field(
         default=None,
@@ -470,10 +470,14 @@ class SecureSection(_Section):
     )
     weight_unit: float = Field(default=1.0, description="examples per unit of integer weight")
     max_update_weight: int = Field(default=1024, description="largest integer weight of an update")
+    secagg_clip: float = Field(default=1.0, gt=0, description="secagg: deltas clipped to ±clip")
+    secagg_step_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="secagg: how long each step of a round waits"
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> SecureSection:
-        if self.mode != "none" and not self.he_file:
+        if self.mode in ("he", "he-multiparty") and not self.he_file:
             raise _invalid("secure", f"mode {self.mode} needs he_file", type(self).model_fields)
         if self.mode == "he-multiparty" and not self.members():
             raise _invalid("secure", "he-multiparty needs the committee", type(self).model_fields)
@@ -489,7 +493,7 @@ class SecureSection(_Section):
         from metis_async.secure.he import read_controller_file
         from metis_async.secure.multiparty import read_committee_file
 
-        if self.mode == "none" or self.he_file is None:
+        if self.mode in ("none", "secagg") or self.he_file is None:
             return None
         try:
             if self.mode == "he":
@@ -558,7 +562,16 @@ class ControllerSettings(_Section):
             from metis_async.aggregation.compatibility import check_homomorphic
 
             try:
-                check_homomorphic(policy, self.aggregation_settings())
+                if self.secure.mode == "secagg":
+                    from metis_async.protocols import SynchronousPolicy
+
+                    if not isinstance(policy, SynchronousPolicy):
+                        raise ValueError(
+                            "SecAgg+ runs around round-based protocols (synchronous, "
+                            "semi_synchronous)"
+                        )
+                else:
+                    check_homomorphic(policy, self.aggregation_settings())
                 if self.server.workers != "0":
                     raise ValueError("ingest workers do not carry encrypted updates yet")
             except ValueError as error:
@@ -605,6 +618,9 @@ class ControllerSettings(_Section):
             tls_key=_read(server.tls_key_file, "tls_key_file", _bytes),
             tls_client_ca=_read(server.tls_client_ca_file, "tls_client_ca_file", _bytes),
             he=self.secure.homomorphic(),
+            secagg=self.secure.mode == "secagg",
+            secagg_clip=self.secure.secagg_clip,
+            secagg_step_timeout_seconds=self.secure.secagg_step_timeout_seconds,
         )
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ConfigError(

@@ -40,6 +40,7 @@ from metis_async.effects import (
     SendCancel,
     SendModel,
     SendNotice,
+    SendSecure,
     SendStatus,
     SendTask,
     Shutdown,
@@ -363,6 +364,10 @@ class EffectDelivery:
         elif isinstance(effect, SendAck):
             ack = pb.Ack(task_id=effect.task_id, version=effect.version)
             self._send(effect.learner_id, controller_message(ack=ack))
+        elif isinstance(effect, SendSecure):
+            session = self._sessions.get(effect.learner_id)
+            if session is not None:  # in order with the tasks staged for it
+                self._out(session, controller_message(secagg=effect.step))
         elif isinstance(effect, SendStatus):
             self._send_status(effect)
         elif isinstance(effect, RequestInitialModel):

@@ -35,7 +35,7 @@ from metis_async.secure.multiparty import create_committee_files, read_committee
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
 
-SECURE_MODES = ("none", "he", "he-multiparty")
+SECURE_MODES = ("none", "he", "he-multiparty", "secagg")
 """Encryption modes of `metis-async demo --secure`."""
 
 COMMITTEE_SIZE = 3
@@ -58,7 +58,8 @@ class DemoOptions:
             for this run (the controller gets the settings only; the demo's scorer, like every
             learner, holds the key to read the encrypted versions); "he-multiparty": the first
             `COMMITTEE_SIZE` learners hold the key in shares and every version is decrypted
-            with all their shares.
+            with all their shares; "secagg": SecAgg+ masking, the controller learns only each
+            round's sum.
         save_model: write the final model here (`numpy.savez`, the layout's tensors in order).
     """
 
@@ -299,6 +300,7 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
             upload_codec=options.codec,
             download_codec=options.codec,
             he=setup.he,
+            secagg=options.secure == "secagg",
         ),
         initial_model=digits.initial_parameters(),
         on_commit=on_commit,

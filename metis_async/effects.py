@@ -71,6 +71,14 @@ class SendNotice:
 
 
 @dataclass(frozen=True)
+class SendSecure:
+    """Send a learner one step of a secure-aggregation round (a `SecAggStep` message)."""
+
+    learner_id: str
+    step: object
+
+
+@dataclass(frozen=True)
 class SendAck:
     """Tell a learner its update is durably part of committed `version` (it may forget it)."""
 
@@ -166,6 +174,7 @@ Effect: TypeAlias = (
     | SendCancel
     | SendNotice
     | SendAck
+    | SendSecure
     | RequestInitialModel
     | SendStatus
     | VersionCommitted

@@ -53,6 +53,7 @@ from metis_async.effects import (
     SendCancel,
     SendModel,
     SendNotice,
+    SendSecure,
     SendStatus,
     SendTask,
     Shutdown,
@@ -74,13 +75,17 @@ from metis_async.protocols import (
     LearnerLost,
     Policy,
     RejectUpdate,
+    SecureStepArrived,
+    SendSecureStep,
     Task,
     TaskFailed,
     TaskKind,
     Tick,
     UpdateArrived,
 )
+from metis_async.protocols.secagg import SecureCommit
 from metis_async.secure.aggregate import HomomorphicAggregation, HomomorphicStep
+from metis_async.secure.masked import MaskedStep
 from metis_async.telemetry import ControllerStats, short_id
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers.partials import RemoteUpdate
@@ -183,6 +188,8 @@ class FederationCore:
         he: aggregate under homomorphic encryption (`metis_async.secure.aggregate`): updates
             are ciphertext bytes, every version after 0 is an encrypted version the core
             cannot read, and tasks ask for full trained models (upload_delta off).
+        secagg: the policy runs SecAgg+ rounds (`protocols.secagg.SecAggRounds`): updates are
+            masked bytes summed mod 2^32 (`secure.masked.MaskedStep`), unmasked at commit.
     """
 
     def __init__(
@@ -203,9 +210,13 @@ class FederationCore:
         max_missed_tasks: int = 5,
         bench_seconds: float = 300.0,
         he: HomomorphicAggregation | None = None,
+        secagg: bool = False,
     ) -> None:
         self.policy = policy
         self.he = he
+        self.secagg = secagg
+        if he is not None and secagg:
+            raise ValueError("choose homomorphic aggregation or SecAgg+, not both")
         if rng is not None:
             policy.rng = rng
         self.aggregation = aggregation or AggregationSettings()
@@ -238,7 +249,7 @@ class FederationCore:
         self._layout: pb.ModelLayout | None = None
         self._flat: wire.ModelVector | None = None
         self.version = 0
-        self._step: ServerStep | HomomorphicStep | None = None
+        self._step: ServerStep | HomomorphicStep | MaskedStep | None = None
         self._open: list[str] = []  # wire task ids folded into the open aggregate
         self._learners = LearnerBook(closed_tasks_kept, learners_remembered)
         self._tasks: dict[str, Task] = {}  # outstanding tasks by wire id
@@ -271,9 +282,11 @@ class FederationCore:
         """The current model as float32 values; RuntimeError for an encrypted version."""
         return wire.plain(self.model)
 
-    def _new_step(self, layout: pb.ModelLayout) -> ServerStep | HomomorphicStep:
+    def _new_step(self, layout: pb.ModelLayout) -> ServerStep | HomomorphicStep | MaskedStep:
         if self.he is not None:
             return HomomorphicStep(wire.num_parameters(layout), self.he)
+        if self.secagg:
+            return MaskedStep(wire.num_parameters(layout), self.aggregation)
         return ServerStep(wire.num_parameters(layout), self.aggregation)
 
     @property
@@ -579,6 +592,13 @@ class FederationCore:
         )
 
     @_counted
+    def secure_step_arrived(self, now: float, learner_id: str, step: object) -> list[Effect]:
+        """A learner's step of a secure-aggregation round (a `SecAggStep`)."""
+        if self._flat is None or self.finished:
+            return []
+        return self._deliver(SecureStepArrived(now, learner_id, step))
+
+    @_counted
     def task_failed(self, now: float, learner_id: str, task_id: str, reason: str) -> list[Effect]:
         """The learner reported that it could not run `task_id`."""
         if self._close_task(learner_id, task_id, "learner reported failure") is None:
@@ -687,6 +707,10 @@ class FederationCore:
                 return CommitFailed(now, refused.version, refused.reason, policy_ids)
         elif isinstance(decision, DiscardAggregate):
             self._discard(decision.reason)
+        elif isinstance(decision, SendSecureStep):
+            record = self._learners.get(decision.learner_id)
+            if record is not None and record.connected:
+                effects.append(SendSecure(decision.learner_id, decision.step))
         elif isinstance(decision, Finish):
             self._finish(decision.reason, effects)
         return []
@@ -748,7 +772,7 @@ class FederationCore:
             return
         lid, update = updates.pop(decision.task_id)
         # The driver checked every value when the upload arrived: the fold does not re-read.
-        if isinstance(step, HomomorphicStep):
+        if isinstance(step, HomomorphicStep | MaskedStep):
             step.add(update, decision.weight)
         elif isinstance(update, bytes):
             raise TypeError("ciphertext bytes arrived for a plaintext aggregate")
@@ -774,6 +798,16 @@ class FederationCore:
             if isinstance(step, HomomorphicStep):
                 new = step.commit(self.model, decision.scale, decision.normalize)
                 bad = None  # ciphertexts: checked as they were added
+            elif isinstance(step, MaskedStep):
+                material = decision.material if isinstance(decision, SecureCommit) else None
+                new = step.commit(
+                    self.plain_model,
+                    decision.scale,
+                    decision.normalize,
+                    decision.relative,
+                    material,
+                )
+                bad = wire.first_non_finite(new)
             else:
                 new = step.commit(
                     self.plain_model, decision.scale, decision.normalize, decision.relative
@@ -985,7 +1019,7 @@ class FederationCore:
         return wire_task_id[len(self._prefix) :]
 
     @property
-    def _aggregate(self) -> ServerStep | HomomorphicStep:
+    def _aggregate(self) -> ServerStep | HomomorphicStep | MaskedStep:
         if self._step is None:
             raise RuntimeError("no model yet")
         return self._step

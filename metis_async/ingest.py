@@ -105,6 +105,10 @@ class Ingest:
             self._on_initial_layout(session, msg.layout)
         elif kind == "initial_model":
             self._on_initial_model(session, msg.initial_model)
+        elif kind == "secagg":
+            if not self.config.secagg:
+                raise ProtocolViolation(INVALID, "SecAgg+ step sent to a controller without it")
+            await self.link.secure_step_arrived(session.learner_id, msg.secagg)
         elif kind == "decryption_share":
             if self.relay is None:
                 raise ProtocolViolation(
@@ -169,7 +173,7 @@ class Ingest:
             )
         layout = self.store.layout
         assert layout is not None
-        if self.config.he is not None:
+        if self.config.he is not None or self.config.secagg:
             await self._take_encrypted(session, task, result, layout)
             return
         try:
@@ -200,12 +204,18 @@ class Ingest:
     async def _take_encrypted(
         self, session: Session, task: Task, result: pb.TaskResult, layout: pb.ModelLayout
     ) -> None:
-        """Start receiving an encrypted upload (HOMOMORPHIC AGGREGATION in the proto)."""
+        """Start receiving an encrypted (HOMOMORPHIC AGGREGATION in the proto) or masked
+        (SECURE AGGREGATION) upload."""
         he = self.config.he
-        expected = he.upload_bytes(wire.num_parameters(layout))
+        values = wire.num_parameters(layout)
+        expected, dtype = (
+            (he.upload_bytes(values), pb.DTYPE_BFV)
+            if he is not None
+            else (4 * values, pb.DTYPE_MASKED)
+        )
         try:
             upload = CipherUpload(
-                result.payload, expected, layout.layout_id, self.config.max_chunk_bytes
+                result.payload, expected, layout.layout_id, self.config.max_chunk_bytes, dtype
             )
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
@@ -320,7 +330,7 @@ class Ingest:
         # thread, each holding its model-sized messages (100 x 4 MB took 700 MB of RSS).
         try:
             update = pending.upload.take()
-            if isinstance(update, bytes):  # ciphertexts: checked whole before the core sees them
+            if isinstance(update, bytes) and self.config.he is not None:  # ciphertexts: checked
                 await self._check_ciphertexts(pending.task, update)
             await self.link.update_arrived(session.learner_id, report, update)
         finally:

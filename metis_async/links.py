@@ -91,6 +91,10 @@ class CoreLink(Protocol):
         """The learner reported that it could not run `task_id`."""
         ...
 
+    async def secure_step_arrived(self, learner_id: str, step: pb.SecAggStep) -> None:
+        """A learner's step of a SecAgg+ round."""
+        ...
+
     async def initial_model_refused(self, learner_id: str, reason: str) -> None:
         """The learner asked for the first model cannot (or sent a refused one)."""
         ...
@@ -170,6 +174,9 @@ class LocalLink:
 
     async def task_failed(self, learner_id: str, task_id: str, reason: str) -> None:
         await self._call(self.core.task_failed, learner_id, task_id, reason)
+
+    async def secure_step_arrived(self, learner_id: str, step: pb.SecAggStep) -> None:
+        await self._call(self.core.secure_step_arrived, learner_id, step)
 
     async def initial_model_refused(self, learner_id: str, reason: str) -> None:
         await self._call(self.core.initial_model_refused, learner_id, reason)

@@ -133,6 +133,11 @@ class ControllerConfig:
         he: aggregate under homomorphic encryption (`metis_async.secure.aggregate`): only
             learners announcing "he" join, updates are ciphertexts the controller sums with
             no key, and versions after the first are encrypted. None: plaintext.
+        secagg: every round runs SecAgg+ (`protocols.secagg.SecAggRounds` around the policy):
+            only learners announcing "secagg" join, and the controller learns only each round's
+            sum of masked updates.
+        secagg_clip: SecAgg+: update values are clipped to [-clip, clip] before quantization.
+        secagg_step_timeout_seconds: SecAgg+: how long each step of a round waits for answers.
     """
 
     host: str = "127.0.0.1"
@@ -174,8 +179,15 @@ class ControllerConfig:
     max_missed_tasks: int = 5
     bench_seconds: float = 300.0
     he: HomomorphicAggregation | None = None
+    secagg: bool = False
+    secagg_clip: float = 1.0
+    secagg_step_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.he is not None and self.secagg:
+            raise ValueError("choose homomorphic aggregation (he) or SecAgg+ (secagg), not both")
+        if self.secagg and not (self.secagg_clip > 0 and self.secagg_step_timeout_seconds > 0):
+            raise ValueError("secagg_clip and secagg_step_timeout_seconds must be > 0")
         for name in ("upload_codec", "download_codec"):
             value = getattr(self, name)
             if value not in CODECS:
@@ -327,6 +339,12 @@ class ControllerFace:
         self.store = ModelStore(self.config.download_chunk())
         if self.config.state_dir is not None:
             self.state = StateDirectory(self.config.state_dir, self.config.checkpoints_kept)
+        if self.config.secagg:
+            from metis_async.protocols.secagg import SecAggRounds
+
+            policy = SecAggRounds(
+                policy, self.config.secagg_clip, self.config.secagg_step_timeout_seconds
+            )
         self.core = FederationCore(
             policy,
             aggregation=aggregation,
@@ -339,6 +357,7 @@ class ControllerFace:
             max_missed_tasks=self.config.max_missed_tasks,
             bench_seconds=self.config.bench_seconds,
             he=self.config.he,
+            secagg=self.config.secagg,
         )
         self.core.status_in_welcome = True  # StreamServer puts it in every Welcome
 

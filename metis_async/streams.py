@@ -234,6 +234,12 @@ class StreamServer:
                 "this federation aggregates under homomorphic encryption: a learner must "
                 "announce the 'he' capability and hold the federation's key pair",
             )
+        if self.config.secagg and "secagg" not in capabilities:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this federation runs SecAgg+ rounds: a learner must announce the 'secagg' "
+                "capability",
+            )
         session = Session(
             learner_id,
             uuid.uuid4().hex,
@@ -282,6 +288,7 @@ class StreamServer:
         )
         if self.config.he is not None:
             welcome.he.CopyFrom(self.config.he.message(learner_id))
+        welcome.secagg = self.config.secagg
         session.send(controller_message(welcome=welcome))
         log.info(
             "learner_joined",

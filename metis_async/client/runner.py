@@ -48,7 +48,17 @@ log = logging.getLogger("metis_async.client")
 
 JOIN_METHOD = "/metis_async.v1.Controller/Join"
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-CAPABILITIES = ("train", "evaluate", "delta", "final_model", "bundle", "ack", "grant", "receipt")
+CAPABILITIES = (
+    "train",
+    "evaluate",
+    "delta",
+    "final_model",
+    "bundle",
+    "ack",
+    "grant",
+    "receipt",
+    "secagg",
+)
 """What this client announces in `Hello.capabilities` (see controller.proto)."""
 
 DEFAULT_CODECS = wire_codecs.CODEC_DTYPES
@@ -303,6 +313,10 @@ class LearnerRunner:
                 self._received(held)
                 if downloaded is not None:
                     self._share(stream, *downloaded)
+            elif kind == "secagg":
+                reply = stream.secagg.on_step(message.secagg)
+                if reply is not None:
+                    stream.send(pb.LearnerMessage(secagg=reply))
             elif kind == "decryption_shares":
                 self._received(stream.models.on_shares(message.decryption_shares))
             elif kind in ("train", "evaluate"):
@@ -376,6 +390,7 @@ class LearnerRunner:
         stream.heartbeat_seconds = welcome.heartbeat_interval_seconds or 5.0
         try:
             stream.models.on_welcome(welcome)
+            stream.masked = welcome.secagg
         except wire.WireError:
             raise
         except ValueError as error:  # keys that cannot work with this controller, ever

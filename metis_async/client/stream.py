@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from metis_async.client.masking import SecAggParty
 from metis_async.client.models import ModelReceiver
 from metis_async.v1 import controller_pb2 as pb
 
@@ -35,6 +36,8 @@ class LearnerStream:
         self.heartbeat_seconds = 5.0
         self._grants: dict[str, Future[bool]] = {}  # task id -> granted (True) or refused
         self._receipt: list[int] | None = None  # [version, chunks received] of a receipt model
+        self.secagg = SecAggParty()  # this stream's SecAgg+ round, if the controller runs them
+        self.masked = False  # Welcome.secagg: uploads are masked
         self.send(pb.LearnerMessage(hello=hello))
 
     def model_announced(self, model: pb.Model) -> None:

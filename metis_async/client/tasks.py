@@ -141,6 +141,8 @@ class TaskWorker:
         encryption = stream.models.encryption
         if stream.models.encrypted and encryption is not None:
             return encryption.encrypt_payload(flat, payload_id, layout_id, limit)
+        if stream.masked:
+            return stream.secagg.mask(flat, payload_id, layout_id, limit)
         dtype = stream.models.upload_dtype
         if dtype != pb.DTYPE_FLOAT32:
             try:

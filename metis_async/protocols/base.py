@@ -175,6 +175,16 @@ class CommitFailed:
     task_ids: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class SecureStepArrived:
+    """A learner's message of a secure-aggregation protocol step (a `SecAggStep`), for the
+    wrapper running it (`protocols.secagg`); other policies never see one."""
+
+    now: float
+    learner_id: str
+    step: Any
+
+
 Event: TypeAlias = (
     LearnerJoined
     | LearnerLost
@@ -183,6 +193,7 @@ Event: TypeAlias = (
     | TaskFailed
     | Tick
     | CommitFailed
+    | SecureStepArrived
 )
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +264,14 @@ class Finish:
     reason: str
 
 
+@dataclass(frozen=True)
+class SendSecureStep:
+    """Send `learner_id` a step of a secure-aggregation protocol (a `SecAggStep`)."""
+
+    learner_id: str
+    step: Any
+
+
 Decision: TypeAlias = (
     AssignTask
     | CancelTask
@@ -261,6 +280,7 @@ Decision: TypeAlias = (
     | CommitVersion
     | DiscardAggregate
     | Finish
+    | SendSecureStep
 )
 
 

@@ -220,8 +220,9 @@ class HomomorphicStep:
 
 
 class CipherUpload:
-    """One learner's encrypted upload (DTYPE_BFV), reassembled from its chunk messages into one
-    buffer of exactly the announced size (the same interface as `wire.Upload`).
+    """One learner's encrypted (DTYPE_BFV) or masked (DTYPE_MASKED) upload, reassembled from
+    its chunk messages into one buffer of exactly the announced size (the same interface as
+    `wire.Upload`).
 
     Chunks are byte slices of the ciphertexts; they are checked for order, payload id and size
     as they arrive. The ciphertexts themselves are checked (length, magic, every coefficient
@@ -232,17 +233,24 @@ class CipherUpload:
         expected_bytes: the ciphertext bytes the model needs (`upload_bytes`).
         layout_id: the model's layout id.
         max_chunk_bytes: largest chunk accepted (bytes).
+        dtype: the payload dtype the federation requires.
     """
 
     def __init__(
-        self, header: pb.Payload, expected_bytes: int, layout_id: int, max_chunk_bytes: int
+        self,
+        header: pb.Payload,
+        expected_bytes: int,
+        layout_id: int,
+        max_chunk_bytes: int,
+        dtype: int = pb.DTYPE_BFV,
     ) -> None:
         from metis_async.wire import WireError, chunk_count, dtype_name
 
-        if header.dtype != pb.DTYPE_BFV:
+        if header.dtype != dtype:
+            how = "under homomorphic encryption" if dtype == pb.DTYPE_BFV else "with SecAgg+"
             raise WireError(
                 f"payload dtype is {dtype_name(header.dtype)}: this federation aggregates "
-                "under homomorphic encryption and accepts DTYPE_BFV uploads only"
+                f"{how} and accepts {dtype_name(dtype)} uploads only"
             )
         if header.total_bytes != expected_bytes:
             raise WireError(

@@ -157,6 +157,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_INT8: _DType.ValueType  # 5
     DTYPE_BFV: _DType.ValueType  # 6
     """BFV ciphertexts (see HOMOMORPHIC AGGREGATION); never a TensorSpec dtype"""
+    DTYPE_MASKED: _DType.ValueType  # 7
+    """SecAgg+ masked values, uint32 LE (SECURE AGGREGATION); never a TensorSpec"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -176,6 +178,8 @@ DTYPE_BFLOAT16: DType.ValueType  # 4
 DTYPE_INT8: DType.ValueType  # 5
 DTYPE_BFV: DType.ValueType  # 6
 """BFV ciphertexts (see HOMOMORPHIC AGGREGATION); never a TensorSpec dtype"""
+DTYPE_MASKED: DType.ValueType  # 7
+"""SecAgg+ masked values, uint32 LE (SECURE AGGREGATION); never a TensorSpec"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _PayloadKind:
@@ -297,6 +301,7 @@ class LearnerMessage(_message.Message):
     INITIAL_MODEL_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
     DECRYPTION_SHARE_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """first message on every stream, and only there"""
@@ -333,6 +338,10 @@ class LearnerMessage(_message.Message):
     def decryption_share(self) -> Global___DecryptionShare:
         """a committee member's share (MULTIPARTY KEYS)"""
 
+    @_builtins.property
+    def secagg(self) -> Global___SecAggStep:
+        """a step of a SecAgg+ round (SECURE AGGREGATION)"""
+
     def __init__(
         self,
         *,
@@ -345,12 +354,13 @@ class LearnerMessage(_message.Message):
         initial_model: Global___InitialModel | None = ...,
         received: Global___ModelReceived | None = ...,
         decryption_share: Global___DecryptionShare | None = ...,
+        secagg: Global___SecAggStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "decryption_share", b"decryption_share", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "initial_model", b"initial_model", "layout", b"layout", "received", b"received", "result", b"result", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model", "received", "decryption_share"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "result", "chunk", "heartbeat", "error", "layout", "initial_model", "received", "decryption_share", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -377,6 +387,7 @@ class ControllerMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     GRANT_FIELD_NUMBER: _builtins.int
     DECRYPTION_SHARES_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """answer to Hello; always the first message"""
@@ -433,6 +444,10 @@ class ControllerMessage(_message.Message):
     def decryption_shares(self) -> Global___DecryptionShares:
         """every member's share of a version (MULTIPARTY KEYS)"""
 
+    @_builtins.property
+    def secagg(self) -> Global___SecAggStep:
+        """a step of a SecAgg+ round (SECURE AGGREGATION)"""
+
     def __init__(
         self,
         *,
@@ -451,12 +466,13 @@ class ControllerMessage(_message.Message):
         ack: Global___Ack | None = ...,
         grant: Global___UploadGrant | None = ...,
         decryption_shares: Global___DecryptionShares | None = ...,
+        secagg: Global___SecAggStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "secagg", b"secagg", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "bundle", b"bundle", "cancel", b"cancel", "chunk", b"chunk", "decryption_shares", b"decryption_shares", "error", b"error", "evaluate", b"evaluate", "grant", b"grant", "heartbeat", b"heartbeat", "layout", b"layout", "model", b"model", "secagg", b"secagg", "shutdown", b"shutdown", "status", b"status", "train", b"train", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack", "grant", "decryption_shares"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "layout", "model", "chunk", "train", "evaluate", "cancel", "heartbeat", "error", "shutdown", "status", "bundle", "ack", "grant", "decryption_shares", "secagg"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -684,6 +700,10 @@ class Hello(_message.Message):
                          (TrainTask.upload_grant; see UPLOAD GRANTS).
           "receipt"      acknowledges the chunks of models with Model.receipt set (ModelReceived;
                          see DOWNLOAD RECEIPTS).
+          "he"           encrypts uploads and decrypts models under BFV (see HOMOMORPHIC
+                         AGGREGATION); required by a controller whose Welcome carries `he`.
+          "secagg"       takes part in SecAgg+ rounds (see SECURE AGGREGATION); required by a
+                         controller whose Welcome sets `secagg`.
         An empty list means "train", "evaluate", "delta" (learners older than this list).
         Unknown strings are ignored.
         """
@@ -743,6 +763,7 @@ class Welcome(_message.Message):
     LEARNERS_CONNECTED_FIELD_NUMBER: _builtins.int
     LEARNERS_NEEDED_FIELD_NUMBER: _builtins.int
     HE_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     learner_id: _builtins.str
     """the id to reuse (assigned if Hello's was empty)"""
     session_id: _builtins.str
@@ -789,6 +810,8 @@ class Welcome(_message.Message):
     """
     learners_connected: _builtins.int
     learners_needed: _builtins.int
+    secagg: _builtins.bool
+    """Set when every round runs SecAgg+ (see SECURE AGGREGATION)."""
     @_builtins.property
     def he(self) -> Global___HomomorphicSettings:
         """Set when this federation aggregates under homomorphic encryption (see HOMOMORPHIC
@@ -812,17 +835,18 @@ class Welcome(_message.Message):
         learners_connected: _builtins.int = ...,
         learners_needed: _builtins.int = ...,
         he: Global___HomomorphicSettings | None = ...,
+        secagg: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["he", b"he"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "he", b"he", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_dtype", b"download_dtype", "he", b"he", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "learner_id", b"learner_id", "learners_connected", b"learners_connected", "learners_needed", b"learners_needed", "max_chunk_bytes", b"max_chunk_bytes", "max_model_bytes", b"max_model_bytes", "need_initial_model", b"need_initial_model", "protocol", b"protocol", "run_id", b"run_id", "secagg", b"secagg", "session_id", b"session_id", "state", b"state", "upload_dtype", b"upload_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
-class DecryptionShare(_message.Message):
+class SecAggStep(_message.Message):
     """HOMOMORPHIC AGGREGATION. A controller that aggregates under BFV homomorphic encryption puts
     its settings in Welcome.he and accepts only learners announcing "he" (others: the stream ends
     with FAILED_PRECONDITION). The controller holds no key: learners hold the federation's key
@@ -867,8 +891,264 @@ class DecryptionShare(_message.Message):
     A share from a learner that is not member `party`, or with the wrong number of shares, ends
     its stream with INVALID_ARGUMENT; shares for an older version are ignored. One member that
     never answers stalls every later version (P-of-P: there is no threshold).
+    SECURE AGGREGATION (SecAgg+, Bell et al. 2020). A controller with secure aggregation on
+    accepts only learners announcing "secagg" (others: FAILED_PRECONDITION) and learns only the
+    sum of each round's updates. Every round runs these steps, all `SecAggStep` messages carrying
+    the round's `round_id` (16 random bytes; steps of another round are ignored):
+      1. Controller -> each learner picked for the round: `setup` (its index among the round's
+         learners, their number n, the neighbours k of the ring graph, the threshold t, clip
+         and quantization bits). The learner makes a `_core.SecAggLearner` with these values
+         and answers `keys` with one entry: its index and its two X25519 public keys.
+      2. Controller -> each learner that answered: `keys`, every answering learner's keys. The
+         learner answers `shares`: its `SecAggLearner.share` output, each entry's `index` the
+         recipient.
+      3. Controller -> each learner that shared: `shares`, the entries sealed to it by learners
+         that shared (`index` the sender); the learner keeps them (`receive`). Then the round's
+         TrainTask follows. The learner uploads DTYPE_MASKED: `masked_input(trained - base)`,
+         uint32 little-endian, 4 bytes a value, kind PAYLOAD_KIND_DELTA (upload_delta is set).
+      4. Controller -> each learner whose masked update was accepted: `unmask`, the survivors
+         and the dropped (shared, no accepted update). The learner answers `reveal`: its
+         `SecAggLearner.unmask(survivors, dropped)` output.
+    The controller then removes the masks from the sum with every revealed share (at least t
+    per learner) and commits the uniform mean of the survivors' deltas (each counts once;
+    clipped to [-clip, clip] and stochastically quantized with `bits` bits). A learner that does
+    not answer a step within the round's deadline is left out (steps 1-2: the round goes on
+    without it; step 4: with fewer reveals); if fewer than t shares of some learner's secret
+    come back, the round's aggregate is dropped and the model does not change.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SETUP_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    UNMASK_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.bytes
+    @_builtins.property
+    def setup(self) -> Global___SecAggSetup: ...
+    @_builtins.property
+    def keys(self) -> Global___SecAggKeys: ...
+    @_builtins.property
+    def shares(self) -> Global___SecAggShares: ...
+    @_builtins.property
+    def unmask(self) -> Global___SecAggUnmask: ...
+    @_builtins.property
+    def reveal(self) -> Global___SecAggReveal: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.bytes = ...,
+        setup: Global___SecAggSetup | None = ...,
+        keys: Global___SecAggKeys | None = ...,
+        shares: Global___SecAggShares | None = ...,
+        unmask: Global___SecAggUnmask | None = ...,
+        reveal: Global___SecAggReveal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "reveal", b"reveal", "setup", b"setup", "shares", b"shares", "step", b"step", "unmask", b"unmask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "reveal", b"reveal", "round_id", b"round_id", "setup", b"setup", "shares", b"shares", "step", b"step", "unmask", b"unmask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["setup", "keys", "shares", "unmask", "reveal"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___SecAggStep: _TypeAlias = SecAggStep  # noqa: Y015
+
+@_typing.final
+class SecAggSetup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    LEARNERS_FIELD_NUMBER: _builtins.int
+    NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """this learner's index in the round, 0 .. learners-1"""
+    learners: _builtins.int
+    neighbours: _builtins.int
+    threshold: _builtins.int
+    clip: _builtins.float
+    bits: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        learners: _builtins.int = ...,
+        neighbours: _builtins.int = ...,
+        threshold: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        bits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "index", b"index", "learners", b"learners", "neighbours", b"neighbours", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSetup: _TypeAlias = SecAggSetup  # noqa: Y015
+
+@_typing.final
+class SecAggKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SEALING_KEY_FIELD_NUMBER: _builtins.int
+    MASKING_KEY_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    sealing_key: _builtins.bytes
+    """X25519 public key for the sealed shares"""
+    masking_key: _builtins.bytes
+    """X25519 public key for the pairwise masks"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        sealing_key: _builtins.bytes = ...,
+        masking_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "masking_key", b"masking_key", "sealing_key", b"sealing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggKey: _TypeAlias = SecAggKey  # noqa: Y015
+
+@_typing.final
+class SecAggKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___SecAggKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggKeys: _TypeAlias = SecAggKeys  # noqa: Y015
+
+@_typing.final
+class SecAggShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """learner -> controller: the recipient; controller -> learner: the sender"""
+    sealed: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShare: _TypeAlias = SecAggShare  # noqa: Y015
+
+@_typing.final
+class SecAggShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggShare]: ...
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[Global___SecAggShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShares: _TypeAlias = SecAggShares  # noqa: Y015
+
+@_typing.final
+class SecAggUnmask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        survivors: _abc.Iterable[_builtins.int] | None = ...,
+        dropped: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmask: _TypeAlias = SecAggUnmask  # noqa: Y015
+
+@_typing.final
+class SecAggRevealed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.int
+    share: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        owner: _builtins.int = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRevealed: _TypeAlias = SecAggRevealed  # noqa: Y015
+
+@_typing.final
+class SecAggReveal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggRevealed]: ...
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[Global___SecAggRevealed] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggReveal: _TypeAlias = SecAggReveal  # noqa: Y015
+
+@_typing.final
+class DecryptionShare(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int

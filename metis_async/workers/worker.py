@@ -128,6 +128,10 @@ class HubLink:
     async def task_failed(self, learner_id: str, task_id: str, reason: str) -> None:
         self.channel.send(("task_failed", learner_id, task_id, reason))
 
+    async def secure_step_arrived(self, learner_id: str, step: pb.SecAggStep) -> None:
+        # config refuses --workers with SecAgg+: its steps are not forwarded yet
+        raise RuntimeError("ingest workers do not carry SecAgg+ steps")
+
     async def initial_model_refused(self, learner_id: str, reason: str) -> None:
         self.channel.send(("initial_refused", learner_id, reason))
 

@@ -68,6 +68,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_he::he_smudging, m)?)?;
     m.add_class::<py_secagg::PySecAggLearner>()?;
     m.add_function(wrap_pyfunction!(py_secagg::secagg_unmask_sum, m)?)?;
+    m.add_function(wrap_pyfunction!(py_secagg::secagg_unmask_total, m)?)?;
     m.add_function(wrap_pyfunction!(py_secagg::secagg_mean, m)?)?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Python binding of SecAgg+ (`secagg`): `SecAggLearner` (a learner's four steps) and
-//! `secagg_unmask_sum` / `secagg_mean` (the server's side).
+//! `secagg_unmask_sum` / `secagg_unmask_total` / `secagg_mean` (the server's side).
 //!
 //! Randomness comes from the operating system's CSPRNG (`rand::rng()`, ChaCha seeded from the
 //! OS). O(model) steps run with the GIL released. Errors become `SecAggError` (a `ValueError`).
@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use metis_async_core::secagg::{
-    mean_of_sum, unmask_sum, AdvertisedKeys, RoundSettings, SecAggError, SecAggLearner, SHARE_BYTES,
+    mean_of_sum, unmask_sum, unmask_total, AdvertisedKeys, RoundSettings, SecAggError,
+    SecAggLearner, SHARE_BYTES,
 };
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
@@ -176,7 +177,13 @@ pub fn secagg_unmask_sum<'py>(
         .iter()
         .map(|(&i, y)| Ok((i, py_arrays::values(y)?)))
         .collect::<Result<_>>()?;
-    let shares: Vec<(u32, [u8; SHARE_BYTES])> = shares
+    let shares = share_array(&shares)?;
+    let sum = py_arrays::detached(py, || unmask_sum(&s, &keys, &shared, &inputs, &shares))?;
+    Ok(PyArray1::from_vec(py, sum))
+}
+
+fn share_array(shares: &[(u32, PyBackedBytes)]) -> Result<Vec<(u32, [u8; SHARE_BYTES])>> {
+    shares
         .iter()
         .map(|(owner, share)| {
             let share: [u8; SHARE_BYTES] = share
@@ -185,8 +192,35 @@ pub fn secagg_unmask_sum<'py>(
                 .map_err(|_| SecAggError::Malformed(format!("a share of {} bytes", share.len())))?;
             Ok((*owner, share))
         })
-        .collect::<Result<_>>()?;
-    let sum = py_arrays::detached(py, || unmask_sum(&s, &keys, &shared, &inputs, &shares))?;
+        .collect()
+}
+
+/// The server's unmasking of a running sum: `total` is the survivors' masked inputs added
+/// mod 2^32 as they arrived; returns it unmasked (a new array).
+#[pyfunction]
+#[pyo3(signature = (round, learners, neighbours, threshold, keys, shared, survivors, total, shares, clip = 1.0, bits = 16))]
+#[allow(clippy::too_many_arguments)]
+pub fn secagg_unmask_total<'py>(
+    py: Python<'py>,
+    round: &[u8],
+    learners: u32,
+    neighbours: u32,
+    threshold: u32,
+    keys: Keys,
+    shared: BTreeSet<u32>,
+    survivors: BTreeSet<u32>,
+    total: PyReadonlyArray1<'py, u32>,
+    shares: Vec<(u32, PyBackedBytes)>,
+    clip: f32,
+    bits: u32,
+) -> Result<Bound<'py, PyArray1<u32>>> {
+    let s = settings(round, learners, neighbours, threshold, clip, bits);
+    let keys = advertised(&keys)?;
+    let mut sum = py_arrays::values(&total)?.to_vec();
+    let shares = share_array(&shares)?;
+    py_arrays::detached(py, || {
+        unmask_total(&s, &keys, &shared, &survivors, &mut sum, &shares)
+    })?;
     Ok(PyArray1::from_vec(py, sum))
 }
 

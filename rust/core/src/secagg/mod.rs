@@ -17,7 +17,7 @@ mod round;
 
 pub use field::SHARE_BYTES;
 pub use quantize::{mean_of_sum, quantize};
-pub use round::{unmask_sum, AdvertisedKeys, RoundSettings, SecAggLearner};
+pub use round::{unmask_sum, unmask_total, AdvertisedKeys, RoundSettings, SecAggLearner};
 
 use thiserror::Error;
 

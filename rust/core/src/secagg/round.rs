@@ -276,12 +276,6 @@ pub fn unmask_sum<V: AsRef<[u32]> + Sync>(
     inputs: &BTreeMap<u32, V>,
     shares: &[(u32, [u8; SHARE_BYTES])],
 ) -> Result<Vec<u32>, SecAggError> {
-    settings.check()?;
-    if let Some(i) = inputs.keys().find(|i| !shared.contains(i)) {
-        return Err(SecAggError::Malformed(format!(
-            "an input from {i}, who shared no keys"
-        )));
-    }
     let Some(len) = inputs.values().next().map(|y| y.as_ref().len()) else {
         return Err(SecAggError::TooFewShares { got: 0, needed: 1 });
     };
@@ -289,6 +283,44 @@ pub fn unmask_sum<V: AsRef<[u32]> + Sync>(
         return Err(SecAggError::Malformed(
             "masked inputs of different lengths".into(),
         ));
+    }
+    let mut sum = vec![0u32; len];
+    let rows: Vec<&[u32]> = inputs.values().map(AsRef::as_ref).collect();
+    sum.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(index, part)| {
+            let start = index << 16;
+            for y in &rows {
+                let y = &y[start..start + part.len()];
+                part.iter_mut()
+                    .zip(y)
+                    .for_each(|(s, v)| *s = s.wrapping_add(*v));
+            }
+        });
+    let survivors: BTreeSet<u32> = inputs.keys().copied().collect();
+    unmask_total(settings, keys, shared, &survivors, &mut sum, shares)?;
+    Ok(sum)
+}
+
+/// [`unmask_sum`] for a server that added the survivors' masked inputs as they arrived
+/// (mod 2^32, O(model) memory however many report): removes the masks from `total`, the sum
+/// of the inputs of `survivors`, in place. Fails, leaving `total` unchanged, as `unmask_sum`.
+pub fn unmask_total(
+    settings: &RoundSettings,
+    keys: &BTreeMap<u32, AdvertisedKeys>,
+    shared: &BTreeSet<u32>,
+    survivors: &BTreeSet<u32>,
+    total: &mut [u32],
+    shares: &[(u32, [u8; SHARE_BYTES])],
+) -> Result<(), SecAggError> {
+    settings.check()?;
+    if let Some(i) = survivors.iter().find(|i| !shared.contains(i)) {
+        return Err(SecAggError::Malformed(format!(
+            "an input from {i}, who shared no keys"
+        )));
+    }
+    if survivors.is_empty() {
+        return Err(SecAggError::TooFewShares { got: 0, needed: 1 });
     }
     let mut by_owner: BTreeMap<u32, Vec<[u8; SHARE_BYTES]>> = BTreeMap::new();
     for (owner, share) in shares {
@@ -307,21 +339,21 @@ pub fn unmask_sum<V: AsRef<[u32]> + Sync>(
         })
     };
     // Rebuild everything first: an error leaves no half-unmasked sum behind.
-    let survivors: Vec<(u32, [u8; 32])> = inputs
-        .keys()
-        .map(|&i| Ok((i, rebuild(i)?)))
+    let selves: Vec<[u8; 32]> = survivors
+        .iter()
+        .map(|&i| rebuild(i))
         .collect::<Result<_, SecAggError>>()?;
     let dropped: Vec<(u32, StaticSecret)> = shared
         .iter()
-        .filter(|j| !inputs.contains_key(j))
+        .filter(|j| !survivors.contains(j))
         .map(|&j| Ok((j, secret_from(rebuild(j)?))))
         .collect::<Result<_, SecAggError>>()?;
-    let mut seeds: Vec<([u8; 32], i8)> = survivors.iter().map(|(_, b)| (*b, -1)).collect();
+    let mut seeds: Vec<([u8; 32], i8)> = selves.iter().map(|b| (*b, -1)).collect();
     for (j, secret) in &dropped {
         for i in settings
             .neighbours_of(*j)
             .into_iter()
-            .filter(|i| inputs.contains_key(i))
+            .filter(|i| survivors.contains(i))
         {
             let key = keys.get(&i).ok_or(SecAggError::MissingKeys(i))?;
             let seed = agree(secret, &key.masking, MASK_LABEL, &settings.round);
@@ -329,21 +361,8 @@ pub fn unmask_sum<V: AsRef<[u32]> + Sync>(
             seeds.push((seed, if i < *j { -1 } else { 1 }));
         }
     }
-    let mut sum = vec![0u32; len];
-    let rows: Vec<&[u32]> = inputs.values().map(AsRef::as_ref).collect();
-    sum.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(index, part)| {
-            let start = index << 16;
-            for y in &rows {
-                let y = &y[start..start + part.len()];
-                part.iter_mut()
-                    .zip(y)
-                    .for_each(|(s, v)| *s = s.wrapping_add(*v));
-            }
-        });
-    apply_masks(&mut sum, &seeds);
-    Ok(sum)
+    apply_masks(total, &seeds);
+    Ok(())
 }
 
 #[cfg(test)]
