@@ -488,6 +488,7 @@ def test_capabilities_are_announced(scripted) -> None:
         "ack",
         "grant",
         "receipt",
+        "secagg",  # "he" only with keys
     }
 
 
