@@ -16,7 +16,13 @@ import pytest
 from metis_async.cli import main
 from metis_async.client import Backoff, LearnerStopped, run_learner
 from metis_async.config import load_settings
-from metis_async.protocols import BufferedPolicy, BufferedSettings
+from metis_async.protocols import (
+    BufferedPolicy,
+    BufferedSettings,
+    SemiSynchronousPolicy,
+    SemiSynchronousSettings,
+    TrainSettings,
+)
 from metis_async.secure.aggregate import HomomorphicAggregation, split_version
 from metis_async.secure.he import (
     HeSettings,
@@ -361,3 +367,48 @@ def test_committee_keys_from_the_cli_serve_a_federation(
 
     for summary in summaries:
         np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 0.2), atol=1e-4)
+
+
+def test_semi_synchronous_rounds_work_encrypted(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he, learner_keys = keys
+    policy = SemiSynchronousPolicy(
+        SemiSynchronousSettings(min_learners=2, rounds=2, train=TrainSettings(local_steps=1))
+    )
+    ct = controller_factory(policy, he=he)
+
+    summaries = run_encrypted(ct.address, {"a": (0.1, 1), "b": (0.3, 1)}, learner_keys)
+
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 0.4), atol=1e-4)
+
+
+def test_an_encrypted_version_survives_a_restart(
+    keys: tuple[HomomorphicAggregation, LearnerKeys], tmp_path: Path
+) -> None:
+    he, learner_keys = keys
+    first = ControllerThread(
+        sync_policy(min_learners=2, rounds=1),
+        [np.zeros(10, np.float32)],
+        he=he,
+        state_dir=str(tmp_path),
+    )
+    run_encrypted(first.address, {"a": (0.1, 1), "b": (0.3, 1)}, learner_keys)
+    assert first.wait_finished(10)
+    blob = first.read(lambda: np.array(first.controller.core.model))
+    first.close()
+
+    second = ControllerThread(
+        sync_policy(min_learners=2, rounds=1), None, he=he, state_dir=str(tmp_path)
+    )
+    try:
+        resumed = second.read(lambda: np.array(second.controller.core.model))
+        assert resumed.dtype == np.uint8
+        np.testing.assert_array_equal(resumed, blob)  # the ciphertexts, byte for byte
+        divisor, body = split_version(resumed, he.settings.ciphertext_bytes)
+        ctx = learner_keys.settings.context()
+        values = ctx.decrypt(learner_keys.secret_key, [body], 10, float(divisor))
+        np.testing.assert_allclose(values, np.full(10, 0.2), atol=1e-4)
+    finally:
+        second.close()

@@ -14,7 +14,13 @@ import pytest
 
 from metis_async.client import Backoff, run_learner
 from metis_async.client.learner import FitConfig
-from metis_async.protocols import BufferedPolicy, BufferedSettings
+from metis_async.protocols import (
+    BufferedPolicy,
+    BufferedSettings,
+    SemiSynchronousPolicy,
+    SemiSynchronousSettings,
+    TrainSettings,
+)
 from metis_async.server import Controller, ControllerConfig
 from metis_async.v1 import controller_pb2 as pb
 from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
@@ -121,3 +127,38 @@ def test_roundless_policies_are_refused() -> None:
 
     with pytest.raises(ValueError, match="round-based"):
         Controller(policy, ControllerConfig(port=0, secagg=True))
+
+
+def test_too_many_dropouts_refuse_the_round_and_keep_the_model(
+    controller_factory: Factory,
+) -> None:
+    policy = sync_policy(
+        min_learners=3, rounds=1, round_deadline_seconds=2.0, min_update_fraction=0.3
+    )  # one update of three may commit: the masks decide
+    ct = controller_factory(policy, secagg=True, secagg_step_timeout_seconds=1.0)
+    learners: dict[str, ShiftLearner] = {"a": ShiftLearner(0.1, 1)}
+    learners |= {k: Vanishing(0.5, drop_in=0) for k in ("b", "c")}  # both of a's neighbours
+    threads = [threading.Thread(target=run_learners, args=(ct.address, learners), daemon=True)]
+    threads[0].start()
+
+    refused = 0
+    for _ in range(100):  # up to 10 s
+        refused = ct.read(lambda: ct.controller.stats.commits_refused_total)
+        if refused:
+            break
+        threading.Event().wait(0.1)
+
+    assert refused >= 1
+    assert ct.read(lambda: ct.controller.version) == 0
+    np.testing.assert_array_equal(ct.model(), np.zeros(10, np.float32))
+
+
+def test_semi_synchronous_rounds_run_secagg(controller_factory: Factory) -> None:
+    policy = SemiSynchronousPolicy(
+        SemiSynchronousSettings(min_learners=3, rounds=2, train=TrainSettings(local_steps=1))
+    )
+    ct = controller_factory(policy, secagg=True)
+
+    run_learners(ct.address, {k: ShiftLearner(0.1, 1) for k in ("a", "b", "c")})
+
+    np.testing.assert_allclose(ct.model(), np.full(10, 0.2), atol=1e-4)
