@@ -470,6 +470,12 @@ class SecureSection(_Section):
     )
     weight_unit: float = Field(default=1.0, description="examples per unit of integer weight")
     max_update_weight: int = Field(default=1024, description="largest integer weight of an update")
+    model_divisor: int = Field(
+        default=4096,
+        ge=1,
+        description="he, buffered/asynchronous: mixing weights are multiples of 1/model_divisor "
+        "(each version spends about model_divisor x its step of the noise budget)",
+    )
     secagg_clip: float = Field(default=1.0, gt=0, description="secagg: deltas clipped to ±clip")
     secagg_step_timeout_seconds: float = Field(
         default=10.0, gt=0, description="secagg: how long each step of a round waits"
@@ -490,25 +496,36 @@ class SecureSection(_Section):
     def homomorphic(self) -> HomomorphicAggregation | None:
         """The controller's encryption settings, read from `he_file` (None: mode none)."""
         from metis_async.secure.aggregate import HomomorphicAggregation
-        from metis_async.secure.he import read_controller_file
+        from metis_async.secure.he import PUBLIC_FILE, read_controller_file, read_public_file
         from metis_async.secure.multiparty import read_committee_file
 
         if self.mode in ("none", "secagg") or self.he_file is None:
             return None
         try:
+            public = b""
             if self.mode == "he":
-                settings, key_id = read_controller_file(self.he_file)
+                if Path(self.he_file).name == PUBLIC_FILE:  # round-less policies need it
+                    settings, key_id, public = read_public_file(self.he_file)
+                else:
+                    settings, key_id = read_controller_file(self.he_file)
                 members: tuple[str, ...] = ()
             else:
                 committee = read_committee_file(self.he_file)
                 settings, key_id, members = committee.settings, committee.key_id, self.members()
+                public = committee.public_key
                 if len(members) != committee.parties:
                     raise ValueError(
                         f"committee lists {len(members)} learners; the committee file has "
                         f"{committee.parties} parties"
                     )
             return HomomorphicAggregation(
-                settings, key_id, self.weight_unit, self.max_update_weight, members
+                settings,
+                key_id,
+                self.weight_unit,
+                self.max_update_weight,
+                members,
+                public,
+                self.model_divisor,
             )
         except ValueError as error:
             raise ConfigError([Problem("secure.he_file", str(error))]) from None
@@ -571,7 +588,10 @@ class ControllerSettings(_Section):
                             "semi_synchronous)"
                         )
                 else:
-                    check_homomorphic(policy, self.aggregation_settings())
+                    public = self.secure.mode == "he-multiparty" or (
+                        Path(self.secure.he_file or "").name == "he-public.key"
+                    )
+                    check_homomorphic(policy, self.aggregation_settings(), public)
                 if self.server.workers != "0":
                     raise ValueError("ingest workers do not carry encrypted updates yet")
             except ValueError as error:

@@ -30,7 +30,12 @@ from metis_async.federation import summarize_participation
 from metis_async.profiles import DEMO_PROFILES, default_demo_settings
 from metis_async.protocols import TrainSettings, make_policy
 from metis_async.secure.aggregate import HomomorphicAggregation, split_version
-from metis_async.secure.he import create_he_keys, read_controller_file, read_learner_keys
+from metis_async.secure.he import (
+    create_he_keys,
+    read_controller_file,
+    read_learner_keys,
+    read_public_file,
+)
 from metis_async.secure.multiparty import create_committee_files, read_committee_file
 from metis_async.server import Controller, ControllerConfig, run_event_loop
 from metis_async.telemetry import configure_logging
@@ -196,16 +201,24 @@ class _SecureSetup:
 def _secure_setup(options: DemoOptions, keys: Path) -> _SecureSetup:
     """Keys for `options.secure`. The demo runs on one machine, so it makes every key here; in
     a deployment each committee member makes its own party file (`keys he-party`)."""
+    rounds = options.protocol in ("synchronous", "semi_synchronous")
     if options.secure == "he":
-        controller_file, learner_file, _ = create_he_keys(keys)
-        settings, key_id = read_controller_file(controller_file)  # settings only: no key
-        return _SecureSetup(HomomorphicAggregation(settings, key_id), learner_key=learner_file)
+        controller_file, learner_file, public_file = create_he_keys(keys)
+        if rounds:
+            settings, key_id = read_controller_file(controller_file)  # settings only: no key
+            he = HomomorphicAggregation(settings, key_id)
+        else:  # round-less: the public key encrypts the (public) first model once
+            settings, key_id, public = read_public_file(public_file)
+            he = HomomorphicAggregation(settings, key_id, public_key=public)
+        return _SecureSetup(he, learner_key=learner_file)
     if options.secure == "he-multiparty":
         members = min(COMMITTEE_SIZE, options.learners)
         committee_file, *party_files = create_committee_files(keys, members)
         committee = read_committee_file(committee_file)
         ids = tuple(f"learner-{i}" for i in range(members))
-        he = HomomorphicAggregation(committee.settings, committee.key_id, committee=ids)
+        he = HomomorphicAggregation(
+            committee.settings, committee.key_id, committee=ids, public_key=committee.public_key
+        )
         return _SecureSetup(he, committee=committee_file, parties=dict(enumerate(party_files)))
     return _SecureSetup()
 

@@ -77,6 +77,7 @@ from metis_async.protocols import (
     RejectUpdate,
     SecureStepArrived,
     SendSecureStep,
+    SynchronousPolicy,
     Task,
     TaskFailed,
     TaskKind,
@@ -223,7 +224,8 @@ class FederationCore:
         for warning in check_compatible(policy, self.aggregation):  # raises if impossible
             log.warning("settings_warning", protocol=policy.name, warning=warning)
         if he is not None:
-            check_homomorphic(policy, self.aggregation)
+            check_homomorphic(policy, self.aggregation, bool(he.public_key))
+        self._rounds = isinstance(policy, SynchronousPolicy)  # HE: full models, else deltas
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.stats = stats or ControllerStats()
         self.evaluations: OrderedDict[int, dict[str, float]] = OrderedDict()
@@ -284,7 +286,7 @@ class FederationCore:
 
     def _new_step(self, layout: pb.ModelLayout) -> ServerStep | HomomorphicStep | MaskedStep:
         if self.he is not None:
-            return HomomorphicStep(wire.num_parameters(layout), self.he)
+            return HomomorphicStep(wire.num_parameters(layout), self.he, not self._rounds)
         if self.secagg:
             return MaskedStep(wire.num_parameters(layout), self.aggregation)
         return ServerStep(wire.num_parameters(layout), self.aggregation)
@@ -754,7 +756,8 @@ class FederationCore:
             )
         wired = replace(task, task_id=self._wire_id(task.task_id))
         if self.he is not None and wired.kind is TaskKind.TRAIN:
-            wired = replace(wired, upload_delta=False)  # ciphertexts of full trained models
+            # rounds: ciphertexts of full trained models; round-less: of deltas
+            wired = replace(wired, upload_delta=not self._rounds)
         if record.held_version != task.version:
             effects.append(SendModel(task.learner_id, task.version))
             record.held_version = task.version
@@ -796,7 +799,7 @@ class FederationCore:
         try:
             new: wire.ModelVector
             if isinstance(step, HomomorphicStep):
-                new = step.commit(self.model, decision.scale, decision.normalize)
+                new = step.commit(self.model, decision.scale, decision.normalize, decision.relative)
                 bad = None  # ciphertexts: checked as they were added
             elif isinstance(step, MaskedStep):
                 material = decision.material if isinstance(decision, SecureCommit) else None

@@ -20,7 +20,7 @@ import structlog
 
 from metis_async import wire
 from metis_async._core import WireFormatError, encode_chunk_messages
-from metis_async.secure.aggregate import DIVISOR_BYTES
+from metis_async.secure.aggregate import HEADER_BYTES
 from metis_async.v1 import controller_pb2 as pb
 
 log = structlog.get_logger("metis_async.store")
@@ -115,7 +115,7 @@ def encode_encrypted_version(
     """The messages that deliver an encrypted version (`metis_async.secure.aggregate`): a
     `Model` with dtype DTYPE_BFV and its divisor, then the ciphertext bytes in chunks."""
     data = np.ascontiguousarray(encrypted, dtype=np.uint8).tobytes()
-    divisor, body = int.from_bytes(data[:DIVISOR_BYTES], "little"), data[DIVISOR_BYTES:]
+    divisor, body = int.from_bytes(data[:8], "little"), data[HEADER_BYTES:]
     chunks = [
         pb.ControllerMessage(
             chunk=pb.Chunk(payload_id=version, index=i, data=body[at : at + max_chunk_bytes])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from metis_async.cli import main
 from metis_async.client import Backoff, LearnerStopped, run_learner
 from metis_async.config import load_settings
 from metis_async.protocols import (
+    AsynchronousPolicy,
+    AsynchronousSettings,
     BufferedPolicy,
     BufferedSettings,
     SemiSynchronousPolicy,
@@ -30,6 +33,7 @@ from metis_async.secure.he import (
     create_he_keys,
     read_controller_file,
     read_learner_keys,
+    read_public_file,
 )
 from metis_async.secure.multiparty import (
     COMMITTEE_FILE,
@@ -225,13 +229,38 @@ def test_a_learner_with_another_key_stops(
         )
 
 
-def test_policies_that_need_the_plaintext_are_refused(
+def test_round_less_policies_need_the_public_key(
     keys: tuple[HomomorphicAggregation, LearnerKeys],
 ) -> None:
     policy = BufferedPolicy(BufferedSettings(buffer_size=2))
 
-    with pytest.raises(ValueError, match="not supported under encryption"):
+    with pytest.raises(ValueError, match="needs the federation's public key"):
         Controller(policy, ControllerConfig(port=0, he=keys[0]))
+
+
+@pytest.mark.parametrize(
+    ("policy", "step"),
+    [
+        # FedAsync: alpha 0.6 at staleness 0, quantized to multiples of 1/4096
+        (AsynchronousPolicy(AsynchronousSettings(rounds=3)), round(4096 * 0.6) / 4096),
+        (BufferedPolicy(BufferedSettings(buffer_size=1, rounds=3)), 1.0),
+    ],
+    ids=["asynchronous", "buffered"],
+)
+def test_round_less_policies_step_on_ciphertexts(
+    controller_factory: Factory,
+    keys: tuple[HomomorphicAggregation, LearnerKeys],
+    policy: Any,
+    step: float,
+) -> None:
+    he, learner_keys = keys
+    with_key = replace(he, public_key=learner_keys.public_key)
+    ct = controller_factory(policy, he=with_key)
+
+    (summary,) = run_encrypted(ct.address, {"a": (0.1, 1)}, learner_keys)
+
+    assert summary.final_version == 3
+    np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 3 * step * 0.1), atol=1e-4)
 
 
 # ------------------------------------------------------------------------- multiparty keys
@@ -412,3 +441,28 @@ def test_an_encrypted_version_survives_a_restart(
         np.testing.assert_allclose(values, np.full(10, 0.2), atol=1e-4)
     finally:
         second.close()
+
+
+def test_a_spent_noise_budget_refuses_the_commit(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    settings = HeSettings(max_total_weight=3 * 4096)  # the first model and two steps of 1
+    _, learner_file, public_file = create_he_keys(tmp_path, settings)
+    learner_keys = read_learner_keys(learner_file)
+    he = HomomorphicAggregation(
+        *read_public_file(public_file)[:2], public_key=learner_keys.public_key
+    )
+    ct = controller_factory(BufferedPolicy(BufferedSettings(buffer_size=1, rounds=5)), he=he)
+    threading.Thread(
+        target=run_encrypted, args=(ct.address, {"a": (0.1, 1)}, learner_keys), daemon=True
+    ).start()
+
+    refused = 0
+    for _ in range(100):  # up to 10 s
+        refused = ct.read(lambda: ct.controller.stats.commits_refused_total)
+        if refused:
+            break
+        threading.Event().wait(0.1)
+
+    assert refused >= 1
+    assert ct.read(lambda: ct.controller.version) == 2  # the budget held two versions

@@ -99,21 +99,22 @@ def check_compatible(policy: Policy, aggregation: AggregationSettings) -> list[s
     return warnings
 
 
-def check_homomorphic(policy: Policy, aggregation: AggregationSettings) -> None:
+def check_homomorphic(
+    policy: Policy, aggregation: AggregationSettings, public_key: bool = False
+) -> None:
     """Refuse what homomorphic aggregation cannot do: the controller holds ciphertexts it
-    cannot read, so it can only add them with integer weights and commit the weighted average.
+    cannot read, so it can only add them, times integer weights.
 
     Raises:
-        ValueError: naming the setting, for a policy other than synchronous or
-            semi-synchronous rounds (the buffered and asynchronous steps mix updates of
-            different base versions and scale them by staleness), a server optimizer, a
-            robust rule or clipping (each needs the plaintext update).
+        ValueError: naming the setting: a round-less policy (buffered, asynchronous) without
+            the federation's public key (`public_key`: the first model must be encrypted once),
+            a server optimizer, a robust rule or clipping (each needs the plaintext update).
     """
-    if not isinstance(policy, SynchronousPolicy):
+    if not isinstance(policy, SynchronousPolicy) and not public_key:
         raise ValueError(
-            f"homomorphic aggregation works with the synchronous and semi_synchronous "
-            f"protocols (a weighted average of one round's models); {policy.name} is not "
-            "supported under encryption yet"
+            f"{policy.name} under homomorphic aggregation needs the federation's public key "
+            "(he-public.key, or the committee file) to encrypt the first model; "
+            "synchronous and semi_synchronous rounds need none"
         )
     if aggregation.optimizer != "fedavg" or aggregation.optimizer_options:
         raise ValueError(

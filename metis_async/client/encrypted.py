@@ -72,14 +72,19 @@ class Encryption:
         return split_ciphertexts(data, self.settings.ciphertext_bytes)
 
     def encrypt_payload(
-        self, flat: wire.FloatVector, payload_id: int, layout_id: int, max_chunk_bytes: int
+        self,
+        flat: wire.FloatVector,
+        payload_id: int,
+        layout_id: int,
+        max_chunk_bytes: int,
+        kind: int = pb.PAYLOAD_KIND_WEIGHTS,
     ) -> tuple[pb.Payload, list[pb.Chunk]]:
-        """`flat` (the trained model) clipped, encrypted and cut into chunks."""
+        """`flat` (the trained model, or its delta: `kind`) clipped, encrypted, chunked."""
         data = b"".join(self.context.encrypt(self.public_key, flat))
         chunks = list(_chunks(data, payload_id, max_chunk_bytes))
         header = pb.Payload(
             payload_id=payload_id,
-            kind=pb.PAYLOAD_KIND_WEIGHTS,
+            kind=kind,  # type: ignore[arg-type]
             dtype=pb.DTYPE_BFV,
             total_bytes=len(data),
             num_chunks=len(chunks),

@@ -140,7 +140,7 @@ class TaskWorker:
         limit = stream.models.max_chunk_bytes
         encryption = stream.models.encryption
         if stream.models.encrypted and encryption is not None:
-            return encryption.encrypt_payload(flat, payload_id, layout_id, limit)
+            return encryption.encrypt_payload(flat, payload_id, layout_id, limit, kind)
         if stream.masked:
             return stream.secagg.mask(flat, payload_id, layout_id, limit)
         dtype = stream.models.upload_dtype

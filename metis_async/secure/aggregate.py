@@ -17,7 +17,7 @@ refused when the controller's settings are checked (`config.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -26,11 +26,12 @@ from metis_async.aggregation.server_step import CommitRefused
 from metis_async.secure.he import HeSettings
 from metis_async.v1 import controller_pb2 as pb
 
-DIVISOR_BYTES = 8
-"""Bytes of the divisor at the start of an encrypted version."""
+HEADER_BYTES = 16
+"""Bytes before the ciphertexts of an encrypted version: the divisor learners divide the
+decrypted values by, and the total integer weight its noise has grown from (u64 LE each)."""
 
 EncryptedVersion = npt.NDArray[np.uint8]
-"""An encrypted version: the divisor (little-endian u64), then the ciphertexts' bytes."""
+"""An encrypted version: divisor, weight (`HEADER_BYTES`), then the ciphertexts' bytes."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class HomomorphicAggregation:
             (`max_updates`).
         committee: MULTIPARTY KEYS: the learner ids of the committee members, in party order
             (member i holds key share i); () for the shared learner key pair.
+        public_key: the federation's public key (the collective key under multiparty keys):
+            only round-less policies need it, to encrypt the first model (public) once.
+        model_divisor: round-less policies: the fixed divisor of every encrypted version
+            (mixing weights are quantized to multiples of 1 / model_divisor).
     """
 
     settings: HeSettings
@@ -55,6 +60,8 @@ class HomomorphicAggregation:
     weight_unit: float = 1.0
     max_update_weight: int = 1024
     committee: tuple[str, ...] = ()
+    public_key: bytes = field(default=b"", repr=False)
+    model_divisor: int = 4096
 
     def __post_init__(self) -> None:
         if not self.weight_unit > 0:
@@ -112,22 +119,32 @@ def settings_from_message(message: pb.HomomorphicSettings) -> HeSettings:
     )
 
 
-def encrypted_version(divisor: int, ciphertexts: Sequence[bytes]) -> EncryptedVersion:
-    """An encrypted version from a sum's `ciphertexts` and its `divisor`."""
-    blob = b"".join([int(divisor).to_bytes(DIVISOR_BYTES, "little"), *ciphertexts])
-    return np.frombuffer(blob, dtype=np.uint8)
+def encrypted_version(
+    divisor: int, ciphertexts: Sequence[bytes], weight: int | None = None
+) -> EncryptedVersion:
+    """An encrypted version from a sum's `ciphertexts`, its `divisor` and the total integer
+    `weight` its noise grew from (the divisor unless given)."""
+    header = int(divisor).to_bytes(8, "little") + int(weight or divisor).to_bytes(8, "little")
+    return np.frombuffer(b"".join([header, *ciphertexts]), dtype=np.uint8)
 
 
 def split_version(version: npt.NDArray[np.generic], ciphertext_bytes: int) -> tuple[int, bytes]:
     """(divisor, ciphertext bytes) of an encrypted version; ValueError if it is not one."""
+    divisor, _, body = read_version(version, ciphertext_bytes)
+    return divisor, body
+
+
+def read_version(version: npt.NDArray[np.generic], ciphertext_bytes: int) -> tuple[int, int, bytes]:
+    """(divisor, noise weight, ciphertext bytes) of an encrypted version."""
     data = np.ascontiguousarray(version, dtype=np.uint8).tobytes()
-    body = len(data) - DIVISOR_BYTES
+    body = len(data) - HEADER_BYTES
     if body <= 0 or body % ciphertext_bytes:
         raise ValueError(
-            f"an encrypted version of {len(data)} bytes is not {DIVISOR_BYTES} + a multiple of "
+            f"an encrypted version of {len(data)} bytes is not {HEADER_BYTES} + a multiple of "
             f"{ciphertext_bytes}"
         )
-    return int.from_bytes(data[:DIVISOR_BYTES], "little"), data[DIVISOR_BYTES:]
+    divisor = int.from_bytes(data[:8], "little")
+    return divisor, int.from_bytes(data[8:HEADER_BYTES], "little"), data[HEADER_BYTES:]
 
 
 def split_ciphertexts(data: bytes, ciphertext_bytes: int) -> list[bytes]:
@@ -141,30 +158,55 @@ class HomomorphicStep:
     """`ServerStep`'s counterpart under homomorphic aggregation: the open version's keyless
     ciphertext sum and the commit that turns it into an encrypted version.
 
+    Two modes, by what the policy commits:
+    - rounds (synchronous, semi-synchronous; `continuous` False): learners upload their
+      encrypted trained models; the sum of `integer_weight` x ciphertexts, streamed, becomes the
+      version, divided by its total weight: the weighted average, FedAvg. Fresh every round.
+    - round-less policies (buffered, asynchronous; `continuous` True): learners upload
+      encrypted deltas; the version is a running ciphertext of model_divisor x the model, and a
+      commit adds round(model_divisor x scale x w_i / sum w) x each delta, the policy's step with
+      its staleness weights quantized to 1 / model_divisor. The first model is encrypted once
+      with the public key. Each commit grows the noise by the weights it adds; a commit that
+      would pass max_total_weight is refused ("noise budget spent"). A buffered version holds
+      its K updates' ciphertexts until it commits (O(K x model)).
+
     Args:
         length: float32 parameters of the model (values the ciphertexts carry).
         he: the controller's homomorphic-aggregation settings.
+        continuous: the round-less mode above.
     """
 
-    def __init__(self, length: int, he: HomomorphicAggregation) -> None:
+    def __init__(self, length: int, he: HomomorphicAggregation, continuous: bool = False) -> None:
         self.length = length
         self.he = he
-        self._sum = he.settings.context().sum()
+        self.continuous = continuous
+        if continuous and not he.public_key:
+            raise ValueError(
+                "round-less policies under homomorphic aggregation need the federation's public "
+                "key (he-public.key, or the committee file) to encrypt the first model"
+            )
+        self._context = he.settings.context()
+        self._sum = self._context.sum()
+        self._held: list[tuple[bytes, float]] = []  # continuous: the open version's deltas
         self.ciphertexts = he.settings.ciphertexts_for(length)
         self.lost_workers: set[int] = set()  # ingest workers are not used under HE
 
     @property
     def count(self) -> int:
         """Updates added since the last commit or reset."""
-        return int(self._sum.count)
+        return len(self._held) if self.continuous else int(self._sum.count)
 
     @property
     def total_weight(self) -> float:
-        """Sum of the integer weights added (the divisor of the next version)."""
+        """Sum of the (integer) weights added."""
+        if self.continuous:
+            return float(sum(w for _, w in self._held))
         return float(self._sum.total_weight)
 
     def has_room(self, weight: float) -> bool:
         """Whether an update of `weight` examples fits the open version without overflow."""
+        if self.continuous:
+            return True  # checked at commit, against the version's noise weight
         total = int(self._sum.total_weight) + self.he.integer_weight(weight)
         return total <= self.he.settings.max_total_weight
 
@@ -177,11 +219,15 @@ class HomomorphicStep:
         parts = split_ciphertexts(bytes(update), self.he.settings.ciphertext_bytes)
         if len(parts) != self.ciphertexts:
             raise ValueError(f"{len(parts)} ciphertexts; the model needs {self.ciphertexts}")
-        self._sum.add(parts, self.he.integer_weight(weight))
+        if self.continuous:
+            self._held.append((bytes(update), float(weight)))
+        else:
+            self._sum.add(parts, self.he.integer_weight(weight))
 
     def reset(self) -> None:
         """Drop the open sum."""
         self._sum.reset()
+        self._held = []
 
     def commit(
         self,
@@ -190,28 +236,62 @@ class HomomorphicStep:
         normalize: bool = True,
         relative: bool = False,
     ) -> EncryptedVersion:
-        """The encrypted version of the open sum (the weighted average once decrypted); then
-        reset. `base` is not needed: every update is a full trained model.
+        """The encrypted version of the open sum; then reset (see the class docstring).
 
-        Raises `CommitRefused` with nothing to commit, or for a step other than the weighted
-        average (a server learning rate, a sum, a step relative to a stale base).
+        Raises `CommitRefused` with nothing to commit, for a rounds step other than the
+        weighted average, or when the noise budget of a round-less version is spent.
         """
-        del base, relative  # full models: the average does not depend on the base
         try:
-            if self._sum.count == 0:
+            if self.count == 0:
                 raise CommitRefused("nothing to commit: no update was accepted")
+            if self.continuous:
+                return self._step(base, scale, normalize)
+            del relative  # full models: the average does not depend on the base
             if not normalize or scale != 1.0:
                 raise CommitRefused(
-                    "homomorphic aggregation commits the weighted average only "
+                    "homomorphic aggregation of rounds commits the weighted average only "
                     f"(normalize, scale 1); the policy asked for scale {scale}, "
                     f"normalize {normalize}"
                 )
             return encrypted_version(int(self._sum.total_weight), self._sum.ciphertexts())
         finally:
-            self._sum.reset()
+            self.reset()
+
+    def _step(
+        self, base: npt.NDArray[np.generic], scale: float, normalize: bool
+    ) -> EncryptedVersion:
+        """model + scale x the (normalized) weighted deltas, on ciphertexts of fixed divisor."""
+        from metis_async._core import EncryptionError
+
+        divisor = self.he.model_divisor
+        size = self.he.settings.ciphertext_bytes
+        total = self._context.sum()
+        try:
+            if base.dtype == np.uint8:  # an encrypted version: go on from its ciphertexts
+                held_divisor, noise_weight, body = read_version(base, size)
+                if held_divisor != divisor:
+                    raise CommitRefused(
+                        f"the encrypted model has divisor {held_divisor}, model_divisor is "
+                        f"{divisor}: it was made by other settings"
+                    )
+                total.add_partial(split_ciphertexts(body, size), noise_weight, 1)
+            else:  # the first model, public: encrypt it once
+                values = np.ascontiguousarray(base, dtype=np.float32)
+                total.add(self._context.encrypt(self.he.public_key, values), divisor)
+            weights: float = sum(w for _, w in self._held) if normalize else 1.0
+            for data, w in self._held:
+                factor = round(divisor * scale * w / weights)
+                if factor > 0:
+                    total.add(split_ciphertexts(data, size), factor)
+        except EncryptionError as error:
+            raise CommitRefused(
+                f"the encrypted model's noise budget is spent ({error}); this run cannot "
+                "commit more versions under these settings"
+            ) from None
+        return encrypted_version(divisor, total.ciphertexts(), int(total.total_weight))
 
     def state(self) -> dict[str, npt.NDArray[np.float32]]:
-        """No optimizer state (checkpoints carry none)."""
+        """No optimizer state (checkpoints carry none: the version holds all of it)."""
         return {}
 
     def load_state(self, state: object) -> None:

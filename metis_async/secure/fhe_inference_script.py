@@ -11,11 +11,11 @@ REQUEST.json (written by `inference.py`) names an `.npz` with the model (`coef`,
 (classes, features); `intercept`, shape (classes,)) and optional check data (`check_x`,
 `check_y`), the output directory, the quantization bits and the input range. The script builds
 a scikit-learn `LogisticRegression` with those weights, converts it with concrete-ml's
-`from_sklearn_model`, compiles it on synthetic inputs drawn uniformly from the input range (the
-controller holds no data), and saves `client.zip`, `server.zip` and `manifest.json`. With check
-data it then loads the saved artefacts, makes keys, and runs every check example encrypted:
-encrypt (client), run (server, ciphertexts only), decrypt (client). It writes its result as
-JSON to the request's `result` path, `{"error": ...}` on failure.
+`from_sklearn_model`, compiles it on synthetic inputs spanning the input range (the controller
+holds no data; see `_calibration_inputs`), and saves `client.zip`, `server.zip` and
+`manifest.json`. With check data it then loads the saved artefacts, makes keys, and runs every
+check example encrypted: encrypt (client), run (server, ciphertexts only), decrypt (client).
+It writes its result as JSON to the request's `result` path, `{"error": ...}` on failure.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _classifier(coef: Any, intercept: Any) -> Any:
     """A fitted scikit-learn `LogisticRegression` that scores `x @ coef.T + intercept`."""
     linear_model = importlib.import_module("sklearn.linear_model")
     n_classes, n_features = coef.shape
-    model = linear_model.LogisticRegression(multi_class="multinomial")
+    model = linear_model.LogisticRegression()  # multinomial for > 2 classes
     # Setting the fitted attributes is how scikit-learn models are restored without refitting.
     model.coef_ = np.array(coef, dtype=np.float64)
     model.intercept_ = np.array(intercept, dtype=np.float64)
@@ -48,13 +48,25 @@ def _classifier(coef: Any, intercept: Any) -> Any:
     return model
 
 
-def _calibration_inputs(request: dict[str, Any], n_features: int) -> Any:
-    """Uniform samples of the input box, plus its two extreme corners so the range is exact."""
+def _calibration_inputs(request: dict[str, Any], coef: Any) -> Any:
+    """Synthetic inputs that bound every value the encrypted circuit can meet.
+
+    concrete-ml sizes the circuit's integers from the values the calibration inputs produce, and
+    an encrypted accumulator that leaves that range wraps around (a wrong class, silently).
+    Uniform samples of the input box make small class scores; real inputs (images aligned with
+    the weights) make larger ones. So besides the uniform samples the set holds, for each class,
+    the two corners of the box that maximize and minimize its score (each pixel at the top of
+    the range where the class's weight is positive, at the bottom elsewhere, and the reverse):
+    no input inside the range can then overflow, and the input range is calibrated exactly.
+    """
     low, high = float(request["input_low"]), float(request["input_high"])
     rng = np.random.default_rng(int(request["seed"]))
+    n_features = coef.shape[1]
     samples = rng.uniform(low, high, size=(int(request["calibration_samples"]), n_features))
+    maximizing = np.where(coef > 0, high, low)
+    minimizing = np.where(coef > 0, low, high)
     corners = np.array([[low] * n_features, [high] * n_features])
-    return np.vstack([samples, corners])
+    return np.vstack([samples, maximizing, minimizing, corners])
 
 
 def _export(request: dict[str, Any], coef: Any, intercept: Any) -> dict[str, Any]:
@@ -64,7 +76,7 @@ def _export(request: dict[str, Any], coef: Any, intercept: Any) -> dict[str, Any
     version = importlib.import_module("concrete.ml.version").__version__
 
     clear = _classifier(coef, intercept)
-    calibration = _calibration_inputs(request, coef.shape[1])
+    calibration = _calibration_inputs(request, coef)
     n_bits = int(request["n_bits"])
     started = time.perf_counter()
     model = concrete_sklearn.LogisticRegression.from_sklearn_model(
@@ -97,7 +109,7 @@ def _export(request: dict[str, Any], coef: Any, intercept: Any) -> dict[str, Any
         "model_version": request["model_version"],
         "source": request["source"],
         "calibration": {
-            "distribution": "uniform over input_range, plus its two corners",
+            "distribution": "uniform in input_range, plus the corners that bound each class score",
             "samples": int(calibration.shape[0]),
             "seed": int(request["seed"]),
         },
@@ -129,7 +141,7 @@ def _check(out_dir: Path, x: Any, y: Any, coef: Any, intercept: Any) -> dict[str
 
         fhe_predictions = np.empty(len(x), dtype=np.int64)
         server_seconds = 0.0
-        ciphertext_bytes = 0
+        ciphertext_bytes = result_bytes = 0
         started = time.perf_counter()
         for i in range(len(x)):
             encrypted = client.quantize_encrypt_serialize(x[i : i + 1])
@@ -137,6 +149,7 @@ def _check(out_dir: Path, x: Any, y: Any, coef: Any, intercept: Any) -> dict[str
             server_started = time.perf_counter()
             result = server.run(encrypted, evaluation_keys)
             server_seconds += time.perf_counter() - server_started
+            result_bytes += len(result)
             probabilities = client.deserialize_decrypt_dequantize(result)
             fhe_predictions[i] = int(np.argmax(probabilities, axis=1)[0])
         total_seconds = time.perf_counter() - started
@@ -152,6 +165,7 @@ def _check(out_dir: Path, x: Any, y: Any, coef: Any, intercept: Any) -> dict[str
         "keygen_seconds": round(keygen_seconds, 3),
         "evaluation_key_bytes": len(evaluation_keys),
         "ciphertext_bytes_per_sample": ciphertext_bytes // n,
+        "result_bytes_per_sample": result_bytes // n,
         "sklearn_matches_weights": sklearn_faithful,
         "fhe_predictions": [int(p) for p in fhe_predictions],
         "clear_predictions": [int(p) for p in clear_predictions],

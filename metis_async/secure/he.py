@@ -149,6 +149,18 @@ def read_controller_file(path: str | Path) -> tuple[HeSettings, str]:
     return HeSettings.from_json(document["settings"]), str(document.get("fingerprint", ""))
 
 
+def read_public_file(path: str | Path) -> tuple[HeSettings, str, bytes]:
+    """The settings, fingerprint and public key in `he-public.key` (what a controller running
+    a round-less policy needs to encrypt the first model); refuses a file with a secret key."""
+    document = _read(path)
+    if "secret_key" in document:
+        raise ValueError(f"{path}: carries the secret key; give the controller {PUBLIC_FILE}")
+    if "public_key" not in document:
+        raise ValueError(f"{path}: not a public key file (no public_key); use {PUBLIC_FILE}")
+    public = base64.b64decode(document["public_key"])
+    return HeSettings.from_json(document["settings"]), key_id(public), public
+
+
 def read_learner_keys(path: str | Path) -> LearnerKeys:
     """The settings and key pair in a learner's file."""
     document = _read(path)
