@@ -42,8 +42,17 @@ from typing import Any
 
 import numpy as np
 
-from metis_async._core import Accumulator, SecAggLearner, secagg_mean, secagg_unmask_sum
+from metis_async._core import (
+    Accumulator,
+    HeParty,
+    SecAggLearner,
+    he_collective_public_key,
+    he_combine,
+    secagg_mean,
+    secagg_unmask_sum,
+)
 from metis_async.secure import HeSettings, SecAggSettings
+from metis_async.secure.multiparty import new_crs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secure.json"
 
@@ -118,7 +127,37 @@ def run(params: int, learners: int, repeats: int, secagg_learners: Sequence[int]
             "aggregate_decrypt_seconds": aggregate_decrypt_s,
             "aggregate_max_abs_error": float(np.abs(average - expected).max()),
         },
+        "he_multiparty": {str(p): multiparty(settings, update, p, repeats) for p in (3, 10)},
         "secagg": {str(n): secagg_round(params, n) for n in secagg_learners},
+    }
+
+
+def multiparty(
+    settings: HeSettings, update: np.ndarray, parties: int, repeats: int
+) -> dict[str, Any]:
+    """Multiparty keys: key shares, the collective key, one member's decryption shares of an
+    update's ciphertexts and their combination, side by side with single-key decryption."""
+    ctx = settings.context()
+    crs = new_crs()
+    members = [HeParty(ctx, i, parties, crs) for i in range(parties)]
+    start = time.perf_counter()
+    key_shares = [m.key_share() for m in members]
+    key_share_s = (time.perf_counter() - start) / parties
+    public = he_collective_public_key(ctx, crs, key_shares)
+    ciphertexts = ctx.encrypt(public, update)
+    shares_s = _median_seconds(lambda: members[0].decryption_shares(ciphertexts), repeats)
+    shares = [m.decryption_shares(ciphertexts) for m in members]
+    combine_s = _median_seconds(
+        lambda: he_combine(ctx, ciphertexts, shares, update.size, 1.0), repeats
+    )
+    values = he_combine(ctx, ciphertexts, shares, update.size, 1.0)
+    return {
+        "parties": parties,
+        "key_share_seconds": key_share_s,
+        "member_shares_seconds": shares_s,
+        "member_share_bytes": sum(len(s) for s in shares[0]),
+        "combine_seconds": combine_s,
+        "max_abs_error": float(np.abs(values - np.clip(update, -4, 4)).max()),
     }
 
 
@@ -234,6 +273,13 @@ def main() -> None:
         f"{he['aggregate_decrypt_seconds'] * 1e3:.0f} ms, max error "
         f"{he['aggregate_max_abs_error']:.2e}"
     )
+    for p, row in result["he_multiparty"].items():
+        print(
+            f"multiparty keys, {p} parties: a member's decryption shares "
+            f"{row['member_shares_seconds'] * 1e3:.0f} ms ({row['member_share_bytes'] / 1e6:.1f} "
+            f"MB), combining all {row['combine_seconds'] * 1e3:.0f} ms (single-key decrypt "
+            f"{he['decrypt_seconds'] * 1e3:.0f} ms); max error {row['max_abs_error']:.1e}"
+        )
     for n, row in result["secagg"].items():
         print(
             f"SecAgg+ {n} learners (k={row['settings']['neighbours']}, "
