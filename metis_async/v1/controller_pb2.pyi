@@ -853,11 +853,13 @@ class SecAggStep(_message.Message):
     pair (created by `metis-async keys he-init`, shared out of band) and check that SHA-256 of
     their public key equals `key_id` (a learner with another key ends its stream: it could
     neither read the models nor send usable updates).
-      Uploads: every TrainTask has upload_delta = false. The learner clips its trained weights
-        to [-clip, clip], encodes each as round(x * 2^scale_bits) and encrypts them, `degree`
-        values per ciphertext (the last zero-padded), under the public key. The TaskResult's
-        payload has kind PAYLOAD_KIND_WEIGHTS, dtype DTYPE_BFV, total_bytes = number of
-        ciphertexts (ceil(layout values / degree)) x ciphertext_bytes, and the usual chunks
+      Uploads: what the TrainTask's upload_delta says: false under round protocols (synchronous,
+        semi-synchronous: the trained weights), true under buffered and asynchronous ones (trained
+        minus base). The learner clips those values to [-clip, clip], encodes each as
+        round(x * 2^scale_bits) and encrypts them, `degree` values per ciphertext (the last
+        zero-padded), under the public key. The TaskResult's payload has kind
+        PAYLOAD_KIND_WEIGHTS or PAYLOAD_KIND_DELTA accordingly, dtype DTYPE_BFV, total_bytes =
+        number of ciphertexts (ceil(layout values / degree)) x ciphertext_bytes, the usual chunks
         (byte slices of the ciphertexts one after the other; any size up to max_chunk_bytes).
         num_examples is the update's weight: the controller multiplies the ciphertexts by an
         integer weight, min(max(round(num_examples / weight_unit), 1), max_update_weight).
@@ -865,7 +867,9 @@ class SecAggStep(_message.Message):
         version after it is a Model with payload dtype DTYPE_BFV: the weighted sum of the
         round's ciphertexts, and Model.divisor, the sum of their integer weights. The learner
         decrypts each ciphertext, takes each coefficient centered mod 2^plaintext_bits, and
-        divides it by 2^scale_bits x divisor: the weighted average of the round's models.
+        divides it by 2^scale_bits x divisor: the weighted average of the round's models. Under
+        buffered and asynchronous protocols the version is a running sum of the first model
+        and the staleness-weighted deltas with a fixed divisor; it is decrypted the same way.
       Ciphertext bytes (`rust/core/src/he/format.rs`; metis_async's `_core.HeContext` writes and
         reads them): the 4 bytes "MAC2", then the two polynomials (c0, c1) of the fhe.rs BFV
         ciphertext at level 0 in NTT form, each as one row per ciphertext modulus (in
@@ -1045,7 +1049,7 @@ class SecAggShare(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     SEALED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
-    """learner -> controller: the recipient; controller -> learner: the sender"""
+    """learner -> controller: the recipient; to a learner: the sender"""
     sealed: _builtins.bytes
     def __init__(
         self,
