@@ -1,4 +1,4 @@
-"""The `metis-async` command: `serve`, `config`, `learner`, `demo`.
+"""The `metis-async` command: `serve`, `config`, `learner`, `keys`, `demo`, `export-fhe`.
 
 `serve` takes its settings from `--config FILE` (TOML), `METIS_ASYNC_<SECTION>__<KEY>`
 environment variables and flags, in rising precedence; the flags are generated from the schema in
@@ -177,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object last")
     demo.add_argument("--no-progress", action="store_true")
     _add_log_flags(demo, default="warning")
+
+    fhe = sub.add_parser(
+        "export-fhe",
+        help="compile the trained digits model for encrypted inference (concrete-ml, in its "
+        "own virtual environment): OUT/client.zip, OUT/server.zip, OUT/manifest.json",
+    )
+    fhe.add_argument(
+        "model", metavar="MODEL", help="the model: demo --save-model .npz, or a checkpoint-*.npz"
+    )
+    fhe.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+    fhe.add_argument("--n-bits", type=int, default=8, help="quantization bits (inputs, weights)")
+    fhe.add_argument(
+        "--venv",
+        metavar="DIR",
+        help="the concrete-ml environment, created on first use (default: "
+        "$METIS_ASYNC_CONCRETE_VENV, else ~/.cache/metis-async/concrete-venv)",
+    )
+    fhe.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then predict N held-out digits encrypted and compare with the clear model",
+    )
+    fhe.add_argument("--json", action="store_true", help="print one JSON object last")
     return parser
 
 
@@ -192,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _learner(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "export-fhe":
+            return _export_fhe(args)
         return _demo(args)
     except KeyboardInterrupt:
         return 130
@@ -201,6 +228,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as error:  # the state directory is busy, unreadable or of another run
         print(f"metis-async: error: {error}", file=sys.stderr)
         return 1
+
+
+def _export_fhe(args: argparse.Namespace) -> int:
+    from metis_async.secure import inference
+
+    def progress(line: str) -> None:
+        print(f"metis-async: {line}", file=sys.stderr, flush=True)
+
+    model = inference.load_model(args.model)
+    result = inference.export_fhe(
+        model, args.out, n_bits=args.n_bits, venv=args.venv, check=args.check, progress=progress
+    )
+    print(result.summary(), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
