@@ -466,3 +466,18 @@ def test_a_spent_noise_budget_refuses_the_commit(
 
     assert refused >= 1
     assert ct.read(lambda: ct.controller.version) == 2  # the budget held two versions
+
+
+def test_ingest_workers_give_the_same_encrypted_rounds(
+    controller_factory: Factory, keys: tuple[HomomorphicAggregation, LearnerKeys]
+) -> None:
+    he, learner_keys = keys
+    ct = controller_factory(sync_policy(min_learners=3, rounds=2), he=he, workers=2)
+    learners = {"a": (0.1, 1), "b": (0.2, 2), "c": (0.3, 3)}
+
+    summaries = run_encrypted(ct.address, learners, learner_keys)
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3) / 6  # as in one process
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)

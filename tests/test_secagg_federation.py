@@ -162,3 +162,14 @@ def test_semi_synchronous_rounds_run_secagg(controller_factory: Factory) -> None
     run_learners(ct.address, {k: ShiftLearner(0.1, 1) for k in ("a", "b", "c")})
 
     np.testing.assert_allclose(ct.model(), np.full(10, 0.2), atol=1e-4)
+
+
+def test_ingest_workers_carry_secagg_rounds(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=4, rounds=2), secagg=True, workers=2)
+    shifts = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+
+    summaries = run_learners(ct.address, {k: ShiftLearner(v, 1) for k, v in shifts.items()})
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    assert ct.wait_finished(10)
+    np.testing.assert_allclose(ct.model(), np.full(10, 2 * 0.25), atol=1e-4)

@@ -46,6 +46,7 @@ from metis_async.effects import (
     SendCancel,
     SendModel,
     SendNotice,
+    SendSecure,
     SendStatus,
     SendTask,
     Shutdown,
@@ -109,8 +110,17 @@ class WorkerHub(ControllerFace):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._build_core(policy, config, aggregation, run_id, rng)
+        if self.config.he is not None and self.config.he.committee:
+            raise ValueError(
+                "multiparty keys do not run with ingest workers yet (the decryption shares "
+                "are relayed within one process); serve without --workers"
+            )
         agg = self.core.aggregation
-        self.forward_updates = bool(policy.mixes_full_models or agg.robust or agg.clip_norm)
+        # Ciphertexts and masked vectors are summed in the core's process: forwarded whole.
+        self._secure = self.config.he is not None or self.config.secagg
+        self.forward_updates = bool(
+            policy.mixes_full_models or agg.robust or agg.clip_norm or self._secure
+        )
         self._initial = initial_model
         self._finished = asyncio.Event()
         self._local = EffectDelivery({}, self.store, on_commit, self._finished)
@@ -319,13 +329,18 @@ class WorkerHub(ControllerFace):
                 submit(core.learner_lost, now, learner_id, reason)
         elif kind == "update":
             _, learner_id, report, handle, length = header
-            update: wire.FloatVector | RemoteUpdate
-            if handle < 0:  # forwarded whole
+            update: wire.FloatVector | RemoteUpdate | bytes
+            if handle < 0 and self._secure:  # ciphertexts or masked values, as they came
+                update = body
+            elif handle < 0:  # forwarded whole
                 update = np.frombuffer(body, dtype=wire.WIRE_DTYPE)
             else:
                 update = RemoteUpdate(self, worker.index, handle, length)
             assert isinstance(report, UpdateReport)
             submit(core.update_arrived, now, learner_id, report, update)
+        elif kind == "secagg":
+            step = pb.SecAggStep.FromString(body)
+            submit(core.secure_step_arrived, now, header[1], step)
         elif kind == "evaluation":
             _, learner_id, task_id, num_examples, metrics = header
             submit(core.evaluation_arrived, now, learner_id, task_id, num_examples, metrics)
@@ -524,7 +539,9 @@ def _addressee(effect: Effect) -> str | None:
     """The learner an effect is for; None for everyone or for the core's process itself."""
     if isinstance(effect, SendTask):
         return effect.task.learner_id
-    if isinstance(effect, (SendModel, SendCancel, SendNotice, SendAck, RequestInitialModel)):
+    if isinstance(
+        effect, (SendModel, SendCancel, SendNotice, SendAck, SendSecure, RequestInitialModel)
+    ):
         return effect.learner_id
     if isinstance(effect, (SendStatus, Shutdown)):
         return effect.learner_id

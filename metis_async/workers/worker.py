@@ -104,8 +104,10 @@ class HubLink:
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
-        if isinstance(update, bytes):  # config refuses --workers with homomorphic aggregation
-            raise RuntimeError("ingest workers do not carry encrypted updates")
+        if isinstance(update, bytes):  # ciphertexts or masked values: summed by the core
+            self.channel.send(("update", learner_id, report, -1, len(update)), update)
+            await self.channel.drain()
+            return
         length = len(update)
         if self.forward:
             values = update if isinstance(update, np.ndarray) else update.to_array()
@@ -129,8 +131,7 @@ class HubLink:
         self.channel.send(("task_failed", learner_id, task_id, reason))
 
     async def secure_step_arrived(self, learner_id: str, step: pb.SecAggStep) -> None:
-        # config refuses --workers with SecAgg+: its steps are not forwarded yet
-        raise RuntimeError("ingest workers do not carry SecAgg+ steps")
+        self.channel.send(("secagg", learner_id), step.SerializeToString())
 
     async def initial_model_refused(self, learner_id: str, reason: str) -> None:
         self.channel.send(("initial_refused", learner_id, reason))
