@@ -496,6 +496,8 @@ class Controller(ControllerFace):
         """Tell learners to come back later (or that it is over), then close the server."""
         if not self.finished:
             await self._call_raw(self.core.drain)
+        if self._delivery.relay is not None:  # the final version's shares are on their way
+            await self._delivery.relay.released(grace_seconds)
         self.streams.finish_all()
         if self._wakeup is not None:
             self._wakeup.cancel()

@@ -481,3 +481,31 @@ def test_ingest_workers_give_the_same_encrypted_rounds(
     step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3) / 6  # as in one process
     for summary in summaries:
         np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)
+
+
+def test_a_controller_stopping_at_once_still_hands_out_the_final_shares(
+    committee: tuple[Committee, list[PartyKeys]],
+) -> None:
+    public, parties = committee
+    members = ("a", "b", "c")
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=members)
+    ct = ControllerThread(sync_policy(min_learners=3, rounds=1), [np.zeros(10, np.float32)], he=he)
+    out: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: out.extend(
+            run_committee(
+                ct.address,
+                {m: (0.1, 1) for m in members},
+                public,
+                dict(zip(members, parties, strict=True)),
+            )
+        ),
+        daemon=True,
+    )
+    runner.start()
+
+    assert ct.wait_finished(20)
+    ct.close()  # at once, as `serve` does when the federation finishes
+    runner.join(30)
+
+    assert [s.final_version for s in out] == [1, 1, 1]

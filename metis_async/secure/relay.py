@@ -13,6 +13,8 @@ until the whole committee has agreed to decrypt it. Lives on the event loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -56,6 +58,7 @@ class DecryptionRelay:
         self._complete: pb.DecryptionShares | None = None
         self._waiting: set[str] = set()  # learners sent the version, not yet its shares
         self._shutdowns: dict[str, bytes] = {}  # learner -> Shutdown held until the shares
+        self._released: asyncio.Event | None = None
 
     @property
     def complete(self) -> bool:
@@ -85,6 +88,15 @@ class DecryptionRelay:
             self._send(session, self._message)
         else:
             self._waiting.add(session.learner_id)
+
+    async def released(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds until no Shutdown waits for decryption shares (a
+        controller that stops lets the final version's shares reach its learners first)."""
+        if not self._shutdowns:
+            return
+        self._released = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), timeout)
 
     def shares_of(self, version: int) -> pb.DecryptionShares | None:
         """All members' shares of `version` once complete (what every learner is sent)."""
@@ -135,3 +147,6 @@ class DecryptionRelay:
                 waiting.send(shutdown)
                 waiting.finish()
         self._waiting = set()
+        self._shutdowns.clear()
+        if self._released is not None:
+            self._released.set()
