@@ -311,7 +311,8 @@ class EffectDelivery:
 
     def enable_relay(self, he: HomomorphicAggregation) -> DecryptionRelay:
         """Relay decryption shares for the committee of `he` (multiparty keys)."""
-        self.relay = DecryptionRelay(he, self._sessions, self._queue_model, self._out)
+        budget = self._store.max_chunk_bytes
+        self.relay = DecryptionRelay(he, self._sessions, self._queue_model, self._out, budget)
         return self.relay
 
     def __call__(self, effects: list[Effect]) -> None:

@@ -277,6 +277,7 @@ def run_committee(
     learners: dict[str, tuple[float, int]],
     committee: Committee,
     parties: dict[str, PartyKeys],
+    size: int = 10,
 ) -> list[Any]:
     """Reference learners under multiparty keys; those in `parties` are committee members."""
     out: list[Any] = []
@@ -286,7 +287,7 @@ def run_committee(
         try:
             summary = run_learner(
                 address,
-                ShiftLearner(shift, examples),
+                ShiftLearner(shift, examples, size=size),
                 learner_id=learner_id,
                 backoff=backoff,
                 he_committee=committee,
@@ -509,3 +510,28 @@ def test_a_controller_stopping_at_once_still_hands_out_the_final_shares(
     runner.join(30)
 
     assert [s.final_version for s in out] == [1, 1, 1]
+
+
+def test_decryption_shares_travel_in_batches_within_the_chunk_limit(
+    controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
+) -> None:
+    public, parties = committee
+    members = ("a", "b", "c")
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=members)
+    # 20 ciphertexts: 20 shares of ~66 KB a member, 1.3 MB, beyond the 1.1 MB message limit
+    size = 20 * public.settings.degree - 5
+    limit = 100_000  # max_chunk_bytes: messages up to 1.1 MB; shares go one a message
+    policy = sync_policy(min_learners=3, rounds=1)
+    ct = controller_factory(policy, [np.zeros(size, np.float32)], he=he, max_chunk_bytes=limit)
+
+    summaries = run_committee(
+        ct.address,
+        {m: (0.1, 1) for m in members},
+        public,
+        dict(zip(members, parties, strict=True)),
+        size,
+    )
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    for summary in summaries:
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(size, 0.1), atol=1e-4)

@@ -97,6 +97,7 @@ class ModelReceiver:
         # version waiting for the committee's decryption shares
         self.awaiting_shares: tuple[int, bytes, int] | None = None
         self._downloaded = False
+        self._shares: dict[int, list[bytes]] = {}  # party -> share by ciphertext, arriving
         self._changed = threading.Condition()
         self.encrypted = False  # the controller aggregates under HE (Welcome.he)
         self.layout: pb.ModelLayout | None = held.layout if held is not None else None
@@ -187,7 +188,7 @@ class ModelReceiver:
             encryption = self.encryption
             if not isinstance(encryption, LearnerEncryption):  # the committee must decrypt it
                 self.awaiting_shares = (version, assembler.data(), assembler.divisor)
-                self._downloaded = True
+                self._downloaded, self._shares = True, {}
                 return None
             values = wire.num_parameters(self.layout)
             flat = encryption.decrypt(assembler.data(), values, assembler.divisor)
@@ -210,17 +211,37 @@ class ModelReceiver:
         return model
 
     def on_shares(self, shares: pb.DecryptionShares) -> HeldModel | None:
-        """Every committee member's decryption shares of a version (MULTIPARTY KEYS); returns
-        the model when they are for the encrypted version just downloaded."""
+        """A batch of committee members' decryption shares of a version (MULTIPARTY KEYS);
+        returns the model once every member's share of every ciphertext of the encrypted
+        version just downloaded is in."""
         pending = self.awaiting_shares
         if pending is None or pending[0] != shares.version:
             return None  # of a version this learner does not wait for: nothing to do
         encryption = self.encryption
         if not isinstance(encryption, CommitteeEncryption) or self.layout is None:
             raise wire.WireError("decryption shares arrived for a learner without a committee")
-        self.awaiting_shares = None
+        count = len(encryption.parts(pending[1]))
+        for batch in shares.parties:
+            if batch.party >= encryption.committee_size or batch.first + len(batch.shares) > count:
+                raise wire.WireError(
+                    f"decryption shares of party {batch.party} for ciphertexts from "
+                    f"{batch.first}: the committee has {encryption.committee_size} parties, "
+                    f"the version {count} ciphertexts"
+                )
+            slots = self._shares.setdefault(batch.party, [b""] * count)
+            slots[batch.first : batch.first + len(batch.shares)] = list(batch.shares)
+        done = len(self._shares) == encryption.committee_size and all(
+            all(slots) for slots in self._shares.values()
+        )
+        if not done:
+            return None
+        every = pb.DecryptionShares(
+            version=shares.version,
+            parties=[pb.PartyShares(party=p, shares=s) for p, s in sorted(self._shares.items())],
+        )
+        self.awaiting_shares, self._shares = None, {}
         values = wire.num_parameters(self.layout)
-        flat = encryption.combine(pending[1], shares, values, pending[2])
+        flat = encryption.combine(pending[1], every, values, pending[2])
         return self._hold(HeldModel(pending[0], self.run_id, self.layout, flat))
 
     def wait_for(self, version: int, timeout: float) -> HeldModel | None:

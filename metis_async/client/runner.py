@@ -450,10 +450,17 @@ class LearnerRunner:
         encryption = self.encryption
         if not isinstance(encryption, CommitteeEncryption) or encryption.party is None:
             return  # not a member: it waits for the members' shares
-        share = pb.DecryptionShare(
-            version=version, party=encryption.party.party.index, shares=encryption.shares(data)
-        )
-        stream.send(pb.LearnerMessage(decryption_share=share))
+        party, shares = encryption.party.party.index, encryption.shares(data)
+        limit, first, size = stream.models.max_chunk_bytes, 0, 0
+        for index, share in enumerate([*shares, b""]):  # batches within max_chunk_bytes
+            last = index == len(shares)
+            if last or (size and size + len(share) > limit):
+                batch = pb.DecryptionShare(
+                    version=version, party=party, shares=shares[first:index], first=first
+                )
+                stream.send(pb.LearnerMessage(decryption_share=batch))
+                first, size = index, 0
+            size += len(share)
 
     def _received(self, model: HeldModel | None) -> None:
         if model is not None:

@@ -44,17 +44,19 @@ class DecryptionRelay:
         he: HomomorphicAggregation,
         sessions: Mapping[str, Session],
         send_model: Callable[[Session], None],
-        send: Callable[[Session, bytes], object],
+        send: Callable[..., object],
+        max_batch_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.he = he
+        self._max_batch = max_batch_bytes
         self._sessions = sessions
         self._send_model = send_model
         self._send = send
         self._party = {lid: index for index, lid in enumerate(he.committee)}
         self.version: int | None = None  # the encrypted version whose shares are collected
         self._ciphertexts = 0
-        self._shares: dict[int, list[bytes]] = {}
-        self._message: bytes | None = None  # DecryptionShares, once complete
+        self._shares: dict[int, list[bytes | None]] = {}  # party -> share by ciphertext
+        self._message: list[bytes] | None = None  # the DecryptionShares batches, once complete
         self._complete: pb.DecryptionShares | None = None
         self._waiting: set[str] = set()  # learners sent the version, not yet its shares
         self._shutdowns: dict[str, bytes] = {}  # learner -> Shutdown held until the shares
@@ -77,7 +79,9 @@ class DecryptionRelay:
     def member_joined(self, session: Session) -> None:
         """A member (re)connected while its share is missing: send it the version."""
         party = self._party.get(session.learner_id)
-        if self.version is not None and party is not None and party not in self._shares:
+        if self.version is None or party is None or self._message is not None:
+            return
+        if not all(s is not None for s in self._shares.get(party, [None])):
             self._send_model(session)
 
     def model_sent(self, session: Session, version: int) -> None:
@@ -85,7 +89,7 @@ class DecryptionRelay:
         if version != self.version:
             return
         if self._message is not None:
-            self._send(session, self._message)
+            self._send(session, *self._message)
         else:
             self._waiting.add(session.learner_id)
 
@@ -102,6 +106,30 @@ class DecryptionRelay:
         """All members' shares of `version` once complete (what every learner is sent)."""
         done = self._complete
         return done if done is not None and done.version == version else None
+
+    def _batches(self, version: int) -> tuple[list[bytes], pb.DecryptionShares]:
+        """The complete shares as messages of at most `max_batch_bytes` of shares each, and
+        as one message (for a local reader, `shares_of`)."""
+        messages: list[bytes] = []
+        every: list[pb.PartyShares] = []
+        for party in sorted(self._shares):
+            shares = [s for s in self._shares[party] if s is not None]
+            every.append(pb.PartyShares(party=party, shares=shares))
+            first, size = 0, 0
+            for index, data in enumerate(shares):
+                if size and size + len(data) > self._max_batch:
+                    messages.append(self._batch(version, party, first, shares[first:index]))
+                    first, size = index, 0
+                size += len(data)
+            messages.append(self._batch(version, party, first, shares[first:]))
+        return messages, pb.DecryptionShares(version=version, parties=every)
+
+    @staticmethod
+    def _batch(version: int, party: int, first: int, shares: list[bytes]) -> bytes:
+        batch = pb.PartyShares(party=party, shares=shares, first=first)
+        return controller_message(
+            decryption_shares=pb.DecryptionShares(version=version, parties=[batch])
+        )
 
     def hold_shutdown(self, session: Session, message: bytes) -> bool:
         """Whether `session`'s Shutdown must wait for the shares of the version it was sent
@@ -121,27 +149,31 @@ class DecryptionRelay:
                 f"decryption share for party {share.party} from a learner that is "
                 + ("no committee member" if party is None else f"party {party}"),
             )
-        if share.version != self.version or party in self._shares:
-            return  # an older version's (or a repeated) share: nothing to do
-        if len(share.shares) != self._ciphertexts:
+        if share.version != self.version or self._message is not None:
+            return  # an older version's share, or all are in: nothing to do
+        first, count = int(share.first), len(share.shares)
+        if first + count > self._ciphertexts:
             raise ProtocolViolation(
                 INVALID,
-                f"{len(share.shares)} decryption shares; version {share.version} has "
-                f"{self._ciphertexts} ciphertexts",
+                f"decryption shares for ciphertexts {first}..{first + count - 1}; version "
+                f"{share.version} has {self._ciphertexts}",
             )
-        self._shares[party] = list(share.shares)
-        if len(self._shares) < len(self.he.committee):
+        slots = self._shares.setdefault(party, [None] * self._ciphertexts)
+        for offset, data in enumerate(share.shares):
+            if slots[first + offset] is None:  # a repeated share changes nothing
+                slots[first + offset] = bytes(data)
+        complete = len(self._shares) == len(self.he.committee) and all(
+            s is not None for slots in self._shares.values() for s in slots
+        )
+        if not complete:
             return
-        parties = [pb.PartyShares(party=p, shares=self._shares[p]) for p in sorted(self._shares)]
-        shares = pb.DecryptionShares(version=share.version, parties=parties)
-        self._message = controller_message(decryption_shares=shares)
-        self._complete = shares
-        log.info("decryption_shares_complete", version=share.version, parties=len(parties))
+        self._message, self._complete = self._batches(share.version)
+        log.info("decryption_shares_complete", version=share.version, parties=len(self._shares))
         for learner_id in self._waiting:
             waiting = self._sessions.get(learner_id)
             if waiting is None:
                 continue
-            waiting.send(self._message)
+            waiting.send(*self._message)
             shutdown = self._shutdowns.pop(learner_id, None)
             if shutdown is not None:
                 waiting.send(shutdown)

@@ -886,14 +886,18 @@ class SecAggStep(_message.Message):
       1. The controller sends every committee member each new encrypted version (Model + chunks)
          as soon as it is committed, whether or not the member trains in it.
       2. A member (Welcome.he.committee_member set, party index `party`) answers every encrypted
-         Model it receives, once its chunks are complete, with a DecryptionShare: the version,
-         its party index and one share per ciphertext, in order (`_core.HeParty`).
-      3. Once all P members' shares of the version are in, the controller sends DecryptionShares
-         (all P, by party) to every learner it sent that version, right after the model or as
-         soon as they are complete. A learner combines them with the ciphertexts
-         (`_core.he_combine`) into the model; tasks for that version wait for it.
-    A share from a learner that is not member `party`, or with the wrong number of shares, ends
-    its stream with INVALID_ARGUMENT; shares for an older version are ignored. One member that
+         Model it receives, once its chunks are complete, with DecryptionShare messages: the
+         version, its party index and one share per ciphertext (`_core.HeParty`), in order, split
+         over as many messages as keep each within max_chunk_bytes of shares (`first`: the index
+         of the ciphertext of a message's first share).
+      3. Once all P members' shares of the version are in, the controller sends them to every
+         learner it sent that version, right after the model or as soon as they are complete, as
+         DecryptionShares messages (each one batch of one party's shares, `first` as above). A
+         learner combines all of them with the ciphertexts (`_core.he_combine`) into the model;
+         tasks for that version wait for it.
+    A share from a learner that is not member `party`, or for ciphertexts the version does not
+    have, ends its stream with INVALID_ARGUMENT; shares for an older version, or repeated, are
+    ignored. One member that
     never answers stalls every later version (P-of-P: there is no threshold).
     SECURE AGGREGATION (SecAgg+, Bell et al. 2020). A controller with secure aggregation on
     accepts only learners announcing "secagg" (others: FAILED_PRECONDITION) and learns only the
@@ -1158,11 +1162,13 @@ class DecryptionShare(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PARTY_FIELD_NUMBER: _builtins.int
     SHARES_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     party: _builtins.int
+    first: _builtins.int
     @_builtins.property
     def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """one per ciphertext of the version, in order"""
+        """for ciphertexts first, first + 1, ... of the version"""
 
     def __init__(
         self,
@@ -1170,10 +1176,11 @@ class DecryptionShare(_message.Message):
         version: _builtins.int = ...,
         party: _builtins.int = ...,
         shares: _abc.Iterable[_builtins.bytes] | None = ...,
+        first: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "shares", b"shares", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "party", b"party", "shares", b"shares", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1185,18 +1192,23 @@ class PartyShares(_message.Message):
 
     PARTY_FIELD_NUMBER: _builtins.int
     SHARES_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
     party: _builtins.int
+    first: _builtins.int
     @_builtins.property
-    def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def shares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """for ciphertexts first, first + 1, ..."""
+
     def __init__(
         self,
         *,
         party: _builtins.int = ...,
         shares: _abc.Iterable[_builtins.bytes] | None = ...,
+        first: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "shares", b"shares"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first", b"first", "party", b"party", "shares", b"shares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
