@@ -111,7 +111,7 @@ async def _serve(
     for thread in threads:
         thread.start()
     await controller.wait_finished(1800)
-    await controller.stop(grace_seconds=2.0)
+    await controller.stop(grace_seconds=120.0)  # returns once the learners have their shutdown
     for thread in threads:
         await asyncio.to_thread(thread.join, 30)
     return commits
