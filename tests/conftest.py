@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -177,6 +177,35 @@ class ShiftLearners:
         for thread in self._threads:
             thread.join(timeout_seconds)
         return list(self._out)
+
+
+def run_in_threads(
+    address: str,
+    learners: Mapping[str, Learner],
+    per_learner: Callable[[str], dict[str, Any]] | None = None,
+    **common: Any,
+) -> list[Any]:
+    """`run_learner` for each learner id in its own thread, until all end (60 s at most);
+    returns each one's `RunSummary`, or the exception it raised, in the order they ended.
+    `common` and `per_learner(learner_id)` are more `run_learner` arguments."""
+    out: list[Any] = []
+
+    def run(learner_id: str, learner: Learner) -> None:
+        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
+        extra = {**common, **(per_learner(learner_id) if per_learner else {})}
+        try:
+            out.append(
+                run_learner(address, learner, learner_id=learner_id, backoff=backoff, **extra)
+            )
+        except BaseException as error:  # surfaced to the test
+            out.append(error)
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in learners.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return out
 
 
 class RawLearner:

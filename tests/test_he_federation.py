@@ -46,7 +46,13 @@ from metis_async.secure.multiparty import (
 )
 from metis_async.server import Controller, ControllerConfig
 from metis_async.v1 import controller_pb2 as pb
-from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+from tests.conftest import (
+    ControllerThread,
+    RawLearner,
+    ShiftLearner,
+    run_in_threads,
+    sync_policy,
+)
 
 Factory = Callable[..., ControllerThread]
 SETTINGS = HeSettings()  # the defaults: N 4096, 109-bit q, t 2^40
@@ -64,27 +70,8 @@ def run_encrypted(
     address: str, learners: dict[str, tuple[float, int]], keys: LearnerKeys
 ) -> list[Any]:
     """Reference learners (shift, examples) with the federation's keys, in threads."""
-    out: list[Any] = []
-
-    def run(learner_id: str, shift: float, examples: int) -> None:
-        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
-        try:
-            learner = ShiftLearner(shift, examples)
-            out.append(
-                run_learner(address, learner, learner_id=learner_id, backoff=backoff, he_keys=keys)
-            )
-        except BaseException as error:
-            out.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(lid, *spec), daemon=True)
-        for lid, spec in learners.items()
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return out
+    shifted = {lid: ShiftLearner(shift, n) for lid, (shift, n) in learners.items()}
+    return run_in_threads(address, shifted, he_keys=keys)
 
 
 def test_rounds_commit_the_encrypted_weighted_average(
@@ -280,32 +267,13 @@ def run_committee(
     size: int = 10,
 ) -> list[Any]:
     """Reference learners under multiparty keys; those in `parties` are committee members."""
-    out: list[Any] = []
-
-    def run(learner_id: str, shift: float, examples: int) -> None:
-        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
-        try:
-            summary = run_learner(
-                address,
-                ShiftLearner(shift, examples, size=size),
-                learner_id=learner_id,
-                backoff=backoff,
-                he_committee=committee,
-                he_party=parties.get(learner_id),
-            )
-            out.append(summary)
-        except BaseException as error:
-            out.append(error)
-
-    threads = [
-        threading.Thread(target=run, args=(lid, *spec), daemon=True)
-        for lid, spec in learners.items()
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return out
+    shifted = {lid: ShiftLearner(shift, n, size=size) for lid, (shift, n) in learners.items()}
+    return run_in_threads(
+        address,
+        shifted,
+        lambda lid: {"he_party": parties.get(lid)},
+        he_committee=committee,
+    )
 
 
 def test_a_committee_decrypts_each_version_together(

@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 
-from metis_async.client import Backoff, run_learner
 from metis_async.client.learner import FitConfig
 from metis_async.protocols import (
     BufferedPolicy,
@@ -23,7 +22,13 @@ from metis_async.protocols import (
 )
 from metis_async.server import Controller, ControllerConfig
 from metis_async.v1 import controller_pb2 as pb
-from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+from tests.conftest import (
+    ControllerThread,
+    RawLearner,
+    ShiftLearner,
+    run_in_threads,
+    sync_policy,
+)
 
 Factory = Callable[..., ControllerThread]
 
@@ -42,21 +47,7 @@ class Vanishing(ShiftLearner):
 
 
 def run_learners(address: str, learners: dict[str, ShiftLearner]) -> list[Any]:
-    out: list[Any] = []
-
-    def run(learner_id: str, learner: ShiftLearner) -> None:
-        backoff = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
-        try:
-            out.append(run_learner(address, learner, learner_id=learner_id, backoff=backoff))
-        except BaseException as error:
-            out.append(error)
-
-    threads = [threading.Thread(target=run, args=item, daemon=True) for item in learners.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return out
+    return run_in_threads(address, learners)
 
 
 def test_rounds_commit_the_mean_of_masked_deltas(controller_factory: Factory) -> None:
