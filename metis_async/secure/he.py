@@ -120,12 +120,12 @@ def create_he_keys(directory: str | Path, settings: HeSettings | None = None) ->
     controller = out / CONTROLLER_FILE
     controller.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     learner = out / LEARNER_FILE
-    learner_doc = {**header, "secret_key": _b64(secret), "public_key": _b64(public)}
+    learner_doc = {**header, "secret_key": b64(secret), "public_key": b64(public)}
     fd = os.open(learner, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(learner_doc, handle)
     public_path = out / PUBLIC_FILE
-    public_path.write_text(json.dumps({**header, "public_key": _b64(public)}), encoding="utf-8")
+    public_path.write_text(json.dumps({**header, "public_key": b64(public)}), encoding="utf-8")
     return controller, learner, public_path
 
 
@@ -173,14 +173,21 @@ def read_learner_keys(path: str | Path) -> LearnerKeys:
 
 
 def _read(path: str | Path) -> dict[str, Any]:
+    return read_document(path, _FORMAT, "encryption settings")
+
+
+def read_document(path: str | Path, kind: str, what: str) -> dict[str, Any]:
+    """The JSON object in `path` whose "format" is `kind`; ValueError naming `what` (for the
+    message) and the problem otherwise."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read encryption settings: {error}") from None
-    if not isinstance(document, dict) or document.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a {_FORMAT} file")
+        raise ValueError(f"{path}: cannot read {what}: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != kind:
+        raise ValueError(f"{path}: not a {kind} file")
     return document
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
+    """`data` as base64 text (key files)."""
     return base64.b64encode(data).decode("ascii")

@@ -50,7 +50,7 @@ from metis_async._core import (
     he_combine,
     he_smudging,
 )
-from metis_async.secure.he import HeSettings, key_id
+from metis_async.secure.he import HeSettings, b64, key_id, read_document
 
 COMMITTEE_FILE = "he-committee.json"
 CRS_BYTES = 32
@@ -125,9 +125,9 @@ class Committee:
         return {
             "format": _FORMAT,
             "settings": self.settings.to_json(),
-            "crs": _b64(self.crs),
+            "crs": b64(self.crs),
             "parties": self.parties,
-            "public_key": _b64(self.public_key),
+            "public_key": b64(self.public_key),
             "key_id": self.key_id,
         }
 
@@ -161,7 +161,7 @@ def create_party_file(
     committee's `crs`, written to `path` (mode 0600). Returns the key share to send to the
     controller (public)."""
     party = HeParty(settings.context(), index, parties, crs)
-    document = {"format": _FORMAT, "settings": settings.to_json(), "secret": _b64(party.secret())}
+    document = {"format": _FORMAT, "settings": settings.to_json(), "secret": b64(party.secret())}
     _write_private(Path(path), json.dumps(document))
     return party.key_share()
 
@@ -219,14 +219,4 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _read(path: str | Path) -> dict[str, Any]:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the committee file: {error}") from None
-    if not isinstance(document, dict) or document.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a {_FORMAT} file")
-    return document
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return read_document(path, _FORMAT, "the committee file")
