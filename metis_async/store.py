@@ -116,22 +116,12 @@ def encode_encrypted_version(
     `Model` with dtype DTYPE_BFV and its divisor, then the ciphertext bytes in chunks."""
     data = np.ascontiguousarray(encrypted, dtype=np.uint8).tobytes()
     divisor, body = int.from_bytes(data[:8], "little"), data[HEADER_BYTES:]
-    chunks = [
-        pb.ControllerMessage(
-            chunk=pb.Chunk(payload_id=version, index=i, data=body[at : at + max_chunk_bytes])
-        ).SerializeToString()
-        for i, at in enumerate(range(0, len(body), max_chunk_bytes))
-    ]
-    header = pb.Payload(
-        payload_id=version,
-        kind=pb.PAYLOAD_KIND_WEIGHTS,
-        dtype=pb.DTYPE_BFV,
-        total_bytes=len(body),
-        num_chunks=len(chunks),
-        layout_id=layout.layout_id,
+    header, chunks = wire.byte_payload(
+        body, version, pb.PAYLOAD_KIND_WEIGHTS, pb.DTYPE_BFV, layout.layout_id, max_chunk_bytes
     )
     model = pb.ControllerMessage(model=pb.Model(version=version, payload=header, divisor=divisor))
-    return EncodedVersion(layout, [model.SerializeToString(), *chunks])
+    messages = [pb.ControllerMessage(chunk=c).SerializeToString() for c in chunks]
+    return EncodedVersion(layout, [model.SerializeToString(), *messages])
 
 
 class ModelStore:

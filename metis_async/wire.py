@@ -226,6 +226,40 @@ def encode_payload(
     return header, list(chunks)
 
 
+def batches(items: Sequence[bytes], limit: int) -> list[tuple[int, Sequence[bytes]]]:
+    """`items` cut into consecutive runs of at most `limit` bytes each (an item larger than
+    `limit` goes alone): (index of the run's first item, the run)."""
+    out: list[tuple[int, Sequence[bytes]]] = []
+    first, size = 0, 0
+    for index, item in enumerate(items):
+        if size and size + len(item) > limit:
+            out.append((first, items[first:index]))
+            first, size = index, 0
+        size += len(item)
+    out.append((first, items[first:]))
+    return out
+
+
+def byte_payload(
+    data: bytes, payload_id: int, kind: int, dtype: int, layout_id: int, max_chunk_bytes: int
+) -> tuple[pb.Payload, list[pb.Chunk]]:
+    """`data` (opaque bytes: ciphertexts, masked values) announced as one payload of `dtype` and
+    cut into chunks of at most `max_chunk_bytes` (byte slices, in order)."""
+    chunks = [
+        pb.Chunk(payload_id=payload_id, index=i, data=data[at : at + max_chunk_bytes])
+        for i, at in enumerate(range(0, len(data), max_chunk_bytes))
+    ]
+    header = pb.Payload(
+        payload_id=payload_id,
+        kind=kind,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        total_bytes=len(data),
+        num_chunks=len(chunks),
+        layout_id=layout_id,
+    )
+    return header, chunks
+
+
 def check_header(
     header: pb.Payload,
     expected_bytes: int,

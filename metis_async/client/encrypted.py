@@ -12,7 +12,6 @@ learner is given keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,16 +80,7 @@ class Encryption:
     ) -> tuple[pb.Payload, list[pb.Chunk]]:
         """`flat` (the trained model, or its delta: `kind`) clipped, encrypted, chunked."""
         data = b"".join(self.context.encrypt(self.public_key, flat))
-        chunks = list(_chunks(data, payload_id, max_chunk_bytes))
-        header = pb.Payload(
-            payload_id=payload_id,
-            kind=kind,  # type: ignore[arg-type]
-            dtype=pb.DTYPE_BFV,
-            total_bytes=len(data),
-            num_chunks=len(chunks),
-            layout_id=layout_id,
-        )
-        return header, chunks
+        return wire.byte_payload(data, payload_id, kind, pb.DTYPE_BFV, layout_id, max_chunk_bytes)
 
 
 class LearnerEncryption(Encryption):
@@ -165,11 +155,6 @@ class CommitteeEncryption(Encryption):
                 f"decryption shares of version {shares.version}: {error}"
             ) from None
         return np.ascontiguousarray(values, dtype=wire.WIRE_DTYPE)
-
-
-def _chunks(data: bytes, payload_id: int, size: int) -> Iterator[pb.Chunk]:
-    for index, at in enumerate(range(0, len(data), size)):
-        yield pb.Chunk(payload_id=payload_id, index=index, data=data[at : at + size])
 
 
 class EncryptedDownload:

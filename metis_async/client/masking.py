@@ -82,16 +82,5 @@ class SecAggParty:
             raise RuntimeError("no SecAgg+ round was set up for this upload")
         masked = self._learner.masked_input(np.ascontiguousarray(delta, dtype=np.float32))
         data = np.ascontiguousarray(masked, dtype="<u4").tobytes()
-        chunks = [
-            pb.Chunk(payload_id=payload_id, index=i, data=data[at : at + max_chunk_bytes])
-            for i, at in enumerate(range(0, len(data), max_chunk_bytes))
-        ]
-        header = pb.Payload(
-            payload_id=payload_id,
-            kind=pb.PAYLOAD_KIND_DELTA,
-            dtype=pb.DTYPE_MASKED,
-            total_bytes=len(data),
-            num_chunks=len(chunks),
-            layout_id=layout_id,
-        )
-        return header, chunks
+        kind, dtype = pb.PAYLOAD_KIND_DELTA, pb.DTYPE_MASKED
+        return wire.byte_payload(data, payload_id, kind, dtype, layout_id, max_chunk_bytes)

@@ -451,16 +451,9 @@ class LearnerRunner:
         if not isinstance(encryption, CommitteeEncryption) or encryption.party is None:
             return  # not a member: it waits for the members' shares
         party, shares = encryption.party.party.index, encryption.shares(data)
-        limit, first, size = stream.models.max_chunk_bytes, 0, 0
-        for index, share in enumerate([*shares, b""]):  # batches within max_chunk_bytes
-            last = index == len(shares)
-            if last or (size and size + len(share) > limit):
-                batch = pb.DecryptionShare(
-                    version=version, party=party, shares=shares[first:index], first=first
-                )
-                stream.send(pb.LearnerMessage(decryption_share=batch))
-                first, size = index, 0
-            size += len(share)
+        for first, run in wire.batches(shares, stream.models.max_chunk_bytes):
+            batch = pb.DecryptionShare(version=version, party=party, shares=run, first=first)
+            stream.send(pb.LearnerMessage(decryption_share=batch))
 
     def _received(self, model: HeldModel | None) -> None:
         if model is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import structlog
@@ -23,6 +23,7 @@ import structlog
 from metis_async.secure.aggregate import HomomorphicAggregation
 from metis_async.session import ProtocolViolation, Session, controller_message
 from metis_async.v1 import controller_pb2 as pb
+from metis_async.wire import batches
 
 log = structlog.get_logger("metis_async.secure")
 
@@ -115,17 +116,12 @@ class DecryptionRelay:
         for party in sorted(self._shares):
             shares = [s for s in self._shares[party] if s is not None]
             every.append(pb.PartyShares(party=party, shares=shares))
-            first, size = 0, 0
-            for index, data in enumerate(shares):
-                if size and size + len(data) > self._max_batch:
-                    messages.append(self._batch(version, party, first, shares[first:index]))
-                    first, size = index, 0
-                size += len(data)
-            messages.append(self._batch(version, party, first, shares[first:]))
+            for first, run in batches(shares, self._max_batch):
+                messages.append(self._batch(version, party, first, run))
         return messages, pb.DecryptionShares(version=version, parties=every)
 
     @staticmethod
-    def _batch(version: int, party: int, first: int, shares: list[bytes]) -> bytes:
+    def _batch(version: int, party: int, first: int, shares: Sequence[bytes]) -> bytes:
         batch = pb.PartyShares(party=party, shares=shares, first=first)
         return controller_message(
             decryption_shares=pb.DecryptionShares(version=version, parties=[batch])
