@@ -1,7 +1,7 @@
 """Secure rounds through the real controller: plaintext, `he`, `he-multiparty` and `secagg`
 side by side, in one run.
 
-    python benches/secure_rounds.py [--learners N] [--params P] [--rounds R] [--json]
+    python benches/secure_rounds.py [--learners N] [--params P] [--rounds R] [--workers W] [--json]
 
 A controller in this process (gRPC on 127.0.0.1) and N reference learners (`run_learner`, one
 thread and one connection each) that train instantly: each adds a fixed step to the model, so
@@ -9,7 +9,9 @@ the time is the controller's and the cryptography's, not training. Synchronous F
 the steady round time is the mean interval between commits after the first. Every learner
 does its real work: it encrypts (BFV, in Rust, GIL released), makes SecAgg+ keys, shares and
 masks, decrypts or combines decryption shares. All of it shares this machine's cores with the
-controller, so a round here is slower than with one device per learner.
+controller, so a round here is slower than with one device per learner. With `--workers W`
+the controller runs W ingest worker processes, which keep the partial sums (float, ciphertext or
+masked; multiparty keys do not run with workers and are skipped).
 
 Prints each mode's steady round and its ratio to plaintext; writes
 `benches/results/secure_rounds.json`, and `--json` prints it as the last line. Run from an
@@ -46,6 +48,7 @@ from metis_async.secure.multiparty import (
     read_party_file,
 )
 from metis_async.server import Controller, ControllerConfig
+from metis_async.workers.hub import WorkerHub
 
 RESULTS = Path(__file__).parent / "results" / "secure_rounds.json"
 MODES = ("plaintext", "he", "he-multiparty", "secagg")
@@ -76,7 +79,12 @@ class Instant(Learner):
 
 
 async def _serve(
-    config: ControllerConfig, learners: int, params: int, rounds: int, keys: dict[str, Any]
+    config: ControllerConfig,
+    learners: int,
+    params: int,
+    rounds: int,
+    keys: dict[str, Any],
+    workers: int = 0,
 ) -> list[tuple[int, float]]:
     commits: list[tuple[int, float]] = []
 
@@ -91,9 +99,14 @@ async def _serve(
             train=TrainSettings(local_steps=1),
         )
     )
-    controller = Controller(
-        policy, config, initial_model=[np.zeros(params, np.float32)], on_commit=on_commit
-    )
+    model = [np.zeros(params, np.float32)]
+    controller: Controller | WorkerHub
+    if workers:
+        controller = WorkerHub(
+            policy, config, workers=workers, initial_model=model, on_commit=on_commit
+        )
+    else:
+        controller = Controller(policy, config, initial_model=model, on_commit=on_commit)
     port = await controller.start()
     threads = [
         threading.Thread(
@@ -117,7 +130,9 @@ async def _serve(
     return commits
 
 
-def run_mode(mode: str, learners: int, params: int, rounds: int) -> dict[str, Any]:
+def run_mode(
+    mode: str, learners: int, params: int, rounds: int, workers: int = 0
+) -> dict[str, Any]:
     """One federation of `mode`; its steady round time."""
     with tempfile.TemporaryDirectory(prefix="metis-secure-rounds-") as keys_dir:
         config: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
@@ -139,7 +154,9 @@ def run_mode(mode: str, learners: int, params: int, rounds: int) -> dict[str, An
         elif mode == "secagg":
             config["secagg"] = True
         started = time.perf_counter()
-        commits = asyncio.run(_serve(ControllerConfig(**config), learners, params, rounds, keys))
+        commits = asyncio.run(
+            _serve(ControllerConfig(**config), learners, params, rounds, keys, workers)
+        )
         wall = time.perf_counter() - started
     steady = None  # seconds a version from the first committed on
     if len(commits) >= 2:
@@ -147,6 +164,7 @@ def run_mode(mode: str, learners: int, params: int, rounds: int) -> dict[str, An
         steady = (t1 - t0) / (v1 - v0)
     return {
         "mode": mode,
+        "workers": workers,
         "versions": commits[-1][0] if commits else 0,
         "round_seconds": steady,
         "first_version_seconds": (commits[0][1] - started) if commits else None,
@@ -160,20 +178,26 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=100_000, help="float32 values")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument("--workers", type=int, default=0, help="ingest workers (0: one process)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    rows = [run_mode(m, args.learners, args.params, args.rounds) for m in modes]
+    if args.workers and "he-multiparty" in modes:
+        print("he-multiparty: skipped (multiparty keys do not run with ingest workers)")
+        modes.remove("he-multiparty")
+    rows = [run_mode(m, args.learners, args.params, args.rounds, args.workers) for m in modes]
     plain = next((r["round_seconds"] for r in rows if r["mode"] == "plaintext"), None)
     for row in rows:
         ratio = row["round_seconds"] / plain if plain and row["round_seconds"] else None
         row["vs_plaintext"] = ratio
         shown = f"{row['round_seconds']:.3f} s" if row["round_seconds"] else "n/a"
         print(
-            f"{row['mode']:>14}: {args.learners} learners x {args.params:,}: round {shown}"
+            f"{row['mode']:>14}: {args.learners} learners x {args.params:,}"
+            + (f", {args.workers} workers" if args.workers else "")
+            + f": round {shown}"
             + (f" ({ratio:.1f}x plaintext)" if ratio else "")
             + f", {row['versions']} versions in {row['wall_seconds']:.1f} s"
         )
@@ -185,6 +209,7 @@ def main() -> None:
         "learners": args.learners,
         "params": args.params,
         "rounds": args.rounds,
+        "workers": args.workers,
         "peak_rss_bytes_whole_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "modes": rows,
     }

@@ -292,6 +292,12 @@ class FederationCore:
         return ServerStep(wire.num_parameters(layout), self.aggregation)
 
     @property
+    def rounds(self) -> bool:
+        """Whether the policy runs rounds (learners upload trained models under HE, not
+        deltas; sums of ciphertexts can be kept in ingest workers)."""
+        return self._rounds
+
+    @property
     def layout(self) -> pb.ModelLayout | None:
         """The model's layout, once a model exists."""
         return self._layout

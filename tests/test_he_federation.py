@@ -226,23 +226,26 @@ def test_round_less_policies_need_the_public_key(
 
 
 @pytest.mark.parametrize(
-    ("policy", "step"),
+    ("policy", "step", "workers"),
     [
         # FedAsync: alpha 0.6 at staleness 0, quantized to multiples of 1/4096
-        (AsynchronousPolicy(AsynchronousSettings(rounds=3)), round(4096 * 0.6) / 4096),
-        (BufferedPolicy(BufferedSettings(buffer_size=1, rounds=3)), 1.0),
+        (AsynchronousPolicy(AsynchronousSettings(rounds=3)), round(4096 * 0.6) / 4096, 1),
+        (BufferedPolicy(BufferedSettings(buffer_size=1, rounds=3)), 1.0, 1),
+        # with ingest workers, encrypted deltas are forwarded whole to the core
+        (BufferedPolicy(BufferedSettings(buffer_size=1, rounds=3)), 1.0, 2),
     ],
-    ids=["asynchronous", "buffered"],
+    ids=["asynchronous", "buffered", "buffered-workers"],
 )
 def test_round_less_policies_step_on_ciphertexts(
     controller_factory: Factory,
     keys: tuple[HomomorphicAggregation, LearnerKeys],
     policy: Any,
     step: float,
+    workers: int,
 ) -> None:
     he, learner_keys = keys
     with_key = replace(he, public_key=learner_keys.public_key)
-    ct = controller_factory(policy, he=with_key)
+    ct = controller_factory(policy, he=with_key, workers=workers)
 
     (summary,) = run_encrypted(ct.address, {"a": (0.1, 1)}, learner_keys)
 
@@ -447,6 +450,7 @@ def test_ingest_workers_give_the_same_encrypted_rounds(
     summaries = run_encrypted(ct.address, learners, learner_keys)
 
     assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    assert ct.read(lambda: ct.controller.forward_updates) is False  # summed in the workers
     step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3) / 6  # as in one process
     for summary in summaries:
         np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)

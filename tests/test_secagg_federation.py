@@ -169,4 +169,5 @@ def test_ingest_workers_carry_secagg_rounds(controller_factory: Factory) -> None
 
     assert all(not isinstance(s, BaseException) for s in summaries), summaries
     assert ct.wait_finished(10)
+    assert ct.read(lambda: ct.controller.forward_updates) is False  # masked sums in the workers
     np.testing.assert_allclose(ct.model(), np.full(10, 2 * 0.25), atol=1e-4)

@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metis_async._core import Accumulator, AggregationError, Segments, first_non_finite
-from metis_async.workers.partials import PartialSums, RemoteUpdate
+from metis_async.workers.partials import RemoteFolds, RemoteUpdate
 
 if TYPE_CHECKING:
     from metis_async._core import ServerOptimizer
@@ -132,11 +132,7 @@ class ServerStep:
         self._optimizer: ServerOptimizer | None = None
         self._clipped_as_deltas = False  # a full window was folded as clipped deltas
         # Updates folded in ingest workers' partial sums (RemoteUpdate), merged at commit.
-        self._generation = 0
-        self._remote: dict[int, tuple[float, int]] = {}  # worker -> (weight, count) folded there
-        self._sums: PartialSums | None = None  # where the remote updates came through
-        # Workers whose partial of the last commit was lost (the core un-counts their updates).
-        self.lost_workers: set[int] = set()
+        self._remote = RemoteFolds()
         if self.settings.optimizer != "fedavg" or self.settings.optimizer_options:
             from metis_async.aggregation.optimizers import make_optimizer
 
@@ -144,16 +140,20 @@ class ServerStep:
             self._optimizer = make_optimizer(self.settings.optimizer, length, **options)
 
     @property
+    def lost_workers(self) -> set[int]:
+        """Workers whose partial of the last commit was lost (the core un-counts their updates)."""
+        return self._remote.lost_workers
+
+    @property
     def count(self) -> int:
         """Updates accepted since the last commit or reset."""
-        remote = sum(c for _, c in self._remote.values())
-        return self._acc.count + len(self._kept) + remote
+        return self._acc.count + len(self._kept) + self._remote.count
 
     @property
     def total_weight(self) -> float:
         """Sum of the weights accepted since the last commit or reset."""
-        remote = sum(w for w, _ in self._remote.values())
-        return self._acc.total_weight + float(sum(w for _, w in self._kept)) + remote
+        kept = float(sum(w for _, w in self._kept))
+        return self._acc.total_weight + kept + self._remote.total_weight
 
     def add(
         self,
@@ -213,42 +213,12 @@ class ServerStep:
             raise ValueError(
                 "robust rules and clipping need the update itself: workers forward such updates"
             )
-        self._sums = update.sums
-        update.fold(float(weight), self._generation)
-        folded, count = self._remote.get(update.worker, (0.0, 0))
-        self._remote[update.worker] = (folded + float(weight), count + 1)
+        self._remote.add(update, float(weight))
 
     def _merge_remote(self) -> None:
         """Merge the workers' partial sums into the accumulator (blocks on the workers)."""
-        if not self._remote:
-            return
-        expected_weight = sum(w for w, _ in self._remote.values())
-        expected_count = sum(c for _, c in self._remote.values())
-        sums = self._sums
-        assert sums is not None
-        partials = sums.collect(set(self._remote), self._generation)
-        remote, self._remote = self._remote, {}
-        self._generation += 1
-        got = 0
-        for worker, (_, count) in remote.items():
-            partial = partials.get(worker)
-            if partial is not None and partial[2] == count:
-                self._acc.merge(*partial)
-                got += count
-            else:
-                # The worker died with (part of) its partial: none of its updates of this version
-                # is counted, so a learner's resend of any of them is counted once, later.
-                self.lost_workers.add(worker)
-        if got != expected_count:
-            from structlog import get_logger
-
-            get_logger("metis_async.aggregation").warning(
-                "partial_sums_lost",
-                updates_expected=expected_count,
-                updates_merged=got,
-                weight_expected=expected_weight,
-                workers=sorted(self.lost_workers),
-            )
+        for body, weight, count in self._remote.collect():
+            self._acc.merge(np.frombuffer(body, dtype=np.float64), weight, count)
 
     def _fold(self) -> None:
         """Fold the waiting updates (as deltas, clipped if set) into the float64 sum."""
@@ -269,10 +239,7 @@ class ServerStep:
         self._acc.reset()
         self._kept.clear()
         self._clipped_as_deltas = False
-        if self._remote and self._sums is not None:
-            self._sums.reset(set(self._remote), self._generation)
-            self._remote = {}
-            self._generation += 1
+        self._remote.reset()
 
     def commit(
         self, base: FloatVector, scale: float = 1.0, normalize: bool = True, relative: bool = False
@@ -285,7 +252,7 @@ class ServerStep:
         optimizer's state are unchanged.
         """
         updates = self.count
-        self.lost_workers = set()
+        self._remote.lost_workers = set()
         if updates == 0:
             raise CommitRefused("nothing to commit: no update was accepted")
         self._merge_remote()

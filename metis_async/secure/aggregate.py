@@ -25,6 +25,7 @@ import numpy.typing as npt
 from metis_async.aggregation.server_step import CommitRefused
 from metis_async.secure.he import HeSettings
 from metis_async.v1 import controller_pb2 as pb
+from metis_async.workers.partials import RemoteFolds, RemoteUpdate
 
 HEADER_BYTES = 16
 """Bytes before the ciphertexts of an encrypted version: the divisor learners divide the
@@ -189,31 +190,47 @@ class HomomorphicStep:
         self._sum = self._context.sum()
         self._held: list[tuple[bytes, float]] = []  # continuous: the open version's deltas
         self.ciphertexts = he.settings.ciphertexts_for(length)
-        self.lost_workers: set[int] = set()  # ingest workers are not used under HE
+        # Rounds with ingest workers: updates summed in the workers' ciphertext partials.
+        self._remote = RemoteFolds()
+
+    @property
+    def lost_workers(self) -> set[int]:
+        """Workers whose partial of the last commit was lost (the core un-counts their updates)."""
+        return self._remote.lost_workers
 
     @property
     def count(self) -> int:
         """Updates added since the last commit or reset."""
-        return len(self._held) if self.continuous else int(self._sum.count)
+        if self.continuous:
+            return len(self._held)
+        return int(self._sum.count) + self._remote.count
 
     @property
     def total_weight(self) -> float:
         """Sum of the (integer) weights added."""
         if self.continuous:
             return float(sum(w for _, w in self._held))
-        return float(self._sum.total_weight)
+        return float(self._sum.total_weight) + self._remote.total_weight
 
     def has_room(self, weight: float) -> bool:
         """Whether an update of `weight` examples fits the open version without overflow."""
         if self.continuous:
             return True  # checked at commit, against the version's noise weight
-        total = int(self._sum.total_weight) + self.he.integer_weight(weight)
+        total = self.total_weight + self.he.integer_weight(weight)
         return total <= self.he.settings.max_total_weight
 
     def add(self, update: object, weight: float, checked: bool = False) -> None:
         """Add one update's ciphertexts (bytes, as uploaded) times its integer weight. Every
         ciphertext is checked first (`_core.EncryptionError`), so an error changes nothing."""
         del checked  # ciphertexts are checked here, just before their add, whatever the caller
+        if isinstance(update, RemoteUpdate):  # checked by its worker, which sums it there
+            if self.continuous:
+                raise TypeError("round-less policies take encrypted deltas forwarded whole")
+            expected = self.ciphertexts * self.he.settings.ciphertext_bytes
+            if len(update) != expected:
+                raise ValueError(f"{len(update)} bytes of ciphertexts; the model's are {expected}")
+            self._remote.add(update, float(self.he.integer_weight(weight)))
+            return
         if not isinstance(update, bytes | bytearray | memoryview):
             raise TypeError(f"an encrypted update is bytes, got {type(update).__name__}")
         parts = split_ciphertexts(bytes(update), self.he.settings.ciphertext_bytes)
@@ -228,6 +245,7 @@ class HomomorphicStep:
         """Drop the open sum."""
         self._sum.reset()
         self._held = []
+        self._remote.reset()
 
     def commit(
         self,
@@ -244,6 +262,11 @@ class HomomorphicStep:
         try:
             if self.count == 0:
                 raise CommitRefused("nothing to commit: no update was accepted")
+            size = self.he.settings.ciphertext_bytes
+            for body, weight, count in self._remote.collect():
+                self._sum.add_partial(split_ciphertexts(body, size), int(weight), count)
+            if self.count == 0:
+                raise CommitRefused("nothing to commit: every update was lost with a worker")
             if self.continuous:
                 return self._step(base, scale, normalize)
             del relative  # full models: the average does not depend on the base

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from metis_async.aggregation.server_step import AggregationSettings, CommitRefused, ServerStep
+from metis_async.workers.partials import RemoteFolds, RemoteUpdate
 
 if TYPE_CHECKING:
     from metis_async.protocols.secagg import SecAggUnmasking
@@ -43,21 +44,32 @@ class MaskedStep:
         self._server = ServerStep(length, self.settings)
         self._total = np.zeros(length, dtype=np.uint32)
         self._count = 0
-        self.lost_workers: set[int] = set()
+        # Ingest workers keep their learners' masked sums (mod 2^32 too), merged at commit.
+        self._remote = RemoteFolds()
+
+    @property
+    def lost_workers(self) -> set[int]:
+        """Workers whose partial of the last commit was lost (the core un-counts their updates)."""
+        return self._remote.lost_workers
 
     @property
     def count(self) -> int:
         """Masked updates added since the last commit or reset."""
-        return self._count
+        return self._count + self._remote.count
 
     @property
     def total_weight(self) -> float:
         """Updates added: each survivor counts once."""
-        return float(self._count)
+        return float(self.count)
 
     def add(self, update: object, weight: float = 1.0, checked: bool = False) -> None:
         """Add one masked update (DTYPE_MASKED bytes) mod 2^32; the weight is not used."""
         del weight, checked
+        if isinstance(update, RemoteUpdate):  # summed by the worker that holds it
+            if len(update) != 4 * self.length:
+                raise ValueError(f"{len(update)} masked bytes; the model has {self.length} values")
+            self._remote.add(update, 1.0)
+            return
         if not isinstance(update, bytes | bytearray | memoryview):
             raise TypeError(f"a masked update is bytes, got {type(update).__name__}")
         values = np.frombuffer(update, dtype="<u4")
@@ -71,6 +83,7 @@ class MaskedStep:
         self._total[:] = 0
         self._count = 0
         self._server.reset()
+        self._remote.reset()
 
     def commit(
         self,
@@ -90,6 +103,14 @@ class MaskedStep:
         try:
             if material is None:
                 raise CommitRefused("a SecAgg+ commit needs the round's revealed shares")
+            for body, _, count in self._remote.collect():
+                np.add(self._total, np.frombuffer(body, dtype="<u4"), out=self._total)
+                self._count += count
+            if self.lost_workers:
+                raise CommitRefused(
+                    "an ingest worker was lost with its learners' masked sum: the survivors' "
+                    "masks cannot be removed from a sum without them"
+                )
             if self._count == 0 or self._count != len(material.survivors):
                 raise CommitRefused(
                     f"{self._count} masked updates were added; the round counts "

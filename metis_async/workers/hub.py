@@ -116,11 +116,13 @@ class WorkerHub(ControllerFace):
                 "are relayed within one process); serve without --workers"
             )
         agg = self.core.aggregation
-        # Ciphertexts and masked vectors are summed in the core's process: forwarded whole.
+        # Ciphertexts and masked vectors are summed in workers like float updates; encrypted
+        # deltas of round-less policies are mixed at commit by the core: forwarded whole.
         self._secure = self.config.he is not None or self.config.secagg
-        self.forward_updates = bool(
-            policy.mixes_full_models or agg.robust or agg.clip_norm or self._secure
-        )
+        if self.config.he is not None:
+            self.forward_updates = not self.core.rounds
+        else:
+            self.forward_updates = bool(policy.mixes_full_models or agg.robust or agg.clip_norm)
         self._initial = initial_model
         self._finished = asyncio.Event()
         self._local = EffectDelivery({}, self.store, on_commit, self._finished)
@@ -367,8 +369,7 @@ class WorkerHub(ControllerFace):
             _, request, weight, count = header
             future = worker.pending.pop(request, None)
             if future is not None and not future.done():
-                total = np.frombuffer(body, dtype=np.float64) if count else None
-                future.set_result((total, weight, count) if total is not None else None)
+                future.set_result((bytes(body), weight, count) if count else None)
         else:
             log.error("worker_frame_unknown", worker=worker.index, kind=str(kind))
 

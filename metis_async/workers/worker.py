@@ -7,10 +7,12 @@ the effects for this worker's learners come back as effect lists, carried out by
 bytes.
 
 A training upload stays here. With summable updates (no robust rule, no clipping, no full-model
-mixing) the worker tells the core only the update's report and a handle; when the core accepts
-it, the worker folds it into its partial sum for the open version in Rust (one fold thread, so
-folds and the partial's export run in the order the core asked), then frees it. Otherwise the
-update's values are forwarded whole (one copy over the channel per update). Updates waiting
+mixing; under homomorphic aggregation, rounds) the worker tells the core only the update's
+report and a handle; when the core accepts it, the worker folds it into its partial sum for the
+open version in Rust (one fold thread, so folds and the partial's export run in the order the
+core asked), then frees it. Partial sums are float64 sums, ciphertext sums or masked sums by the
+federation's aggregate (`sums`). Otherwise the update's values are forwarded whole (one copy over
+the channel per update). Updates waiting
 for the core's answer are bounded by `upload_buffer_bytes`, like the uploads being assembled.
 """
 
@@ -29,7 +31,6 @@ import numpy as np
 import structlog
 
 from metis_async import wire
-from metis_async._core import Accumulator
 from metis_async.delivery import EffectDelivery, health_of, lower_thread_priority
 from metis_async.effects import FederationState
 from metis_async.federation import TaskLookup, UpdateReport
@@ -43,9 +44,11 @@ from metis_async.telemetry import ControllerStats, LogLimiter, configure_logging
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.workers import raise_open_file_limit
 from metis_async.workers.channel import Channel, ChannelClosed
+from metis_async.workers.sums import PartialSum, new_partial, partial_kind
 
 if TYPE_CHECKING:
     from metis_async._core import Segments
+    from metis_async.secure.aggregate import HomomorphicAggregation
 
 log = structlog.get_logger("metis_async.workers")
 
@@ -59,7 +62,14 @@ class HubLink:
         budget_bytes: bytes of updates that may wait here for the core's answer.
     """
 
-    def __init__(self, channel: Channel, store: ModelStore, budget_bytes: int) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        store: ModelStore,
+        budget_bytes: int,
+        he: HomomorphicAggregation | None = None,
+        secagg: bool = False,
+    ) -> None:
         self.channel = channel
         self.store = store
         self.run_id = ""
@@ -70,14 +80,16 @@ class HubLink:
         self.forward = False
         self._budget_bytes = budget_bytes
         self._budget: asyncio.Semaphore | None = None
-        self._held: dict[int, wire.FloatVector | Segments] = {}
+        self._held: dict[int, wire.FloatVector | Segments | bytes] = {}
         self._handles = 0
         self._lookups: dict[int, asyncio.Future[TaskLookup]] = {}
         self._requests = 0
         self._folder = ThreadPoolExecutor(
             1, thread_name_prefix="fold", initializer=lower_thread_priority
         )
-        self._partials: dict[int, Accumulator] = {}
+        self._he = he
+        self._kind = partial_kind(he, secagg)
+        self._partials: dict[int, PartialSum] = {}
 
     # ------------------------------------------------------------------------------ CoreLink
 
@@ -104,18 +116,18 @@ class HubLink:
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
-        if isinstance(update, bytes):  # ciphertexts or masked values: summed by the core
-            self.channel.send(("update", learner_id, report, -1, len(update)), update)
-            await self.channel.drain()
-            return
         length = len(update)
         if self.forward:
-            values = update if isinstance(update, np.ndarray) else update.to_array()
-            self.channel.send(("update", learner_id, report, -1, length), values.data)
+            if isinstance(update, bytes):  # ciphertexts or masked values, as they came
+                values: bytes | memoryview = update
+            else:
+                values = (update if isinstance(update, np.ndarray) else update.to_array()).data
+            self.channel.send(("update", learner_id, report, -1, length), values)
             await self.channel.drain()  # the channel's buffer bounds what waits to be sent
             return
         if self._budget is None:
-            per_update = max(length * wire.WIRE_DTYPE.itemsize, 1)
+            size = length if isinstance(update, bytes) else length * wire.WIRE_DTYPE.itemsize
+            per_update = max(size, 1)
             self._budget = asyncio.Semaphore(max(4, self._budget_bytes // per_update))
         await self._budget.acquire()
         self._handles += 1
@@ -151,7 +163,7 @@ class HubLink:
     def on_partials(self, instructions: list[tuple[Any, ...]]) -> None:
         """The core's fold, drop and reset instructions, in order; consecutive folds into one
         partial go to the fold thread as one `add_many`."""
-        updates: list[wire.FloatVector | Segments] = []
+        updates: list[wire.FloatVector | Segments | bytes] = []
         weights: list[float] = []
         target = -1
         for instruction in instructions:
@@ -175,16 +187,20 @@ class HubLink:
         self._fold(target, updates, weights)
 
     def _fold(
-        self, generation: int, updates: list[wire.FloatVector | Segments], weights: list[float]
+        self,
+        generation: int,
+        updates: list[wire.FloatVector | Segments | bytes],
+        weights: list[float],
     ) -> None:
         """Fold held updates into partial `generation` (in order, on the fold thread)."""
         if not updates:
             return
         partial = self._partials.get(generation)
         if partial is None:
-            partial = self._partials[generation] = Accumulator(len(updates[0]))
+            partial = new_partial(self._kind, updates[0], self._he)
+            self._partials[generation] = partial
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._folder, partial.add_many, updates, weights, False)
+        done = loop.run_in_executor(self._folder, partial.add_many, updates, weights)
         count = len(updates)
         done.add_done_callback(lambda _: self._release_budget(count))
 
@@ -205,7 +221,7 @@ class HubLink:
             return
         loop = asyncio.get_running_loop()
         total, weight, count = await loop.run_in_executor(self._folder, partial.export)
-        self.channel.send(("partial", request, float(weight), int(count)), total.data)
+        self.channel.send(("partial", request, weight, count), total)
 
     def _release_budget(self, count: int = 1) -> None:
         if self._budget is not None:
@@ -240,7 +256,7 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     stats = ControllerStats()
     limiter = LogLimiter()
     sessions: dict[str, Session] = {}
-    link = HubLink(channel, store, config.upload_buffer_bytes)
+    link = HubLink(channel, store, config.upload_buffer_bytes, config.he, config.secagg)
     ingest = Ingest(config, link, store, stats, limiter)
     streams = StreamServer(config, link, ingest, stats, limiter, sessions)
 
