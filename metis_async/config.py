@@ -592,8 +592,6 @@ class ControllerSettings(_Section):
                         Path(self.secure.he_file or "").name == "he-public.key"
                     )
                     check_homomorphic(policy, self.aggregation_settings(), public)
-                if self.server.workers != "0" and self.secure.mode == "he-multiparty":
-                    raise ValueError("multiparty keys do not run with ingest workers yet")
             except ValueError as error:
                 raise _invalid("secure", str(error), SecureSection.model_fields) from None
         return self

@@ -299,6 +299,27 @@ def test_a_committee_decrypts_each_version_together(
         np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)
 
 
+def test_a_committee_decrypts_through_ingest_workers(
+    controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
+) -> None:
+    # Members land on either worker: each worker's relay gets the others' shares via the core.
+    public, parties = committee
+    members = ("a", "b", "c")
+    he = HomomorphicAggregation(public.settings, public.key_id, committee=members)
+    ct = controller_factory(sync_policy(min_learners=5, rounds=2), he=he, workers=2)
+    learners = {"a": (0.1, 1), "b": (0.2, 2), "c": (0.3, 3), "d": (0.0, 4), "e": (0.5, 2)}
+
+    summaries = run_committee(
+        ct.address, learners, public, dict(zip(members, parties, strict=True))
+    )
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    step = (0.1 * 1 + 0.2 * 2 + 0.3 * 3 + 0.0 * 4 + 0.5 * 2) / 12
+    for summary in summaries:
+        assert summary.final_version == 2
+        np.testing.assert_allclose(summary.final_parameters[0], np.full(10, 2 * step), atol=1e-4)
+
+
 def test_members_that_do_not_train_still_decrypt(
     controller_factory: Factory, committee: tuple[Committee, list[PartyKeys]]
 ) -> None:

@@ -9,6 +9,11 @@ The controller itself never decrypts: the shares are public, and whoever holds a
 and the ciphertexts can read the version, the controller included, so what this mode keeps from
 the controller is every individual update (the sum is all that is ever decrypted) and the model
 until the whole committee has agreed to decrypt it. Lives on the event loop.
+
+With ingest workers each worker runs a relay for its own sessions: a member's shares arrive at
+the worker that holds its stream, which checks them and hands them (`forward`) to the core's
+process, which passes them to every other worker (`peer_share`). Each relay completes once it
+holds all P parties' shares and sends them to its own learners.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class DecryptionRelay:
         self._waiting: set[str] = set()  # learners sent the version, not yet its shares
         self._shutdowns: dict[str, bytes] = {}  # learner -> Shutdown held until the shares
         self._released: asyncio.Event | None = None
+        self.forward: Callable[[pb.DecryptionShare], None] | None = None
+        """Ingest workers: called with each member share this relay checked and recorded."""
 
     @property
     def complete(self) -> bool:
@@ -154,6 +161,23 @@ class DecryptionRelay:
                 f"decryption shares for ciphertexts {first}..{first + count - 1}; version "
                 f"{share.version} has {self._ciphertexts}",
             )
+        if self.forward is not None:
+            self.forward(share)
+        self._record(share, party)
+
+    def peer_share(self, share: pb.DecryptionShare) -> None:
+        """A member's shares checked by another worker's relay (ingest workers)."""
+        first, count = int(share.first), len(share.shares)
+        if share.version != self.version or self._message is not None:
+            return
+        if share.party not in self._party.values() or first + count > self._ciphertexts:
+            log.error("decryption_share_misrouted", version=share.version, party=share.party)
+            return
+        self._record(share, int(share.party))
+
+    def _record(self, share: pb.DecryptionShare, party: int) -> None:
+        """Keep a share; once all P are in, send them to every learner waiting for them."""
+        first = int(share.first)
         slots = self._shares.setdefault(party, [None] * self._ciphertexts)
         for offset, data in enumerate(share.shares):
             if slots[first + offset] is None:  # a repeated share changes nothing

@@ -110,11 +110,6 @@ class WorkerHub(ControllerFace):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._build_core(policy, config, aggregation, run_id, rng)
-        if self.config.he is not None and self.config.he.committee:
-            raise ValueError(
-                "multiparty keys do not run with ingest workers yet (the decryption shares "
-                "are relayed within one process); serve without --workers"
-            )
         agg = self.core.aggregation
         # Ciphertexts and masked vectors are summed in workers like float updates; encrypted
         # deltas of round-less policies are mixed at commit by the core: forwarded whole.
@@ -340,6 +335,10 @@ class WorkerHub(ControllerFace):
                 update = RemoteUpdate(self, worker.index, handle, length)
             assert isinstance(report, UpdateReport)
             submit(core.update_arrived, now, learner_id, report, update)
+        elif kind == "share":  # a member's decryption shares: every other worker's relay too
+            for other in self._workers:
+                if other is not worker and other.channel is not None:
+                    other.channel.send(("share",), body)
         elif kind == "secagg":
             step = pb.SecAggStep.FromString(body)
             submit(core.secure_step_arrived, now, header[1], step)

@@ -266,6 +266,11 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
     delivery = EffectDelivery(sessions, store, None, asyncio.Event(), state_changed)
     delivery.upload_grant_bytes = config.grant_threshold()
     delivery.download_receipt_bytes = config.receipt_threshold()
+    relay = None
+    if config.he is not None and config.he.committee:  # multiparty keys: this worker's members
+        relay = delivery.enable_relay(config.he)
+        relay.forward = lambda share: channel.send(("share",), share.SerializeToString())
+        streams.relay = ingest.relay = relay
     link.run_id, link.protocol, link.forward = header[2], header[3], header[4]
     streams.config = dataclasses.replace(config, port=port)
     await streams.start(reuse_port=True)
@@ -287,8 +292,14 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
                 encodings = _split(body, lengths)
                 plain = encodings.pop(pb.DTYPE_FLOAT32)
                 layout = pb.ModelLayout.FromString(layout_bytes)
-                no_values = np.empty(0, dtype=wire.WIRE_DTYPE)  # the core's process has them
+                # The core's process has the values; the dtype says what the version is.
+                no_values = np.empty(0, dtype=np.uint8 if config.he else wire.WIRE_DTYPE)
                 store.publish(layout, version, no_values, plain, encodings)
+                if relay is not None:
+                    values = wire.num_parameters(layout)
+                    relay.published(version, relay.he.settings.ciphertexts_for(values))
+            elif kind == "share" and relay is not None:  # checked by another worker's relay
+                relay.peer_share(pb.DecryptionShare.FromString(body))
             elif kind == "reconfigure":  # credentials reloaded (SIGHUP)
                 streams.config = dataclasses.replace(header[1], port=port)
             elif kind == "state":
@@ -309,6 +320,8 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
         log.warning("worker_orphaned", worker=index, reason="the core's process went away")
     for monitor in monitors:
         monitor.cancel()
+    if relay is not None:  # the final version's shares are on their way
+        await relay.released(grace)
     streams.finish_all()
     with contextlib.suppress(Exception):
         await asyncio.sleep(0.2)  # let the last messages (shutdown) reach the learners
