@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from metis_async import config as settings_schema
+from metis_async.admin import commands as admin_commands
 from metis_async.checkpoints import CheckpointError
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     learner_cert = keys_sub.add_parser("learner", help="a learner certificate (mTLS identity)")
     learner_cert.add_argument("dir", metavar="DIR")
     learner_cert.add_argument("learner_id", metavar="ID")
+    admin_token = keys_sub.add_parser(
+        "admin-token", help="a new admin token for the Admin service and dashboard (mode 0600)"
+    )
+    admin_token.add_argument("file", metavar="FILE")
     secret = keys_sub.add_parser("token-secret", help="a secret that signs learner tokens")
     secret.add_argument("file", metavar="FILE")
     token = keys_sub.add_parser("learner-token", help="print a signed token for learner ID")
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then predict N held-out digits encrypted and compare with the clear model",
     )
     fhe.add_argument("--json", action="store_true", help="print one JSON object last")
+    admin_commands.add_parsers(sub)
     return parser
 
 
@@ -219,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.command == "export-fhe":
             return _export_fhe(args)
+        if args.command in admin_commands.COMMANDS:
+            return admin_commands.run(args)
         return _demo(args)
     except KeyboardInterrupt:
         return 130
@@ -291,7 +299,8 @@ def _serve(args: argparse.Namespace) -> int:
         controller.reload_credentials(fresh.controller_config())
 
     until_finished = bool(settings.protocol.rounds)
-    run_event_loop(serve(controller, until_finished=until_finished, reload=reload))
+    admin = settings.admin_options()
+    run_event_loop(serve(controller, until_finished=until_finished, reload=reload, admin=admin))
     if controller.failure is not None:
         print(f"metis-async: error: {controller.failure}", file=sys.stderr)
         return 1
@@ -377,6 +386,8 @@ def _keys(args: argparse.Namespace) -> int:
         written = keys.create_learner_certificate(args.dir, args.learner_id)
     elif command == "token-secret":
         written = (keys.create_token_secret(args.file),)
+    elif command == "admin-token":
+        written = (keys.create_admin_token(args.file),)
     elif command == "he-init":
         from metis_async.secure import HeSettings, create_he_keys
 

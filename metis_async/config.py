@@ -8,6 +8,8 @@ setting. Its sections are the tables of the TOML file (`deploy/controller.toml` 
     [train]        local training sent with every task           -> `TrainSettings`
     [aggregation]  server optimizer and options, robust rule     -> `AggregationSettings`
     [model]        init_model, save_model (.npz paths)
+    [secure]       homomorphic aggregation or SecAgg+
+    [admin]        Admin service and dashboard (ports, token file)
     [log]          level, json
 
 Sources, lowest precedence first: the schema's defaults < the TOML file (`serve --config FILE`)
@@ -56,6 +58,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 if TYPE_CHECKING:
+    from metis_async.admin.run import AdminOptions
     from metis_async.aggregation.server_step import AggregationSettings
     from metis_async.secure.aggregate import HomomorphicAggregation
     from metis_async.server import ControllerConfig
@@ -531,6 +534,61 @@ class SecureSection(_Section):
             raise ConfigError([Problem("secure.he_file", str(error))]) from None
 
 
+class AdminSection(_Section):
+    """`[admin]`: the operator's Admin gRPC service and the dashboard (admin.proto)."""
+
+    host: Annotated[str, Flag("--admin-host")] = Field(
+        default="127.0.0.1", description="address of the Admin service and the dashboard"
+    )
+    port: Annotated[int | None, Flag("--admin-port")] = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Admin gRPC service port (metis-async status, learners, pause, ...); "
+        "unset: off",
+    )
+    token_file: Annotated[str | None, Flag("--admin-token-file", metavar="FILE")] = Field(
+        default=None,
+        description="file holding the admin token (metis-async keys admin-token); unset: no "
+        "token, loopback only",
+    )
+    dashboard_port: Annotated[int | None, Flag(metavar="PORT")] = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve the dashboard at http://admin.host:PORT/; unset: off",
+    )
+    dashboard_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="how often the dashboard's numbers are refreshed"
+    )
+
+    @model_validator(mode="after")
+    def _exposed_needs_token(self) -> AdminSection:
+        on = self.port is not None or self.dashboard_port is not None
+        if on and self.token_file is None and not _is_loopback(self.host):
+            raise PydanticCustomError(
+                "admin_token",
+                "the Admin service and dashboard on {host}, beyond loopback, need an admin "
+                "token (admin.token_file)",
+                {"key": "admin.token_file", "host": self.host},
+            )
+        return self
+
+    def token(self) -> str | None:
+        """The admin token from `token_file` (None: no token)."""
+        if self.token_file is None:
+            return None
+        return _read(self.token_file, "admin.token_file", read_admin_token)
+
+
+def read_admin_token(path: str | Path) -> str:
+    """The admin token in `path` (one line; surrounding whitespace ignored)."""
+    token = Path(path).read_text().strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"{path}: an admin token is one word of at least 16 characters")
+    return token
+
+
 class LogSection(_Section):
     """`[log]`: structured logs on stderr."""
 
@@ -549,6 +607,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "aggregation": AggregationSection,
     "model": ModelSection,
     "secure": SecureSection,
+    "admin": AdminSection,
     "log": LogSection,
 }
 """The sections of the schema, in file order."""
@@ -563,6 +622,7 @@ class ControllerSettings(_Section):
     aggregation: AggregationSection = Field(default_factory=lambda: AggregationSection())
     model: ModelSection = Field(default_factory=lambda: ModelSection())
     secure: SecureSection = Field(default_factory=lambda: SecureSection())
+    admin: AdminSection = Field(default_factory=lambda: AdminSection())
     log: LogSection = Field(default_factory=lambda: LogSection())
 
     @model_validator(mode="after")
@@ -661,6 +721,20 @@ class ControllerSettings(_Section):
                 ]
             )
         return config
+
+    def admin_options(self) -> AdminOptions:
+        """The `[admin]` settings with the token read (and `server.revoked_file`)."""
+        from metis_async.admin.run import AdminOptions
+
+        admin = self.admin
+        return AdminOptions(
+            host=admin.host,
+            port=admin.port,
+            token=admin.token(),
+            dashboard_port=admin.dashboard_port,
+            interval_seconds=admin.dashboard_interval_seconds,
+            revoked_file=self.server.revoked_file,
+        )
 
     def worker_count(self) -> int:
         """Ingest worker processes to run (`auto`: from the cores and the open-file limit)."""
@@ -1064,7 +1138,13 @@ def _read(path: str | None, key: str, parse: Callable[[str], _T]) -> _T | None:
         return parse(path)
     except (OSError, ValueError) as error:
         raise ConfigError(
-            [Problem(f"server.{key}", getattr(error, "strerror", None) or str(error), path)]
+            [
+                Problem(
+                    key if "." in key else f"server.{key}",
+                    getattr(error, "strerror", None) or str(error),
+                    path,
+                )
+            ]
         ) from None
 
 

@@ -31,13 +31,15 @@ import random
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
 from metis_async import wire
+from metis_async.admin.history import FederationHistory
 from metis_async.aggregation.compatibility import check_compatible, check_homomorphic
 from metis_async.aggregation.server_step import AggregationSettings, ServerStep
 from metis_async.checkpoints import Checkpoint, CheckpointError, StateDirectory
@@ -260,6 +262,12 @@ class FederationCore:
         self._provider_deadline: float | None = None
         self._failed_providers: set[str] = set()
         self._state: FederationState | None = None
+        self.history = FederationHistory()
+        self._open_staleness = 0.0  # total staleness of the open aggregate's updates
+        self.paused = False
+        """Paused by the operator: events wait in `_held` and the policy sees none until resumed
+        (no task goes out, nothing commits; time keeps running for the policy)."""
+        self._held: list[tuple[Event, _Updates]] = []
         self.status_in_welcome = False
         """Set by drivers that put `status_now()` in every new learner's Welcome: a learner that
         joins while the federation waits then gets no Status of its own (one write less each)."""
@@ -338,6 +346,10 @@ class FederationCore:
             and task_id not in self._committed
         )
 
+    def learner_records(self) -> Iterator[LearnerRecord]:
+        """Every learner the core knows, connected or remembered (read on the core's thread)."""
+        return iter(self._learners)
+
     def participation(self) -> dict[str, dict[str, int]]:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
         return self._learners.participation()
@@ -345,9 +357,8 @@ class FederationCore:
     def next_wakeup(self) -> float | None:
         """Earliest time (the events' clock) at which the core wants `tick`."""
         bench = self._benched[0][0] if self._benched else None
-        times = [
-            t for t in (self.policy.next_wakeup(), self._provider_deadline, bench) if t is not None
-        ]
+        policy = None if self.paused else self.policy.next_wakeup()
+        times = [t for t in (policy, self._provider_deadline, bench) if t is not None]
         return None if self.finished or not times else min(times)
 
     # ------------------------------------------------------------------------------ model
@@ -457,6 +468,7 @@ class FederationCore:
         record = self._learners.join(learner_id)
         record.num_examples = num_examples
         record.capabilities = capabilities
+        record.joined_at = record.last_seen = now
         if held is not None and self._layout is not None:
             run, version, layout_id = held
             # A version above ours was never committed by this run's checkpoints: ignore it.
@@ -548,6 +560,7 @@ class FederationCore:
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
         self.stats.updates_received_total += 1
         self._answered(learner_id)
+        self._seen(now, learner_id, report)
         event = UpdateArrived(
             now,
             learner_id,
@@ -591,8 +604,9 @@ class FederationCore:
             return [self._stale_answer(learner_id, task_id, "closed before its result")]
         self._learners[learner_id].evaluations += 1
         self._answered(learner_id)
+        self._seen(now, learner_id)
         self.stats.evaluations_received_total += 1
-        self._record_evaluation(task.version, num_examples, metrics)
+        self._record_evaluation(now, task.version, num_examples, metrics)
         return self._deliver(
             EvaluationArrived(
                 now, learner_id, self._policy_id(task_id), task.version, num_examples, metrics
@@ -612,11 +626,15 @@ class FederationCore:
         if self._close_task(learner_id, task_id, "learner reported failure") is None:
             return []
         self._answered(learner_id)
+        self._seen(now, learner_id)
         return self._deliver(TaskFailed(now, learner_id, self._policy_id(task_id), reason))
 
     @_counted
     def tick(self, now: float) -> list[Effect]:
         """Time passed (the driver calls at `next_wakeup()`)."""
+        return self._advance(now)
+
+    def _advance(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
         if self._provider_deadline is not None and now >= self._provider_deadline:
             stalled = self._provider
@@ -636,6 +654,41 @@ class FederationCore:
         if self._flat is not None and not self.finished:
             effects += self._deliver(Tick(now))
         return effects
+
+    @_counted
+    def pause(self, now: float, reason: str = "") -> list[Effect]:
+        """The operator pauses the federation: no new task goes out and no version commits;
+        results that arrive wait for `unpause` (bounded by the tasks already out)."""
+        if not self.paused and not self.finished:
+            self.paused = True
+            log.info("federation_paused", reason=reason, version=self.version)
+        return []
+
+    @_counted
+    def unpause(self, now: float, reason: str = "") -> list[Effect]:
+        """Resume a paused federation: the waiting events reach the policy in order, then
+        the time that passed (a round whose deadline passed closes now)."""
+        if not self.paused:
+            return []
+        self.paused = False
+        held, self._held = self._held, []
+        log.info("federation_resumed", reason=reason, version=self.version, events=len(held))
+        effects: list[Effect] = []
+        for event, updates in held:
+            effects += self._deliver(event, updates)
+        return effects + self._advance(now)
+
+    def _seen(self, now: float, learner_id: str, report: UpdateReport | None = None) -> None:
+        """`learner_id` was heard from at `now` (with a training report: its speed)."""
+        record = self._learners.get(learner_id)
+        if record is None:
+            return
+        record.last_seen = now
+        if report is not None and report.num_examples > 0:
+            if report.seconds_per_epoch > 0:
+                record.examples_per_second = report.num_examples / report.seconds_per_epoch
+            elif report.train_seconds > 0:
+                record.examples_per_second = report.num_examples / report.train_seconds
 
     def drain(self, reason: str = "controller stopping") -> list[Effect]:
         """The controller stops: learners are told to come back later."""
@@ -661,9 +714,14 @@ class FederationCore:
     # ------------------------------------------------------------------------------ decisions
 
     def _deliver(self, event: Event, updates: _Updates | None = None) -> list[Effect]:
-        """Hand events to the policy and carry out its decisions, in order."""
-        effects: list[Effect] = []
+        """Hand events to the policy and carry out its decisions, in order (held while
+        paused; ticks then change nothing and are dropped)."""
         updates = updates if updates is not None else {}
+        if self.paused:
+            if not isinstance(event, Tick):
+                self._held.append((event, updates))
+            return []
+        effects: list[Effect] = []
         pending: deque[Event] = deque([event])
         while pending:
             current = pending.popleft()
@@ -709,7 +767,7 @@ class FederationCore:
                 effects.append(SendCancel(decision.learner_id, wire_id, decision.reason))
                 return self._missed(now, decision.learner_id)
         elif isinstance(decision, CommitVersion):
-            refused = self._commit(decision, effects)
+            refused = self._commit(decision, now, effects)
             if refused is not None:
                 policy_ids = tuple(self._policy_id(t) for t in refused.task_ids)
                 return CommitFailed(now, refused.version, refused.reason, policy_ids)
@@ -790,18 +848,25 @@ class FederationCore:
         self._open.append(self._wire_id(decision.task_id))
         self._open_learners.append(lid)
         self._open_workers.append(update.worker if isinstance(update, RemoteUpdate) else -1)
+        record = self._learners[lid]
         if self._base_of[0] == decision.task_id:
-            self.stats.staleness.observe(max(self.version - self._base_of[1], 0))
+            staleness = max(self.version - self._base_of[1], 0)
+            self.stats.staleness.observe(staleness)
+            record.last_staleness = staleness
+            self._open_staleness += staleness
         self.stats.updates_accepted_total += 1
-        self._learners[lid].updates_accepted += 1
+        record.updates_accepted += 1
 
-    def _commit(self, decision: CommitVersion, effects: list[Effect]) -> CommitRefused | None:
+    def _commit(
+        self, decision: CommitVersion, now: float, effects: list[Effect]
+    ) -> CommitRefused | None:
         started = time.perf_counter()
         target = self.version + 1
         step = self._aggregate
         folded, weight = tuple(self._open), step.total_weight
         learners, workers = self._open_learners, self._open_workers
         self._open, self._open_learners, self._open_workers = [], [], []
+        staleness, self._open_staleness = self._open_staleness, 0.0
         try:
             new: wire.ModelVector
             if isinstance(step, HomomorphicStep):
@@ -846,6 +911,7 @@ class FederationCore:
         self._flat = new
         self.version = target
         record = self._record(target, folded, weight, decision.reason)
+        self.history.committed(now, target, len(folded), staleness)
         self.stats.versions_committed_total += 1
         self._remember_committed(folded, learners, target)
         self._save_checkpoint()  # before anyone sees the version; raises CheckpointError
@@ -905,10 +971,15 @@ class FederationCore:
         while len(committed) > self._committed_kept:
             committed.popitem(last=False)
 
-    def _save_checkpoint(self) -> None:
+    def checkpoint_now(self) -> Path | None:
+        """Write the current version's checkpoint again (the operator asked); its path, or None
+        without a state directory or a model."""
+        return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
         """Make the current version durable (a no-op without a state directory)."""
         if self._state_dir is None or self._flat is None or self._layout is None:
-            return
+            return None
         checkpoint = Checkpoint(
             run_id=self.run_id,
             version=self.version,
@@ -923,12 +994,13 @@ class FederationCore:
             committed=self._committed,  # written out before the core goes on: no copy
         )
         try:
-            self._state_dir.save(checkpoint)
+            return self._state_dir.save(checkpoint)
         except CheckpointError as error:
             log.critical("checkpoint_failed", version=self.version, reason=str(error))
             raise
 
     def _discard(self, reason: str) -> None:
+        self._open_staleness = 0.0
         dropped = len(self._open)
         self._aggregate.reset()
         self._open, self._open_learners, self._open_workers = [], [], []
@@ -997,7 +1069,7 @@ class FederationCore:
     # ------------------------------------------------------------------------------ evaluation
 
     def _record_evaluation(
-        self, version: int, num_examples: int, metrics: Mapping[str, float]
+        self, now: float, version: int, num_examples: int, metrics: Mapping[str, float]
     ) -> None:
         """Fold one evaluation into the example-weighted mean metrics of its version."""
         n = float(max(num_examples, 1))
@@ -1010,6 +1082,7 @@ class FederationCore:
         weight = sums["examples"]
         summary = {k: (v if k in ("learners", "examples") else v / weight) for k, v in sums.items()}
         self.evaluations[version] = summary
+        self.history.evaluated(now, version, summary)
         while len(self.evaluations) > 4096:
             old, _ = self.evaluations.popitem(last=False)
             self._evaluation_sums.pop(old, None)

@@ -143,3 +143,13 @@ def create_token_secret(path: str | Path) -> Path:
     out = Path(path)
     _write_private(out, new_secret().hex().encode() + b"\n")
     return out
+
+
+def create_admin_token(path: str | Path) -> Path:
+    """A new admin token in `path` (URL-safe text, mode 0600): the Admin service's and the
+    dashboard's credential (`[admin] token_file`)."""
+    import secrets
+
+    out = Path(path)
+    _write_private(out, secrets.token_urlsafe(32).encode() + b"\n")
+    return out

@@ -36,6 +36,11 @@ class LearnerRecord:
     evaluations: int = 0
     missed: int = 0  # tasks in a row cancelled without an answer
     benched_until: float = 0.0  # not handed to the policy before this time (events' clock)
+    # For people (dashboard, `metis-async learners`), on the events' clock:
+    joined_at: float = 0.0  # its current session began
+    last_seen: float = 0.0  # its last join, result, evaluation or failure report
+    examples_per_second: float | None = None  # from its last training report
+    last_staleness: int | None = None  # versions behind, of its last accepted update
 
 
 class LearnerBook:

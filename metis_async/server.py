@@ -46,6 +46,7 @@ from metis_async.systemd import Notifier
 from metis_async.telemetry import ControllerStats, LogLimiter
 
 if TYPE_CHECKING:
+    from metis_async.admin.run import AdminOptions
     from metis_async.workers.hub import WorkerHub
 
 log = structlog.get_logger("metis_async.server")
@@ -325,6 +326,36 @@ class ControllerFace:
         """Per learner: tasks assigned, updates accepted and rejected, evaluations."""
         return await self._runner.query(self.core.participation)
 
+    async def query(self, fn: Callable[[], T]) -> T:
+        """Run a read-only `fn` on the core's thread (a consistent view of the core)."""
+        return await self._runner.query(fn)
+
+    async def command(self, method: Callable[..., list[Effect]], *args: Any) -> None:
+        """Run a core method that changes state (`pause`, `unpause`) at the current time and
+        carry out its effects."""
+        await self._runner.call(method, self._now(), *args)
+
+    def clock(self) -> float:
+        """The federation's clock now (seconds; the core's events carry it)."""
+        return self._now()
+
+    def learner_workers(self) -> Mapping[str, int]:
+        """The ingest worker holding each connected learner's stream (none in one process)."""
+        return {}
+
+    def kick(self, learner_id: str, reason: str, code: grpc.StatusCode) -> bool:
+        """End `learner_id`'s stream now with `code` and `reason`; False if not connected."""
+        raise NotImplementedError
+
+    def revoke(self, learner_id: str, reason: str) -> bool:
+        """Refuse `learner_id` from now on (every later hello) and end its stream; False if it
+        was not connected. Kept until a restart or a reload of `revoked_file`."""
+        revoked = self.config.revoked | {learner_id}
+        self.config = dataclasses.replace(self.config, revoked=revoked)
+        self._configured(self.config)
+        log.info("learner_revoked", learner_id=learner_id, reason=reason)
+        return self.kick(learner_id, f"revoked: {reason}", grpc.StatusCode.PERMISSION_DENIED)
+
     def _build_core(
         self,
         policy: Policy,
@@ -517,6 +548,12 @@ class Controller(ControllerFace):
         """Connected learners, for the dashboard and tests."""
         return [s.describe() for s in self.streams.sessions.values()]
 
+    def kick(self, learner_id: str, reason: str, code: grpc.StatusCode) -> bool:
+        if learner_id not in self.streams.sessions:
+            return False
+        self.streams.close_session(learner_id, "", code, reason)
+        return True
+
     def _state_changed(self, state: FederationState) -> None:
         self.streams.set_health(*health_of(state))
 
@@ -575,6 +612,7 @@ async def serve(
     grace_seconds: float | None = None,
     notifier: Notifier | None = None,
     reload: Callable[[], None] | None = None,
+    admin: AdminOptions | None = None,
 ) -> str:
     """Serve until the federation finishes (or forever), or until SIGTERM/SIGINT.
 
@@ -584,10 +622,17 @@ async def serve(
     already checkpointed (with a state directory), so the open aggregate is all a drain gives
     up; learners resend those updates to the next controller. Under systemd (`Type=notify`) it
     sends READY once serving, WATCHDOG from the event loop and STOPPING on drain; SIGHUP calls
-    `reload`. Returns why it stopped.
+    `reload`. With `admin`, the Admin service and the dashboard are served while it runs.
+    Returns why it stopped.
     """
     notifier = notifier or Notifier()
     await controller.start()
+    endpoints = None
+    if admin is not None and admin.enabled:
+        from metis_async.admin.run import AdminEndpoints
+
+        endpoints = AdminEndpoints(controller, admin)
+        await endpoints.start()
     notifier.notify(
         "READY=1",
         f"STATUS=serving {controller.policy.name} on port {controller.port}, "
@@ -636,6 +681,9 @@ async def serve(
             monitor.cancel()
         if metrics is not None:
             metrics.close()
+        if endpoints is not None:
+            with contextlib.suppress(Exception):
+                await endpoints.stop()
         for sig in handled:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):

@@ -320,6 +320,8 @@ class StreamServer:
                 f"{self.config.max_num_examples}",
             )
         try:
+            if learner_id in self.config.revoked:  # also without credentials (ids asserted)
+                raise AuthError("this learner's credentials are revoked", denied=True)
             verifier = self.config.verifier()
             if verifier is not None:
                 verifier.check(learner_id, hello.token)

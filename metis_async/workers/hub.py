@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -382,11 +383,27 @@ class WorkerHub(ControllerFace):
         events, self._events = self._events, []
         self._runner.submit_batch(events)
 
-    def _close_remote(self, route: tuple[int, str], learner_id: str, why: str) -> None:
+    def _close_remote(
+        self,
+        route: tuple[int, str],
+        learner_id: str,
+        why: str,
+        code: grpc.StatusCode = grpc.StatusCode.ALREADY_EXISTS,
+    ) -> None:
         worker = self._workers[route[0]]
         worker.learners.discard(learner_id)
         if worker.channel is not None:
-            worker.channel.send(("close_session", learner_id, route[1], why))
+            worker.channel.send(("close_session", learner_id, route[1], why, code.name))
+
+    def learner_workers(self) -> dict[str, int]:
+        return {lid: worker for lid, (worker, _) in list(self._routes.items())}
+
+    def kick(self, learner_id: str, reason: str, code: grpc.StatusCode) -> bool:
+        route = self._routes.get(learner_id)
+        if route is None:
+            return False
+        self._close_remote(route, learner_id, reason, code)
+        return True
 
     # ------------------------------------------------------------------------------ effects
 

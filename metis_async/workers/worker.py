@@ -311,8 +311,8 @@ async def _serve(index: int, hub_socket: str, port: int) -> None:
             elif kind == "export":
                 await link.export(header[1], header[2])
             elif kind == "close_session":
-                _, learner_id, session_id, why = header
-                streams.close_session(learner_id, session_id, grpc.StatusCode.ALREADY_EXISTS, why)
+                _, learner_id, session_id, why, code = header
+                streams.close_session(learner_id, session_id, grpc.StatusCode[code], why)
             elif kind == "stop":
                 grace = float(header[1])
                 break

@@ -1,0 +1,206 @@
+"""The Admin service and its commands against a real controller on loopback: status, learners,
+kick, revoke, pause/resume, checkpoint and model get (gRPC with the admin token)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from metis_async.admin.client import AdminClient, AdminError, Target
+from metis_async.admin.run import AdminEndpoints, AdminOptions
+from metis_async.client import Backoff, run_learner
+from metis_async.client.runner import LearnerStopped
+from metis_async.keys import create_admin_token
+from tests.conftest import (
+    ControllerThread,
+    ShiftLearner,
+    ShiftLearners,
+    run_in_threads,
+    sync_policy,
+)
+
+TOKEN = "admin-token-for-tests-0123456789"
+
+
+class Admin:
+    """A controller thread with its Admin service, and a client holding the token."""
+
+    def __init__(self, ct: ControllerThread, revoked_file: str | None = None) -> None:
+        self.ct = ct
+        options = AdminOptions(port=0, token=TOKEN, revoked_file=revoked_file)
+        self.endpoints = AdminEndpoints(ct.controller, options)
+        ct.call(self.endpoints.start())
+        self.address = f"127.0.0.1:{self.endpoints.admin_port}"
+        self.client = AdminClient(Target(self.address, TOKEN), timeout_seconds=10)
+
+    def close(self) -> None:
+        self.client.close()
+        self.ct.call(self.endpoints.stop())
+        self.ct.close()
+
+
+@pytest.fixture
+def admin_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[Admin] = []
+
+    def make(policy: Any = None, revoked_file: str | None = None, **config: Any) -> Admin:
+        config.setdefault("state_dir", str(tmp_path / "state"))
+        ct = ControllerThread(
+            policy or sync_policy(min_learners=2, rounds=3), [np.zeros(10, np.float32)], **config
+        )
+        admin = Admin(ct, revoked_file)
+        made.append(admin)
+        return admin
+
+    yield make
+    for admin in made:
+        admin.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "metis_async.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_call_without_the_token_is_refused(admin_factory: Any) -> None:
+    admin = admin_factory()
+    stranger = AdminClient(Target(admin.address, "wrong-token-wrong-token"), timeout_seconds=5)
+
+    with pytest.raises(AdminError, match="UNAUTHENTICATED"):
+        stranger.status()
+    with pytest.raises(AdminError, match="UNAUTHENTICATED"):
+        stranger.pause()
+    stranger.close()
+
+    assert admin.client.status().state != "paused"
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "two-workers"])
+def test_status_and_learners_describe_the_rounds(admin_factory: Any, workers: int) -> None:
+    admin = admin_factory(workers=workers)
+
+    summaries = ShiftLearners(admin.ct.address, {"a": 0.1, "b": 0.3}).join(20)
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    status = admin.client.status()
+    page = admin.client.learners(sort="learner_id")
+
+    assert (status.version, status.versions_committed, status.state) == (3, 3, "finished")
+    assert status.updates_accepted == 6
+    summary = json.loads(status.summary_json)
+    assert [v["version"] for v in summary["versions"]] == [1, 2, 3]
+    assert all(v["updates"] == 2 for v in summary["versions"])
+    assert summary["policy"]["parameters"]["min_learners"] == 2
+    assert summary["participation"]["contributing"] == 2
+    assert [(r.learner_id, r.accepted, r.last_staleness) for r in page.learners] == [
+        ("a", 3, 0),
+        ("b", 3, 0),
+    ]
+    assert page.total == 2
+    assert status.workers == workers
+
+
+def test_a_paused_federation_commits_nothing_until_resumed(admin_factory: Any) -> None:
+    admin = admin_factory()
+    admin.client.pause("maintenance")
+    learners = ShiftLearners(admin.ct.address, {"a": 0.1, "b": 0.3})
+
+    threading.Event().wait(1.5)  # learners connect and wait
+    paused = admin.client.status()
+    admin.client.resume()
+    summaries = learners.join(20)
+
+    assert (paused.state, paused.version, paused.learners_connected) == ("paused", 0, 2)
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    assert admin.client.status().version == 3
+    np.testing.assert_allclose(admin.ct.model(), np.full(10, 3 * 0.2), atol=1e-6)
+
+
+def test_a_kicked_learner_reconnects_and_a_revoked_one_is_refused(
+    admin_factory: Any, tmp_path: Path
+) -> None:
+    revoked = tmp_path / "revoked.txt"
+    admin = admin_factory(sync_policy(min_learners=3, rounds=1), revoked_file=str(revoked))
+    slow = threading.Thread(
+        target=run_in_threads,
+        args=(admin.ct.address, {"a": ShiftLearner(0.1, 1), "b": ShiftLearner(0.1, 1)}),
+        daemon=True,
+    )
+    slow.start()  # two of three: the round waits
+    for _ in range(100):
+        if admin.client.status().learners_connected == 2:
+            break
+        threading.Event().wait(0.05)
+    opened = admin.ct.read(lambda: admin.ct.controller.stats.sessions_opened_total)
+
+    kicked = admin.client.kick("a", "testing")
+    for _ in range(100):  # its reconnect
+        if admin.ct.read(lambda: admin.ct.controller.stats.sessions_opened_total) > opened:
+            break
+        threading.Event().wait(0.05)
+    reopened = admin.ct.read(lambda: admin.ct.controller.stats.sessions_opened_total)
+    revoked_reply = admin.client.revoke("b", "compromised")
+    with pytest.raises(AdminError, match="NOT_FOUND"):
+        admin.client.kick("nobody")
+    backoff = Backoff(initial_seconds=0.05, max_attempts=2)
+    with pytest.raises(LearnerStopped, match="credentials are revoked"):
+        run_learner(admin.ct.address, ShiftLearner(0.1, 1), learner_id="b", backoff=backoff)
+
+    assert "disconnected" in kicked
+    assert reopened > opened
+    assert "disconnected and refused" in revoked_reply
+    assert revoked.read_text().splitlines() == ["b"]
+
+
+def test_checkpoint_and_model_get_through_the_command_line(
+    admin_factory: Any, tmp_path: Path
+) -> None:
+    versions: dict[int, np.ndarray] = {}
+    admin = admin_factory(on_commit=lambda v, params: versions.update({v: np.array(params[0])}))
+    token_file = create_admin_token(tmp_path / "admin.token")
+    token_file.write_text(TOKEN + "\n")  # the token this controller was started with
+    summaries = ShiftLearners(admin.ct.address, {"a": 0.1, "b": 0.3}).join(20)
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    target = ["--admin", admin.address, "--token-file", str(token_file)]
+
+    checkpoint = _cli("checkpoint", *target)
+    current = _cli("model", "get", "-o", str(tmp_path / "now.npz"), *target)
+    older = _cli("model", "get", "--version", "2", "-o", str(tmp_path / "v2.npz"), *target)
+    missing = _cli("model", "get", "--version", "99", "-o", str(tmp_path / "x.npz"), *target)
+    status = _cli("status", "--json", *target)
+    learners = _cli("learners", "--sort", "accepted", "--desc", *target)
+
+    assert checkpoint.returncode == 0, checkpoint.stderr
+    assert checkpoint.stdout.startswith("version 3: ")
+    assert Path(checkpoint.stdout.split(": ", 1)[1].strip()).is_file()
+    assert current.returncode == 0, current.stderr
+    with np.load(tmp_path / "now.npz") as npz:
+        np.testing.assert_array_equal(npz["arr_0"], admin.ct.model())
+    assert older.returncode == 0, older.stderr
+    with np.load(tmp_path / "v2.npz") as npz:
+        np.testing.assert_array_equal(npz["arr_0"], versions[2])
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr
+    assert "version 99" in missing.stderr
+    assert json.loads(status.stdout)["version"] == 3
+    assert learners.returncode == 0, learners.stderr
+    assert "learners 1-2 of 2" in learners.stdout
+
+
+def test_the_command_line_says_where_it_looked(tmp_path: Path) -> None:
+    result = _cli("status", "--admin", "127.0.0.1:1")
+
+    assert result.returncode == 1
+    assert "no Admin service at 127.0.0.1:1" in result.stderr
