@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from metis_async.dashboard.source import empty_summary
 from metis_async.effects import FederationState
 from metis_async.telemetry import STALENESS_BUCKETS, ControllerStats
 
@@ -97,9 +99,12 @@ def learner_rows(
     return rows
 
 
-def sort_rows(rows: Sequence[LearnerRow], sort: str, descending: bool) -> list[LearnerRow]:
+def sort_rows(
+    rows: Sequence[LearnerRow], sort: str, descending: bool, first: int | None = None
+) -> list[LearnerRow]:
     """`rows` by `sort` (a `SORT_KEYS` name; "" connected first, then by id); unknown keys raise
-    ValueError. Missing values (None) sort last either way."""
+    ValueError. Missing values (None) sort last either way. With `first`, only the first
+    `first` rows are sure to be there (fewer when that many are cheaper to find)."""
     if not sort:
         return sorted(rows, key=lambda r: (not r.connected, r.learner_id))
     if sort not in SORT_KEYS:
@@ -111,6 +116,9 @@ def sort_rows(rows: Sequence[LearnerRow], sort: str, descending: bool) -> list[L
     def value(row: LearnerRow) -> Any:
         return row[index]
 
+    if first is not None and first < len(known) // 4:  # a first page: a heap, not a full sort
+        pick = heapq.nlargest if descending else heapq.nsmallest
+        return pick(first, known, key=value)
     return sorted(known, key=value, reverse=descending) + missing
 
 
@@ -120,7 +128,7 @@ def page(
     """One page of the learner table (the dashboard's schema)."""
     limit = min(max(limit, 1), MAX_PAGE)
     offset = max(offset, 0)
-    ordered = sort_rows(rows, sort, descending)
+    ordered = sort_rows(rows, sort, descending, offset + limit)
     return {
         "total": len(rows),
         "offset": offset,
@@ -247,7 +255,7 @@ class ControllerView:
         self.controller = controller
         self.interval_seconds = interval_seconds
         self.started = time.time()
-        self._summary: dict[str, object] = {}
+        self._summary: dict[str, object] = empty_summary()
         self._rows: list[LearnerRow] = []
         self._wanted = 0.0
         self._last: tuple[float, int, int, int] | None = None  # (time, updates, in, out)
@@ -329,7 +337,8 @@ class ControllerView:
     # ------------------------------------------------------------------------ DashboardSource
 
     def summary(self) -> dict[str, object]:
-        """The latest summary (the dashboard's schema); {} before the first refresh."""
+        """The latest summary (the dashboard's schema; nothing counted before the first
+        refresh)."""
         return self._summary
 
     def learners(self, offset: int, limit: int, sort: str, descending: bool) -> dict[str, object]:
