@@ -34,6 +34,10 @@ Measured:
   version 1;
 - `first_round_seconds`: from the first train task of version 0 to the last learner's first
   upload written (one broadcast, one upload each);
+- with `--dashboard`: the controller also serves its dashboard and Admin service, and
+  `dashboard` holds how fast they answered once a second during the run (summary, first page
+  of learners, Admin status: p50/p99/max ms) and the most connected learners the page showed
+  (`benches/dashboard_probe.py`);
 - with `--compare-bare` (one round): the same load against `benches/bare_server.py` under
   `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast, the first round
   and RSS per stream.
@@ -488,6 +492,10 @@ def _start_controller(
         command += ["--extra-hosts", ",".join(hosts[1:])]
     if args.workers:
         command += ["--workers", str(args.workers)]
+    if args.dashboard:
+        args.dashboard_ports = (_free_port(), _free_port())
+        command += ["--dashboard-port", str(args.dashboard_ports[0])]
+        command += ["--admin-port", str(args.dashboard_ports[1])]
     command += args.controller_arg
     # Logs to a file: an unread pipe would block the controller once 64 KB of warnings wait.
     log_file = open(workdir / "controller.log", "w")  # noqa: SIM115 - closed with the run
@@ -511,6 +519,7 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
         welcomed = ctx.Array("q", 7)
         controller = None
         launched = None
+        watched: dict[str, Any] | None = None
         if not args.learners_first:
             controller, _ = start(args, Path(tmp), port)
         try:
@@ -549,6 +558,12 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                 launched = time.time()
                 controller, _ = start(args, Path(tmp), port)
                 idle = _tree_stats(controller.pid)
+            probe = None
+            if args.dashboard and not bare:
+                from dashboard_probe import DashboardProbe  # benches/, beside this script
+
+                probe = DashboardProbe(*args.dashboard_ports)
+                probe.start()
             held = _wait_for_streams(controller.pid, welcomed, args.learners, procs)
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
@@ -575,6 +590,7 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                 if proc.is_alive():
                     proc.kill()
             busy = _tree_stats(controller.pid) if controller.poll() is None else None
+            watched = probe.stop() if probe is not None else None
         finally:
             for proc in procs:
                 if proc.is_alive():
@@ -587,6 +603,8 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
             if controller is not None and controller.poll() is None:
                 controller.kill()
     result = _summarize(args, started, idle, held, busy, reports)
+    if watched is not None:
+        result["dashboard"] = watched
     if launched is not None:
         result["start_to_first_version_seconds"] = _first_version_after(reports, launched)
     return result
@@ -794,6 +812,11 @@ def main() -> None:
         "--compare-bare",
         action="store_true",
         help="also run the same load against a bare grpc.aio server (one round) and print ratios",
+    )
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the dashboard and Admin service too and time their answers under the load",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
