@@ -21,7 +21,8 @@ import numpy as np
 import structlog
 
 from metis_async import wire
-from metis_async.admin.view import MAX_PAGE, ControllerView, learner_rows, sort_rows
+from metis_async.admin.view import ControllerView, learner_rows, sort_rows
+from metis_async.dashboard.source import MAX_PAGE
 from metis_async.v1 import admin_pb2 as apb
 from metis_async.v1 import admin_pb2_grpc as apb_grpc
 from metis_async.v1 import controller_pb2 as pb

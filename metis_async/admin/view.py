@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from metis_async.dashboard.source import empty_summary
+from metis_async.dashboard.source import MAX_PAGE, SORT_KEYS, empty_summary
 from metis_async.effects import FederationState
 from metis_async.telemetry import STALENESS_BUCKETS, ControllerStats
 
@@ -31,19 +31,6 @@ if TYPE_CHECKING:
 
 LEARNERS_WANTED_SECONDS = 10.0
 """The learner table is refreshed while it was asked for within this many seconds."""
-
-MAX_PAGE = 500
-"""Largest page of learners one request returns."""
-
-SORT_KEYS = (
-    "learner_id",
-    "last_seen_seconds",
-    "speed_examples_per_second",
-    "accepted",
-    "rejected",
-    "last_staleness",
-)
-"""What the learner table sorts by."""
 
 STATES = {
     FederationState.WAITING_FOR_MODEL: "waiting",
