@@ -1,7 +1,8 @@
 """Watching a controller under load: how fast its dashboard and Admin service answer.
 
 Used by `benches/load.py --dashboard`: while the load runs, a thread in the benchmark's process
-asks once a second for the dashboard's summary (`/api/summary`), the first page of learners
+asks once a second (from the first answer until the controller exits) for the dashboard's
+summary (`/api/summary`), the first page of learners
 sorted by accepted updates (`/api/learners?sort=accepted&desc=1`, 50 rows) and the Admin
 service's status (`metis-async status`'s call), and records each answer's latency and the
 connected learners the summary showed.
@@ -35,6 +36,7 @@ class DashboardProbe:
         self.interval = interval_seconds
         self.latencies: dict[str, list[float]] = {"summary": [], "learners": [], "status": []}
         self.failures: dict[str, int] = {"summary": 0, "learners": 0, "status": 0}
+        self.answered = False  # once something answered, a refused connection is the end
         self.connected_seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,9 +64,14 @@ class DashboardProbe:
         started = time.perf_counter()
         try:
             answer = ask()
-        except (OSError, AdminError, ValueError):
-            self.failures[name] += 1  # not up yet, or refused: counted, not timed
+        except (OSError, AdminError, ValueError) as error:
+            gone = "refused" in str(error).lower() or "no admin service" in str(error).lower()
+            if gone and self.answered:
+                self._stop.set()  # the controller finished and exited: the run is over
+            elif self.answered:
+                self.failures[name] += 1  # an error or timeout while it serves: counted
             return None
+        self.answered = True
         self.latencies[name].append(time.perf_counter() - started)
         return answer
 

@@ -10,6 +10,7 @@ like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -34,6 +35,10 @@ log = structlog.get_logger("metis_async.admin")
 
 MODEL_CHUNK_BYTES = 4 * 1024 * 1024
 """Values per `ModelPart.chunk` (bytes)."""
+
+STATUS_WAIT_SECONDS = 2.0
+"""How long `GetStatus` waits for a fresh read of the core before it answers with the view's
+last summary."""
 
 
 class AdminService(apb_grpc.AdminServicer):
@@ -72,8 +77,12 @@ class AdminService(apb_grpc.AdminServicer):
         self, request: apb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> apb.ControllerStatus:
         await self._authorize(context)
-        await self.view.refresh()
+        # A fresh read, unless the core is too busy to answer soon (100,000 learners in a
+        # round): then the view's last summary, with its age.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.view.refresh()), STATUS_WAIT_SECONDS)
         summary: dict[str, Any] = dict(self.view.summary())
+        summary["age_seconds"] = round(self.view.age_seconds(), 3)
         stats = self.controller.stats
         learners: dict[str, Any] = summary.get("learners", {})
         return apb.ControllerStatus(

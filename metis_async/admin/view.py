@@ -243,6 +243,7 @@ class ControllerView:
         self.interval_seconds = interval_seconds
         self.started = time.time()
         self._summary: dict[str, object] = empty_summary()
+        self._refreshed_at = -math.inf
         self._rows: list[LearnerRow] = []
         self._wanted = 0.0
         self._last: tuple[float, int, int, int] | None = None  # (time, updates, in, out)
@@ -303,6 +304,11 @@ class ControllerView:
             rejected=dict(controller.stats.rejected_by_reason),
         )
         self._summary = summary
+        self._refreshed_at = time.monotonic()
+
+    def age_seconds(self) -> float:
+        """Seconds since the summary was last refreshed (infinite before the first)."""
+        return time.monotonic() - self._refreshed_at
 
     def _update_rates(self, totals: Mapping[str, int]) -> None:
         t = time.monotonic()
