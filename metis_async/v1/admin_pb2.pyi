@@ -94,7 +94,9 @@ class ControllerStatus(_message.Message):
     summary_json: _builtins.str
     """Everything the dashboard shows (versions and evaluations over time, staleness, rates,
     rejections by reason, participation, the policy's parameters), as one JSON object; the
-    keys are documented in `metis_async/dashboard/__init__.py`.
+    keys are documented in `metis_async/dashboard/source.py`, plus `age_seconds`: how old the
+    summary is. GetStatus reads the core afresh unless the core is too busy to answer within
+    2 s (a round over 100,000 learners); then the summary is the last one read.
     """
     def __init__(
         self,
