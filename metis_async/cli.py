@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="run every protocol and print a comparison table"
     )
     demo.add_argument(
+        "--plot",
+        default="demo-compare.png",
+        metavar="FILE",
+        help="with --compare: write a PNG of test accuracy against wall-clock time per protocol "
+        "(default: demo-compare.png in the current directory)",
+    )
+    demo.add_argument(
         "--codec",
         default="float32",
         choices=["float32", "float16", "bfloat16", "int8"],
@@ -463,8 +470,21 @@ def _demo(args: argparse.Namespace) -> int:
     )
     out = sys.stderr if args.json else sys.stdout
     if args.compare:
+        try:  # before the runs, so a missing matplotlib fails fast
+            from metis_async.demo_plot import plot_accuracy
+        except ModuleNotFoundError as error:
+            raise ValueError(
+                f"the demo needs {error.name}: pip install 'metis-async[demo]'"
+            ) from None
         results = compare_protocols(options)
         Console(file=out, width=max(100, Console(file=out).width)).print(comparison_table(results))
+        slow = (
+            f"{options.stragglers:.0%} stragglers {options.slowdown:g}× slower"
+            if options.stragglers > 0
+            else "no stragglers"
+        )
+        title = f"digits: {options.learners} learners, {slow}"
+        print(f"wrote {plot_accuracy(results, args.plot, title)}", file=out)
         if args.json:
             print(json.dumps({"comparison": [r.as_dict() for r in results]}))
         return 0

@@ -118,7 +118,11 @@ class DemoOptions:
 
 @dataclass
 class DemoResult:
-    """Outcome of one demo run (the `--json` object)."""
+    """Outcome of one demo run (the `--json` object).
+
+    `accuracy_history` is the test accuracy of each scored version, in commit order, and
+    `seconds_history` when each was scored (seconds since the run started, like `seconds_to_90`).
+    """
 
     protocol: str
     learners: int
@@ -127,6 +131,7 @@ class DemoResult:
     wall_seconds: float
     seconds_to_90: float | None
     accuracy_history: list[float] = field(default_factory=list)
+    seconds_history: list[float] = field(default_factory=list)  # when each accuracy was scored
     updates_accepted: int = 0
     learner_exit_codes: list[int | None] = field(default_factory=list)
     participation: dict[str, object] = field(default_factory=dict)  # who contributed how much
@@ -272,6 +277,7 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
     federation = digits.load_digits_federated(options.learners, options.alpha, options.seed)
     test_x, test_y = federation.test
     history: list[float] = []
+    history_seconds: list[float] = []  # since `started`, one per `history` entry
     reached_90: list[float] = []
     console = Console(stderr=True)
     progress = Progress(
@@ -296,10 +302,12 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
         if readable is None:
             return
         _, acc = digits.evaluate_global(readable, test_x, test_y)
+        elapsed = time.perf_counter() - started
         history.append(acc)
+        history_seconds.append(elapsed)
         scored.append(version)
         if acc >= 0.90 and not reached_90:
-            reached_90.append(time.perf_counter() - started)
+            reached_90.append(elapsed)
         progress.update(bar, completed=version, status=f"test accuracy {acc:.3f}")
 
     settings = options.policy_settings()
@@ -366,6 +374,7 @@ async def _run(options: DemoOptions, keys: Path) -> DemoResult:
         wall_seconds=round(time.perf_counter() - started, 2),
         seconds_to_90=round(reached_90[0], 2) if reached_90 else None,
         accuracy_history=[round(a, 4) for a in history],
+        seconds_history=[round(t, 3) for t in history_seconds],
         updates_accepted=controller.stats.updates_accepted_total,
         learner_exit_codes=[p.exitcode for p in processes],
         participation=summarize_participation(participation),
