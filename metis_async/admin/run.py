@@ -3,9 +3,12 @@ both reading one `ControllerView`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from metis_async.server import ControllerFace
 
 log = structlog.get_logger("metis_async.admin")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class AdminEndpoints:
         self.dashboard_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._dashboard: Dashboard | None = None
+        # The page has its own thread and event loop: under 100,000 learners the core
+        # process's loop is busy for seconds at a time, and the page must still answer. It
+        # reads only the view's last summary and rows (replaced whole, never changed in place).
+        self._page_loop: asyncio.AbstractEventLoop | None = None
+        self._page_thread: threading.Thread | None = None
 
     async def start(self) -> None:
         """Serve what the options ask for; the bound ports are then in `admin_port` and
@@ -84,14 +94,30 @@ class AdminEndpoints:
                 options.dashboard_port,
                 options.interval_seconds,
             )
-            self.dashboard_port = await self._dashboard.start()
+            self._page_loop = asyncio.new_event_loop()
+            self._page_thread = threading.Thread(
+                target=self._page_loop.run_forever, name="dashboard", daemon=True
+            )
+            self._page_thread.start()
+            self.dashboard_port = await self._on_page_loop(self._dashboard.start())
             log.info("dashboard_serving", address=f"http://{options.host}:{self.dashboard_port}/")
+
+    async def _on_page_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._page_loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._page_loop)
+        return await asyncio.wrap_future(future)
 
     async def stop(self) -> None:
         """Stop both (calls in flight get a second to finish)."""
-        if self._dashboard is not None:
+        if self._dashboard is not None and self._page_loop is not None:
             with contextlib.suppress(Exception):
-                await self._dashboard.stop()
+                await self._on_page_loop(self._dashboard.stop())
+            self._page_loop.call_soon_threadsafe(self._page_loop.stop)
+            if self._page_thread is not None:
+                await asyncio.to_thread(self._page_thread.join, 5)
+            if self._page_thread is None or not self._page_thread.is_alive():
+                self._page_loop.close()
+            self._dashboard = self._page_loop = self._page_thread = None
         if self._server is not None:
             await self._server.stop(1.0)
         await self.view.stop()

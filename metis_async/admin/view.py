@@ -3,7 +3,8 @@ federation core on its own thread (a consistent view), shared by the dashboard a
 service.
 
 `ControllerView` refreshes the summary every `interval_seconds` (one core query however many
-browsers watch) and keeps it for `summary()`, which the dashboard calls on the event loop. The
+browsers watch) and keeps it for `summary()`, which the dashboard calls from its own thread
+(the summary and the rows are replaced whole, never changed in place, so that is safe). The
 learner table is built only while someone looks at it (`learners()` asked within the last
 `LEARNERS_WANTED_SECONDS`), as compact tuples sorted on demand: 100,000 learners cost one pass
 on the core's thread per refresh and a page costs a sort of the cached tuples, never a dict per
@@ -13,6 +14,7 @@ learner. The Admin service's `ListLearners` reads the core directly (`page`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import heapq
@@ -250,11 +252,13 @@ class ControllerView:
         self._rates = {"updates_per_second": 0.0, "bytes_in_per_second": 0.0}
         self._rates["bytes_out_per_second"] = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._soon: asyncio.Future[None] | None = None  # a refresh asked for by `learners`
+        self._soon: object = None  # a refresh asked for by `learners`, while it runs
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Refresh in the background from now on (on the running loop)."""
+        """Refresh in the background from now on (on the running loop, the controller's)."""
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -322,7 +326,7 @@ class ControllerView:
             }
         self._last = sample
 
-    def _refreshed(self, done: asyncio.Future[None]) -> None:
+    def _refreshed(self, done: concurrent.futures.Future[None]) -> None:
         self._soon = None
         if not done.cancelled():
             done.exception()  # a failed refresh keeps the last view
@@ -339,7 +343,9 @@ class ControllerView:
         first ask in a while refreshes at once, for the next page)."""
         idle = time.monotonic() - self._wanted >= LEARNERS_WANTED_SECONDS
         self._wanted = time.monotonic()
-        if idle and self._task is not None and self._soon is None:
-            self._soon = asyncio.ensure_future(self.refresh())
-            self._soon.add_done_callback(self._refreshed)
+        if idle and self._loop is not None and self._soon is None:
+            # Called from the page's thread: the refresh runs on the controller's loop.
+            soon = asyncio.run_coroutine_threadsafe(self.refresh(), self._loop)
+            self._soon = soon
+            soon.add_done_callback(self._refreshed)
         return page(self._rows, offset, limit, sort, descending)
