@@ -18,6 +18,7 @@ import numpy as np
 from metis_async import config as settings_schema
 from metis_async.admin import commands as admin_commands
 from metis_async.checkpoints import CheckpointError
+from metis_async.examples import digits as digits_example
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
 
@@ -130,16 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--he-keys", metavar="FILE", help="he: the learner key file")
     learner.add_argument("--he-committee", metavar="FILE", help="he-multiparty: the committee file")
     learner.add_argument("--he-party", metavar="FILE", help="he-multiparty: a member's file")
-    learner.add_argument("--index", type=int, default=0, help="which partition of the data")
-    learner.add_argument(
-        "--of",
-        type=int,
-        default=10,
-        dest="num_learners",
-        help="how many partitions the data is split into",
-    )
-    learner.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID-ness")
-    learner.add_argument("--seed", type=int, default=0)
+    digits_example.add_partition_flags(learner)
     learner.add_argument(
         "--step-delay",
         type=float,

@@ -36,16 +36,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--server", "--address", dest="address", default="127.0.0.1:50051")
     parser.add_argument("--learner-id", default="", help="stable identity (default: assigned)")
     parser.add_argument("--token", default="")
-    parser.add_argument("--index", type=int, default=0, help="which partition of the data")
-    parser.add_argument(
-        "--of",
-        type=int,
-        default=10,
-        dest="num_learners",
-        help="how many partitions the data is split into",
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID-ness")
-    parser.add_argument("--seed", type=int, default=0)
+    digits.add_partition_flags(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
