@@ -9,8 +9,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from metis_async.admin.client import AdminClient, AdminError, resolve_target
+if TYPE_CHECKING:  # the client (grpc, numpy) is imported by the commands that run, not by --help
+    from metis_async.admin.client import AdminClient
 
 COMMANDS = ("status", "learners", "pause", "resume", "checkpoint", "model")
 """The top-level commands this module adds."""
@@ -84,6 +86,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def run(args: argparse.Namespace) -> int:
     """Run one admin command; 1 (with the reason on stderr) if the controller refused it."""
+    from metis_async.admin.client import AdminClient, AdminError, resolve_target
+
     target = resolve_target(args.admin, args.token_file, args.ca, args.config, os.environ)
     try:
         with AdminClient(target) as client:
