@@ -18,7 +18,7 @@ import numpy as np
 from metis_async import config as settings_schema
 from metis_async.admin import commands as admin_commands
 from metis_async.checkpoints import CheckpointError
-from metis_async.examples import digits as digits_example
+from metis_async.examples.flags import add_partition_flags
 
 POLICY_NAMES = ["synchronous", "semi_synchronous", "asynchronous", "buffered"]
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--he-keys", metavar="FILE", help="he: the learner key file")
     learner.add_argument("--he-committee", metavar="FILE", help="he-multiparty: the committee file")
     learner.add_argument("--he-party", metavar="FILE", help="he-multiparty: a member's file")
-    digits_example.add_partition_flags(learner)
+    add_partition_flags(learner)
     learner.add_argument(
         "--step-delay",
         type=float,

@@ -10,7 +10,6 @@ ship with scikit-learn; nothing is downloaded. The tuned demo and simulation set
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import time
 from collections.abc import Iterator
@@ -53,21 +52,6 @@ class DigitsFederation:
 
     partitions: list[tuple[Features, Labels]]
     test: tuple[Features, Labels]
-
-
-def add_partition_flags(parser: argparse.ArgumentParser) -> None:
-    """`--index`, `--of`, `--alpha`, `--seed`: which non-IID partition of digits a learner holds
-    (shared by `metis-async learner` and the adapter examples)."""
-    parser.add_argument("--index", type=int, default=0, help="which partition of the data")
-    parser.add_argument(
-        "--of",
-        type=int,
-        default=10,
-        dest="num_learners",
-        help="how many partitions the data is split into",
-    )
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID-ness")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _load_digits_raw() -> tuple[Features, Labels]:

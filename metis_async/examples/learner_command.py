@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from metis_async.client import Learner, run_learner
 from metis_async.examples import digits
+from metis_async.examples.flags import add_partition_flags
 
 PIXELS = digits.NUM_FEATURES - 1
 """Features the adapter examples use: the 64 pixels, without the numpy model's bias column (the
@@ -36,7 +37,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--server", "--address", dest="address", default="127.0.0.1:50051")
     parser.add_argument("--learner-id", default="", help="stable identity (default: assigned)")
     parser.add_argument("--token", default="")
-    digits.add_partition_flags(parser)
+    add_partition_flags(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
