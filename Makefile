@@ -61,8 +61,10 @@ config-check: ## the example controller settings (deploy/controller.toml) pass `
 	rm -rf .config-check && .venv/bin/metis-async keys ca .config-check >/dev/null
 	.venv/bin/metis-async keys server .config-check --host controller.example >/dev/null
 	.venv/bin/metis-async keys token-secret .config-check/token-secret >/dev/null
+	.venv/bin/metis-async keys admin-token .config-check/admin.token >/dev/null
 	METIS_ASYNC_SERVER__TLS_CERT_FILE=.config-check/server.crt \
 	METIS_ASYNC_SERVER__TLS_KEY_FILE=.config-check/server.key \
 	METIS_ASYNC_SERVER__TOKEN_SECRET_FILE=.config-check/token-secret \
+	METIS_ASYNC_ADMIN__TOKEN_FILE=.config-check/admin.token \
 	.venv/bin/metis-async config check deploy/controller.toml
 	rm -rf .config-check

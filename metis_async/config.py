@@ -457,7 +457,9 @@ class ModelSection(_Section):
 class SecureSection(_Section):
     """`[secure]`: aggregation under homomorphic encryption (the controller holds no key)."""
 
-    mode: Literal["none", "he", "he-multiparty", "secagg"] = Field(
+    mode: Annotated[
+        Literal["none", "he", "he-multiparty", "secagg"], Flag("--secure", metavar="MODE")
+    ] = Field(
         default="none",
         description="none; he: one learner key pair (keys he-init); he-multiparty: the key in "
         "shares of a committee of learners (keys he-committee); secagg: SecAgg+ masking",
@@ -637,6 +639,7 @@ class ControllerSettings(_Section):
             raise _invalid("aggregation", str(error), AggregationSection.model_fields) from None
         if self.secure.mode != "none":
             from metis_async.aggregation.compatibility import check_homomorphic
+            from metis_async.protocols.secagg import check_secagg_cohort
 
             try:
                 if self.secure.mode == "secagg":
@@ -647,6 +650,13 @@ class ControllerSettings(_Section):
                             "SecAgg+ runs around round-based protocols (synchronous, "
                             "semi_synchronous)"
                         )
+                    aggregation = self.aggregation_settings()
+                    if aggregation.robust or aggregation.clip_norm:
+                        raise ValueError(
+                            "SecAgg+ shows the controller only the sum: robust rules and "
+                            "clip_norm need single updates (learners clip to secagg_clip)"
+                        )
+                    check_secagg_cohort(policy)
                 else:
                     public = self.secure.mode == "he-multiparty" or (
                         Path(self.secure.he_file or "").name == "he-public.key"
@@ -927,6 +937,7 @@ def check_file(
         return error.problems, []
     try:
         settings.controller_config()
+        settings.admin_options()  # reads the admin token file
     except ConfigError as error:
         return error.problems, []
     return [], settings.warnings()

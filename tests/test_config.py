@@ -548,10 +548,12 @@ def _deployed_keys(tmp_path: Path) -> dict[str, str]:
     for argv in (["ca", str(keys)], ["server", str(keys), "--host", "controller.example"]):
         assert cli.main(["keys", *argv]) == 0
     assert cli.main(["keys", "token-secret", str(keys / "token-secret")]) == 0
+    assert cli.main(["keys", "admin-token", str(keys / "admin.token")]) == 0
     return {
         "METIS_ASYNC_SERVER__TLS_CERT_FILE": str(keys / "server.crt"),
         "METIS_ASYNC_SERVER__TLS_KEY_FILE": str(keys / "server.key"),
         "METIS_ASYNC_SERVER__TOKEN_SECRET_FILE": str(keys / "token-secret"),
+        "METIS_ASYNC_ADMIN__TOKEN_FILE": str(keys / "admin.token"),
     }
 
 
@@ -599,6 +601,33 @@ def test_robust_rule_the_protocol_cannot_commit_with_is_an_error() -> None:
 
     (problem,) = error.value.problems
     assert (problem.key, problem.where) == ("aggregation.robust", "--robust")
+
+
+def test_secagg_with_a_robust_rule_is_an_error() -> None:
+    flags = _serve_flags(["--secure", "secagg", "--robust", "median", "--min-learners", "5"])
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(None, None, flags)
+
+    (problem,) = error.value.problems
+    assert problem.key.startswith("secure")
+    assert "only the sum" in problem.message
+
+
+def test_secagg_rounds_of_two_learners_are_an_error() -> None:
+    flags = _serve_flags(["--secure", "secagg", "--min-learners", "2"])
+
+    with pytest.raises(ConfigError, match="at least 3 learners"):
+        load_settings(None, None, flags)
+
+
+def test_config_check_reads_the_admin_token_file(tmp_path: Path) -> None:
+    config = tmp_path / "controller.toml"
+    config.write_text(f'[admin]\nport = 0\ntoken_file = "{tmp_path / "missing.token"}"\n')
+
+    problems, _ = check_file(config)
+
+    assert [p.key for p in problems] == ["admin.token_file"]
 
 
 def test_krum_with_enough_updates_per_round_loads() -> None:

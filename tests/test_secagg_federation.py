@@ -109,7 +109,7 @@ def test_the_controller_sees_only_uniform_masked_values(controller_factory: Fact
 
 
 def test_a_learner_without_secagg_is_refused(controller_factory: Factory) -> None:
-    ct = controller_factory(sync_policy(min_learners=1), secagg=True)
+    ct = controller_factory(sync_policy(min_learners=3), secagg=True)
     raw = RawLearner(ct.address, capabilities=["train"])
 
     with pytest.raises(grpc.RpcError) as failure:
@@ -117,6 +117,12 @@ def test_a_learner_without_secagg_is_refused(controller_factory: Factory) -> Non
 
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     raw.close()
+
+
+def test_rounds_of_fewer_than_three_learners_are_refused() -> None:
+    # With two, each learner reads the other's update from the sum and its own.
+    with pytest.raises(ValueError, match="at least 3 learners"):
+        Controller(sync_policy(min_learners=2), ControllerConfig(port=0, secagg=True))
 
 
 def test_roundless_policies_are_refused() -> None:

@@ -96,6 +96,24 @@ class _Round:
         return {lid: i for i, lid in enumerate(self.members)}
 
 
+MIN_COHORT = 3
+"""The fewest learners a SecAgg+ round may sum: with two, each learns the other's update from
+the sum and its own."""
+
+
+def check_secagg_cohort(policy: Policy) -> None:
+    """ValueError unless every round of `policy` needs at least `MIN_COHORT` learners."""
+    settings = getattr(policy, "settings", None)
+    least = int(getattr(settings, "min_learners", 0) or 0)
+    per_round = int(getattr(settings, "learners_per_round", 0) or 0)
+    if least < MIN_COHORT or 0 < per_round < MIN_COHORT:
+        raise ValueError(
+            f"SecAgg+ needs rounds of at least {MIN_COHORT} learners (min_learners and "
+            f"learners_per_round >= {MIN_COHORT}); with 2, each learner reads the other's "
+            f"update from the sum; got min_learners={least}, learners_per_round={per_round}"
+        )
+
+
 class SecAggRounds(Policy):
     """SecAgg+ around `inner` (see the module docstring).
 
@@ -113,6 +131,7 @@ class SecAggRounds(Policy):
                 f"SecAgg+ runs around round-based protocols (synchronous, semi_synchronous); "
                 f"{inner.name} commits without rounds"
             )
+        check_secagg_cohort(inner)
         self.inner = inner
         self.clip = clip
         self.step_timeout = step_timeout_seconds
