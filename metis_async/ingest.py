@@ -368,11 +368,10 @@ class Ingest:
             )
 
     def _on_initial_layout(self, session: Session, layout: pb.ModelLayout) -> None:
-        if (
-            not session.asked_for_model
-            or self.link.ready
-            or self.link.provider not in (None, session.learner_id)
-        ):
+        # A learner that was asked may still answer after the core chose another provider (one
+        # asked by another ingest worker): its model is received, bounded by max_model_bytes,
+        # and dropped if another arrived first. One that was never asked breaks the contract.
+        if not session.asked_for_model:
             raise ProtocolViolation(INVALID, "the controller did not ask this learner for a model")
         check_layout(layout)
         self.check_model_size(int(layout.total_bytes))
@@ -399,6 +398,7 @@ class Ingest:
         assert upload is not None
         assert layout is not None
         session.initial_upload = session.initial_layout = None
+        session.asked_for_model = False  # one answer per ask
         flat = upload.take()  # every value already checked, chunk by chunk
         assert isinstance(flat, np.ndarray)
         if self.link.ready:

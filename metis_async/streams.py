@@ -86,6 +86,7 @@ class StreamServer:
         self._ingest = ingest
         self._limiter = limiter
         self.relay: DecryptionRelay | None = None  # multiparty keys: members' shares
+        self._asked: str | None = None  # the learner asked for the first model in its Welcome
         # gRPC copies each message it is given. This bounds the copies being handed over at
         # once; gRPC completes a write once the copy is queued in its transport, so each stream
         # can still hold one more until its learner reads it (benches/README.md).
@@ -268,7 +269,14 @@ class StreamServer:
             chosen = wanted if wanted in offered else pb.DTYPE_FLOAT32
             setattr(session, f"{direction}_dtype", chosen)
         link = self.link
-        need_model = not link.ready and link.provider is None
+        # One learner of this process is asked in its Welcome at a time: the core names the
+        # provider a moment later, and asks the next one itself if that one fails.
+        asked = self._asked
+        if asked is not None and (link.ready or asked not in self.sessions):
+            asked = self._asked = None
+        need_model = not link.ready and link.provider is None and asked is None
+        if need_model:
+            self._asked = learner_id
         session.asked_for_model = need_model
         state, connected, needed = link.federation_status
         welcome = pb.Welcome(

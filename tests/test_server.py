@@ -15,7 +15,7 @@ from metis_async import wire
 from metis_async.client import Backoff, LearnerStopped, RunSummary, run_learner
 from metis_async.protocols import TrainSettings
 from metis_async.v1 import controller_pb2 as pb
-from tests.conftest import ControllerThread, RawLearner, ShiftLearner, sync_policy
+from tests.conftest import ControllerThread, RawLearner, ShiftLearner, run_in_threads, sync_policy
 
 Factory = Callable[..., ControllerThread]
 FAST = Backoff(initial_seconds=0.05, max_seconds=0.5, max_attempts=40)
@@ -112,6 +112,23 @@ def test_first_learner_provides_the_initial_model(controller_factory: Factory) -
     assert ct.wait_finished(20)
 
     np.testing.assert_allclose(ct.model(), np.full(10, 3.0, np.float32))  # ones + 2
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "two-workers"])
+def test_learners_joining_at_once_without_a_model_break_no_contract(
+    controller_factory: Factory, workers: int
+) -> None:
+    # Each process asks one of them in its Welcome; a learner asked by one worker while another
+    # worker's learner became the provider is heard out, not cut off.
+    ct = controller_factory(sync_policy(min_learners=6, rounds=1), no_model=True, workers=workers)
+    learners = {f"l{i}": ShiftLearner(shift=2.0, examples=1) for i in range(6)}
+
+    summaries = run_in_threads(ct.address, learners)
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    assert ct.read(lambda: ct.controller.stats.protocol_errors_total) == 0
+    assert all(len(s.errors) == 0 for s in summaries), [s.errors for s in summaries]
+    np.testing.assert_allclose(ct.model(), np.full(10, 3.0, np.float32))
 
 
 def test_evaluation_tasks_aggregate_metrics_per_version(controller_factory: Factory) -> None:
