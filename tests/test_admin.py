@@ -211,3 +211,48 @@ def test_the_command_line_says_where_it_looked(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert "no Admin service at 127.0.0.1:1" in result.stderr
+
+
+def test_an_encrypted_model_is_not_handed_out(admin_factory: Any, tmp_path: Path) -> None:
+    from metis_async.secure.aggregate import HomomorphicAggregation
+    from metis_async.secure.he import create_he_keys, read_controller_file
+
+    controller_file, _, _ = create_he_keys(tmp_path / "he")
+    he = HomomorphicAggregation(*read_controller_file(controller_file))
+    admin = admin_factory(he=he)
+    encrypted = np.zeros(64, dtype=np.uint8)  # what a committed encrypted version is: bytes
+
+    def publish_encrypted() -> None:
+        store = admin.ct.controller.store
+        assert store.layout is not None
+        store.publish(store.layout, 1, encrypted, [], {})
+
+    admin.ct.read(publish_encrypted)
+    with pytest.raises(AdminError, match=r"FAILED_PRECONDITION.*encrypted"):
+        admin.client.model()
+
+
+def test_a_checkpoint_needs_a_state_directory(admin_factory: Any) -> None:
+    admin = admin_factory(state_dir=None)
+
+    with pytest.raises(AdminError, match=r"FAILED_PRECONDITION.*state directory"):
+        admin.client.checkpoint()
+
+
+def test_the_summary_counts_staleness_of_asynchronous_updates(admin_factory: Any) -> None:
+    from metis_async.protocols import AsynchronousPolicy, AsynchronousSettings, TrainSettings
+
+    policy = AsynchronousPolicy(AsynchronousSettings(rounds=12, train=TrainSettings(local_steps=1)))
+    admin = admin_factory(policy)
+    learners = {"a": 0.1, "b": 0.2, "c": 0.3}
+
+    summaries = ShiftLearners(admin.ct.address, learners).join(30)
+    summary = admin.client.summary()
+
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    accepted = summary["totals"]["updates_accepted"]
+    assert sum(summary["staleness"]["counts"]) == accepted
+    assert [v["version"] for v in summary["versions"]] == list(range(1, 13))
+    stale = [v["mean_staleness"] for v in summary["versions"]]
+    assert any(s > 0 for s in stale)  # three learners, one update a version: some lag behind
+    assert summary["policy"]["name"] == "asynchronous"
