@@ -436,8 +436,12 @@ class WorkerHub(ControllerFace):
     def _flush(self, batches: dict[int, list[Effect]]) -> None:
         for index, batch in batches.items():
             channel = self._workers[index].channel
-            if channel is not None and batch:
-                channel.send(("effects", batch))
+            if channel is None:
+                continue
+            # Frames of a bounded size: pickling holds the GIL, and a broadcast to 100,000
+            # learners in one frame kept the dashboard's thread waiting for most of a second.
+            for start in range(0, len(batch), EFFECTS_PER_FRAME):
+                channel.send(("effects", batch[start : start + EFFECTS_PER_FRAME]))
         batches.clear()
 
     def _send_version(self, worker: _Worker) -> None:
@@ -543,6 +547,9 @@ class WorkerHub(ControllerFace):
         self._wakeup = None
         self._runner.submit(self.core.tick, self._now())
 
+
+EFFECTS_PER_FRAME = 4096
+"""Most effects pickled into one channel frame (the order across frames is kept)."""
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 """The directory this process imported `metis_async` from."""
