@@ -675,6 +675,8 @@ class FederationCore:
         log.info("federation_resumed", reason=reason, version=self.version, events=len(held))
         effects: list[Effect] = []
         for event, updates in held:
+            if isinstance(event, UpdateArrived):  # its staleness is counted when accepted
+                self._base_of = (event.task_id, event.base_version)
             effects += self._deliver(event, updates)
         return effects + self._advance(now)
 

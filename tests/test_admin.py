@@ -129,6 +129,31 @@ def test_a_paused_federation_commits_nothing_until_resumed(admin_factory: Any) -
     np.testing.assert_allclose(admin.ct.model(), np.full(10, 3 * 0.2), atol=1e-6)
 
 
+def test_updates_that_arrive_while_paused_wait_and_then_count(admin_factory: Any) -> None:
+    admin = admin_factory(sync_policy(min_learners=2, rounds=1))
+    learners = {"a": ShiftLearner(0.1, 1, delay=0.8), "b": ShiftLearner(0.3, 1, delay=0.8)}
+    runner = threading.Thread(target=run_in_threads, args=(admin.ct.address, learners))
+    runner.start()
+    for _ in range(200):  # both are training
+        if admin.client.summary()["learners"]["training"] == 2:
+            break
+        threading.Event().wait(0.02)
+
+    admin.client.pause()
+    threading.Event().wait(1.5)  # their uploads arrive and wait
+    held = admin.client.status()
+    admin.client.resume()
+    runner.join(30)
+    summary = admin.client.summary()
+
+    assert (held.state, held.version) == ("paused", 0)
+    assert held.updates_accepted == 0
+    assert summary["version"] == 1
+    assert summary["totals"]["updates_accepted"] == 2
+    assert sum(summary["staleness"]["counts"]) == 2  # each held update's staleness counted
+    np.testing.assert_allclose(admin.ct.model(), np.full(10, 0.2), atol=1e-6)
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "two-workers"])
 def test_a_kicked_learner_reconnects_and_a_revoked_one_is_refused(
     admin_factory: Any, tmp_path: Path, workers: int
