@@ -187,8 +187,9 @@ class ModelReceiver:
         if isinstance(assembler, EncryptedDownload):
             encryption = self.encryption
             if not isinstance(encryption, LearnerEncryption):  # the committee must decrypt it
-                self.awaiting_shares = (version, assembler.data(), assembler.divisor)
-                self._downloaded, self._shares = True, {}
+                with self._changed:  # read together with `model` by `model_for`
+                    self.awaiting_shares = (version, assembler.data(), assembler.divisor)
+                    self._downloaded, self._shares = True, {}
                 return None
             values = wire.num_parameters(self.layout)
             flat = encryption.decrypt(assembler.data(), values, assembler.divisor)
@@ -239,16 +240,25 @@ class ModelReceiver:
             version=shares.version,
             parties=[pb.PartyShares(party=p, shares=s) for p, s in sorted(self._shares.items())],
         )
-        self.awaiting_shares, self._shares = None, {}
         values = wire.num_parameters(self.layout)
         flat = encryption.combine(pending[1], every, values, pending[2])
-        return self._hold(HeldModel(pending[0], self.run_id, self.layout, flat))
+        model = HeldModel(pending[0], self.run_id, self.layout, flat)
+        with self._changed:  # the model and the end of the wait change together
+            self.awaiting_shares, self._shares = None, {}
+            self.model = model
+            self._changed.notify_all()
+        return model
 
-    def wait_for(self, version: int, timeout: float) -> HeldModel | None:
-        """The held model once it is `version` (a task may arrive before the committee's
-        shares complete its model), or whatever is held after `timeout` seconds."""
+    def model_for(self, version: int, timeout: float) -> HeldModel | None:
+        """The held model for a task on `version`. Under multiparty keys a task may arrive
+        before the committee's shares complete its model: then wait up to `timeout` seconds
+        for them. The held model and the wait are read under one lock, so shares completing
+        meanwhile (on the receiving thread) are never missed."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self.model is not None and self.model.version == version, timeout
+                lambda: (self.model is not None and self.model.version == version)
+                or self.awaiting_shares is None
+                or self.awaiting_shares[0] != version,
+                timeout,
             )
             return self.model

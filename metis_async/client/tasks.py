@@ -59,12 +59,9 @@ class TaskWorker:
             task = message.train if message.WhichOneof("body") == "train" else message.evaluate
             if task.task_id in stream.cancelled:
                 continue
-            model = stream.models.model
-            awaiting = stream.models.awaiting_shares
-            if awaiting is not None and awaiting[0] == task.model_version:
-                # under multiparty keys the model completes when the committee's shares arrive
-                wait = task.deadline_seconds if isinstance(task, pb.TrainTask) else 0.0
-                model = stream.models.wait_for(task.model_version, wait or MODEL_WAIT_SECONDS)
+            # under multiparty keys the model completes when the committee's shares arrive
+            wait = task.deadline_seconds if isinstance(task, pb.TrainTask) else 0.0
+            model = stream.models.model_for(task.model_version, wait or MODEL_WAIT_SECONDS)
             if model is None or model.version != task.model_version:
                 self._fail(stream, task.task_id, f"model version {task.model_version} missing")
                 continue
