@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import metis_async._startup  # noqa: F401  (first: a shorter start, see its docstring)
 from metis_async import config as settings_schema
 from metis_async.admin import commands as admin_commands
 from metis_async.checkpoints import CheckpointError

@@ -256,9 +256,11 @@ class ModelReceiver:
         meanwhile (on the receiving thread) are never missed."""
         with self._changed:
             self._changed.wait_for(
-                lambda: (self.model is not None and self.model.version == version)
-                or self.awaiting_shares is None
-                or self.awaiting_shares[0] != version,
+                lambda: (
+                    (self.model is not None and self.model.version == version)
+                    or self.awaiting_shares is None
+                    or self.awaiting_shares[0] != version
+                ),
                 timeout,
             )
             return self.model

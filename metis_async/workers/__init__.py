@@ -13,6 +13,8 @@ import math
 import os
 import resource
 
+import metis_async._startup  # noqa: F401  (a worker's start: structlog without rich)
+
 TARGET_LEARNERS = 100_000
 """`--workers auto` sizes the workers so that together they can hold this many streams."""
 
