@@ -168,12 +168,12 @@ class ServerSection(_Section):
         description="fewest training uploads reassembled at once, whatever the buffer allows",
     )
     upload_buffer_bytes: int = Field(
-        default=64 * 1024**2,
+        default=32 * 1024**2,
         ge=0,
         description="bytes of training uploads reassembled at once; more wait, unread",
     )
     download_buffer_bytes: int = Field(
-        default=64 * 1024**2,
+        default=32 * 1024**2,
         ge=1,
         description="bytes of model chunks handed to gRPC for sending at once, per process; "
         "more wait in their streams' queues",

@@ -92,13 +92,19 @@ def keep_freed_memory() -> None:
     until their upload is folded. With glibc's defaults each is a fresh mmap, so every new
     message costs the loop a page fault per 4 KiB; keeping blocks up to 64 MiB in the heap and
     not trimming below 512 MiB lets new messages reuse freed memory. Memory stays bounded by the
-    uploads in flight and the fold window. A no-op where glibc is absent.
+    uploads in flight and the fold window. At most 4 malloc arenas (glibc's default is 8 per
+    core): gRPC's threads each took one and kept its freed blocks, 35 MB more peak RSS with 100
+    learners x 4 MB uploads (0.36 vs 0.32 GB with 4, same run). Arenas already created keep
+    theirs, so this runs before gRPC starts. A no-op where glibc is absent.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        # glibc's mallopt parameter numbers
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 64 << 20)
         libc.mallopt(m_trim_threshold, 512 << 20)
+        if "MALLOC_ARENA_MAX" not in os.environ:  # an operator's own choice stands
+            libc.mallopt(m_arena_max, 4)
 
 
 def start_bulk_threads(executor: ThreadPoolExecutor) -> None:

@@ -71,11 +71,11 @@ class Ingest:
         self._limiter = limiter
         self.relay: DecryptionRelay | None = None  # multiparty keys: members' shares
         self._slots: asyncio.Semaphore | None = None  # sized once the model's size is known
+        keep_freed_memory()  # first: threads started before it keep glibc's default arenas
         self._pool = ThreadPoolExecutor(
             2, thread_name_prefix="ingest", initializer=lower_thread_priority
         )
         start_bulk_threads(self._pool)
-        keep_freed_memory()
 
     def close(self) -> None:
         """Stop the worker threads (the controller is going away)."""

@@ -156,8 +156,8 @@ class ControllerConfig:
     max_num_examples: int = 10**9
     initial_model_timeout_seconds: float = 60.0
     max_uploads_in_flight: int = 4
-    upload_buffer_bytes: int = 64 * 1024**2
-    download_buffer_bytes: int = 64 * 1024**2
+    upload_buffer_bytes: int = 32 * 1024**2
+    download_buffer_bytes: int = 32 * 1024**2
     stream_window_bytes: int = 0
     upload_grant_bytes: int = 1024 * 1024
     download_receipt_bytes: int = 1024 * 1024
