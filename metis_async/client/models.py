@@ -205,8 +205,10 @@ class ModelReceiver:
         self._downloaded = False
         return self.awaiting_shares
 
-    def _hold(self, model: HeldModel) -> HeldModel:
-        with self._changed:
+    def _hold(self, model: HeldModel, shares_done: bool = False) -> HeldModel:
+        with self._changed:  # the model and the end of a wait for shares change together
+            if shares_done:
+                self.awaiting_shares, self._shares = None, {}
             self.model = model
             self._changed.notify_all()
         return model
@@ -242,12 +244,7 @@ class ModelReceiver:
         )
         values = wire.num_parameters(self.layout)
         flat = encryption.combine(pending[1], every, values, pending[2])
-        model = HeldModel(pending[0], self.run_id, self.layout, flat)
-        with self._changed:  # the model and the end of the wait change together
-            self.awaiting_shares, self._shares = None, {}
-            self.model = model
-            self._changed.notify_all()
-        return model
+        return self._hold(HeldModel(pending[0], self.run_id, self.layout, flat), shares_done=True)
 
     def model_for(self, version: int, timeout: float) -> HeldModel | None:
         """The held model for a task on `version`. Under multiparty keys a task may arrive
