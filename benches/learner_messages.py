@@ -6,13 +6,19 @@ from metis_async.v1 import controller_pb2 as pb
 
 
 def delta_result(
-    task: pb.TrainTask, payload_id: int, nbytes: int, num_chunks: int, layout_id: int
+    task: pb.TrainTask,
+    payload_id: int,
+    nbytes: int,
+    num_chunks: int,
+    layout_id: int,
+    dtype: int = pb.DTYPE_FLOAT32,
 ) -> bytes:
-    """The serialized `LearnerMessage` announcing a float32 delta upload for `task`."""
+    """The serialized `LearnerMessage` announcing a delta upload for `task` (float32, or the
+    codec `dtype` with `nbytes` encoded bytes)."""
     payload = pb.Payload(
         payload_id=payload_id,
         kind=pb.PAYLOAD_KIND_DELTA,
-        dtype=pb.DTYPE_FLOAT32,
+        dtype=dtype,  # type: ignore[arg-type]
         total_bytes=nbytes,
         num_chunks=num_chunks,
         layout_id=layout_id,

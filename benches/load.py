@@ -41,6 +41,10 @@ Measured:
 - with `--compare-bare` (one round): the same load against `benches/bare_server.py` under
   `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast, the first round
   and RSS per stream.
+- with `--codec C` (float16, bfloat16, int8): learners offer C, the controller sends models
+  and asks for uploads in it, and `upload_dtypes` / `model_dtypes` count the learners that
+  uploaded and received each dtype. The bare server of `--compare-bare` still moves float32:
+  what the wire allows for the model, the floor a codec is meant to beat.
 With --json the last line is one JSON object, also written to benches/results/load.json.
 The controller's event-loop lag is measured by `benches/loop_lag.py` (in process); here the
 controller is a separate process with no metrics endpoint yet.
@@ -66,7 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -80,6 +84,17 @@ RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
 JOIN = "/metis_async.v1.Controller/Join"
 CHUNK_FIELD = pb.LearnerMessage.DESCRIPTOR.fields_by_name["chunk"].number
 RUN_SECONDS_LIMIT = 900.0  # every phase gives up after this
+CODECS = {"float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16, "int8": pb.DTYPE_INT8}
+
+Encoded = tuple[int, list[bytes], int]
+"""An upload pre-encoded once: (payload dtype, chunk messages with payload id 1, total bytes)."""
+
+
+class UploadSet(NamedTuple):
+    """A load learner's fixed delta, as float32 and, with `--codec`, in the codec it offers."""
+
+    plain: Encoded
+    coded: Encoded | None
 
 
 # ------------------------------------------------------------------------------ one learner
@@ -93,8 +108,7 @@ async def _learner(
     address: str,
     learner_id: str,
     channel: grpc.aio.Channel,
-    chunks: list[bytes],
-    nbytes: int,
+    payloads: UploadSet,
     rounds: int,
     sleep_seconds: float,
     report: dict[str, Any],
@@ -106,7 +120,7 @@ async def _learner(
     deadline = time.monotonic() + RUN_SECONDS_LIMIT
     while failures < ATTEMPTS and time.monotonic() < deadline:
         welcomes = report.get("welcomes", 0)
-        error = await _session(learner_id, channel, chunks, nbytes, rounds, sleep_seconds, report)
+        error = await _session(learner_id, channel, payloads, rounds, sleep_seconds, report)
         if error is None:
             break
         errors.append(error)
@@ -124,8 +138,7 @@ async def _learner(
 async def _session(
     learner_id: str,
     channel: grpc.aio.Channel,
-    chunks: list[bytes],
-    nbytes: int,
+    payloads: UploadSet,
     rounds: int,
     sleep_seconds: float,
     report: dict[str, Any],
@@ -134,7 +147,13 @@ async def _session(
     # Learners started before the controller (--learners-first) wait for it to listen.
     call = channel.stream_stream(JOIN)(wait_for_ready=_WAIT_FOR_READY[0])
     capabilities = ["train", "delta", "bundle", "grant", "receipt"]
-    hello = pb.Hello(learner_id=learner_id, num_examples=10, capabilities=capabilities)
+    hello = pb.Hello(
+        learner_id=learner_id,
+        num_examples=10,
+        capabilities=capabilities,
+        codecs=[payloads.coded[0]] if payloads.coded else [],
+    )
+    dtype, chunks, nbytes = payloads.plain  # until the welcome names the codec
     tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
     uploads: list[tuple[float, float]] = report["uploads"]  # (first, last chunk written)
     layout_id = 0
@@ -154,6 +173,8 @@ async def _session(
             for message in _opened(raw):
                 kind = message.WhichOneof("body")
                 if kind in ("model", "chunk"):
+                    if kind == "model":
+                        report["model_dtype"] = pb.DType.Name(message.model.payload.dtype)
                     if (answer := _receipt(message, receipt)) is not None:
                         await call.write(answer)
                 elif kind == "welcome":
@@ -166,6 +187,9 @@ async def _session(
                     if dialing:
                         gate.release()
                         dialing = False
+                    if payloads.coded and message.welcome.upload_dtype == payloads.coded[0]:
+                        dtype, chunks, nbytes = payloads.coded
+                    report["upload_dtype"] = pb.DType.Name(dtype)
                 elif kind == "layout":
                     layout_id = message.layout.layout_id
                 elif kind == "train":
@@ -176,7 +200,7 @@ async def _session(
                         await asyncio.sleep(sleep_seconds)
                     first = time.time()
                     await call.write(
-                        delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id)
+                        delta_result(task, len(uploads) + 1, nbytes, len(chunks), layout_id, dtype)
                     )
                     if task.upload_grant:  # the chunks go when the controller has a slot
                         waiting = (task.task_id, first)
@@ -272,6 +296,15 @@ def _receipt(message: pb.ControllerMessage, state: list[int]) -> bytes | None:
     return pb.LearnerMessage(received=answer).SerializeToString()
 
 
+def _encoded(delta: np.ndarray[Any, np.dtype[np.float32]], codec: int) -> Encoded | None:
+    """`delta` as the chunk messages of a `codec` payload (None for float32)."""
+    if codec == pb.DTYPE_FLOAT32:
+        return None
+    header, chunks = wire.encode_payload(delta, 1, pb.PAYLOAD_KIND_DELTA, 0, dtype=codec)
+    messages = [pb.LearnerMessage(chunk=c).SerializeToString() for c in chunks]
+    return codec, messages, int(header.total_bytes)
+
+
 def _renumbered(chunks: list[bytes], payload_id: int) -> list[bytes]:
     """The precomputed chunk messages carry payload id 1; later uploads need their own id."""
     if payload_id == 1:
@@ -304,14 +337,18 @@ def _load_process(
     welcomed: Any,
     out: Any,
     learners_first: bool,
+    codec: int,
 ) -> None:
     _WELCOMED.append(welcomed)
     _WAIT_FOR_READY[0] = learners_first
     delta = np.full(params, 1e-3, dtype=np.float32)
     chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, CHUNK_FIELD)
+    payloads = UploadSet((pb.DTYPE_FLOAT32, chunks, delta.nbytes), _encoded(delta, codec))
     # Pre-build the renumbered chunks so uploads do no protobuf work.
     for payload_id in range(2, rounds + 1):
         _renumbered(chunks, payload_id)
+        if payloads.coded:
+            _renumbered(payloads.coded[1], payload_id)
     rng = np.random.default_rng(seed)
     sleeps = (
         speed_seconds * rng.lognormal(0.0, 0.5, size=count) if speed_seconds else np.zeros(count)
@@ -340,8 +377,7 @@ def _load_process(
                 address,
                 f"load-{first + i}",
                 channels[i % len(channels)],
-                chunks,
-                delta.nbytes,
+                payloads,
                 rounds,
                 float(sleeps[i]),
                 reports[i],
@@ -565,6 +601,7 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                         welcomed,
                         send,
                         args.learners_first,
+                        CODECS.get(args.codec, pb.DTYPE_FLOAT32) if not bare else pb.DTYPE_FLOAT32,
                     ),
                 )
                 proc.start()
@@ -749,6 +786,9 @@ def _summarize(
         "connect_seconds": (max(welcomed) - min(dialed)) if welcomed else None,
         "start_to_all_welcomed_seconds": (max(welcomed) - started) if welcomed else None,
         "broadcast_seconds": statistics.median(broadcasts[1:]) if len(broadcasts) > 1 else None,
+        "codec": args.codec,
+        "upload_dtypes": dict(collections.Counter(r.get("upload_dtype") for r in reports)),
+        "model_dtypes": dict(collections.Counter(r.get("model_dtype") for r in reports)),
         "first_broadcast_seconds": broadcasts[0] if broadcasts else None,
         "first_round_seconds": _first_round(reports, firsts),
         "round_seconds": statistics.median(steady_rounds) if steady_rounds else None,
@@ -837,8 +877,17 @@ def main() -> None:
         action="store_true",
         help="serve the dashboard and Admin service too and time their answers under the load",
     )
+    parser.add_argument(
+        "--codec",
+        choices=["float32", *CODECS],
+        default="float32",
+        help="learners offer this codec and the controller uses it for uploads and models "
+        "(--compare-bare: the bare server still moves float32, the model's wire floor)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.codec != "float32":
+        args.controller_arg += [f"--upload-codec={args.codec}", f"--download-codec={args.codec}"]
     if args.workers == "auto":
         args.workers = 0 if args.learners <= 12_000 else max(2, -(-args.learners // 14_000))
     args.workers = int(args.workers)
