@@ -37,6 +37,7 @@ from metis_async.ingest import Ingest
 from metis_async.links import LocalLink
 from metis_async.metrics import LoopLag, start_metrics_server
 from metis_async.protocols import Policy
+from metis_async.runtime import collector_tuned_for_serving
 from metis_async.secure.aggregate import HomomorphicAggregation
 from metis_async.secure.relay import DecryptionRelay
 from metis_async.session import Session
@@ -597,12 +598,14 @@ def _log_failure(task: asyncio.Future[None]) -> None:
 
 
 def run_event_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` to completion on uvloop where available (the standard loop elsewhere)."""
-    try:
-        import uvloop
-    except ImportError:  # e.g. Windows: the standard loop works, slower
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    """Run `coro` to completion on uvloop where available (the standard loop elsewhere), with
+    the garbage collector tuned for many long-lived objects (`runtime`)."""
+    with collector_tuned_for_serving():
+        try:
+            import uvloop
+        except ImportError:  # e.g. Windows: the standard loop works, slower
+            return asyncio.run(coro)
+        return uvloop.run(coro)
 
 
 async def serve(
