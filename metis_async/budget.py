@@ -90,17 +90,19 @@ class ReceiptLedger:
     def __init__(self, budget: ByteBudget, window: int = RECEIPT_WINDOW_CHUNKS) -> None:
         self.budget = budget
         self.window = window
-        self._entries: collections.deque[tuple[int, int, int]] = collections.deque()
+        # (version, chunk index, budget bytes held) per outstanding chunk; made on the first
+        # write and dropped when empty: an idle stream keeps no deque (~760 bytes each).
+        self._entries: collections.deque[tuple[int, int, int]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.since = 0.0  # loop time of the oldest outstanding chunk's write, or last progress
         self.acknowledged = 0  # receipts that freed chunks (they are exempt from rate limits)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._entries else 0
 
     async def room(self) -> None:
         """Wait until fewer than `window` chunks are outstanding."""
-        while len(self._entries) >= self.window:
+        while len(self) >= self.window:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -109,19 +111,27 @@ class ReceiptLedger:
 
     def written(self, version: int, index: int, held: int, now: float) -> None:
         """Chunk `index` of model `version` was handed to gRPC holding `held` budget bytes."""
-        if not self._entries:
+        entries = self._entries
+        if not entries:
             self.since = now
-        self._entries.append((version, index, held))
+            if entries is None:
+                entries = self._entries = collections.deque()
+        entries.append((version, index, held))
 
     def received(self, version: int, chunks: int, now: float) -> None:
         """The learner holds the first `chunks` chunks of `version` (and every older model)."""
-        entries, before, freed = self._entries, len(self._entries), 0
+        entries = self._entries
+        if not entries:
+            return  # nothing outstanding
+        before, freed = len(entries), 0
         while entries and (
             entries[0][0] < version or (entries[0][0] == version and entries[0][1] < chunks)
         ):
             freed += entries.popleft()[2]
         if len(entries) == before:
             return  # nothing outstanding was acknowledged
+        if not entries:
+            self._entries = None
         self.acknowledged += 1
         self.since = now
         if freed:
@@ -136,7 +146,7 @@ class ReceiptLedger:
 
     def release_all(self) -> None:
         """The stream ended: give back everything still held."""
-        freed = sum(held for _, _, held in self._entries)
-        self._entries.clear()
+        entries, self._entries = self._entries, None
+        freed = sum(held for _, _, held in entries) if entries else 0
         if freed:
             self.budget.release(freed)

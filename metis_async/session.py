@@ -67,7 +67,11 @@ class SendQueue:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        items = self._items
+        item = items.popleft()
+        if not items:
+            self._items = None  # an idle stream keeps no deque (~760 bytes each)
+        return item
 
     def qsize(self) -> int:
         """Items waiting."""

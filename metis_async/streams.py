@@ -16,7 +16,7 @@ import contextlib
 import hmac
 import sys
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -228,7 +228,7 @@ class StreamServer:
         hello = await self._read_hello(context)
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
         await self._check_hello(hello, learner_id, context)
-        capabilities = frozenset(hello.capabilities) or DEFAULT_CAPABILITIES
+        capabilities = capability_set(hello.capabilities)
         if self.config.he is not None and "he" not in capabilities:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -494,6 +494,25 @@ def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> No
     named = names[0].decode(errors="replace")
     if not hmac.compare_digest(named.encode(), learner_id.encode()):
         raise AuthError("the client certificate is for another learner id", denied=True)
+
+
+CAPABILITY_SETS_KEPT = 64
+"""Distinct `Hello.capabilities` lists whose sets are shared (more are built per stream)."""
+_CAPABILITY_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def capability_set(announced: Sequence[str]) -> frozenset[str]:
+    """A learner's capabilities (`DEFAULT_CAPABILITIES` when it announced none), as one set
+    shared by every learner announcing the same list: protobuf makes new strings on each read,
+    and a set of its own cost ~1 KB a stream. At most `CAPABILITY_SETS_KEPT` lists are kept,
+    so learners sending random lists cannot grow the cache."""
+    key = tuple(announced)
+    found = _CAPABILITY_SETS.get(key)
+    if found is None:
+        found = frozenset(key) or DEFAULT_CAPABILITIES
+        if len(_CAPABILITY_SETS) < CAPABILITY_SETS_KEPT:
+            _CAPABILITY_SETS[key] = found
+    return found
 
 
 WRITE_DRAIN_SECONDS = 2.0

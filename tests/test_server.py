@@ -396,3 +396,24 @@ def test_a_learner_without_bundles_gets_separate_messages(controller_factory: Fa
 
     assert kinds == ["welcome", "layout", "model", "chunk", "train"]
     raw.close()
+
+
+def test_learners_announcing_the_same_capabilities_share_one_set() -> None:
+    from metis_async.learners import DEFAULT_CAPABILITIES
+    from metis_async.streams import capability_set
+
+    first = capability_set(pb.Hello(capabilities=["train", "delta", "receipt"]).capabilities)
+    second = capability_set(pb.Hello(capabilities=["train", "delta", "receipt"]).capabilities)
+
+    assert first == {"train", "delta", "receipt"}
+    assert first is second
+    assert capability_set([]) is DEFAULT_CAPABILITIES
+
+
+def test_random_capability_lists_do_not_grow_the_shared_sets() -> None:
+    from metis_async import streams
+
+    for i in range(3 * streams.CAPABILITY_SETS_KEPT):
+        assert streams.capability_set(["train", f"made-up-{i}"]) == {"train", f"made-up-{i}"}
+
+    assert len(streams._CAPABILITY_SETS) <= streams.CAPABILITY_SETS_KEPT
