@@ -446,14 +446,16 @@ def _tree_stats(pid: int) -> dict[str, int]:
 
 
 def _proc_stats(pid: int) -> dict[str, int]:
-    """RSS (bytes), open files and CPU ticks (user + system) of process `pid` (Linux /proc)."""
+    """RSS (bytes), open files and CPU ticks of process `pid` (Linux /proc): user + system,
+    its own and its reaped children's, so workers that exited before the last sample still
+    count (without them the CPU of a run with workers came out negative)."""
     rss = 0
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "ticks": ticks}
 
 
