@@ -410,7 +410,7 @@ class EffectDelivery:
             and self._store.nbytes >= threshold
         )
         if grant:
-            session.grant_tasks.add(task.task_id)
+            session.expect_grant(task.task_id)
         self._out(session, task_message(task, upload_grant=grant))
 
     def _send_model(self, effect: SendModel) -> None:

@@ -187,8 +187,7 @@ class Ingest:
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         await self._take_upload_slot(session)
-        if result.task_id in session.grant_tasks:  # the learner waits for this to send chunks
-            session.grant_tasks.discard(result.task_id)
+        if session.take_grant(result.task_id):  # the learner waits for this to send chunks
             session.send(controller_message(grant=pb.UploadGrant(task_id=result.task_id)))
         upload = wire.Upload(
             result.payload,
@@ -220,8 +219,7 @@ class Ingest:
         except wire.WireError as error:
             raise ProtocolViolation(INVALID, f"task {task.task_id!r}: {error}") from None
         await self._take_upload_slot(session)
-        if result.task_id in session.grant_tasks:
-            session.grant_tasks.discard(result.task_id)
+        if session.take_grant(result.task_id):
             session.send(controller_message(grant=pb.UploadGrant(task_id=result.task_id)))
         session.pending = PendingUpload(task, result, upload)
         if upload.done:
@@ -251,8 +249,7 @@ class Ingest:
 
     @staticmethod
     def _skip_chunks(session: Session, result: pb.TaskResult) -> None:
-        if result.task_id in session.grant_tasks:
-            session.grant_tasks.discard(result.task_id)
+        if session.take_grant(result.task_id):
             return  # it waits for a grant that will not come: it sends no chunks
         session.discard_chunks = int(result.payload.num_chunks)
         session.discard_payload_id = int(result.payload.payload_id)

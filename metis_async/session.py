@@ -185,7 +185,8 @@ class Session:
         self.waiting_for_slot = False  # its result waits for an upload slot (stream not read)
         self.holds_slot = False
         self.discard_chunks = 0  # chunks of a stale result still to skip
-        self.grant_tasks: set[str] = set()  # train tasks sent with upload_grant, not yet answered
+        # train tasks sent with upload_grant, not yet answered (made on first use)
+        self.grant_tasks: set[str] | None = None
         self.discard_payload_id = 0
         self.queue = SendQueue(queue_limit)
         self.writing = False  # a message is being handed to gRPC
@@ -195,6 +196,22 @@ class Session:
         self.close_code: grpc.StatusCode | None = None
         self.close_message = ""
         self.on_close: Callable[[], None] | None = None  # wakes the stream's handler
+
+    def expect_grant(self, task_id: str) -> None:
+        """Train task `task_id` went out with `upload_grant`: its result waits for a grant."""
+        if self.grant_tasks is None:
+            self.grant_tasks = set()
+        self.grant_tasks.add(task_id)
+
+    def take_grant(self, task_id: str) -> bool:
+        """Whether the result of `task_id` waits for a grant (asked once: it is forgotten)."""
+        tasks = self.grant_tasks
+        if not tasks or task_id not in tasks:
+            return False
+        tasks.discard(task_id)
+        if not tasks:
+            self.grant_tasks = None  # an idle stream keeps no set (216 bytes each)
+        return True
 
     def send(self, *messages: Outgoing) -> bool:
         """Queue serialized `ControllerMessage`s (or a model's); False (and the session
