@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import numpy as np
@@ -90,11 +90,36 @@ Encoded = tuple[int, list[bytes], int]
 """An upload pre-encoded once: (payload dtype, chunk messages with payload id 1, total bytes)."""
 
 
-class UploadSet(NamedTuple):
-    """A load learner's fixed delta, as float32 and, with `--codec`, in the codec it offers."""
+class UploadSet:
+    """A load learner's fixed delta, encoded once per (dtype, chunk size) a Welcome asks for:
+    the codec it offers (`--codec`) when the controller chose it, else float32, in chunks of at
+    most `Welcome.max_chunk_bytes`, as a real learner sends them.
 
-    plain: Encoded
-    coded: Encoded | None
+    Args:
+        delta: the float32 update every learner of the process uploads.
+        codec: the payload dtype offered in `Hello.codecs` (DTYPE_FLOAT32: none).
+        rounds: uploads per learner (each needs its own payload id).
+    """
+
+    def __init__(self, delta: np.ndarray[Any, np.dtype[np.float32]], codec: int, rounds: int):
+        self.delta, self.codec, self.rounds = delta, codec, rounds
+        self._encoded: dict[tuple[int, int], Encoded] = {}
+        self.default = self.for_welcome(None)  # built before anyone dials
+
+    def for_welcome(self, welcome: pb.Welcome | None) -> Encoded:
+        """The upload a learner sends after `welcome` (None: the defaults)."""
+        dtype = pb.DTYPE_FLOAT32
+        if welcome is not None and self.codec != dtype and welcome.upload_dtype == self.codec:
+            dtype = self.codec
+        size = wire.MAX_CHUNK_BYTES
+        if welcome is not None and welcome.max_chunk_bytes:
+            size = min(size, int(welcome.max_chunk_bytes))
+        found = self._encoded.get((dtype, size))
+        if found is None:
+            found = self._encoded[(dtype, size)] = _encoded(self.delta, dtype, size)
+            for payload_id in range(2, self.rounds + 1):  # uploads then do no protobuf work
+                _renumbered(found[1], payload_id)
+        return found
 
 
 # ------------------------------------------------------------------------------ one learner
@@ -151,9 +176,9 @@ async def _session(
         learner_id=learner_id,
         num_examples=10,
         capabilities=capabilities,
-        codecs=[payloads.coded[0]] if payloads.coded else [],
+        codecs=[payloads.codec] if payloads.codec != pb.DTYPE_FLOAT32 else [],
     )
-    dtype, chunks, nbytes = payloads.plain  # until the welcome names the codec
+    dtype, chunks, nbytes = payloads.default  # until the welcome says what to send
     tasks: list[tuple[int, float]] = report["tasks"]  # (version, unix time it arrived)
     uploads: list[tuple[float, float]] = report["uploads"]  # (first, last chunk written)
     layout_id = 0
@@ -187,8 +212,7 @@ async def _session(
                     if dialing:
                         gate.release()
                         dialing = False
-                    if payloads.coded and message.welcome.upload_dtype == payloads.coded[0]:
-                        dtype, chunks, nbytes = payloads.coded
+                    dtype, chunks, nbytes = payloads.for_welcome(message.welcome)
                     report["upload_dtype"] = pb.DType.Name(dtype)
                 elif kind == "layout":
                     layout_id = message.layout.layout_id
@@ -296,13 +320,16 @@ def _receipt(message: pb.ControllerMessage, state: list[int]) -> bytes | None:
     return pb.LearnerMessage(received=answer).SerializeToString()
 
 
-def _encoded(delta: np.ndarray[Any, np.dtype[np.float32]], codec: int) -> Encoded | None:
-    """`delta` as the chunk messages of a `codec` payload (None for float32)."""
-    if codec == pb.DTYPE_FLOAT32:
-        return None
-    header, chunks = wire.encode_payload(delta, 1, pb.PAYLOAD_KIND_DELTA, 0, dtype=codec)
+def _encoded(delta: np.ndarray[Any, np.dtype[np.float32]], dtype: int, size: int) -> Encoded:
+    """`delta` as the chunk messages (payload id 1, at most `size` bytes of data each) of a
+    `dtype` payload."""
+    if dtype == pb.DTYPE_FLOAT32:
+        return dtype, encode_chunk_messages(delta, 1, size, CHUNK_FIELD), delta.nbytes
+    header, chunks = wire.encode_payload(
+        delta, 1, pb.PAYLOAD_KIND_DELTA, 0, max_chunk_bytes=size, dtype=dtype
+    )
     messages = [pb.LearnerMessage(chunk=c).SerializeToString() for c in chunks]
-    return codec, messages, int(header.total_bytes)
+    return dtype, messages, int(header.total_bytes)
 
 
 def _renumbered(chunks: list[bytes], payload_id: int) -> list[bytes]:
@@ -342,13 +369,7 @@ def _load_process(
     _WELCOMED.append(welcomed)
     _WAIT_FOR_READY[0] = learners_first
     delta = np.full(params, 1e-3, dtype=np.float32)
-    chunks = encode_chunk_messages(delta, 1, wire.MAX_CHUNK_BYTES, CHUNK_FIELD)
-    payloads = UploadSet((pb.DTYPE_FLOAT32, chunks, delta.nbytes), _encoded(delta, codec))
-    # Pre-build the renumbered chunks so uploads do no protobuf work.
-    for payload_id in range(2, rounds + 1):
-        _renumbered(chunks, payload_id)
-        if payloads.coded:
-            _renumbered(payloads.coded[1], payload_id)
+    payloads = UploadSet(delta, codec, rounds)
     rng = np.random.default_rng(seed)
     sleeps = (
         speed_seconds * rng.lognormal(0.0, 0.5, size=count) if speed_seconds else np.zeros(count)
