@@ -291,6 +291,10 @@ def _serve(args: argparse.Namespace) -> int:
             aggregation=settings.aggregation_settings(),
         )
 
+    # The controller drops the initial arrays once it holds the model; so does this frame
+    # (held for the whole run, it kept a model-sized copy: 4 MB of a 1M-parameter model).
+    initial = None
+
     def reload() -> None:  # SIGHUP: what can change without a restart
         fresh = settings_schema.load_settings(
             args.config, os.environ, settings_schema.flag_overrides(args)
