@@ -45,7 +45,7 @@ Measured:
   and asks for uploads in it, and `upload_dtypes` / `model_dtypes` count the learners that
   uploaded and received each dtype. The bare server of `--compare-bare` still moves float32:
   what the wire allows for the model, the floor a codec is meant to beat.
-With --json the last line is one JSON object, also written to benches/results/load.json.
+With --json the last line is one JSON object, also written to benches/results/load.json (--out).
 The controller's event-loop lag is measured by `benches/loop_lag.py` (in process); here the
 controller is a separate process with no metrics endpoint yet.
 """
@@ -908,6 +908,9 @@ def main() -> None:
         "(--compare-bare: the bare server still moves float32, the model's wire floor)",
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.name} here)"
+    )
     args = parser.parse_args()
     if args.codec != "float32":
         args.controller_arg += [f"--upload-codec={args.codec}", f"--download-codec={args.codec}"]
@@ -926,8 +929,8 @@ def main() -> None:
     for key, value in result.items():
         if key not in ("machine", "first_errors", "command", "reconnect_reasons", "bare"):
             print(f"{key:28s} {value}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
 
