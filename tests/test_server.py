@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -417,3 +417,59 @@ def test_random_capability_lists_do_not_grow_the_shared_sets() -> None:
         assert streams.capability_set(["train", f"made-up-{i}"]) == {"train", f"made-up-{i}"}
 
     assert len(streams._CAPABILITY_SETS) <= streams.CAPABILITY_SETS_KEPT
+
+
+def _silent_stream(address: str, quiet: threading.Event) -> grpc.RpcError:
+    """Open a Join stream that sends nothing until `quiet` is set; the error that ends it."""
+
+    def nothing() -> Iterator[bytes]:
+        quiet.wait(30)
+        return
+        yield b""  # a generator that yields nothing
+
+    channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+    try:
+        for _ in channel.stream_stream("/metis_async.v1.Controller/Join")(nothing()):
+            pass
+    except grpc.RpcError as error:
+        return error
+    finally:
+        quiet.set()
+        channel.close()
+    raise AssertionError("the stream ended without an error")
+
+
+def test_a_stream_without_a_hello_is_ended_at_the_hello_timeout(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=1), hello_timeout_seconds=0.6)
+    started = time.monotonic()
+
+    errors: list[grpc.RpcError] = []
+    threads = [
+        threading.Thread(
+            target=lambda: errors.append(_silent_stream(ct.address, threading.Event()))
+        )
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    took = time.monotonic() - started
+    assert [e.code() for e in errors] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+    assert all("no hello received in time" in (e.details() or "") for e in errors)
+    assert 0.6 <= took < 5.0
+
+
+def test_a_learner_whose_hello_arrives_in_time_is_not_timed_out(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=1, rounds=2), hello_timeout_seconds=0.6)
+
+    summary = run_learner(ct.address, ShiftLearner(1.0, 5), learner_id="on-time")
+
+    assert ct.wait_finished(30)
+    assert summary.tasks_completed == 2
+    assert summary.errors == []
