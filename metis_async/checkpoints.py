@@ -44,6 +44,8 @@ FORMAT = 1
 """Version of the checkpoint format (the JSON document's `format`)."""
 
 _NAME = re.compile(r"^checkpoint-(\d{10})\.npz$")
+PAUSED_FILE = "paused.json"
+"""In the state directory while the operator has the run paused (see `StateDirectory.paused`)."""
 
 
 class CheckpointError(RuntimeError):
@@ -251,6 +253,46 @@ class StateDirectory:
             seconds=round(time.perf_counter() - started, 4),
         )
         return path
+
+    def save_pause(self, reason: str, version: int) -> None:
+        """Record that the operator paused the run at `version`, so a restarted controller
+        starts paused too (`paused`); `clear_pause` removes the record.
+
+        Raises:
+            CheckpointError: it could not be written.
+        """
+        record = {"reason": reason, "version": version, "since_unix_seconds": time.time()}
+        path = self.path / PAUSED_FILE
+        try:
+            self._write_atomic(path, json.dumps(record).encode())
+        except OSError as error:
+            raise CheckpointError(f"cannot write {path}: {error}") from error
+
+    def clear_pause(self) -> None:
+        """The run was resumed: a restart no longer starts paused.
+
+        Raises:
+            CheckpointError: the record exists and could not be removed.
+        """
+        path = self.path / PAUSED_FILE
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"cannot remove {path}: {error}") from error
+
+    def paused(self) -> str | None:
+        """Why the run was paused when the controller stopped (None: it was not). A record
+        that cannot be read still means paused: resuming is the operator's decision."""
+        path = self.path / PAUSED_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.error("pause_record_unreadable", path=str(path), reason=str(error))
+            return "paused (the pause record is unreadable)"
+        reason = record.get("reason") if isinstance(record, dict) else None
+        return str(reason) if reason else "paused by the operator"
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         """Temporary file, fsync, rename, fsync of the directory."""

@@ -389,6 +389,7 @@ class FederationCore:
         self._save_checkpoint()
         published = self._publish(0, flat) if self._publish is not None else None
         effects.append(VersionCommitted(self._record(0, (), 0.0, "initial model"), flat, published))
+        self._pause_as_before_restart()
         return effects + self._admit_waiting(now)
 
     def resume(self, now: float, checkpoint: Checkpoint) -> list[Effect]:
@@ -438,7 +439,18 @@ class FederationCore:
         if self.policy.finished:
             self._finish("finished before the restart", effects)
             return effects
+        self._pause_as_before_restart()
         return effects + self._admit_waiting(now)
+
+    def _pause_as_before_restart(self) -> None:
+        """A run the operator paused stays paused across a restart (the state directory keeps
+        the pause): training goes on only after `resume`."""
+        reason = self._state_dir.paused() if self._state_dir is not None else None
+        if reason is not None:
+            self.paused = True
+            log.warning(
+                "federation_paused", reason=f"before the restart: {reason}", version=self.version
+            )
 
     def _admit_waiting(self, now: float) -> list[Effect]:
         """Hand every learner that joined while there was no model to the policy."""
@@ -662,6 +674,11 @@ class FederationCore:
         if not self.paused and not self.finished:
             self.paused = True
             log.info("federation_paused", reason=reason, version=self.version)
+            if self._state_dir is not None:
+                try:
+                    self._state_dir.save_pause(reason, self.version)
+                except CheckpointError as error:  # paused all the same, until a restart
+                    log.error("pause_not_durable", reason=str(error))
         return []
 
     @_counted
@@ -671,6 +688,11 @@ class FederationCore:
         if not self.paused:
             return []
         self.paused = False
+        if self._state_dir is not None:
+            try:
+                self._state_dir.clear_pause()
+            except CheckpointError as error:  # a restart would start paused again
+                log.error("resume_not_durable", reason=str(error))
         held, self._held = self._held, []
         log.info("federation_resumed", reason=reason, version=self.version, events=len(held))
         effects: list[Effect] = []

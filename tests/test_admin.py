@@ -41,8 +41,12 @@ class Admin:
         ct.call(self.endpoints.start())
         self.address = f"127.0.0.1:{self.endpoints.admin_port}"
         self.client = AdminClient(Target(self.address, TOKEN), timeout_seconds=10)
+        self.closed = False
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.client.close()
         self.ct.call(self.endpoints.stop())
         self.ct.close()
@@ -127,6 +131,24 @@ def test_a_paused_federation_commits_nothing_until_resumed(admin_factory: Any) -
     assert all(not isinstance(s, BaseException) for s in summaries), summaries
     assert admin.client.status().version == 3
     np.testing.assert_allclose(admin.ct.model(), np.full(10, 3 * 0.2), atol=1e-6)
+
+
+def test_a_pause_survives_a_restart_until_resumed(admin_factory: Any, tmp_path: Path) -> None:
+    before = admin_factory(sync_policy(min_learners=1, rounds=2))
+    before.client.pause("maintenance")
+    before.close()  # the controller stops (a crash or a systemd restart) while paused
+
+    after = admin_factory(sync_policy(min_learners=1, rounds=2))
+    learners = ShiftLearners(after.ct.address, {"a": 0.5})
+    threading.Event().wait(1.5)  # the learner connects and waits
+    restarted = after.client.status()
+    after.client.resume()
+    summaries = learners.join(20)
+
+    assert (restarted.state, restarted.version, restarted.learners_connected) == ("paused", 0, 1)
+    assert all(not isinstance(s, BaseException) for s in summaries), summaries
+    assert after.client.status().version == 2
+    assert not (tmp_path / "state" / "paused.json").exists()  # the next restart trains
 
 
 def test_updates_that_arrive_while_paused_wait_and_then_count(admin_factory: Any) -> None:

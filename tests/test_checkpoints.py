@@ -191,3 +191,24 @@ def test_a_run_of_another_protocol_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="holds a buffered run"):
         ControllerThread(sync_policy(), [np.zeros(10, np.float32)], state_dir=str(tmp_path))
+
+
+def test_the_state_directory_keeps_a_pause_until_it_is_cleared(tmp_path: Path) -> None:
+    state = StateDirectory(tmp_path)
+    assert state.paused() is None
+
+    state.save_pause("maintenance", 7)
+    kept = state.paused()
+    state.clear_pause()
+
+    assert kept == "maintenance"
+    assert state.paused() is None
+    state.close()
+
+
+def test_an_unreadable_pause_record_still_means_paused(tmp_path: Path) -> None:
+    state = StateDirectory(tmp_path)
+    (tmp_path / "paused.json").write_bytes(b"\x00not json")
+
+    assert state.paused() is not None
+    state.close()
