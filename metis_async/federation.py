@@ -702,6 +702,17 @@ class FederationCore:
             effects += self._deliver(event, updates)
         return effects + self._advance(now)
 
+    def learners_heard(self, now: float, ages: Mapping[str, float]) -> list[Effect]:
+        """The drivers' report of when each connected learner's stream last had a message,
+        heartbeats included (`ages`: seconds before `now`). Only what people are shown changes
+        (`LearnerRecord.last_seen`); no decision reads it. Not counted in `events_handled`."""
+        records = self._learners
+        for learner_id, age in ages.items():
+            record = records.get(learner_id)
+            if record is not None and record.connected:
+                record.last_seen = max(record.last_seen, now - max(float(age), 0.0))
+        return []
+
     def _seen(self, now: float, learner_id: str, report: UpdateReport | None = None) -> None:
         """`learner_id` was heard from at `now` (with a training report: its speed)."""
         record = self._learners.get(learner_id)

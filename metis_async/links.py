@@ -75,6 +75,11 @@ class CoreLink(Protocol):
         """Session `session_id` of `learner_id` ended."""
         ...
 
+    async def learners_heard(self, ages: Mapping[str, float]) -> None:
+        """When each of these learners' streams last had a message, heartbeats included
+        (seconds ago): the "last seen" people are shown."""
+        ...
+
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
@@ -160,6 +165,9 @@ class LocalLink:
     async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
         # batched like joins, so a learner's loss never overtakes its join
         await self._runner.call_batched(self.core.learner_lost, self._now(), learner_id, reason)
+
+    async def learners_heard(self, ages: Mapping[str, float]) -> None:
+        await self._call(self.core.learners_heard, ages)
 
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes

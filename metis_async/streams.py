@@ -475,7 +475,14 @@ class StreamServer:
         timeout = self.config.heartbeat_timeout_seconds
         while True:
             await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
-            deadline = asyncio.get_running_loop().time() - timeout
+            now = asyncio.get_running_loop().time()
+            deadline = now - timeout
+            heard = {s.learner_id: now - s.last_seen for s in self.sessions.values()}
+            if heard:  # "last seen" for people: heartbeats count (the core sees no heartbeats)
+                try:
+                    await self.link.learners_heard(heard)
+                except Exception as error:  # never let it stop the reaping below
+                    log.debug("learners_heard_not_delivered", error=repr(error))
             for session in list(self.sessions.values()):
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")

@@ -151,6 +151,24 @@ def test_a_pause_survives_a_restart_until_resumed(admin_factory: Any, tmp_path: 
     assert not (tmp_path / "state" / "paused.json").exists()  # the next restart trains
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "two-workers"])
+def test_last_seen_counts_the_heartbeats_of_a_waiting_learner(
+    admin_factory: Any, workers: int
+) -> None:
+    # the federation needs two: the only learner waits, sending nothing but heartbeats
+    admin = admin_factory(
+        sync_policy(min_learners=2, rounds=1), heartbeat_interval_seconds=0.2, workers=workers
+    )
+    ShiftLearners(admin.ct.address, {"waiting": 0.1})  # stopped with the controller
+
+    threading.Event().wait(2.0)
+    [row] = admin.client.learners().learners
+
+    assert row.learner_id == "waiting"
+    assert row.connected_seconds > 1.5
+    assert row.last_seen_seconds < 1.0  # a heartbeat, not its join 2 s ago
+
+
 def test_updates_that_arrive_while_paused_wait_and_then_count(admin_factory: Any) -> None:
     admin = admin_factory(sync_policy(min_learners=2, rounds=1))
     learners = {"a": ShiftLearner(0.1, 1, delay=0.8), "b": ShiftLearner(0.3, 1, delay=0.8)}

@@ -40,8 +40,8 @@ controller (the page never holds more than `MAX_PAGE` rows, however many learner
                    "speed_examples_per_second": float | None, "accepted": int,
                    "rejected": int, "last_staleness": int | None}]}
 
-`sort` is one of `SORT_KEYS`; `last_seen_seconds` is the age of the learner's last event the
-core saw (join, result, evaluation, error; heartbeats stay in the stream drivers).
+`sort` is one of `SORT_KEYS`; `last_seen_seconds` is the age of the learner's last message,
+heartbeats included (the stream drivers report them every heartbeat interval / 2).
 `learner_page` builds such a page from plain rows, for sources that keep no sorted index.
 
 Both methods run on the event loop thread (no locking needed against the controller), so they

@@ -325,6 +325,8 @@ class WorkerHub(ControllerFace):
                 del self._routes[learner_id]
                 worker.learners.discard(learner_id)
                 submit(core.learner_lost, now, learner_id, reason)
+        elif kind == "heard":  # ages of its learners' last messages, for "last seen"
+            submit(core.learners_heard, now, header[1])
         elif kind == "update":
             _, learner_id, report, handle, length = header
             update: wire.FloatVector | RemoteUpdate | bytes

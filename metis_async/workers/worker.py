@@ -113,6 +113,9 @@ class HubLink:
     async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
         self.channel.send(("lost", learner_id, session_id, reason))
 
+    async def learners_heard(self, ages: Mapping[str, float]) -> None:
+        self.channel.send(("heard", dict(ages)))
+
     async def update_arrived(
         self, learner_id: str, report: UpdateReport, update: wire.FloatVector | Segments | bytes
     ) -> None:
