@@ -27,7 +27,8 @@ Measured:
   first upload to the last upload written;
 - `rss_bytes_per_stream` and `fds_per_stream`: controller RSS and open files with N streams
   held, minus the same before any learner connected, per stream;
-- `cpu_seconds_per_round`: controller CPU (user + system) per steady round;
+- `cpu_seconds_per_round`: controller CPU (user + system, its workers included) per steady
+  round, sampled every 0.2 s between the first tasks of version 1 and of the last version;
 - `learners_shut_down`: learners that received the controller's final `Shutdown`;
 - with `--learners-first` (learners start first and wait for the port):
   `start_to_first_version_seconds`, from launching the controller until a learner first holds
@@ -449,11 +450,10 @@ def _free_port() -> int:
 def _tree_stats(pid: int) -> dict[str, int]:
     """`_proc_stats` summed over process `pid` and its children (the ingest workers)."""
     pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
+    # The children of every thread: workers are started from the core process's threads too.
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(c) for c in children.read_text().split()]
     total = {"rss": 0, "fds": 0, "ticks": 0, "processes": 0}
     for p in pids:
         try:
@@ -647,12 +647,15 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
             reports: list[dict[str, Any]] = []
             deadline = time.monotonic() + RUN_SECONDS_LIMIT
             peak_rss = held["rss"]
+            cpu_samples: list[tuple[float, int]] = [(time.time(), held["ticks"])]
             shown = time.monotonic()
             for receive in pipes:
                 while not receive.poll(0.2):
                     _guard_memory(procs, deadline)
                     with contextlib.suppress(OSError):
-                        peak_rss = max(peak_rss, _tree_stats(controller.pid)["rss"])
+                        now = _tree_stats(controller.pid)
+                        peak_rss = max(peak_rss, now["rss"])
+                        cpu_samples.append((time.time(), now["ticks"]))
                     if time.monotonic() - shown >= 10.0:
                         shown = time.monotonic()
                         print(
@@ -668,7 +671,6 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                 proc.join(30)
                 if proc.is_alive():
                     proc.kill()
-            busy = _tree_stats(controller.pid) if controller.poll() is None else None
             watched = probe.stop() if probe is not None else None
         finally:
             for proc in procs:
@@ -681,7 +683,7 @@ def run(args: argparse.Namespace, bare: bool = False) -> dict[str, Any]:
                     controller.wait(30)
             if controller is not None and controller.poll() is None:
                 controller.kill()
-    result = _summarize(args, started, idle, held, busy, reports)
+    result = _summarize(args, started, idle, held, cpu_samples, reports)
     if watched is not None:
         result["dashboard"] = watched
     if launched is not None:
@@ -753,7 +755,7 @@ def _summarize(
     started: float,
     idle: dict[str, int],
     held: dict[str, int],
-    busy: dict[str, int] | None,
+    cpu_samples: list[tuple[float, int]],
     reports: list[dict[str, Any]],
 ) -> dict[str, Any]:
     welcomed = [r["welcomed"] for r in reports if "welcomed" in r]
@@ -784,8 +786,10 @@ def _summarize(
     steady_rounds = rounds[1:] or rounds
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = None
-    if busy is not None and steady_rounds:
-        cpu = (busy["ticks"] - held["ticks"]) / ticks / max(len(versions) - 1, 1)
+    if len(versions) >= 2:  # steady rounds: from version 1's first task to the last version's
+        first = versions[1] if len(versions) >= 3 else versions[0]
+        spent = _ticks_at(cpu_samples, firsts[versions[-1]]) - _ticks_at(cpu_samples, firsts[first])
+        cpu = spent / ticks / (len(versions) - 1 - versions.index(first))
     ordered = sorted(latencies)
     return {
         "benchmark": "load",
@@ -837,6 +841,16 @@ COMPARED = (
     "first_round_seconds",
     "rss_bytes_per_stream",
 )
+
+
+def _ticks_at(samples: list[tuple[float, int]], at: float) -> float:
+    """The controller's CPU ticks at unix time `at`, interpolated between (time, ticks) samples
+    taken every 0.2 s."""
+    before = max((x for x in samples if x[0] <= at), default=samples[0])
+    after = min((x for x in samples if x[0] >= at), default=samples[-1])
+    if after[0] <= before[0]:
+        return float(before[1])
+    return before[1] + (after[1] - before[1]) * (at - before[0]) / (after[0] - before[0])
 
 
 def _first_round(reports: list[dict[str, Any]], firsts: dict[int, float]) -> float | None:

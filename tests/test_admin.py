@@ -117,15 +117,20 @@ def test_status_and_learners_describe_the_rounds(admin_factory: Any, workers: in
     assert status.workers == workers
 
 
+def _status_while_paused_then_resume(admin: Admin, learners: ShiftLearners) -> tuple[Any, Any]:
+    """The status once the learners have connected and waited; then resume and run them out."""
+    threading.Event().wait(1.5)
+    paused = admin.client.status()
+    admin.client.resume()
+    return paused, learners.join(20)
+
+
 def test_a_paused_federation_commits_nothing_until_resumed(admin_factory: Any) -> None:
     admin = admin_factory()
     admin.client.pause("maintenance")
     learners = ShiftLearners(admin.ct.address, {"a": 0.1, "b": 0.3})
 
-    threading.Event().wait(1.5)  # learners connect and wait
-    paused = admin.client.status()
-    admin.client.resume()
-    summaries = learners.join(20)
+    paused, summaries = _status_while_paused_then_resume(admin, learners)
 
     assert (paused.state, paused.version, paused.learners_connected) == ("paused", 0, 2)
     assert all(not isinstance(s, BaseException) for s in summaries), summaries
@@ -140,10 +145,8 @@ def test_a_pause_survives_a_restart_until_resumed(admin_factory: Any, tmp_path: 
 
     after = admin_factory(sync_policy(min_learners=1, rounds=2))
     learners = ShiftLearners(after.ct.address, {"a": 0.5})
-    threading.Event().wait(1.5)  # the learner connects and waits
-    restarted = after.client.status()
-    after.client.resume()
-    summaries = learners.join(20)
+
+    restarted, summaries = _status_while_paused_then_resume(after, learners)
 
     assert (restarted.state, restarted.version, restarted.learners_connected) == ("paused", 0, 1)
     assert all(not isinstance(s, BaseException) for s in summaries), summaries
