@@ -477,13 +477,9 @@ class StreamServer:
             await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
             now = asyncio.get_running_loop().time()
             deadline = now - timeout
-            heard = {s.learner_id: now - s.last_seen for s in self.sessions.values()}
-            if heard:  # "last seen" for people: heartbeats count (the core sees no heartbeats)
-                try:
-                    await self.link.learners_heard(heard)
-                except Exception as error:  # never let it stop the reaping below
-                    log.debug("learners_heard_not_delivered", error=repr(error))
+            heard: dict[str, float] = {}  # seconds since each stream's last message
             for session in list(self.sessions.values()):
+                heard[session.learner_id] = now - session.last_seen
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
                 elif session.ledger is not None and session.ledger.stalled(deadline):
@@ -491,6 +487,11 @@ class StreamServer:
                         grpc.StatusCode.UNAVAILABLE,
                         f"model chunks unacknowledged for {timeout:g} s (ModelReceived)",
                     )
+            if heard:  # "last seen" for people: heartbeats count (the core sees no heartbeats)
+                try:
+                    await self.link.learners_heard(heard)
+                except Exception as error:  # the core is gone (stopping): reaping goes on
+                    log.debug("learners_heard_not_delivered", error=repr(error))
 
 
 def _check_certificate(context: grpc.aio.ServicerContext, learner_id: str) -> None:
