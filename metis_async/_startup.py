@@ -6,11 +6,17 @@ chain never calls (`telemetry.configure_logging` formats exceptions with `format
 before any renderer). Importing structlog here with rich hidden for that one import keeps the
 start short; rich itself stays importable afterwards (the CLI's tables and the demo use it).
 Only our own processes do this: a program that embeds the learner never imports this module.
+
+The garbage collector's thresholds are raised here too (`runtime.SERVING_GC_THRESHOLDS`): a
+start is a burst of long-lived objects (modules, classes, protobuf descriptors, the settings
+schema) that the default thresholds scan over and over; the serving loop raises them anyway.
 """
 
 from __future__ import annotations
 
 import sys
+
+from metis_async import runtime
 
 
 def _import_structlog_without_rich() -> None:
@@ -24,3 +30,4 @@ def _import_structlog_without_rich() -> None:
 
 
 _import_structlog_without_rich()
+runtime.tune_collector_for_serving()

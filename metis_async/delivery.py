@@ -50,7 +50,7 @@ from metis_async.federation import FederationCore
 from metis_async.protocols import Task, TaskKind
 from metis_async.secure.aggregate import HomomorphicAggregation
 from metis_async.secure.relay import DecryptionRelay
-from metis_async.session import Outgoing, Session, controller_message
+from metis_async.session import BundleParts, Outgoing, Session, controller_message
 from metis_async.store import EncodedVersion, ModelStore
 from metis_async.v1 import controller_pb2 as pb
 
@@ -565,7 +565,7 @@ def bundle_message(messages: list[bytes]) -> bytes:
 def _send_run(session: Session, run: list[bytes]) -> None:
     """Send consecutive small messages: one bundle for several, the message itself for one."""
     if len(run) > 1:
-        session.send(bundle_message(run))
+        session.send(BundleParts(run))
     elif run:
         session.send(run[0])
 

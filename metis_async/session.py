@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,26 +27,48 @@ from metis_async.store import ModelDownload
 from metis_async.v1 import controller_pb2 as pb
 from metis_async.wire import Upload
 
-Outgoing = bytes | ModelDownload
-"""What a stream's queue holds: one serialized `ControllerMessage`, or a model's messages."""
+
+class BundleParts:
+    """Consecutive small messages for one stream, joined into one `Bundle` message only when
+    the stream writes it (`delivery.bundle_message`, within the send budget).
+
+    A broadcast queues a small model's chunk, shared by every stream, and each stream's own
+    task: joined at once, N streams held N copies of the model until their writes; as parts,
+    the chunk stays one object and only the writes in flight hold joined copies.
+
+    Args:
+        messages: serialized `ControllerMessage`s, in order.
+    """
+
+    __slots__ = ("messages", "nbytes")
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+        self.nbytes = sum(len(message) + 11 for message in messages) + 11  # tags, lengths
+
+
+Outgoing = bytes | ModelDownload | BundleParts
+"""What a stream's queue holds: one serialized `ControllerMessage`, a run of them to bundle,
+or a model's messages."""
 
 
 class SendQueue:
     """A stream's bounded outbox: many senders (never blocking), one reader (its writer).
 
     asyncio.Queue with an Event for closing took ~3.5 KB a session in deques and waiter lists;
-    with 100,000 streams that is 350 MB. This holds one deque, made on first use, and one waiter.
+    with 100,000 streams that is 350 MB. This holds one deque, made on first use, and nothing
+    else: the reader is a writer task started when the queue fills (`Session.send`), which ends
+    when it is empty again, so nothing waits on an idle stream.
 
     Args:
         maxsize: messages it holds; `put_nowait` raises `asyncio.QueueFull` beyond.
     """
 
-    __slots__ = ("_items", "_waiter", "maxsize")
+    __slots__ = ("_items", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: collections.deque[Outgoing | None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: Outgoing | None) -> None:
         """Queue `item` (None: the end of the stream); asyncio.QueueFull when full."""
@@ -55,19 +78,12 @@ class SendQueue:
         if len(items) >= self.maxsize:
             raise asyncio.QueueFull
         items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
-    async def get(self) -> Outgoing | None:
-        """The next item, waiting for one (one reader at a time)."""
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    def pop(self) -> Outgoing | Empty | None:
+        """The next item, or `EMPTY` when there is none."""
         items = self._items
+        if not items:
+            return EMPTY
         item = items.popleft()
         if not items:
             self._items = None  # an idle stream keeps no deque (~760 bytes each)
@@ -76,6 +92,15 @@ class SendQueue:
     def qsize(self) -> int:
         """Items waiting."""
         return len(self._items) if self._items else 0
+
+
+class Empty(enum.Enum):
+    """`SendQueue.pop` found nothing to write."""
+
+    EMPTY = enum.auto()
+
+
+EMPTY = Empty.EMPTY
 
 
 class _Flag:
@@ -155,6 +180,8 @@ class Session:
         "takes_bundles",
         "upload_dtype",
         "waiting_for_slot",
+        "wake_writer",
+        "writer",
         "writing",
     )
 
@@ -190,6 +217,10 @@ class Session:
         self.discard_payload_id = 0
         self.queue = SendQueue(queue_limit)
         self.writing = False  # a message is being handed to gRPC
+        # The task writing the queue, while it has something to write (None when idle), and
+        # what starts one (set by the server once the stream may be written; None before).
+        self.writer: asyncio.Task[None] | None = None
+        self.wake_writer: Callable[[], None] | None = None
         # Model chunks awaiting the learner's receipt ("receipt" learners; set by the server).
         self.ledger: ReceiptLedger | None = None
         self.closing = _Flag()  # set by close(); on_close wakes the stream's handler
@@ -227,6 +258,8 @@ class Session:
                     f"send queue full ({self.queue.maxsize} messages): learner reads too slowly",
                 )
                 return False
+        if self.writer is None and self.wake_writer is not None:
+            self.wake_writer()
         return True
 
     def finish(self) -> None:
@@ -235,6 +268,9 @@ class Session:
             self.queue.put_nowait(None)
         except asyncio.QueueFull:
             self.close(None, "")
+            return
+        if self.writer is None and self.wake_writer is not None:
+            self.wake_writer()
 
     def close(self, code: grpc.StatusCode | None, message: str) -> None:
         """End the stream now with a status (None: OK) without waiting for the queue."""

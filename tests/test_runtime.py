@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -53,3 +55,28 @@ def test_the_defaults_come_back_when_the_served_coroutine_fails() -> None:
         run_event_loop(fails())
 
     assert gc.get_threshold() == PYTHON_DEFAULT_GC_THRESHOLDS
+
+
+def _thresholds_after(code: str) -> tuple[int, ...]:
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport gc\nprint(*gc.get_threshold())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return tuple(int(part) for part in done.stdout.split())
+
+
+def test_a_controller_entry_point_raises_the_thresholds_before_its_imports() -> None:
+    assert _thresholds_after("import metis_async.cli") == SERVING_GC_THRESHOLDS
+
+
+def test_an_entry_point_leaves_thresholds_set_before_it_alone() -> None:
+    chosen = _thresholds_after("import gc\ngc.set_threshold(900, 9, 9)\nimport metis_async.cli")
+
+    assert chosen == (900, 9, 9)
+
+
+def test_the_learner_package_keeps_the_default_thresholds() -> None:
+    assert _thresholds_after("import metis_async.client") == PYTHON_DEFAULT_GC_THRESHOLDS

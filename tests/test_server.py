@@ -398,6 +398,31 @@ def test_a_learner_without_bundles_gets_separate_messages(controller_factory: Fa
     raw.close()
 
 
+def test_an_idle_stream_holds_no_writer_task_and_still_gets_later_messages(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=2, rounds=1))
+    first = RawLearner(ct.address, "first", capabilities=["train", "delta", "bundle"])
+    first.until("welcome")
+
+    def writer_of(learner_id: str) -> object:
+        return ct.controller.streams.sessions[learner_id].writer
+
+    idle_writer = ct.read(lambda: writer_of("first"))
+    second = RawLearner(ct.address, "second", capabilities=["train", "delta", "bundle"])
+    bundle = first.until("bundle").bundle  # the round starts once the second one is in
+
+    assert idle_writer is None
+    kinds = [pb.ControllerMessage.FromString(m).WhichOneof("body") for m in bundle.messages]
+    assert "train" in kinds
+    deadline = time.monotonic() + 5.0
+    while ct.read(lambda: writer_of("first")) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ct.read(lambda: writer_of("first")) is None  # written, and idle again
+    first.close()
+    second.close()
+
+
 def test_learners_announcing_the_same_capabilities_share_one_set() -> None:
     from metis_async.learners import DEFAULT_CAPABILITIES
     from metis_async.streams import capability_set
