@@ -62,10 +62,11 @@ FEDERATION = "metis_async.v1.Federation"
 """Health-check name that is SERVING only while the federation trains (readiness)."""
 LARGE_MESSAGE_BYTES = 64 * 1024
 """Messages from this size on (model chunks) are written within `download_buffer_bytes`."""
-BUNDLE_BUFFER_BYTES = 4 * 1024 * 1024
-"""Bytes of bundles joined for writes in flight at once. gRPC keeps the bytes a write was given
-until the write completes, and a broadcast starts every stream's write in one go: unbounded,
-N streams held N joined copies of a small model (3.8 KB a stream at 3,000, tracemalloc)."""
+BUNDLE_BUFFER_BYTES = 8 * 1024 * 1024
+"""Bytes of bundles joined for writes in flight at once, per process. gRPC keeps the bytes a
+write was given until the write completes, and a broadcast starts every stream's write in one
+go: unbounded, N streams held N joined copies of a small model (3.8 KB a stream at 3,000,
+tracemalloc). Smaller budgets slowed a broadcast to 100,000 learners (benches/README.md)."""
 
 
 class StreamServer:
