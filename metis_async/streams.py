@@ -199,8 +199,8 @@ class StreamServer:
                 # the learner joined (a model may wait for receipts this task reads) goes to a
                 # writer.
                 welcome = session.queue.pop()
-                assert isinstance(welcome, bytes)
-                await self._write(session, context, welcome)
+                if isinstance(welcome, bytes):  # EMPTY only if the session closed already
+                    await self._write(session, context, welcome)
                 if not session.closing.is_set():
                     session.wake_writer = stream.start_writer
                     if session.queue.qsize():
@@ -416,7 +416,7 @@ class StreamServer:
                 await self._write(session, context, item)
             if session.closing.is_set():
                 return
-        session.writer = None  # idle, not ended: `writer_done` leaves the stream open
+        session.writer = None  # idle, not ended: `_writer_done` leaves the stream open
 
     async def _write(
         self, session: Session, context: grpc.aio.ServicerContext, message: bytes | BundleParts
