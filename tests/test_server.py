@@ -374,17 +374,23 @@ def test_initial_model_with_nan_is_refused(controller_factory: Factory) -> None:
     assert not ct.read(lambda: ct.controller.store.ready)
 
 
+BUNDLING = ["train", "delta", "bundle"]
+
+
+def _kinds_in(bundle: pb.Bundle) -> list[str]:
+    return [str(pb.ControllerMessage.FromString(m).WhichOneof("body")) for m in bundle.messages]
+
+
 def test_a_learner_that_takes_bundles_gets_its_small_model_and_task_in_one_write(
     controller_factory: Factory,
 ) -> None:
     ct = controller_factory(sync_policy(min_learners=1, rounds=0))
-    raw = RawLearner(ct.address, "bundled", capabilities=["train", "delta", "bundle"])
+    raw = RawLearner(ct.address, "bundled", capabilities=BUNDLING)
     raw.until("welcome")
 
     bundle = raw.until("bundle").bundle
 
-    kinds = [pb.ControllerMessage.FromString(m).WhichOneof("body") for m in bundle.messages]
-    assert kinds[:4] == ["layout", "model", "chunk", "train"]  # then the status, if any
+    assert _kinds_in(bundle)[:4] == ["layout", "model", "chunk", "train"]  # then the status
     raw.close()
 
 
@@ -402,19 +408,18 @@ def test_an_idle_stream_holds_no_writer_task_and_still_gets_later_messages(
     controller_factory: Factory,
 ) -> None:
     ct = controller_factory(sync_policy(min_learners=2, rounds=1))
-    first = RawLearner(ct.address, "first", capabilities=["train", "delta", "bundle"])
+    first = RawLearner(ct.address, "first", capabilities=BUNDLING)
     first.until("welcome")
 
     def writer_of(learner_id: str) -> object:
         return ct.controller.streams.sessions[learner_id].writer
 
     idle_writer = ct.read(lambda: writer_of("first"))
-    second = RawLearner(ct.address, "second", capabilities=["train", "delta", "bundle"])
+    second = RawLearner(ct.address, "second", capabilities=BUNDLING)
     bundle = first.until("bundle").bundle  # the round starts once the second one is in
 
     assert idle_writer is None
-    kinds = [pb.ControllerMessage.FromString(m).WhichOneof("body") for m in bundle.messages]
-    assert "train" in kinds
+    assert "train" in _kinds_in(bundle)
     deadline = time.monotonic() + 5.0
     while ct.read(lambda: writer_of("first")) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
