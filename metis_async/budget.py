@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 
 
 class ByteBudget:
@@ -52,6 +53,25 @@ class ByteBudget:
         """Give back what `acquire` returned."""
         self.held -= size
         self._wake()
+
+    def release_within(self, size: int, seconds: float) -> Callable[[], None]:
+        """Give back `size` (what `acquire` returned) after `seconds` at the latest, or when the
+        returned function is called first; either way once.
+
+        For holders that may be stuck (a write to a learner that does not read): the bytes
+        they hold stay theirs, but they stop holding everyone else back.
+        """
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                timer.cancel()
+                self.release(size)
+
+        timer = asyncio.get_running_loop().call_later(seconds, give_back)
+        return give_back
 
     def _wake(self) -> None:
         while self._waiters:

@@ -16,7 +16,7 @@ import contextlib
 import hmac
 import sys
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -67,6 +67,9 @@ BUNDLE_BUFFER_BYTES = 8 * 1024 * 1024
 write was given until the write completes, and a broadcast starts every stream's write in one
 go: unbounded, N streams held N joined copies of a small model (3.8 KB a stream at 3,000,
 tracemalloc). Smaller budgets slowed a broadcast to 100,000 learners (benches/README.md)."""
+BUNDLE_WRITE_SECONDS = 2.0
+"""A bundle write holds its share of `BUNDLE_BUFFER_BYTES` this long at most: writes to learners
+that stop reading never complete, and must not keep the budget from everyone else."""
 
 
 class StreamServer:
@@ -424,10 +427,14 @@ class StreamServer:
         """Hand one message to gRPC, a large one or a bundle within the send budget (a bundle
         is joined once it fits, so only the writes in flight hold joined bytes)."""
         budget, held = self._sending, 0
+        give_back: Callable[[], None] | None = None
         try:
             if isinstance(message, BundleParts):
-                budget = self._bundling
-                held = await budget.acquire(message.nbytes)
+                # At most BUNDLE_WRITE_SECONDS of the bundle budget per write: a learner that
+                # stops reading cannot hold the next broadcast back (its bytes stay its own).
+                give_back = self._bundling.release_within(
+                    await self._bundling.acquire(message.nbytes), BUNDLE_WRITE_SECONDS
+                )
                 message = bundle_message(message.messages)
             elif len(message) >= LARGE_MESSAGE_BYTES:
                 held = await budget.acquire(len(message))
@@ -437,6 +444,8 @@ class StreamServer:
             session.writing = False
             if held:
                 budget.release(held)
+            if give_back is not None:
+                give_back()
         self.stats.bytes_sent_total += len(message)
 
     async def _write_model(

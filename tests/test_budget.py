@@ -167,3 +167,28 @@ def test_releasing_a_ledger_gives_everything_back() -> None:
     ledger.release_all()
 
     assert (len(ledger), budget.held, ledger.stalled(before=1.0)) == (0, 0, False)
+
+
+def test_a_share_released_within_a_time_goes_back_when_the_holder_is_stuck() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        budget = ByteBudget(10)
+        give_back = budget.release_within(await budget.acquire(10), 0.05)
+        held_at_first = budget.held
+        await asyncio.wait_for(budget.acquire(10), 5.0)  # the stuck holder never gave back
+        held_after_the_timeout = budget.held
+        give_back()  # the stuck write completes at last: nothing more goes back
+        return held_at_first, held_after_the_timeout, budget.held
+
+    assert asyncio.run(scenario()) == (10, 10, 10)
+
+
+def test_a_share_given_back_in_time_goes_back_once() -> None:
+    async def scenario() -> tuple[int, int]:
+        budget = ByteBudget(10)
+        give_back = budget.release_within(await budget.acquire(6), 0.05)
+        give_back()
+        released = budget.held
+        await asyncio.sleep(0.1)  # the timer must not give it back a second time
+        return released, budget.held
+
+    assert asyncio.run(scenario()) == (0, 0)
