@@ -43,10 +43,9 @@ def collector_tuned_for_serving() -> Iterator[None]:
     goes on (a test, the demo) gets its collector back as it was.
     """
     previous = gc.get_threshold()
-    if previous != PYTHON_DEFAULT_GC_THRESHOLDS:
+    if not tune_collector_for_serving():
         yield
         return
-    gc.set_threshold(*SERVING_GC_THRESHOLDS)
     try:
         yield
     finally:

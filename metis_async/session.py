@@ -30,7 +30,7 @@ from metis_async.wire import Upload
 
 class BundleParts:
     """Consecutive small messages for one stream, joined into one `Bundle` message only when
-    the stream writes it (`delivery.bundle_message`, within the send budget).
+    the stream writes it (`delivery.bundle_message`, within `streams.BUNDLE_BUFFER_BYTES`).
 
     A broadcast queues a small model's chunk, shared by every stream, and each stream's own
     task: joined at once, N streams held N copies of the model until their writes; as parts,
@@ -258,9 +258,12 @@ class Session:
                     f"send queue full ({self.queue.maxsize} messages): learner reads too slowly",
                 )
                 return False
+        self._start_writing()
+        return True
+
+    def _start_writing(self) -> None:
         if self.writer is None and self.wake_writer is not None:
             self.wake_writer()
-        return True
 
     def finish(self) -> None:
         """End the stream normally once everything queued so far has been written."""
@@ -269,8 +272,7 @@ class Session:
         except asyncio.QueueFull:
             self.close(None, "")
             return
-        if self.writer is None and self.wake_writer is not None:
-            self.wake_writer()
+        self._start_writing()
 
     def close(self, code: grpc.StatusCode | None, message: str) -> None:
         """End the stream now with a status (None: OK) without waiting for the queue."""
