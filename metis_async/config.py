@@ -198,6 +198,14 @@ class ServerSection(_Section):
         description="fixed HTTP/2 receive window per learner stream (bounds gRPC's buffers of "
         "waiting uploads; caps a stream at window/RTT); 0: gRPC sizes it automatically",
     )
+    read_buffer_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        le=2**31 - 1,
+        description="largest buffer gRPC reads one connection into; it keeps that buffer for "
+        "the connection's life, grown to its largest burst (4 MB uploads: ~4 MB per learner); "
+        "0: gRPC's own limit",
+    )
     upload_codec: Codec = Field(
         default="float32",
         description="uploads of learners that offer it: float32, float16, bfloat16, int8",

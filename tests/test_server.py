@@ -104,6 +104,27 @@ def test_versions_advance_round_after_round(controller_factory: Factory) -> None
     assert learner.fits == [0, 1, 2]
 
 
+def test_models_far_larger_than_the_read_buffer_arrive_whole(controller_factory: Factory) -> None:
+    # 1.2 MB models both ways through connections whose reads are capped at 4 KiB
+    size = 300_000
+    ct = controller_factory(
+        sync_policy(min_learners=2, rounds=2),
+        [np.zeros(size, dtype=np.float32)],
+        read_buffer_bytes=4096,
+    )
+    threads = [
+        _start_learner(ct.address, ShiftLearner(shift=1.0, examples=1, size=size), "a"),
+        _start_learner(ct.address, ShiftLearner(shift=3.0, examples=1, size=size), "b"),
+    ]
+
+    assert ct.wait_finished(30)
+
+    np.testing.assert_allclose(ct.model(), np.full(size, 4.0, np.float32))  # 2 rounds of +2
+    for thread, out in threads:
+        thread.join(10)
+        assert isinstance(out[0], RunSummary)
+
+
 def test_first_learner_provides_the_initial_model(controller_factory: Factory) -> None:
     ct = controller_factory(sync_policy(min_learners=2, rounds=1), no_model=True)
     _start_learner(ct.address, ShiftLearner(shift=2.0, examples=1), "a")
