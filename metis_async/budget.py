@@ -27,6 +27,23 @@ class ByteBudget:
         self.limit = limit
         self.held = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._uncontended: list[asyncio.Future[None]] = []
+        # `release_within`'s holds in expiry order, and the timer of the first, by duration
+        self._holds: dict[float, collections.deque[_Hold]] = {}
+        self._expiry: dict[float, asyncio.TimerHandle | None] = {}
+
+    @property
+    def contended(self) -> bool:
+        """Whether requests are waiting for room (the budget is the bottleneck right now)."""
+        return bool(self._waiters)
+
+    async def wait_uncontended(self) -> None:
+        """Return once no request waits for room (at once when none does)."""
+        if not self._waiters:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._uncontended.append(future)
+        await future
 
     async def acquire(self, nbytes: int) -> int:
         """Wait until `nbytes` (capped at the limit) fit; returns what to `release`."""
@@ -59,21 +76,38 @@ class ByteBudget:
         returned function is called first; either way once.
 
         For holders that may be stuck (a write to a learner that does not read): the bytes
-        they hold stay theirs, but they stop holding everyone else back.
+        they hold stay theirs, but they stop holding everyone else back. One timer serves every
+        hold of the same `seconds` (a broadcast makes one hold per stream): they expire in the
+        order they were made.
         """
-        given_back = False
+        loop = asyncio.get_running_loop()
+        hold = _Hold(self, size, loop.time() + seconds)
+        holds = self._holds.setdefault(seconds, collections.deque())
+        while holds and not holds[0].size:  # given back already: no need to keep them
+            holds.popleft()
+        holds.append(hold)
+        if self._expiry.get(seconds) is None:
+            self._expiry[seconds] = loop.call_at(hold.deadline, self._expire, seconds)
+        return hold
 
-        def give_back() -> None:
-            nonlocal given_back
-            if not given_back:
-                given_back = True
-                timer.cancel()
-                self.release(size)
-
-        timer = asyncio.get_running_loop().call_later(seconds, give_back)
-        return give_back
+    def _expire(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        holds, now = self._holds[seconds], loop.time()
+        while holds and holds[0].deadline <= now:
+            holds.popleft()()
+        self._expiry[seconds] = (
+            loop.call_at(holds[0].deadline, self._expire, seconds) if holds else None
+        )
 
     def _wake(self) -> None:
+        self._grant()
+        if not self._waiters and self._uncontended:
+            waiting, self._uncontended = self._uncontended, []
+            for future in waiting:
+                if not future.done():  # not cancelled
+                    future.set_result(None)
+
+    def _grant(self) -> None:
         while self._waiters:
             size, future = self._waiters[0]
             if future.done():  # cancelled, not yet removed
@@ -84,6 +118,21 @@ class ByteBudget:
             self._waiters.popleft()
             self.held += size
             future.set_result(None)
+
+
+class _Hold:
+    """A share of a `ByteBudget` that goes back when called or at `deadline` (loop time),
+    whichever comes first (`ByteBudget.release_within`)."""
+
+    __slots__ = ("budget", "deadline", "size")
+
+    def __init__(self, budget: ByteBudget, size: int, deadline: float) -> None:
+        self.budget, self.size, self.deadline = budget, size, deadline
+
+    def __call__(self) -> None:
+        if self.size:
+            size, self.size = self.size, 0
+            self.budget.release(size)
 
 
 RECEIPT_WINDOW_CHUNKS = 16

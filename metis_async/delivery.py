@@ -543,6 +543,8 @@ _MESSAGES_FIELD = pb.Bundle.DESCRIPTOR.fields_by_name["messages"].number
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -551,15 +553,23 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+_SMALL_VARINTS = [bytes((value,)) for value in range(0x80)]
+_BUNDLE_TAG = _varint(_BUNDLE_FIELD << 3 | 2)
+_MESSAGES_TAG = _varint(_MESSAGES_FIELD << 3 | 2)
+
+
 def bundle_message(messages: list[bytes]) -> bytes:
     """`ControllerMessage(bundle=Bundle(messages=...))` serialized by joining bytes: the same
-    bytes protobuf writes, without building (and copying into) message objects per stream."""
-    tag = _varint(_MESSAGES_FIELD << 3 | 2)
-    parts: list[bytes] = []
-    for message in messages:
-        parts += (tag, _varint(len(message)), message)
-    inner = b"".join(parts)
-    return b"".join((_varint(_BUNDLE_FIELD << 3 | 2), _varint(len(inner)), inner))
+    bytes protobuf writes, without building (and copying into) message objects per stream.
+    Written once per stream per broadcast, so it joins once and computes little."""
+    tag, length = _MESSAGES_TAG, _varint
+    inner = sum(len(message) for message in messages)
+    lengths = [length(len(message)) for message in messages]
+    inner += len(messages) + sum(len(prefix) for prefix in lengths)
+    parts = [_BUNDLE_TAG, length(inner)]
+    for prefix, message in zip(lengths, messages, strict=True):
+        parts += (tag, prefix, message)
+    return b"".join(parts)
 
 
 def _send_run(session: Session, run: list[bytes]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -107,6 +108,10 @@ class StreamServer:
         self._sending = ByteBudget(config.download_buffer_bytes)
         # Bundles joined for writes in flight (their parts stay shared until then).
         self._bundling = ByteBudget(BUNDLE_BUFFER_BYTES)
+        # Session ids (informational, new for every stream): a random prefix per process and a
+        # counter, so a join costs no system call for randomness (uuid4 did, ~10 us each).
+        self._session_prefix = uuid.uuid4().hex[:12]
+        self._session_numbers = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.port = 0
@@ -268,7 +273,7 @@ class StreamServer:
             )
         session = Session(
             learner_id,
-            uuid.uuid4().hex,
+            f"{self._session_prefix}-{next(self._session_numbers):x}",
             asyncio.get_running_loop().time(),
             self.config.send_queue_limit,
             capabilities,
@@ -500,6 +505,14 @@ class StreamServer:
             last = now
             ledger = session.ledger
             acknowledged = 0 if ledger is None else ledger.acknowledged
+            if self._bundling.contended:
+                # A broadcast is being written: bundled writes wait for room, so streams are
+                # still without their task. Their writes go first; this stream's message waits
+                # (its learner is held by flow control meanwhile). Stuck writes give their
+                # room back within BUNDLE_WRITE_SECONDS, so the wait is bounded.
+                await self._bundling.wait_uncontended()
+                if session.closing.is_set():
+                    return
             await self._ingest.handle(session, raw)
             if ledger is not None and ledger.acknowledged != acknowledged:
                 tokens = min(burst, tokens + 1.0)  # a receipt our own chunks asked for is free
@@ -511,13 +524,21 @@ class StreamServer:
 
     async def _reap_silent_learners(self) -> None:
         timeout = self.config.heartbeat_timeout_seconds
+        interval = self.config.heartbeat_interval_seconds
+        reported = -float("inf")  # loop time of the last "last seen" report
         while True:
-            await asyncio.sleep(max(self.config.heartbeat_interval_seconds / 2, 0.05))
+            await asyncio.sleep(max(interval / 2, 0.05))
             now = asyncio.get_running_loop().time()
             deadline = now - timeout
+            # "Last seen" for people, heartbeats included (the core sees no heartbeats): once a
+            # heartbeat interval, and only the streams heard from since the last report. A
+            # report of every stream on every sweep took the core thread (and the GIL) ~2 s
+            # a minute at 15,000 learners, much of it during broadcasts.
+            report = now - reported >= interval
             heard: dict[str, float] = {}  # seconds since each stream's last message
             for session in list(self.sessions.values()):
-                heard[session.learner_id] = now - session.last_seen
+                if report and session.last_seen > reported:
+                    heard[session.learner_id] = now - session.last_seen
                 if session.last_seen < deadline and not session.waiting_for_slot:
                     session.close(grpc.StatusCode.UNAVAILABLE, f"no message for {timeout:g} s")
                 elif session.ledger is not None and session.ledger.stalled(deadline):
@@ -525,7 +546,9 @@ class StreamServer:
                         grpc.StatusCode.UNAVAILABLE,
                         f"model chunks unacknowledged for {timeout:g} s (ModelReceived)",
                     )
-            if heard:  # "last seen" for people: heartbeats count (the core sees no heartbeats)
+            if report:
+                reported = now
+            if heard:
                 try:
                     await self.link.learners_heard(heard)
                 except Exception as error:  # the core is gone (stopping): reaping goes on

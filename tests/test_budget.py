@@ -192,3 +192,53 @@ def test_a_share_given_back_in_time_goes_back_once() -> None:
         return released, budget.held
 
     assert asyncio.run(scenario()) == (0, 0)
+
+
+def test_stuck_shares_of_one_duration_all_go_back_in_time() -> None:
+    async def scenario() -> tuple[int, int]:
+        budget = ByteBudget(9)
+        holds = [budget.release_within(await budget.acquire(3), 0.05) for _ in range(3)]
+        holds[1]()  # the middle write completes; the other two stay stuck
+        held_before = budget.held
+        await asyncio.wait_for(budget.acquire(9), 5.0)  # both stuck shares expire
+        for hold in holds:
+            hold()  # late completions give nothing back twice
+        return held_before, budget.held
+
+    assert asyncio.run(scenario()) == (6, 9)
+
+
+def test_waiting_for_no_contention_returns_at_once_when_nothing_waits() -> None:
+    async def scenario() -> bool:
+        budget = ByteBudget(10)
+        await budget.acquire(10)  # full, but nobody waits for room
+        await asyncio.wait_for(budget.wait_uncontended(), 1.0)
+        return budget.contended
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_waiting_for_no_contention_ends_when_the_waiters_are_served() -> None:
+    async def scenario() -> list[str]:
+        budget = ByteBudget(10)
+        order: list[str] = []
+        first = await budget.acquire(10)
+
+        async def writer() -> None:
+            budget.release(await budget.acquire(10))
+            order.append("writer served")
+
+        async def reader() -> None:
+            await budget.wait_uncontended()
+            order.append("reader goes on")
+
+        tasks = [asyncio.ensure_future(writer())]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(reader()))
+        await asyncio.sleep(0.01)
+        order.append("first released")
+        budget.release(first)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == ["first released", "writer served", "reader goes on"]
