@@ -587,8 +587,37 @@ def _log_core_failure(future: asyncio.Future[Any]) -> None:
 
 def task_message(task: Task, upload_grant: bool = False) -> bytes:
     """The serialized `ControllerMessage` carrying `task` (`upload_grant`: the learner waits
-    for UploadGrant before sending the result's chunks)."""
+    for UploadGrant before sending the result's chunks).
+
+    A round gives every learner a train task that differs only in its id, so the rest of the
+    `TrainTask` is serialized once (`_TrainTemplate`) and each task is its id's field joined
+    to it: the bytes protobuf writes (the id is field 1, written first), ~5x cheaper, which a
+    broadcast to thousands of streams pays once per stream."""
     if task.kind is TaskKind.TRAIN:
+        template = _TRAIN_TEMPLATE[0]
+        if not template.fits(task, upload_grant):
+            template = _TRAIN_TEMPLATE[0] = _TrainTemplate(task, upload_grant)
+        return template.message(task.task_id)
+    batch = task.settings.batch_size if task.settings is not None else 0
+    evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version, batch_size=batch)
+    return controller_message(evaluate=evaluate)
+
+
+class _TrainTemplate:
+    """A `TrainTask` without its id, serialized, for the tasks that share everything else."""
+
+    __slots__ = ("budget", "deadline", "delta", "grant", "rest", "settings", "version")
+
+    def __init__(self, task: Task | None, upload_grant: bool) -> None:
+        self.settings = task.settings if task is not None else None
+        self.version = task.version if task is not None else -1
+        self.deadline = task.deadline_seconds if task is not None else 0.0
+        self.delta = task.upload_delta if task is not None else True
+        self.budget = task.time_budget_seconds if task is not None else 0.0
+        self.grant = upload_grant
+        self.rest = b""
+        if task is None:
+            return
         s = task.settings
         if s is None:
             raise ValueError(f"train task {task.task_id!r} has no settings")
@@ -602,17 +631,37 @@ def task_message(task: Task, upload_grant: bool = False) -> bytes:
             time_budget_seconds=task.time_budget_seconds,
         )
         train = pb.TrainTask(
-            task_id=task.task_id,
             model_version=task.version,
             config=config,
             deadline_seconds=task.deadline_seconds,
             upload_delta=task.upload_delta,
             upload_grant=upload_grant,
         )
-        return controller_message(train=train)
-    batch = task.settings.batch_size if task.settings is not None else 0
-    evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version, batch_size=batch)
-    return controller_message(evaluate=evaluate)
+        self.rest = train.SerializeToString()
+
+    def fits(self, task: Task, upload_grant: bool) -> bool:
+        """Whether `task` differs from the template's tasks in its id only (the settings object
+        itself: settings are frozen, and an equal copy merely makes a new template)."""
+        return (
+            task.settings is self.settings
+            and task.version == self.version
+            and task.deadline_seconds == self.deadline
+            and task.upload_delta == self.delta
+            and task.time_budget_seconds == self.budget
+            and upload_grant == self.grant
+        )
+
+    def message(self, task_id: str) -> bytes:
+        """The serialized `ControllerMessage(train=TrainTask(task_id=task_id, ...))`."""
+        tid = task_id.encode()
+        inner = b"".join((_TASK_ID_TAG, _varint(len(tid)), tid, self.rest))
+        return b"".join((_TRAIN_TAG, _varint(len(inner)), inner))
+
+
+_TRAIN_TAG = _varint(pb.ControllerMessage.DESCRIPTOR.fields_by_name["train"].number << 3 | 2)
+_TASK_ID_TAG = _varint(pb.TrainTask.DESCRIPTOR.fields_by_name["task_id"].number << 3 | 2)
+_TRAIN_TEMPLATE = [_TrainTemplate(None, False)]
+"""The last template made (one loop thread uses it: a list, so `task_message` can replace it)."""
 
 
 def health_of(state: FederationState) -> tuple[bool, bool]:

@@ -129,3 +129,41 @@ def test_bundle_bytes_are_what_protobuf_writes() -> None:
 
     expected = pb.ControllerMessage(bundle=pb.Bundle(messages=messages)).SerializeToString()
     assert bundle_message(messages) == expected
+
+
+def test_train_task_bytes_are_what_protobuf_writes() -> None:
+    from metis_async.delivery import task_message
+    from metis_async.protocols.base import Task, TaskKind, TrainSettings
+    from metis_async.v1 import controller_pb2 as pb
+
+    shared = TrainSettings(local_steps=3, learning_rate=0.1, extra={"mu": 0.5})
+    tasks = [  # a run of tasks sharing a template, then ones that each need another
+        (Task("r1-a", "a", TaskKind.TRAIN, 4, shared, 60.0), False),
+        (Task("r1-" + "b" * 300, "b", TaskKind.TRAIN, 4, shared, 60.0), False),
+        (Task("r1-c", "c", TaskKind.TRAIN, 4, shared, 60.0), True),
+        (Task("r2-a", "a", TaskKind.TRAIN, 5, shared, 0.0, False, 2.5), False),
+        (Task("r2-b", "b", TaskKind.TRAIN, 5, TrainSettings(epochs=2), 60.0), False),
+    ]
+
+    for task, grant in tasks:
+        s = task.settings
+        assert s is not None
+        config = pb.TrainConfig(
+            local_steps=s.local_steps,
+            epochs=s.epochs,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            proximal_mu=s.proximal_mu,
+            extra=dict(s.extra),
+            time_budget_seconds=task.time_budget_seconds,
+        )
+        train = pb.TrainTask(
+            task_id=task.task_id,
+            model_version=task.version,
+            config=config,
+            deadline_seconds=task.deadline_seconds,
+            upload_delta=task.upload_delta,
+            upload_grant=grant,
+        )
+        expected = pb.ControllerMessage(train=train).SerializeToString()
+        assert task_message(task, upload_grant=grant) == expected, task.task_id
