@@ -595,7 +595,7 @@ def task_message(task: Task, upload_grant: bool = False) -> bytes:
     broadcast to thousands of streams pays once per stream."""
     if task.kind is TaskKind.TRAIN:
         template = _TRAIN_TEMPLATE[0]
-        if not template.fits(task, upload_grant):
+        if template is None or not template.fits(task, upload_grant):
             template = _TRAIN_TEMPLATE[0] = _TrainTemplate(task, upload_grant)
         return template.message(task.task_id)
     batch = task.settings.batch_size if task.settings is not None else 0
@@ -608,16 +608,13 @@ class _TrainTemplate:
 
     __slots__ = ("budget", "deadline", "delta", "grant", "rest", "settings", "version")
 
-    def __init__(self, task: Task | None, upload_grant: bool) -> None:
-        self.settings = task.settings if task is not None else None
-        self.version = task.version if task is not None else -1
-        self.deadline = task.deadline_seconds if task is not None else 0.0
-        self.delta = task.upload_delta if task is not None else True
-        self.budget = task.time_budget_seconds if task is not None else 0.0
+    def __init__(self, task: Task, upload_grant: bool) -> None:
+        self.settings = task.settings
+        self.version = task.version
+        self.deadline = task.deadline_seconds
+        self.delta = task.upload_delta
+        self.budget = task.time_budget_seconds
         self.grant = upload_grant
-        self.rest = b""
-        if task is None:
-            return
         s = task.settings
         if s is None:
             raise ValueError(f"train task {task.task_id!r} has no settings")
@@ -660,7 +657,7 @@ class _TrainTemplate:
 
 _TRAIN_TAG = _varint(pb.ControllerMessage.DESCRIPTOR.fields_by_name["train"].number << 3 | 2)
 _TASK_ID_TAG = _varint(pb.TrainTask.DESCRIPTOR.fields_by_name["task_id"].number << 3 | 2)
-_TRAIN_TEMPLATE = [_TrainTemplate(None, False)]
+_TRAIN_TEMPLATE: list[_TrainTemplate | None] = [None]
 """The last template made (one loop thread uses it: a list, so `task_message` can replace it)."""
 
 
