@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import subprocess
 import sys
 
@@ -35,3 +37,27 @@ def test_an_embedded_learner_leaves_structlog_alone() -> None:
     assert _modules_after("import metis_async.client") == {"rich": False, "structlog": False}
     seen = _modules_after("import metis_async.client\nimport structlog.dev")
     assert seen == {"rich": True, "structlog": True}
+
+
+def _plugins_setting(env: dict[str, str]) -> str | None:
+    probe = "import metis_async.cli, os\nprint(repr(os.environ.get('PYDANTIC_DISABLE_PLUGINS')))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    value: str | None = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    return value
+
+
+def test_the_controller_skips_pydantic_plugin_discovery() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    assert _plugins_setting(env) == "1"
+
+
+def test_a_pydantic_plugin_setting_of_the_environment_is_kept() -> None:
+    env = {**os.environ, "PYDANTIC_DISABLE_PLUGINS": ""}  # empty: plugins load
+    assert _plugins_setting(env) == ""
