@@ -8,11 +8,12 @@ start short; rich itself stays importable afterwards (the CLI's tables and the d
 Only our own processes do this: a program that embeds the learner never imports this module.
 
 pydantic looks for plugins when it builds the settings schema: `importlib.metadata` lists
-every directory on `sys.path` and reads every installed distribution's entry points, ~30 ms of
-a start on the same VM (a controller's start with ten waiting learners: median 0.43 s -> 0.40
-s). The controller uses no pydantic plugin, so its processes set `PYDANTIC_DISABLE_PLUGINS`,
-pydantic's own switch, unless the environment already says otherwise (set it to a list of
-plugin names to disable, or to an empty value, to have plugins load).
+every directory on `sys.path` and reads every installed distribution's entry points, ~25 ms of
+a start on the same VM (start to first version with ten waiting learners, 8 interleaved runs:
+median 0.49 -> 0.44 s, benches/README.md). The controller uses no pydantic plugin, so its
+processes set `PYDANTIC_DISABLE_PLUGINS`, pydantic's own switch, unless the environment
+already says otherwise (set it to a list of plugin names to disable, or to an empty value, to
+have plugins load).
 
 The garbage collector's thresholds are raised here too (`runtime.SERVING_GC_THRESHOLDS`): a
 start is a burst of long-lived objects (modules, classes, protobuf descriptors, the settings
