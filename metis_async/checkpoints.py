@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from metis_async.learners import task_key, wire_task_id
 from metis_async.v1 import controller_pb2 as pb
 
 log = structlog.get_logger("metis_async.checkpoints")
@@ -72,7 +73,9 @@ class Checkpoint:
         policy: the policy's counters (`Policy.snapshot`).
         stats: the controller's counters.
         evaluations: mean evaluation metrics by version.
-        committed: update task id -> (learner id, version it was folded into), recent ones.
+        committed: update task key (`learners.task_key`: wire task id and learner id) ->
+            (learner id, version it was folded into), recent ones. On disk the wire ids and
+            the learners are stored apart, so checkpoints of every wire-id scheme load.
         created_unix_seconds: when it was written.
     """
 
@@ -100,7 +103,7 @@ class Checkpoint:
             "policy": self.policy,
             "stats": self.stats,
             "evaluations": {str(v): m for v, m in self.evaluations.items()},
-            "committed_tasks": list(self.committed),
+            "committed_tasks": [wire_task_id(key) for key in self.committed],
             "committed_learners": [lid for lid, _ in self.committed.values()],
             "committed_versions": [v for _, v in self.committed.values()],
             "optimizer": sorted(self.optimizer),
@@ -145,7 +148,7 @@ class Checkpoint:
                 f"model has {model.nbytes} bytes, its layout says {layout.total_bytes}"
             )
         committed = {
-            task: (str(lid), int(v))
+            task_key(str(task), str(lid)): (str(lid), int(v))
             for task, lid, v in zip(
                 document["committed_tasks"],
                 document["committed_learners"],

@@ -306,6 +306,9 @@ class EffectDelivery:
         self._finished = finished
         self._background: set[asyncio.Task[None]] = set()
         self._staged: list[Session] = []
+        # The bundles of this call by their parts' identities: the parts (held, so the ids
+        # stay theirs) and, from the second stream with the same parts on, the joined bundle.
+        self._runs: dict[tuple[int, ...], tuple[list[bytes], bytes | None]] = {}
         self.upload_grant_bytes: int | None = None
         """Models from this size on (bytes) are uploaded on grant by learners announcing
         "grant" (TrainTask.upload_grant); None: never."""
@@ -332,6 +335,7 @@ class EffectDelivery:
         for session in self._staged:
             self._flush(session)
         self._staged.clear()
+        self._runs.clear()
 
     def _out(self, session: Session, *messages: Outgoing) -> bool:
         """Queue `messages` for `session` (staged for bundling where it takes bundles)."""
@@ -349,10 +353,35 @@ class EffectDelivery:
             if isinstance(message, bytes) and len(message) <= BUNDLE_ITEM_BYTES:
                 run.append(message)
                 continue
-            _send_run(session, run)
+            self._send_run(session, run)
             run = []
             session.send(message)
-        _send_run(session, run)
+        self._send_run(session, run)
+
+    def _send_run(self, session: Session, run: list[bytes]) -> None:
+        """Send consecutive small messages: the message itself for one, one bundle for several.
+
+        A broadcast stages the same objects for every stream (the small model's header and
+        chunk, the round's task, a status), so from the second stream with the same parts on,
+        every stream is sent one joined bundle, the same bytes object, written as it is (the
+        bare server's shape: no join, no budget per stream). The first goes as parts, joined
+        when written within the bundle budget, so parts seen once (a task of its own) never
+        hold a joined copy per stream."""
+        if len(run) < 2:
+            if run:
+                session.send(run[0])
+            return
+        key = tuple(map(id, run))
+        seen = self._runs.get(key)
+        if seen is None:
+            self._runs[key] = (run, None)
+            session.send(BundleParts(run))
+            return
+        parts, joined = seen
+        if joined is None:
+            joined = bundle_message(parts)
+            self._runs[key] = (parts, joined)
+        session.send(joined)
 
     def _one(self, effect: Effect) -> None:
         if isinstance(effect, SendModel):
@@ -572,14 +601,6 @@ def bundle_message(messages: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _send_run(session: Session, run: list[bytes]) -> None:
-    """Send consecutive small messages: one bundle for several, the message itself for one."""
-    if len(run) > 1:
-        session.send(BundleParts(run))
-    elif run:
-        session.send(run[0])
-
-
 def _log_core_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("core_call_failed", error=repr(future.exception()))
@@ -606,7 +627,16 @@ def task_message(task: Task, upload_grant: bool = False) -> bytes:
 class _TrainTemplate:
     """A `TrainTask` without its id, serialized, for the tasks that share everything else."""
 
-    __slots__ = ("budget", "deadline", "delta", "grant", "rest", "settings", "version")
+    __slots__ = (
+        "budget",
+        "deadline",
+        "delta",
+        "grant",
+        "last",
+        "rest",
+        "settings",
+        "version",
+    )
 
     def __init__(self, task: Task, upload_grant: bool) -> None:
         self.settings = task.settings
@@ -635,6 +665,7 @@ class _TrainTemplate:
             upload_grant=upload_grant,
         )
         self.rest = train.SerializeToString()
+        self.last: tuple[str, bytes] = ("", b"")  # the last task id and its message
 
     def fits(self, task: Task, upload_grant: bool) -> bool:
         """Whether `task` differs from the template's tasks in its id only (the settings object
@@ -649,10 +680,17 @@ class _TrainTemplate:
         )
 
     def message(self, task_id: str) -> bytes:
-        """The serialized `ControllerMessage(train=TrainTask(task_id=task_id, ...))`."""
+        """The serialized `ControllerMessage(train=TrainTask(task_id=task_id, ...))`: the same
+        object again for the same id (a round's train tasks share their wire id, so every
+        stream of a broadcast is written the same bytes)."""
+        last_id, last = self.last
+        if task_id == last_id:
+            return last
         tid = task_id.encode()
         inner = b"".join((_TASK_ID_TAG, _varint(len(tid)), tid, self.rest))
-        return b"".join((_TRAIN_TAG, _varint(len(inner)), inner))
+        message = b"".join((_TRAIN_TAG, _varint(len(inner)), inner))
+        self.last = (task_id, message)
+        return message
 
 
 _TRAIN_TAG = _varint(pb.ControllerMessage.DESCRIPTOR.fields_by_name["train"].number << 3 | 2)

@@ -61,7 +61,14 @@ from metis_async.effects import (
     Shutdown,
     VersionCommitted,
 )
-from metis_async.learners import DEFAULT_CAPABILITIES, LearnerBook, LearnerRecord
+from metis_async.learners import (
+    DEFAULT_CAPABILITIES,
+    LearnerBook,
+    LearnerRecord,
+    Outstanding,
+    task_key,
+    wire_task_id,
+)
 from metis_async.protocols import (
     AcceptUpdate,
     AssignTask,
@@ -102,7 +109,7 @@ RESULT_RECEIVED = "result already received"
 RESENT = "resent:"
 """Prefix of the policy-side id of an update resent from an earlier controller start."""
 
-_Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate | bytes"]]
+_Updates = dict[str, tuple[str, "wire.FloatVector | Segments | RemoteUpdate | bytes", str]]
 
 _Method = TypeVar("_Method", bound=Callable[..., list[Effect]])
 
@@ -117,7 +124,7 @@ def _counted(method: _Method) -> _Method:
         self.events_handled += 1
         return effects
 
-    return handle  # type: ignore[return-value]  # policy task id -> (learner id, update)
+    return handle  # type: ignore[return-value]  # policy task id -> (learner, update, task key)
 
 
 Publish = Callable[[int, wire.ModelVector], object]
@@ -237,7 +244,10 @@ class FederationCore:
         self._state_dir = state
         self.incarnation = state.incarnation if state is not None else 1
         self._prefix = f"{self.run_id}.{self.incarnation}-"
-        # wire task id -> (learner id, version) of recently committed updates, oldest first
+        self._batch = 0  # counts `_deliver` calls: the tasks assigned in one share a wire id
+        self._unique = 0  # wire ids of tasks that cannot share their batch's
+        self._shared: tuple[int, dict[str, str]] = (0, {})  # batch -> wire id by task kind
+        # task key (`task_key`) -> (learner id, version) of recently committed updates, oldest first
         self._committed: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._committed_kept = committed_kept
         self._open_learners: list[str] = []  # the learner of each entry of _open
@@ -254,9 +264,9 @@ class FederationCore:
         self._flat: wire.ModelVector | None = None
         self.version = 0
         self._step: ServerStep | HomomorphicStep | MaskedStep | None = None
-        self._open: list[str] = []  # wire task ids folded into the open aggregate
+        self._open: list[str] = []  # task keys of the updates folded into the open aggregate
+        self._open_policy: list[str] = []  # the policy's task id of each entry of _open
         self._learners = LearnerBook(closed_tasks_kept, learners_remembered)
-        self._tasks: dict[str, Task] = {}  # outstanding tasks by wire id
         self._evaluation_sums: dict[int, dict[str, float]] = {}
         self._provider: str | None = None  # asked for the initial model
         self._provider_deadline: float | None = None
@@ -323,27 +333,30 @@ class FederationCore:
     def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
         """Whether `task_id` is outstanding for `learner_id`, closed (and why), committed,
         resendable, or unknown."""
-        task = self._tasks.get(task_id)
-        if task is not None and task.learner_id == learner_id:
-            return TaskLookup(task=task)
-        committed = self._committed.get(task_id)
-        if committed is not None and committed[0] == learner_id:
+        record = self._learners.get(learner_id)
+        held = record.tasks.get(task_id) if record is not None else None
+        if held is not None:
+            return TaskLookup(task=held.task)
+        key = task_key(task_id, learner_id)
+        committed = self._committed.get(key)
+        if committed is not None:
             return TaskLookup(committed_version=committed[1])
         closed = self._learners.closed_reason(learner_id, task_id)
-        if closed is None and self._resendable(task_id):
+        if closed is None and self._resendable(key):
             return TaskLookup(resendable=True, resent_upload_delta=self.policy.upload_delta)
         return TaskLookup(closed_reason=closed)
 
-    def _resendable(self, task_id: str) -> bool:
-        """A task id of this run from an earlier controller start (never outstanding here), or
-        one whose accepted update was lost with an ingest worker."""
-        if task_id in self._lost:
+    def _resendable(self, key: str) -> bool:
+        """A task (key) of this run from an earlier controller start (never outstanding here),
+        or one whose accepted update was lost with an ingest worker."""
+        if key in self._lost:
             return True
+        wire_id = wire_task_id(key)
         return (
             self._state_dir is not None
-            and task_id.startswith(f"{self.run_id}.")
-            and not task_id.startswith(self._prefix)
-            and task_id not in self._committed
+            and wire_id.startswith(f"{self.run_id}.")
+            and not wire_id.startswith(self._prefix)
+            and key not in self._committed
         )
 
     def learner_records(self) -> Iterator[LearnerRecord]:
@@ -425,7 +438,7 @@ class FederationCore:
             if hasattr(self.stats, name):
                 setattr(self.stats, name, value)
         self.evaluations = OrderedDict(sorted(checkpoint.evaluations.items()))
-        self._committed = OrderedDict(checkpoint.committed)
+        self._committed = OrderedDict(checkpoint.committed)  # keyed by task key
         log.info(
             "resumed_from_checkpoint",
             run_id=self.run_id,
@@ -506,8 +519,7 @@ class FederationCore:
         record = self._learners.get(learner_id)
         if record is None or not record.connected:
             return []
-        for task_id in self._learners.leave(record, f"learner lost: {reason or 'disconnected'}"):
-            self._tasks.pop(task_id, None)
+        self._learners.leave(record, f"learner lost: {reason or 'disconnected'}")
         effects: list[Effect] = []
         if self._provider == learner_id:
             self._provider = None
@@ -565,9 +577,10 @@ class FederationCore:
         """A complete, validated training update for `report.task_id` arrived (an array,
         `Segments`: the upload still in the chunk messages it arrived in, or a `RemoteUpdate`
         an ingest worker holds)."""
-        task = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
-        resent = task is None and self._take_resent(learner_id, report.task_id)
-        if task is None and not resent:
+        held = self._close_task(learner_id, report.task_id, RESULT_RECEIVED)
+        key = task_key(report.task_id, learner_id)
+        resent = held is None and self._take_resent(learner_id, report.task_id, key)
+        if held is None and not resent:
             _release(update)
             return [self._stale_answer(learner_id, report.task_id, "closed while uploading")]
         self.stats.updates_received_total += 1
@@ -576,7 +589,7 @@ class FederationCore:
         event = UpdateArrived(
             now,
             learner_id,
-            RESENT + report.task_id if resent else self._policy_id(report.task_id),
+            RESENT + key if held is None else held.policy_id,
             report.base_version,
             report.num_examples,
             report.completed_steps,
@@ -587,17 +600,17 @@ class FederationCore:
             resent,
         )
         self._base_of = (event.task_id, report.base_version)
-        return self._deliver(event, {event.task_id: (learner_id, update)})
+        return self._deliver(event, {event.task_id: (learner_id, update, key)})
 
-    def _take_resent(self, learner_id: str, task_id: str) -> bool:
-        """Whether an answer to an unknown task is a resent update to hand to the policy (then
-        remembered as answered, so a second resend is a duplicate)."""
+    def _take_resent(self, learner_id: str, task_id: str, key: str) -> bool:
+        """Whether an answer to an unknown task (`key`: its task key) is a resent update to hand
+        to the policy (then remembered as answered, so a second resend is a duplicate)."""
         record = self._learners.get(learner_id)
-        if record is None or not record.connected or not self._resendable(task_id):
+        if record is None or not record.connected or not self._resendable(key):
             return False
         if self._learners.closed_reason(learner_id, task_id) is not None:
             return False
-        self._lost.pop(task_id, None)
+        self._lost.pop(key, None)
         self._learners.remember_closed(record, task_id, RESULT_RECEIVED)
         return True
 
@@ -611,18 +624,17 @@ class FederationCore:
         metrics: Mapping[str, float],
     ) -> list[Effect]:
         """An evaluation result for `task_id` arrived."""
-        task = self._close_task(learner_id, task_id, RESULT_RECEIVED)
-        if task is None:
+        held = self._close_task(learner_id, task_id, RESULT_RECEIVED)
+        if held is None:
             return [self._stale_answer(learner_id, task_id, "closed before its result")]
+        task = held.task
         self._learners[learner_id].evaluations += 1
         self._answered(learner_id)
         self._seen(now, learner_id)
         self.stats.evaluations_received_total += 1
         self._record_evaluation(now, task.version, num_examples, metrics)
         return self._deliver(
-            EvaluationArrived(
-                now, learner_id, self._policy_id(task_id), task.version, num_examples, metrics
-            )
+            EvaluationArrived(now, learner_id, held.policy_id, task.version, num_examples, metrics)
         )
 
     @_counted
@@ -635,11 +647,12 @@ class FederationCore:
     @_counted
     def task_failed(self, now: float, learner_id: str, task_id: str, reason: str) -> list[Effect]:
         """The learner reported that it could not run `task_id`."""
-        if self._close_task(learner_id, task_id, "learner reported failure") is None:
+        held = self._close_task(learner_id, task_id, "learner reported failure")
+        if held is None:
             return []
         self._answered(learner_id)
         self._seen(now, learner_id)
-        return self._deliver(TaskFailed(now, learner_id, self._policy_id(task_id), reason))
+        return self._deliver(TaskFailed(now, learner_id, held.policy_id, reason))
 
     @_counted
     def tick(self, now: float) -> list[Effect]:
@@ -731,15 +744,14 @@ class FederationCore:
         log.info("draining", reason=reason, learners=self.connected, version=self.version)
         return [Shutdown(None, False, reason, self.version)]
 
-    def _close_task(self, learner_id: str, task_id: str, reason: str) -> Task | None:
-        task = self._tasks.get(task_id)
-        if task is None or task.learner_id != learner_id:
+    def _close_task(self, learner_id: str, task_id: str, reason: str) -> Outstanding | None:
+        """Close outstanding task `task_id` (its wire id) of `learner_id`, if it is one."""
+        record = self._learners.get(learner_id)
+        held = record.tasks.pop(task_id, None) if record is not None else None
+        if record is None or held is None:
             return None
-        del self._tasks[task_id]
-        record = self._learners[learner_id]
-        record.tasks.discard(task_id)
         self._learners.remember_closed(record, task_id, reason)
-        return task
+        return held
 
     def _stale_answer(self, learner_id: str, task_id: str, what: str) -> SendNotice:
         reason = self._learners.closed_reason(learner_id, task_id) or "closed"
@@ -757,6 +769,7 @@ class FederationCore:
                 self._held.append((event, updates))
             return []
         effects: list[Effect] = []
+        self._batch += 1
         pending: deque[Event] = deque([event])
         while pending:
             current = pending.popleft()
@@ -766,7 +779,7 @@ class FederationCore:
                     pending.append(follow)  # the rest of this decision list is void
                     break
                 pending.extend(follow)
-        for task_id, (_, update) in updates.items():  # neither accepted nor rejected: loudly
+        for task_id, (_, update, _) in updates.items():  # neither accepted nor rejected: loudly
             log.error("update_unanswered", task_id=task_id, protocol=self.policy.name)
             _release(update)
         if self.policy.version != self.version:
@@ -790,22 +803,20 @@ class FederationCore:
         elif isinstance(decision, RejectUpdate):
             answered = updates.pop(decision.task_id, None)
             if answered is not None:
-                lid = answered[0]
-                _release(answered[1])
+                lid, update, key = answered
+                _release(update)
                 self.stats.reject(decision.reason)
                 self._learners[lid].updates_rejected += 1
-                wire_id = self._wire_id(decision.task_id)
-                effects.append(SendNotice(lid, wire_id, Notice.STALE, decision.reason))
+                notice = SendNotice(lid, wire_task_id(key), Notice.STALE, decision.reason)
+                effects.append(notice)
         elif isinstance(decision, CancelTask):
-            wire_id = self._wire_id(decision.task_id)
-            if self._close_task(decision.learner_id, wire_id, decision.reason) is not None:
+            wire_id = self._wire_of(decision.learner_id, decision.task_id)
+            if wire_id is not None:
+                self._close_task(decision.learner_id, wire_id, decision.reason)
                 effects.append(SendCancel(decision.learner_id, wire_id, decision.reason))
                 return self._missed(now, decision.learner_id)
         elif isinstance(decision, CommitVersion):
-            refused = self._commit(decision, now, effects)
-            if refused is not None:
-                policy_ids = tuple(self._policy_id(t) for t in refused.task_ids)
-                return CommitFailed(now, refused.version, refused.reason, policy_ids)
+            return self._commit(decision, now, effects) or []
         elif isinstance(decision, DiscardAggregate):
             self._discard(decision.reason)
         elif isinstance(decision, SendSecureStep):
@@ -853,15 +864,14 @@ class FederationCore:
             raise RuntimeError(
                 f"{self.policy.name} assigned version {task.version}, the model is {self.version}"
             )
-        wired = replace(task, task_id=self._wire_id(task.task_id))
+        wired = replace(task, task_id=self._wire_for(task, record))
         if self.he is not None and wired.kind is TaskKind.TRAIN:
             # rounds: ciphertexts of full trained models; round-less: of deltas
             wired = replace(wired, upload_delta=not self._rounds)
         if record.held_version != task.version:
             effects.append(SendModel(task.learner_id, task.version))
             record.held_version = task.version
-        self._tasks[wired.task_id] = wired
-        record.tasks.add(wired.task_id)
+        record.tasks[wired.task_id] = Outstanding(wired, task.task_id)
         record.tasks_assigned += 1
         effects.append(SendTask(wired))
         return []
@@ -872,7 +882,7 @@ class FederationCore:
             reason = "the encrypted aggregate is full (max_total_weight)"
             self._execute(RejectUpdate(decision.task_id, reason), 0.0, updates, effects)
             return
-        lid, update = updates.pop(decision.task_id)
+        lid, update, key = updates.pop(decision.task_id)
         # The driver checked every value when the upload arrived: the fold does not re-read.
         if isinstance(step, HomomorphicStep | MaskedStep):
             step.add(update, decision.weight)
@@ -880,7 +890,8 @@ class FederationCore:
             raise TypeError("ciphertext bytes arrived for a plaintext aggregate")
         else:
             step.add(update, decision.weight, True)
-        self._open.append(self._wire_id(decision.task_id))
+        self._open.append(key)
+        self._open_policy.append(decision.task_id)
         self._open_learners.append(lid)
         self._open_workers.append(update.worker if isinstance(update, RemoteUpdate) else -1)
         record = self._learners[lid]
@@ -894,13 +905,14 @@ class FederationCore:
 
     def _commit(
         self, decision: CommitVersion, now: float, effects: list[Effect]
-    ) -> CommitRefused | None:
+    ) -> CommitFailed | None:
         started = time.perf_counter()
         target = self.version + 1
         step = self._aggregate
         folded, weight = tuple(self._open), step.total_weight
         learners, workers = self._open_learners, self._open_workers
-        self._open, self._open_learners, self._open_workers = [], [], []
+        policy_ids = tuple(self._open_policy)
+        self._open, self._open_learners, self._open_workers, self._open_policy = [], [], [], []
         staleness, self._open_staleness = self._open_staleness, 0.0
         try:
             new: wire.ModelVector
@@ -936,9 +948,8 @@ class FederationCore:
                 updates=len(folded),
                 task_ids=list(folded[:32]),
             )
-            refused = CommitRefused(target, str(error), folded)
-            effects.append(refused)
-            return refused
+            effects.append(CommitRefused(target, str(error), folded))
+            return CommitFailed(now, target, str(error), policy_ids)
         counted, learners = self._drop_lost(folded, learners, workers, step.lost_workers)
         self.stats.updates_discarded_total += len(folded) - len(counted)
         folded = counted
@@ -953,10 +964,10 @@ class FederationCore:
         published = self._publish(target, new) if self._publish is not None else None
         effects.append(VersionCommitted(record, new, published))
         self.stats.commit_seconds.observe(time.perf_counter() - started)
-        for task_id, lid in zip(folded, learners, strict=True):
+        for key, lid in zip(folded, learners, strict=True):
             learner = self._learners.get(lid)
             if learner is not None and learner.connected and "ack" in learner.capabilities:
-                effects.append(SendAck(lid, task_id, target))
+                effects.append(SendAck(lid, wire_task_id(key), target))
         log.info(
             "version_committed",
             version=target,
@@ -985,14 +996,14 @@ class FederationCore:
         if not lost:
             return folded, learners
         kept: list[tuple[str, str]] = []
-        for task_id, lid, worker in zip(folded, learners, workers, strict=True):
+        for key, lid, worker in zip(folded, learners, workers, strict=True):
             if worker in lost:
-                self._lost[task_id] = None
+                self._lost[key] = None
                 record = self._learners.get(lid)
                 if record is not None:
-                    record.closed.pop(task_id, None)
+                    record.closed.pop(wire_task_id(key), None)
             else:
-                kept.append((task_id, lid))
+                kept.append((key, lid))
         while len(self._lost) > self._committed_kept:
             self._lost.popitem(last=False)
         return tuple(t for t, _ in kept), [lid for _, lid in kept]
@@ -1038,7 +1049,7 @@ class FederationCore:
         self._open_staleness = 0.0
         dropped = len(self._open)
         self._aggregate.reset()
-        self._open, self._open_learners, self._open_workers = [], [], []
+        self._open, self._open_learners, self._open_workers, self._open_policy = [], [], [], []
         self.stats.updates_discarded_total += dropped
         log.info("aggregate_discarded", reason=reason, version=self.version, updates=dropped)
 
@@ -1125,15 +1136,30 @@ class FederationCore:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _wire_id(self, policy_task_id: str) -> str:
-        if policy_task_id.startswith(RESENT):
-            return policy_task_id[len(RESENT) :]
-        return self._prefix + policy_task_id
+    def _wire_for(self, task: Task, record: LearnerRecord) -> str:
+        """The wire id of `task`, new for `record`'s learner: the one every task of its kind
+        assigned in this `_deliver` call shares (so a round's train tasks are the same bytes
+        for every learner), or one of its own where the learner had the shared one already."""
+        kind = "e" if task.kind is TaskKind.EVALUATE else "t"
+        if self._shared[0] != self._batch:
+            self._shared = (self._batch, {})
+        wire_id = self._shared[1].get(kind)
+        if wire_id is None:  # one string object for all: learners' records share it
+            wire_id = self._shared[1][kind] = f"{self._prefix}{kind}{self._batch}"
+        if wire_id in record.tasks or wire_id in record.closed:
+            self._unique += 1
+            wire_id = f"{self._prefix}u{self._unique}"
+        return wire_id
 
-    def _policy_id(self, wire_task_id: str) -> str:
-        if not wire_task_id.startswith(self._prefix):
-            return RESENT + wire_task_id  # resent from an earlier start
-        return wire_task_id[len(self._prefix) :]
+    def _wire_of(self, learner_id: str, policy_id: str) -> str | None:
+        """The wire id of `learner_id`'s outstanding task `policy_id` (None: not outstanding).
+        A learner holds a task or two, so this looks through them."""
+        record = self._learners.get(learner_id)
+        if record is not None:
+            for wire_id, held in record.tasks.items():
+                if held.policy_id == policy_id:
+                    return wire_id
+        return None
 
     @property
     def _aggregate(self) -> ServerStep | HomomorphicStep | MaskedStep:

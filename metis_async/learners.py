@@ -14,8 +14,37 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from metis_async.protocols.base import Task
+
 DEFAULT_CAPABILITIES = frozenset({"train", "evaluate", "delta"})
 """What a learner that announces no capabilities can do."""
+
+
+def task_key(wire_id: str, learner_id: str) -> str:
+    """The core's key of task `wire_id` of `learner_id` (its exactly-once records).
+
+    The train tasks the core hands out together share one wire id, so that their bytes are the
+    same for every learner and a broadcast writes one object to every stream; a task is its
+    wire id *and* its learner. Our wire ids hold no space, so the key splits at the first one
+    (`wire_task_id`); the key of any other id (a learner's invention) starts with a space,
+    which no stored key does."""
+    if not wire_id or " " in wire_id:
+        return " " + wire_id
+    return f"{wire_id} {learner_id}"
+
+
+def wire_task_id(key: str) -> str:
+    """The wire id of task key `key` (`task_key`)."""
+    return key.partition(" ")[0]
+
+
+@dataclass(slots=True)
+class Outstanding:
+    """A task the learner holds: as it was sent (its `task_id` is the wire id, shared with the
+    other tasks handed out with it) and the id its policy gave it."""
+
+    task: Task
+    policy_id: str
 
 
 @dataclass
@@ -28,8 +57,8 @@ class LearnerRecord:
     connected: bool = False
     admitted: bool = False  # the policy knows it is connected
     held_version: int | None = None  # the version its current session holds
-    tasks: set[str] = field(default_factory=set)  # outstanding wire task ids
-    closed: OrderedDict[str, str] = field(default_factory=OrderedDict)  # task id -> why
+    tasks: dict[str, Outstanding] = field(default_factory=dict)  # by wire task id
+    closed: OrderedDict[str, str] = field(default_factory=OrderedDict)  # wire task id -> why
     tasks_assigned: int = 0
     updates_accepted: int = 0
     updates_rejected: int = 0

@@ -11,6 +11,7 @@ import pytest
 from metis_async import wire
 from metis_async.aggregation.server_step import AggregationSettings
 from metis_async.checkpoints import Checkpoint, CheckpointError, StateDirectory
+from metis_async.learners import task_key, wire_task_id
 from metis_async.protocols import BufferedPolicy, BufferedSettings, TrainSettings
 from metis_async.protocols.staleness import StalenessFunction
 from tests.conftest import ControllerThread, RawLearner, sync_policy
@@ -31,7 +32,7 @@ def _checkpoint(version: int, value: float = 1.5, incarnation: int = 1) -> Check
         policy={"version": version, "rng": [3, [1, 2], None]},
         stats={"versions_committed_total": version},
         evaluations={version: {"accuracy": 0.5}},
-        committed={"run1.1-v0-t1": ("a", version)},
+        committed={task_key("run1.1-t1", "a"): ("a", version)},
     )
 
 
@@ -50,8 +51,23 @@ def test_checkpoint_round_trips_every_field() -> None:
     np.testing.assert_array_equal(back.model, original.model)
     np.testing.assert_array_equal(back.optimizer["m"], original.optimizer["m"])
     assert back.policy == original.policy
-    assert back.committed == {"run1.1-v0-t1": ("a", 7)}
+    assert back.committed == {task_key("run1.1-t1", "a"): ("a", 7)}
     assert back.evaluations == {7: {"accuracy": 0.5}}
+
+
+def test_committed_tasks_are_stored_as_wire_ids_with_their_learners() -> None:
+    # The same wire id for two learners (a round's tasks share it) stays two records, and a
+    # checkpoint written before ids were shared (a unique wire id each) loads the same way.
+    original = _checkpoint(3)
+    original.committed = {
+        task_key("run1.1-t9", "a"): ("a", 3),
+        task_key("run1.1-t9", "b"): ("b", 3),
+    }
+
+    back = Checkpoint.from_bytes(original.to_bytes())
+
+    assert back.committed == original.committed
+    assert wire_task_id(next(iter(back.committed))) == "run1.1-t9"
 
 
 def test_garbage_is_not_a_checkpoint() -> None:

@@ -72,6 +72,30 @@ def test_committed_answer_resent_after_a_reconnect_is_acknowledged(
     again.close()
 
 
+def test_a_rounds_learners_share_one_task_id_and_each_answers_it_once(
+    controller_factory: Factory,
+) -> None:
+    ct = controller_factory(sync_policy(min_learners=2))
+    a, b = RawLearner(ct.address, "a"), RawLearner(ct.address, "b")
+    task_a, task_b = a.until("train").train, b.until("train").train
+    layout_id = _layout_id(ct)
+    for message in _delta_result(task_a, np.ones(10, np.float32), layout_id):
+        a.send(message)
+    for message in _delta_result(task_a, np.ones(10, np.float32), layout_id):
+        a.send(message)  # a's result again: a duplicate, whoever else holds the id
+
+    duplicate = a.until("error").error
+    for message in _delta_result(task_b, np.full(10, 3.0, np.float32), layout_id):
+        b.send(message)  # b's answer to the same id is b's own update
+    a.until("train")
+
+    assert task_a.task_id == task_b.task_id  # one id: the same task bytes for both
+    assert duplicate.code == pb.ERROR_CODE_DUPLICATE
+    np.testing.assert_allclose(ct.model(), np.full(10, 2.0, np.float32))  # mean of 1 and 3
+    a.close()
+    b.close()
+
+
 # ------------------------------------------------------------------------------ limits
 
 

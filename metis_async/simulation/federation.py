@@ -163,7 +163,8 @@ class SimulatedFederation:
         self._queue: list[tuple[float, int, _Occurrence]] = []
         for index in order_rng.permutation(len(learners)).tolist():
             self._schedule(0.0, _Join(f"learner-{index:0{width}d}"))
-        self._jobs: dict[str, Job] = {}  # outstanding (not cancelled, not lost) tasks by id
+        # outstanding (not cancelled, not lost) tasks by (learner id, wire task id)
+        self._jobs: dict[tuple[str, str], Job] = {}
         self._wakeup_token = 0
         self._wakeup_at: float | None = None
         self._ticks_at: tuple[float, int] = (-1.0, 0)
@@ -304,7 +305,7 @@ class SimulatedFederation:
         self._start_next(learner)
         if job.cancelled:
             return  # the round closed while the learner trained: the client does not upload
-        del self._jobs[job.task.task_id]
+        del self._jobs[job.task.learner_id, job.task.task_id]
         if job.task.kind is not TaskKind.TRAIN:
             e = learner.evaluate(job, self._now, self._layout)
             args = (learner.learner_id, job.task.task_id, e.num_examples, dict(e.metrics))
@@ -324,7 +325,7 @@ class SimulatedFederation:
     def _drop(self, learner: SimulatedLearner, reason: str = "simulated dropout") -> None:
         """The learner disconnects: its tasks are void; it comes back after a downtime."""
         for job in learner.disconnect():
-            self._jobs.pop(job.task.task_id, None)
+            self._jobs.pop((job.task.learner_id, job.task.task_id), None)
         downtime = self.speeds.downtime(self._dropout_rng)
         self._schedule(self._now + downtime, _Join(learner.learner_id))
         self._event("learner_lost", self._now, learner.learner_id, reason)
@@ -337,7 +338,7 @@ class SimulatedFederation:
             if isinstance(effect, SendTask):
                 self._assign(effect)
             elif isinstance(effect, SendCancel):
-                job = self._jobs.pop(effect.task_id, None)
+                job = self._jobs.pop((effect.learner_id, effect.task_id), None)
                 if job is not None:
                     job.cancelled = True
             elif isinstance(effect, SendNotice):
@@ -354,7 +355,7 @@ class SimulatedFederation:
         task = effect.task
         learner = self.learners[task.learner_id]
         job = Job(task, self.core.plain_model)  # commits make new arrays: this one stays as it is
-        self._jobs[task.task_id] = job
+        self._jobs[task.learner_id, task.task_id] = job
         learner.queue.append(job)
         self._start_next(learner)
 

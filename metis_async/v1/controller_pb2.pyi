@@ -563,8 +563,10 @@ class Ack(_message.Message):
       Error DUPLICATE          it is counted in the open version: an Ack follows at the commit;
       nothing, then an Ack     it was taken now (a task from before a controller restart).
     A learner keeps a bounded number of unacknowledged updates (the reference client: 8) and
-    drops the oldest beyond it. Task ids are never reused by a run, across restarts either, so
-    (learner id, task id) identifies an update; a resend is never counted twice.
+    drops the oldest beyond it. A task id is never reused for the same learner by a run, across
+    restarts either, so (learner id, task id) identifies an update; a resend is never counted
+    twice. Task ids are not unique across learners: the tasks a controller hands out together
+    (a round's train tasks) share one id, so every learner of a broadcast gets the same bytes.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1666,6 +1668,7 @@ class TrainTask(_message.Message):
     UPLOAD_DELTA_FIELD_NUMBER: _builtins.int
     UPLOAD_GRANT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    """unique among THIS learner's tasks; others may share it"""
     model_version: _builtins.int
     """the version to start from (already sent as a Model, or held)"""
     deadline_seconds: _builtins.float
