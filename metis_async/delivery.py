@@ -306,9 +306,8 @@ class EffectDelivery:
         self._finished = finished
         self._background: set[asyncio.Task[None]] = set()
         self._staged: list[Session] = []
-        # The bundles of this call by their parts' identities: the parts (held, so the ids
-        # stay theirs) and, from the second stream with the same parts on, the joined bundle.
-        self._runs: dict[tuple[int, ...], tuple[list[bytes], bytes | None]] = {}
+        # The bundles of this call by their parts' identities (a broadcast's streams share one).
+        self._runs: dict[tuple[int, ...], BundleParts] = {}
         self.upload_grant_bytes: int | None = None
         """Models from this size on (bytes) are uploaded on grant by learners announcing
         "grant" (TrainTask.upload_grant); None: never."""
@@ -362,26 +361,23 @@ class EffectDelivery:
         """Send consecutive small messages: the message itself for one, one bundle for several.
 
         A broadcast stages the same objects for every stream (the small model's header and
-        chunk, the round's task, a status), so from the second stream with the same parts on,
-        every stream is sent one joined bundle, the same bytes object, written as it is (the
-        bare server's shape: no join, no budget per stream). The first goes as parts, joined
-        when written within the bundle budget, so parts seen once (a task of its own) never
-        hold a joined copy per stream."""
+        chunk, the round's task, a status), so every stream with the same parts is queued one
+        shared `BundleParts`, joined once from the second such stream on (parts seen once, a
+        task of its own, are joined when written). The writes still take their share of the
+        bundle budget: gRPC copies each message it is given, and with every write of a
+        broadcast in flight at once 15,000 streams held 1.27x the bare server's memory per
+        stream instead of 1.18x."""
         if len(run) < 2:
             if run:
                 session.send(run[0])
             return
         key = tuple(map(id, run))
-        seen = self._runs.get(key)
-        if seen is None:
-            self._runs[key] = (run, None)
-            session.send(BundleParts(run))
-            return
-        parts, joined = seen
-        if joined is None:
-            joined = bundle_message(parts)
-            self._runs[key] = (parts, joined)
-        session.send(joined)
+        parts = self._runs.get(key)
+        if parts is None:
+            parts = self._runs[key] = BundleParts(run)  # it holds the run: the ids stay its own
+        elif parts.joined is None:
+            parts.joined = bundle_message(run)
+        session.send(parts)
 
     def _one(self, effect: Effect) -> None:
         if isinstance(effect, SendModel):

@@ -32,19 +32,22 @@ class BundleParts:
     """Consecutive small messages for one stream, joined into one `Bundle` message only when
     the stream writes it (`delivery.bundle_message`, within `streams.BUNDLE_BUFFER_BYTES`).
 
-    A broadcast queues a small model's chunk, shared by every stream, and each stream's own
-    task: joined at once, N streams held N copies of the model until their writes; as parts,
-    the chunk stays one object and only the writes in flight hold joined copies.
+    A broadcast queues a small model's chunk and the round's task, the same objects for every
+    stream: joined at once per stream, N streams held N copies of the model until their
+    writes; as parts, shared by every stream of a broadcast, the bundle is joined once
+    (`joined`), and only the writes in flight (gRPC copies what it is given) hold copies.
 
     Args:
         messages: serialized `ControllerMessage`s, in order.
     """
 
-    __slots__ = ("messages", "nbytes")
+    __slots__ = ("joined", "messages", "nbytes")
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
         self.nbytes = sum(len(message) + 11 for message in messages) + 11  # tags, lengths
+        self.joined: bytes | None = None
+        """The bundle, joined once for every stream queued these parts (a broadcast)."""
 
 
 Outgoing = bytes | ModelDownload | BundleParts

@@ -440,7 +440,8 @@ class StreamServer:
                 give_back = self._bundling.release_within(
                     await self._bundling.acquire(message.nbytes), BUNDLE_WRITE_SECONDS
                 )
-                message = bundle_message(message.messages)
+                joined = message.joined
+                message = bundle_message(message.messages) if joined is None else joined
             elif len(message) >= LARGE_MESSAGE_BYTES:
                 held = await budget.acquire(len(message))
             session.writing = True

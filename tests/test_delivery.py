@@ -55,11 +55,11 @@ def test_a_broadcast_queues_every_stream_one_shared_bundle() -> None:
     first, second, third = queued["a"], queued["b"], queued["c"]
     assert len(first) == len(second) == len(third) == 1
     parts = first[0]
-    assert isinstance(parts, BundleParts)  # the first goes as parts, joined when written
-    assert isinstance(second[0], bytes)
-    assert second[0] is third[0]  # one object for every later stream: no join, no copy
-    assert second[0] == bundle_message(parts.messages)
-    bundle = pb.ControllerMessage.FromString(second[0]).bundle
+    assert isinstance(parts, BundleParts)
+    assert second[0] is parts  # one object for every stream
+    assert third[0] is parts
+    assert parts.joined == bundle_message(parts.messages)  # joined once, not per stream
+    bundle = pb.ControllerMessage.FromString(parts.joined).bundle
     kinds = [pb.ControllerMessage.FromString(m).WhichOneof("body") for m in bundle.messages]
     assert kinds == ["model", "chunk", "train"]
 
@@ -68,6 +68,7 @@ def test_streams_with_tasks_of_their_own_each_get_their_parts() -> None:
     queued = _broadcast({"a": "run.1-u1", "b": "run.1-u2"})
 
     assert all(isinstance(items[0], BundleParts) for items in queued.values())
+    assert all(items[0].joined is None for items in queued.values())  # type: ignore[union-attr]
     tasks = [
         pb.ControllerMessage.FromString(items[0].messages[-1]).train.task_id  # type: ignore[union-attr]
         for items in queued.values()
