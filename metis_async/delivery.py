@@ -175,12 +175,19 @@ class CoreRunner:
         mass join costs a thread switch per iteration, not per learner). Returns once the
         call's effects are delivered; the call runs even if the caller is cancelled. Calls that
         must stay in order with each other (a learner's join and its loss) all go this way."""
+        await self.submit_batched(method, *args)
+
+    def submit_batched(
+        self, method: Callable[..., list[Effect]], *args: Any
+    ) -> asyncio.Future[None]:
+        """Queue a `call_batched` call now, in order with the others; the result is done once
+        its effects are delivered (the caller may do other work meanwhile)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._run_pending)
         self._pending.append((method, args, future))
-        await future
+        return future
 
     def _run_pending(self) -> None:
         batch, self._pending = self._pending, []

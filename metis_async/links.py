@@ -10,6 +10,7 @@ the core's effects come back to the stream side as effect lists.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,15 +61,17 @@ class CoreLink(Protocol):
         resendable, or unknown (`FederationCore.lookup`)."""
         ...
 
-    async def learner_joined(
+    def learner_joined(
         self,
         learner_id: str,
         session_id: str,
         num_examples: int,
         capabilities: frozenset[str],
         held: tuple[str, int, int] | None,
-    ) -> None:
-        """A session said hello (after the checks); `held` is its claim of a model it holds."""
+    ) -> asyncio.Future[None]:
+        """A session said hello (after the checks); `held` is its claim of a model it holds.
+        Sent at once, so it stays in order with the session's loss; the result is done once
+        the core has taken it (the stream writes its Welcome meanwhile)."""
         ...
 
     async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
@@ -148,17 +151,17 @@ class LocalLink:
     async def lookup(self, learner_id: str, task_id: str) -> TaskLookup:
         return self.core.lookup(learner_id, task_id)  # dict reads: safe beside the core thread
 
-    async def learner_joined(
+    def learner_joined(
         self,
         learner_id: str,
         session_id: str,
         num_examples: int,
         capabilities: frozenset[str],
         held: tuple[str, int, int] | None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         core = self.core
         now = self._now()
-        await self._runner.call_batched(
+        return self._runner.submit_batched(
             core.learner_joined, now, learner_id, num_examples, capabilities, held
         )
 

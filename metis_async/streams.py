@@ -196,7 +196,7 @@ class StreamServer:
         When the session closes, or a writer ends the stream (finished or failed), the handler
         is woken out of its read by a cancellation it asked for itself, and ends the stream.
         """
-        session = await self._open_session(context)
+        session, joined = await self._open_session(context)
         handler = asyncio.current_task()
         assert handler is not None
         stream = _StreamTasks(self, session, context, handler)
@@ -209,6 +209,12 @@ class StreamServer:
                 welcome = session.queue.pop()
                 if isinstance(welcome, bytes):  # EMPTY only if the session closed already
                     await self._write(session, context, welcome)
+                # The core took the join meanwhile (it was sent before the Welcome's write, so
+                # a learner is welcomed without waiting for the core's thread); what the core
+                # sent it is queued behind the Welcome.
+                await joined
+                if self.relay is not None:
+                    self.relay.member_joined(session)
                 if not session.closing.is_set():
                     session.wake_writer = stream.start_writer
                     if session.queue.qsize():
@@ -230,6 +236,7 @@ class StreamServer:
             if session.close_code is not None:
                 await context.abort(session.close_code, session.close_message)
         finally:
+            joined.add_done_callback(_retrieve)  # not awaited if the Welcome's write failed
             session.on_close = None
             session.wake_writer = None
             if session.writer is not None:
@@ -254,7 +261,11 @@ class StreamServer:
             log.error("session_failed", learner_id=short_id(session.learner_id), error=repr(error))
             session.close(grpc.StatusCode.INTERNAL, "internal error in the controller")
 
-    async def _open_session(self, context: grpc.aio.ServicerContext) -> Session:
+    async def _open_session(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[Session, asyncio.Future[None]]:
+        """Read and check the hello, register the session with its Welcome queued, and send
+        the join to the core (done once the core took it)."""
         hello = await self._read_hello(context)
         learner_id = hello.learner_id or f"learner-{uuid.uuid4().hex[:12]}"
         await self._check_hello(hello, learner_id, context)
@@ -338,12 +349,10 @@ class StreamServer:
         held = None
         if hello.holds_model:
             held = (hello.held_run_id, int(hello.held_version), int(hello.held_layout_id))
-        await link.learner_joined(
+        joined = link.learner_joined(
             learner_id, session.session_id, int(hello.num_examples), capabilities, held
         )
-        if self.relay is not None:
-            self.relay.member_joined(session)
-        return session
+        return session, joined
 
     async def _check_hello(
         self, hello: pb.Hello, learner_id: str, context: grpc.aio.ServicerContext
@@ -640,6 +649,12 @@ async def _within(awaitable: Awaitable[T], seconds: float) -> T:
         async with asyncio.timeout(seconds):
             return await awaitable
     return await asyncio.wait_for(awaitable, seconds)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Take a future's outcome, so an unawaited failure is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _quiesce(session: Session) -> None:

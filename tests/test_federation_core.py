@@ -3,8 +3,11 @@ limits, the initial-model flow, status, held models, capabilities and refused co
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -94,6 +97,25 @@ def test_a_rounds_learners_share_one_task_id_and_each_answers_it_once(
     np.testing.assert_allclose(ct.model(), np.full(10, 2.0, np.float32))  # mean of 1 and 3
     a.close()
     b.close()
+
+
+def test_a_learner_is_welcomed_while_the_core_thread_is_busy(controller_factory: Factory) -> None:
+    ct = controller_factory(sync_policy(min_learners=1))
+    release = threading.Event()
+    runner = ct.controller._runner  # the core thread, held until released
+    busy = asyncio.run_coroutine_threadsafe(runner.query(lambda: release.wait(30)), ct.loop)
+    raw = RawLearner(ct.address, "a")
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(raw.next).result(timeout=20)
+        welcomed_while_busy = not busy.done()
+        release.set()
+        task = pool.submit(raw.until, "train").result(timeout=20)
+
+    assert first.WhichOneof("body") == "welcome"
+    assert welcomed_while_busy  # the Welcome did not wait for the core to take the join
+    assert task.train.task_id  # the join reached the core afterwards all the same
+    raw.close()
 
 
 # ------------------------------------------------------------------------------ limits

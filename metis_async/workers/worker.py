@@ -100,15 +100,18 @@ class HubLink:
         self.channel.send(("lookup", self._requests, learner_id, task_id))
         return await future
 
-    async def learner_joined(
+    def learner_joined(
         self,
         learner_id: str,
         session_id: str,
         num_examples: int,
         capabilities: frozenset[str],
         held: tuple[str, int, int] | None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         self.channel.send(("joined", learner_id, session_id, num_examples, capabilities, held))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)  # the hub has it in order; nothing here waits for the core
+        return done
 
     async def learner_lost(self, learner_id: str, session_id: str, reason: str) -> None:
         self.channel.send(("lost", learner_id, session_id, reason))
