@@ -98,6 +98,19 @@ def wait_until(
     return WebDriverWait(driver, timeout_seconds, poll_frequency=0.05).until(condition)
 
 
+def value(driver: WebDriver, element_id: str) -> str:
+    """The raw value the page keeps beside a displayed number (`data-value`); "" while the
+    element is not on the page (the login form is being replaced by the page)."""
+    script = "const e = document.getElementById(arguments[0]); return e ? e.dataset.value : ''"
+    return str(driver.execute_script(script, element_id))
+
+
+def text(driver: WebDriver, element_id: str) -> str:
+    """An element's text; "" while it is not on the page."""
+    script = "const e = document.getElementById(arguments[0]); return e ? e.textContent : ''"
+    return str(driver.execute_script(script, element_id))
+
+
 def screenshot(driver: WebDriver, name: str) -> Path:
     """Save the whole window as `tests/artifacts/<name>.png`; returns the path."""
     ARTIFACTS.mkdir(exist_ok=True)

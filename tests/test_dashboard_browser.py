@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from metis_async.dashboard import empty_summary
-from tests.browser import chromium_driver, console_errors, screenshot, wait_until
+from tests.browser import chromium_driver, console_errors, screenshot, text, value, wait_until
 from tests.test_dashboard_http import TOKEN, DashboardThread, FakeSource, base_summary
 
 if TYPE_CHECKING:
@@ -33,17 +33,6 @@ def dashboard() -> Iterator[tuple[FakeSource, str]]:
     server = DashboardThread(source, TOKEN, interval_seconds=0.2)
     yield source, f"http://127.0.0.1:{server.port}"
     server.close()
-
-
-def value(driver: WebDriver, element_id: str) -> str:
-    """The raw value the page keeps beside a displayed number (`data-value`)."""
-    return str(
-        driver.execute_script(f"return document.getElementById('{element_id}').dataset.value")
-    )
-
-
-def text(driver: WebDriver, element_id: str) -> str:
-    return str(driver.execute_script(f"return document.getElementById('{element_id}').textContent"))
 
 
 def chart_data(driver: WebDriver, canvas_id: str) -> Any:

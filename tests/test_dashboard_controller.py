@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metis_async.admin.run import AdminEndpoints, AdminOptions
-from tests.browser import chromium_driver, console_errors, screenshot, wait_until
+from tests.browser import chromium_driver, console_errors, screenshot, value, wait_until
 from tests.conftest import ControllerThread, ShiftLearners, sync_policy
 
 TOKEN = "dashboard-token-for-tests-0123"
@@ -38,12 +38,6 @@ class Served:
 def driver() -> Iterator[Any]:
     with chromium_driver() as d:
         yield d
-
-
-def value(driver: Any, element_id: str) -> str:
-    return str(
-        driver.execute_script(f"return document.getElementById('{element_id}').dataset.value")
-    )
 
 
 def shows(element_id: str, expected: str) -> Callable[[Any], bool]:
