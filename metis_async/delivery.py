@@ -623,8 +623,19 @@ def task_message(task: Task, upload_grant: bool = False) -> bytes:
             template = _TRAIN_TEMPLATE[0] = _TrainTemplate(task, upload_grant)
         return template.message(task.task_id)
     batch = task.settings.batch_size if task.settings is not None else 0
-    evaluate = pb.EvaluateTask(task_id=task.task_id, model_version=task.version, batch_size=batch)
-    return controller_message(evaluate=evaluate)
+    key = (task.task_id, task.version, batch)
+    last_key, last = _EVALUATE_LAST[0]
+    if key != last_key:  # a round's evaluations share their id: the same object for each
+        evaluate = pb.EvaluateTask(
+            task_id=task.task_id, model_version=task.version, batch_size=batch
+        )
+        last = controller_message(evaluate=evaluate)
+        _EVALUATE_LAST[0] = (key, last)
+    return last
+
+
+_EVALUATE_LAST: list[tuple[tuple[str, int, int], bytes]] = [(("", -1, -1), b"")]
+"""The last evaluation task message and what it was made of (one loop thread uses it)."""
 
 
 class _TrainTemplate:

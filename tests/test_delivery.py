@@ -19,9 +19,9 @@ from metis_async.v1 import controller_pb2 as pb
 SETTINGS = TrainSettings(local_steps=3)
 
 
-def _broadcast(tasks: dict[str, str]) -> dict[str, list[object]]:
-    """Deliver version 1 and a train task (`tasks`: learner id -> wire task id) to sessions
-    that take bundles; what each session's queue holds afterwards."""
+def _broadcast(tasks: dict[str, str], kind: TaskKind = TaskKind.TRAIN) -> dict[str, list[object]]:
+    """Deliver version 1 and a task of `kind` (`tasks`: learner id -> wire task id) to
+    sessions that take bundles; what each session's queue holds afterwards."""
     values = np.arange(16, dtype=np.float32)
     layout = wire.make_layout([values])
     store = ModelStore(wire.MAX_CHUNK_BYTES)
@@ -33,7 +33,7 @@ def _broadcast(tasks: dict[str, str]) -> dict[str, list[object]]:
     effects: list[object] = []
     for lid, wire_id in tasks.items():
         effects.append(SendModel(lid, 1))
-        effects.append(SendTask(Task(wire_id, lid, TaskKind.TRAIN, 1, SETTINGS)))
+        effects.append(SendTask(Task(wire_id, lid, kind, 1, SETTINGS)))
 
     async def deliver() -> None:
         delivery = EffectDelivery(sessions, store, None, asyncio.Event())
@@ -74,3 +74,14 @@ def test_streams_with_tasks_of_their_own_each_get_their_parts() -> None:
         for items in queued.values()
     ]
     assert tasks == ["run.1-u1", "run.1-u2"]
+
+
+def test_a_rounds_evaluation_tasks_share_one_bundle_too() -> None:
+    queued = _broadcast({"a": "run.1-e5", "b": "run.1-e5"}, TaskKind.EVALUATE)
+
+    parts = queued["a"][0]
+    assert queued["b"][0] is parts
+    assert isinstance(parts, BundleParts)
+    assert parts.joined is not None
+    evaluate = pb.ControllerMessage.FromString(parts.messages[-1]).evaluate
+    assert (evaluate.task_id, evaluate.model_version) == ("run.1-e5", 1)
