@@ -178,6 +178,12 @@ class ServerSection(_Section):
         description="bytes of model chunks handed to gRPC for sending at once, per process; "
         "more wait in their streams' queues",
     )
+    bundle_buffer_bytes: int = Field(
+        default=128 * 1024**2,
+        ge=1,
+        description="bytes of bundles (a task with its small model) handed to gRPC for sending "
+        "at once, per process; more wait in their streams' queues",
+    )
     upload_grant_bytes: int = Field(
         default=1024 * 1024,
         ge=-1,

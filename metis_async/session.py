@@ -30,7 +30,7 @@ from metis_async.wire import Upload
 
 class BundleParts:
     """Consecutive small messages for one stream, joined into one `Bundle` message only when
-    the stream writes it (`delivery.bundle_message`, within `streams.BUNDLE_BUFFER_BYTES`).
+    the stream writes it (`delivery.bundle_message`, within `ControllerConfig.bundle_buffer_bytes`).
 
     A broadcast queues a small model's chunk and the round's task, the same objects for every
     stream: joined at once per stream, N streams held N copies of the model until their

@@ -63,13 +63,8 @@ FEDERATION = "metis_async.v1.Federation"
 """Health-check name that is SERVING only while the federation trains (readiness)."""
 LARGE_MESSAGE_BYTES = 64 * 1024
 """Messages from this size on (model chunks) are written within `download_buffer_bytes`."""
-BUNDLE_BUFFER_BYTES = 8 * 1024 * 1024
-"""Bytes of bundles joined for writes in flight at once, per process. gRPC keeps the bytes a
-write was given until the write completes, and a broadcast starts every stream's write in one
-go: unbounded, N streams held N joined copies of a small model (3.8 KB a stream at 3,000,
-tracemalloc). Smaller budgets slowed a broadcast to 100,000 learners (benches/README.md)."""
 BUNDLE_WRITE_SECONDS = 2.0
-"""A bundle write holds its share of `BUNDLE_BUFFER_BYTES` this long at most: writes to learners
+"""A bundle write holds its share of `bundle_buffer_bytes` this long at most: writes to learners
 that stop reading never complete, and must not keep the budget from everyone else."""
 
 
@@ -107,7 +102,7 @@ class StreamServer:
         # can still hold one more until its learner reads it (benches/README.md).
         self._sending = ByteBudget(config.download_buffer_bytes)
         # Bundles joined for writes in flight (their parts stay shared until then).
-        self._bundling = ByteBudget(BUNDLE_BUFFER_BYTES)
+        self._bundling = ByteBudget(config.bundle_buffer_bytes)
         # Session ids (informational, new for every stream): a random prefix per process and a
         # counter, so a join costs no system call for randomness (uuid4 did, ~10 us each).
         self._session_prefix = uuid.uuid4().hex[:12]

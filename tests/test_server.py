@@ -449,6 +449,26 @@ def test_an_idle_stream_holds_no_writer_task_and_still_gets_later_messages(
     second.close()
 
 
+def test_broadcasts_wait_their_turn_in_a_bundle_budget_smaller_than_one_bundle(
+    controller_factory: Factory,
+) -> None:
+    # Every bundled write waits for the one before it to complete, and the streams' reads
+    # wait while writes wait: rounds still complete, with the exact mean.
+    ct = controller_factory(sync_policy(min_learners=4, rounds=3), bundle_buffer_bytes=1)
+    shifts = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 6.0}
+    threads = [
+        _start_learner(ct.address, ShiftLearner(shift=shift, examples=1), lid)
+        for lid, shift in shifts.items()
+    ]
+
+    assert ct.wait_finished(30)
+
+    np.testing.assert_allclose(ct.model(), np.full(10, 3 * 3.0, np.float32))  # 3 rounds of +3
+    for thread, out in threads:
+        thread.join(10)
+        assert isinstance(out[0], RunSummary)
+
+
 def test_learners_announcing_the_same_capabilities_share_one_set() -> None:
     from metis_async.learners import DEFAULT_CAPABILITIES
     from metis_async.streams import capability_set
