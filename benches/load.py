@@ -41,7 +41,12 @@ Measured:
   (`benches/dashboard_probe.py`);
 - with `--compare-bare` (one round): the same load against `benches/bare_server.py` under
   `bare`, and `vs_bare`: ours / bare for connect time, the first broadcast, the first round
-  and RSS per stream.
+  and RSS per stream. The first run after a quiet spell is the slowest on this VM (connect
+  1.15-1.4x the runs after it, whichever server it was; a 2,000-learner warm-up did not
+  help), so a discarded warm-up run against the bare server, at full size, goes first.
+  `--pairs K` runs K pairs, alternating which server goes first in a pair; `pairs` holds each
+  pair's figures and ratios, and `vs_bare` is their median (the top-level figures are the
+  first pair's).
 - with `--codec C` (float16, bfloat16, int8): learners offer C, the controller sends models
   and asks for uploads in it, and `upload_dtypes` / `model_dtypes` count the learners that
   uploaded and received each dtype. The bare server of `--compare-bare` still moves float32:
@@ -871,6 +876,37 @@ def _ratios(ours: dict[str, Any], bare: dict[str, Any]) -> dict[str, float | Non
     return ratios
 
 
+def compare_with_bare(args: argparse.Namespace) -> dict[str, Any]:
+    """`--compare-bare`: a warm-up against the bare server, then `args.pairs` pairs of runs
+    (ours and bare, alternating which goes first); ours of the first pair, with the pairs."""
+    warm_up = run(args, bare=True)
+    pairs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    for index in range(args.pairs):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        runs = {bare: run(args, bare=bare) for bare in order}
+        ours, bare = runs[False], runs[True]
+        if not result:
+            result, result["bare"] = ours, bare
+        pairs.append(
+            {
+                "first": "bare" if order[0] else "ours",
+                "ours": {key: ours.get(key) for key in COMPARED},
+                "bare": {key: bare.get(key) for key in COMPARED},
+                "vs_bare": _ratios(ours, bare),
+            }
+        )
+    result["warm_up_connect_seconds"] = warm_up.get("connect_seconds")
+    result["pairs"] = pairs
+    result["vs_bare"] = {
+        key: statistics.median(values)
+        if (values := [p["vs_bare"][key] for p in pairs if p["vs_bare"][key] is not None])
+        else None
+        for key in COMPARED
+    }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--learners", type=int, default=1000)
@@ -910,6 +946,13 @@ def main() -> None:
         help="also run the same load against a bare grpc.aio server (one round) and print ratios",
     )
     parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="--compare-bare: pairs of runs (ours and bare, alternating which goes first); "
+        "vs_bare is the median of the pairs' ratios",
+    )
+    parser.add_argument(
         "--dashboard",
         action="store_true",
         help="serve the dashboard and Admin service too and time their answers under the load",
@@ -936,13 +979,14 @@ def main() -> None:
     args.processes = args.processes or max(1, -(-args.learners // 5000))
     if args.compare_bare:
         args.rounds = 1  # the bare server broadcasts once
-    result = run(args)
-    if args.compare_bare:
-        result["bare"] = run(args, bare=True)
-        result["vs_bare"] = _ratios(result, result["bare"])
+    if args.pairs < 1:
+        parser.error("--pairs needs at least one pair")
+    result = compare_with_bare(args) if args.compare_bare else run(args)
     for key, value in result.items():
-        if key not in ("machine", "first_errors", "command", "reconnect_reasons", "bare"):
+        if key not in ("machine", "first_errors", "command", "reconnect_reasons", "bare", "pairs"):
             print(f"{key:28s} {value}")
+    for pair in result.get("pairs", []):
+        print(f"pair, {pair['first']} first: vs_bare {pair['vs_bare']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -50,3 +50,4 @@ def test_load_with_a_codec_uploads_and_downloads_it_and_compares_with_the_bare_s
     assert result["bare"]["streams_held"] == 6
     assert result["bare"]["upload_dtypes"] == {"DTYPE_FLOAT32": 6}  # the floor moves float32
     assert result["vs_bare"]["first_round_seconds"] > 0
+    assert [pair["first"] for pair in result["pairs"]] == ["bare"]  # after a warm-up run
