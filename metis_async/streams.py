@@ -15,10 +15,9 @@ import asyncio
 import contextlib
 import hmac
 import itertools
-import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -27,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 
 from metis_async.auth import AuthError
 from metis_async.budget import ByteBudget, ReceiptLedger
+from metis_async.deadlines import WaitDeadlines
 from metis_async.delivery import PROTO_STATES, bundle_message
 from metis_async.ingest import Ingest, parse_learner_message
 from metis_async.learners import DEFAULT_CAPABILITIES
@@ -55,7 +55,6 @@ CODECS = {
 """Payload codecs by their settings name."""
 
 log = structlog.get_logger("metis_async.server")
-T = TypeVar("T")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICE = "metis_async.v1.Controller"
@@ -109,6 +108,7 @@ class StreamServer:
         self._session_numbers = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._hellos = WaitDeadlines(config.hello_timeout_seconds)
         self.port = 0
         # The standard gRPC health service on the learners' port: "" and SERVICE are SERVING
         # while the controller takes learners; FEDERATION only while the federation trains.
@@ -168,6 +168,7 @@ class StreamServer:
         await self.health.enter_graceful_shutdown()
         if self._reaper is not None:
             self._reaper.cancel()
+        self._hellos.close()
         if self._server is not None:
             await self._server.stop(grace_seconds)
 
@@ -383,11 +384,19 @@ class StreamServer:
             await context.abort(code, f"{error} (learner {short_id(learner_id)!r})")
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> pb.Hello:
+        handler = asyncio.current_task()
+        assert handler is not None
+        hellos = self._hellos
+        hellos.start(handler)  # one timer for every stream's hello, not one each
         try:
-            raw = await _within(context.read(), self.config.hello_timeout_seconds)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raw = await context.read()
+        except asyncio.CancelledError:
+            if not hellos.expired(handler):
+                raise  # the server stops or the call was cancelled
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received in time")
             raise
+        finally:
+            hellos.end(handler)
         if raw is grpc.aio.EOF:
             await context.abort(INVALID, "stream closed before hello")
         try:
@@ -635,15 +644,6 @@ def capability_set(announced: Sequence[str]) -> frozenset[str]:
 
 WRITE_DRAIN_SECONDS = 2.0
 """How long a closing stream waits for a write already handed to gRPC."""
-
-
-async def _within(awaitable: Awaitable[T], seconds: float) -> T:
-    """`await awaitable`, or asyncio.TimeoutError after `seconds`; on Python >= 3.11 without
-    the extra task `asyncio.wait_for` makes per call (one per hello in a mass join)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
