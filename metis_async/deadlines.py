@@ -3,9 +3,9 @@
 `asyncio.timeout` around each stream's first read builds a `Timeout`, schedules a timer handle
 and cancels it again: ~18 µs of the event loop per join (py-spy at 100 Hz, 15,000 learners
 joining in benches/load.py: 27 samples, against 7 for this class's start and end). Waits that
-all last `seconds` expire in the order they started, so one dict
-(insertion-ordered) and one timer for its oldest entry serve them all: starting and ending a
-wait is a dict insert and delete.
+all last `seconds` expire in the order they started, so one insertion-ordered dict and one
+timer for its oldest entry serve them all: starting and ending a wait is a dict insert and
+delete.
 """
 
 from __future__ import annotations
