@@ -98,8 +98,8 @@ class ControllerConfig:
             joined bundle, but gRPC copies what each write is given until it is sent; writes
             beyond the budget wait for earlier ones to complete. It holds a 15,000-stream
             broadcast of a 4 KB model at once: a budget the broadcast outgrows paces its writes
-            by their completions (8 MiB: 1.3-1.8x the bare server's broadcast time, 256 MiB:
-            1.1-1.3x, the same peak memory; benches/README.md).
+            by their completions (8 MiB: 1.57-1.88x the bare server's broadcast time, 256 MiB:
+            1.17-1.34x, the same peak memory; benches/README.md).
         upload_grant_bytes: learners announcing "grant" wait for the controller's go-ahead
             (UploadGrant, sent when an upload slot is free) before sending the chunks of models
             of at least this many bytes, so waiting uploads cost no memory at all; -1: never.
